@@ -1,0 +1,55 @@
+# cad-node: the two commands a new user runs are `make serve` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+CONFIG ?= config/cad-node.yaml
+# Debian packages the test-suite drives as real peers (never mocked).
+PEER_PKGS := dcmtk dicom3tools orthanc redis-server
+PEER_BINS := /usr/bin/storescu /usr/bin/echoscu /usr/bin/dsrdump /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/bin/redis-server
+PYTEST_ARGS ?=
+
+.PHONY: venv peers serve test lint typecheck bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# CPU build of torch from the local wheel; GPU hosts: see README "GPU hosts".
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+peers:
+	@missing=0; for b in $(PEER_BINS); do test -x $$b || missing=1; done; \
+	if [ $$missing = 1 ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(PEER_PKGS); \
+	  else \
+	    echo "missing test peers; run: sudo apt-get install $(PEER_PKGS)" >&2; exit 1; \
+	  fi; \
+	fi
+
+serve: venv
+	$(VENV)/bin/cad-node serve --config $(CONFIG)
+
+# pytest exit code 5 ("no tests collected") is a failure here, never a pass.
+test: venv peers
+	$(VENV)/bin/ruff check cad_node trainer tests bench
+	$(VENV)/bin/pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc = 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+
+lint:
+	$(VENV)/bin/ruff check cad_node trainer tests bench
+
+typecheck:
+	$(VENV)/bin/mypy --strict cad_node
+
+bench: venv peers
+	$(PY) bench/ingest.py
+	$(PY) bench/ct_pipeline.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,433 @@
+"""Typed configuration of a cad-node installation.
+
+One YAML file (default ``config/cad-node.yaml``) is loaded into the pydantic
+models below.  Environment variables named ``CAD_NODE_<SECTION>__<KEY>``
+(``__`` separates nesting levels, e.g. ``CAD_NODE_NODE__PORT=11113`` or
+``CAD_NODE_JOBS__RETRY__HORIZON_S=600``) override keys; their values are parsed
+as YAML scalars/flow collections, so ``11113`` is an int and ``[sr, seg]`` a list.
+
+Validation is strict: a value of the wrong type is an error, never silently
+coerced (``port: "11112"`` fails).  :func:`load_config` raises
+:class:`ConfigError` whose message names every offending key, before any port
+is bound.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "ENV_PREFIX",
+    "ConfigError",
+    "DestinationConfig",
+    "JobsConfig",
+    "ModelsConfig",
+    "NodeConfig",
+    "PeerConfig",
+    "ResultsConfig",
+    "RetryConfig",
+    "RoutingConfig",
+    "RoutingRule",
+    "SeriesMatch",
+    "Settings",
+    "StudyConfig",
+    "load_config",
+    "validate_ae_title",
+]
+
+#: Default configuration file shipped with the node (repository layout).
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "cad-node.yaml"
+#: Prefix of environment overrides: ``CAD_NODE_<SECTION>__<KEY>``.
+ENV_PREFIX = "CAD_NODE_"
+
+#: Result object kinds a destination may receive (see ``cad_node.results``).
+ObjectKind = Literal["sr", "seg", "sc", "gsps", "kos"]
+
+_AE_MAX_LEN = 16  # PS3.5 6.2, VR AE: at most 16 characters
+_AE_FORBIDDEN = re.compile(r"[\\\x00-\x1f\x7f]")
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names each offending key and why."""
+
+
+def validate_ae_title(value: str) -> str:
+    """Validate an Application Entity title (PS3.5 6.2, VR AE).
+
+    Parameters
+    ----------
+    value : str
+        Candidate AE title.
+
+    Returns
+    -------
+    str
+        The AE title with surrounding spaces removed.
+
+    Raises
+    ------
+    ValueError
+        Empty, longer than 16 characters, or containing a backslash or a
+        control character.
+    """
+    stripped = value.strip(" ")
+    if not stripped:
+        raise ValueError("AE title must not be empty or all spaces")
+    if len(value) > _AE_MAX_LEN:
+        raise ValueError(f"AE title {value!r} is longer than {_AE_MAX_LEN} characters")
+    if _AE_FORBIDDEN.search(value):
+        raise ValueError(f"AE title {value!r} contains a backslash or control character")
+    return stripped
+
+
+def _validate_host(value: str) -> str:
+    if not value or len(value) > 253:
+        raise ValueError("host must be a non-empty IP address or hostname")
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9\-.]*[A-Za-z0-9])?", value):
+            raise ValueError(f"host {value!r} is neither an IP address nor a hostname") from None
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+class NodeConfig(_Strict):
+    """The receiving node: its AE, socket, spool and admission limits."""
+
+    ae_title: str = "CADNODE"
+    #: Address the SCP binds to.
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=1, le=65535)
+    #: Spool, index, job table and embedded broker live below this directory.
+    storage_dir: str = "./var"
+    #: Accept any calling AE / source address (demos only; default refuses unknown peers).
+    accept_any: bool = False
+    #: Largest number of simultaneous associations.
+    max_associations: int = Field(16, ge=1, le=1024)
+    #: Maximum PDU length we offer (bytes); 0 means unlimited (PS3.8 9.3.1).
+    max_pdu: int = Field(4_194_304, ge=0)
+    #: ACSE (association request/release) timeout, seconds.
+    acse_timeout_s: float = Field(30.0, gt=0, le=3600)
+    #: DIMSE message timeout, seconds.
+    dimse_timeout_s: float = Field(60.0, gt=0, le=3600)
+    #: Network (idle socket) timeout, seconds.
+    network_timeout_s: float = Field(120.0, gt=0, le=3600)
+    #: Bytes a single association may store before further C-STOREs are refused.
+    max_bytes_per_association: int = Field(8 * 1024**3, ge=1)
+    #: Below this much free space on the spool filesystem C-STORE answers 0xA700.
+    min_free_bytes: int = Field(2 * 1024**3, ge=0)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return validate_ae_title(v)
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        return _validate_host(v)
+
+    @property
+    def storage_path(self) -> Path:
+        """The storage directory as a :class:`~pathlib.Path`."""
+        return Path(self.storage_dir)
+
+
+class PeerConfig(_Strict):
+    """A peer allowed to send to the node: both AE title and source IP must match."""
+
+    ae_title: str
+    host: str
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return validate_ae_title(v)
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        return _validate_host(v)
+
+
+class DestinationConfig(_Strict):
+    """A C-STORE SCP that receives results, with its output profile."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    #: Result object kinds this destination receives (output profile).
+    objects: list[ObjectKind] = Field(default_factory=lambda: ["sr", "seg", "sc"], min_length=1)
+    #: Association/DIMSE timeout towards this destination, seconds.
+    timeout_s: float = Field(30.0, gt=0, le=3600)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return validate_ae_title(v)
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        return _validate_host(v)
+
+    @field_validator("objects")
+    @classmethod
+    def _unique_objects(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("object kinds must not repeat")
+        return v
+
+
+class StudyConfig(_Strict):
+    """Study-completeness timers (seconds)."""
+
+    #: A series is complete after this long without a new instance.
+    series_quiet_s: float = Field(10.0, gt=0)
+    #: A study is complete after this long without a new instance in any series.
+    study_quiet_s: float = Field(30.0, gt=0)
+    #: A study is handed on at the latest this long after its first instance.
+    force_complete_s: float = Field(1800.0, gt=0)
+    #: How often the completeness timers are checked.
+    poll_interval_s: float = Field(1.0, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> StudyConfig:
+        if self.force_complete_s < self.study_quiet_s:
+            raise ValueError("force_complete_s must be >= study_quiet_s")
+        return self
+
+
+class RetryConfig(_Strict):
+    """Exponential backoff with jitter for retryable send failures."""
+
+    initial_s: float = Field(10.0, gt=0)
+    max_interval_s: float = Field(900.0, gt=0)
+    multiplier: float = Field(2.0, ge=1.0)
+    #: Fraction of each interval added or removed at random.
+    jitter: float = Field(0.2, ge=0.0, le=1.0)
+    #: Give up (job goes to ``dead``) after retrying for this long.
+    horizon_s: float = Field(6 * 3600.0, gt=0)
+
+
+class JobsConfig(_Strict):
+    """Celery job execution."""
+
+    #: ``None`` means the embedded, durable SQLite broker below ``storage_dir``;
+    #: ``redis://host:port/db`` for multi-host sites.
+    broker_url: str | None = None
+    #: Run a worker inside ``cad-node serve`` (single-machine mode).
+    embedded_worker: bool = True
+    #: Worker processes/threads per queue in the embedded worker.
+    concurrency: int = Field(1, ge=1, le=64)
+    #: A task gets SoftTimeLimitExceeded after this many seconds.
+    soft_time_limit_s: float = Field(1800.0, gt=0)
+    #: A task is killed after this many seconds.
+    hard_time_limit_s: float = Field(2100.0, gt=0)
+    #: Broker visibility timeout: must exceed the longest job.
+    visibility_timeout_s: float = Field(7200.0, gt=0)
+    #: A job delivered more often than this (worker crashes) goes to ``dead``.
+    max_deliveries: int = Field(3, ge=1, le=100)
+    #: Torch device for inference: ``auto`` picks CUDA when present, else CPU.
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    retry: RetryConfig = RetryConfig()
+
+    @model_validator(mode="after")
+    def _limits(self) -> JobsConfig:
+        if self.hard_time_limit_s <= self.soft_time_limit_s:
+            raise ValueError("hard_time_limit_s must be > soft_time_limit_s")
+        if self.visibility_timeout_s <= self.hard_time_limit_s:
+            raise ValueError("visibility_timeout_s must be > hard_time_limit_s")
+        if self.broker_url is not None and not re.match(
+            r"^(redis|rediss|sqla\+sqlite|filesystem)://", self.broker_url
+        ):
+            raise ValueError("broker_url must start with redis://, rediss://, sqla+sqlite://")
+        return self
+
+
+class SeriesMatch(_Strict):
+    """DICOM attribute conditions a series must meet (all given ones must hold)."""
+
+    modality: list[str] | None = None
+    body_part: list[str] | None = None
+    #: Regular expression searched (case-insensitive) in SeriesDescription.
+    series_description: str | None = None
+    slice_thickness_mm: list[float] | None = Field(None, min_length=2, max_length=2)
+    #: Values required in ImageType (e.g. ORIGINAL, PRIMARY).
+    image_type: list[str] | None = None
+    orientation: Literal["axial", "coronal", "sagittal"] | None = None
+    view_position: list[str] | None = None
+    min_instances: int = Field(1, ge=1)
+
+    @field_validator("series_description")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression: {exc}") from None
+        return v
+
+
+class RoutingRule(_Strict):
+    """Run ``pipeline`` on the series of a complete study that match ``match``."""
+
+    name: str
+    pipeline: str
+    match: SeriesMatch = SeriesMatch()
+    #: Which matching series to use: the best one (thinnest, most slices) or all.
+    series: Literal["best", "all"] = "best"
+
+
+class RoutingConfig(_Strict):
+    """Routing rules, evaluated in order; every matching rule yields a job step."""
+
+    rules: list[RoutingRule] = Field(default_factory=list)
+
+
+class ModelsConfig(_Strict):
+    """Where model bundles live and which ones pipelines use."""
+
+    #: Directory holding versioned bundles (``<name>/<version>/manifest.json``).
+    dir: str = "models"
+
+
+class ResultsConfig(_Strict):
+    """What the result objects say about their producer."""
+
+    disclaimer: str = Field("Not for diagnostic use", min_length=1, max_length=200)
+    manufacturer: str = Field("cad-node", min_length=1, max_length=64)
+    institution_name: str | None = None
+    #: Run dciodvfy in the conformance gate when it is installed.
+    use_dciodvfy: bool = True
+
+
+class MetricsConfig(_Strict):
+    """Prometheus metrics endpoint."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9464, ge=1, le=65535)
+
+
+class Settings(_Strict):
+    """The whole configuration of one node."""
+
+    node: NodeConfig = NodeConfig()
+    peers: list[PeerConfig] = Field(default_factory=list)
+    destinations: list[DestinationConfig] = Field(default_factory=list)
+    study: StudyConfig = StudyConfig()
+    jobs: JobsConfig = JobsConfig()
+    routing: RoutingConfig = RoutingConfig()
+    models: ModelsConfig = ModelsConfig()
+    results: ResultsConfig = ResultsConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _unique_destinations(self) -> Settings:
+        names = [d.name for d in self.destinations]
+        if len(set(names)) != len(names):
+            raise ValueError("destinations: names must be unique")
+        return self
+
+    def destination(self, name: str) -> DestinationConfig:
+        """Return the destination called ``name``.
+
+        Raises
+        ------
+        KeyError
+            No destination has that name.
+        """
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        raise KeyError(f"no destination named {name!r}")
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    for var, raw in sorted(environ.items()):
+        if not var.startswith(ENV_PREFIX) or "__" not in var[len(ENV_PREFIX):]:
+            continue
+        path = [p.lower() for p in var[len(ENV_PREFIX):].split("__")]
+        if any(not p for p in path):
+            raise ConfigError(f"{var}: empty key component")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{var}: value is not valid YAML: {exc}") from None
+        node: dict[str, Any] = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{var}: {part} is not a mapping")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        lines.append(f"  {key}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Load, override from the environment and validate a configuration file.
+
+    Parameters
+    ----------
+    path : path-like, optional
+        YAML file; :data:`DEFAULT_CONFIG_PATH` when omitted.
+    environ : mapping, optional
+        Environment to read ``CAD_NODE_*`` overrides from (``os.environ``).
+
+    Returns
+    -------
+    Settings
+        The validated settings.
+
+    Raises
+    ------
+    ConfigError
+        The file is missing or not YAML, or a key is unknown or invalid; the
+        message names the file and each offending key.
+    """
+    cfg_path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    try:
+        text = cfg_path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {cfg_path}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{cfg_path}: not valid YAML: {exc}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{cfg_path}: top level must be a mapping of sections")
+    data = _apply_env(raw, os.environ if environ is None else environ)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, str(cfg_path))) from None

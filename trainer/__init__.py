@@ -1,0 +1,1 @@
+"""cad-train: build, evaluate and export the node's model bundles."""
