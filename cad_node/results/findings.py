@@ -27,9 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 __all__ = [
     "AnalysisResult",
     "AnalysisStatus",
+    "Finding",
     "FindingSite",
     "FindingType",
-    "Finding",
     "ImageMask",
     "ModelIdentity",
     "NoduleType",
