@@ -1,0 +1,112 @@
+"""Candidate scoring (false-positive reduction) with a bundle's 3-D CNN.
+
+Contract
+--------
+* :meth:`CandidateScorer.score` takes a HU image and ``(N, 3)`` patient LPS
+  centres and returns ``(N,)`` probabilities in ``[0, 1]``, in input order.
+* Patches are sampled around each centre at the bundle's input spacing
+  (never resampling the whole volume), windowed, and batched with the
+  manifest's batch size.
+* The result is deterministic for a given image, centres, bundle and device:
+  the network runs in eval mode under :func:`torch.inference_mode`.
+* The scorer never changes global torch settings (threads, determinism).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+import SimpleITK as sitk  # noqa: N813
+import torch
+
+from cad_node.models.bundle import ModelBundle
+from cad_node.models.patches import extract_patches
+from cad_node.results.findings import ModelIdentity
+
+__all__ = ["CandidateScorer", "resolve_device"]
+
+
+def resolve_device(device: str) -> torch.device:
+    """Map ``auto``/``cpu``/``cuda[:N]`` to a torch device.
+
+    Raises
+    ------
+    ValueError
+        CUDA requested but not available.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+class CandidateScorer:
+    """Score nodule candidates with a model bundle.
+
+    Parameters
+    ----------
+    bundle : ModelBundle
+        A verified bundle (:func:`cad_node.models.load_bundle`).
+    device : str
+        ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
+    """
+
+    def __init__(self, bundle: ModelBundle, device: str = "cpu") -> None:
+        self.bundle = bundle
+        self.device = resolve_device(device)
+        self.spec = bundle.manifest.input
+        self.network = bundle.build_network(self.device)
+
+    @property
+    def identity(self) -> ModelIdentity:
+        """Identity of the bundle that produces the scores."""
+        return self.bundle.identity
+
+    @property
+    def threshold(self) -> float:
+        """The bundle's suggested operating threshold on the probability."""
+        return self.bundle.manifest.output.threshold
+
+    def patches(self, image: sitk.Image, centers_mm: npt.ArrayLike) -> npt.NDArray[np.float32]:
+        """Normalised input patches ``(N, 1, D, H, W)`` for ``centers_mm``."""
+        p = extract_patches(
+            image,
+            centers_mm,
+            self.spec.patch_size,
+            self.spec.spacing_mm,
+            hu_window=self.spec.hu_window,
+            outside_hu=self.spec.outside_hu,
+        )
+        return p[:, None]
+
+    def score(self, image: sitk.Image, centers_mm: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        """Probability that each centre is a nodule.
+
+        Parameters
+        ----------
+        image : SimpleITK.Image
+            3-D CT in HU.
+        centers_mm : array-like, shape (N, 3)
+            Candidate centres, patient LPS ``(x, y, z)`` mm.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(N,)`` float64 probabilities in ``[0, 1]``.
+        """
+        centers = np.asarray(centers_mm, dtype=np.float64)
+        if centers.size == 0:
+            return np.zeros((0,), dtype=np.float64)
+        if centers.ndim != 2 or centers.shape[1] != 3:
+            raise ValueError(f"centers_mm must have shape (N, 3), got {centers.shape}")
+        bs = self.spec.batch_size
+        out = np.empty((centers.shape[0],), dtype=np.float64)
+        with torch.inference_mode():
+            for start in range(0, centers.shape[0], bs):
+                batch = self.patches(image, centers[start : start + bs])
+                x = torch.from_numpy(batch).to(self.device)
+                logits = self.network(x).float()
+                out[start : start + bs] = torch.sigmoid(logits).cpu().numpy()
+        return np.clip(out, 0.0, 1.0)
