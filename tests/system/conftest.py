@@ -1,0 +1,211 @@
+"""Real peers for system tests: Orthanc (the PACS) and redis-server, on free loopback ports.
+
+Both are started by the tests from generated configuration files with all
+their state in a temporary directory, and stopped at the end.  They can be
+stopped and started again on the same ports and storage to simulate outages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ORTHANC, REDIS_SERVER, free_port, require_program
+
+#: AE title of the test PACS.
+ORTHANC_AE = "ORTHANC"
+_START_TIMEOUT_S = 30.0
+
+
+class OrthancServer:
+    """An Orthanc process with a generated JSON configuration.
+
+    Parameters
+    ----------
+    workdir : Path
+        Holds the configuration, database, storage and log.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.exe = require_program(ORTHANC)
+        self.workdir = workdir
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.ae_title = ORTHANC_AE
+        self.proc: subprocess.Popen[bytes] | None = None
+        storage = workdir / "storage"
+        storage.mkdir(parents=True, exist_ok=True)
+        self.config_path = workdir / "orthanc.json"
+        self.config_path.write_text(json.dumps({
+            "Name": "cad-node-test-pacs",
+            "StorageDirectory": str(storage),
+            "IndexDirectory": str(storage),
+            "DicomAet": self.ae_title,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomServerEnabled": True,
+            "HttpServerEnabled": True,
+            "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowEcho": True,
+            "Plugins": [],
+            "StableAge": 1,
+            "ConcurrentJobs": 1,
+            "HttpThreadsCount": 4,
+            "StorageCompression": False,
+            "OverwriteInstances": False,
+        }))
+        self.base = f"http://127.0.0.1:{self.http_port}"
+
+    def start(self) -> None:
+        """Start Orthanc and wait until both its REST API and DICOM port answer."""
+        log = open(self.workdir / "orthanc.log", "ab")
+        self.proc = subprocess.Popen(
+            [self.exe, "--logdir=" + str(self.workdir), str(self.config_path)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
+        )
+        log.close()
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"Orthanc exited with {self.proc.returncode}; see {self.workdir}")
+            try:
+                self.get("/system")
+                return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.2)
+        raise RuntimeError("Orthanc did not start in time")
+
+    def stop(self) -> None:
+        """Stop Orthanc (SIGTERM, then SIGKILL) and wait for its port to close."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.proc = None
+
+    def get(self, path: str) -> Any:
+        """GET a REST resource and decode its JSON."""
+        with urllib.request.urlopen(self.base + path, timeout=10) as rsp:
+            return json.loads(rsp.read().decode())
+
+    def post(self, path: str, body: Any) -> Any:
+        """POST JSON to a REST resource and decode the JSON answer."""
+        req = urllib.request.Request(self.base + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as rsp:
+            return json.loads(rsp.read().decode())
+
+    def delete_all(self) -> None:
+        """Delete every patient (resets the PACS between tests)."""
+        for pid in self.get("/patients"):
+            req = urllib.request.Request(f"{self.base}/patients/{pid}", method="DELETE")
+            urllib.request.urlopen(req, timeout=30).close()
+
+    def study_instances(self, study_instance_uid: str) -> list[dict[str, Any]]:
+        """Every instance of a study, with its main DICOM tags."""
+        found = self.post("/tools/find", {
+            "Level": "Instance", "Query": {"StudyInstanceUID": study_instance_uid},
+            "Expand": True,
+        })
+        return list(found)
+
+    def instance_tags(self, orthanc_id: str) -> dict[str, Any]:
+        """The simplified tags of an instance."""
+        return dict(self.get(f"/instances/{orthanc_id}/simplified-tags"))
+
+    def instance_file(self, orthanc_id: str) -> bytes:
+        """The stored DICOM file of an instance."""
+        with urllib.request.urlopen(f"{self.base}/instances/{orthanc_id}/file",
+                                    timeout=30) as rsp:
+            return bytes(rsp.read())
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
+    """One Orthanc for the session (tests reset it or use distinct studies)."""
+    server = OrthancServer(tmp_path_factory.mktemp("orthanc"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class RedisServer:
+    """A redis-server configured as a durable queue (AOF everysec, noeviction), loopback only."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.exe = require_program(REDIS_SERVER)
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """Broker URL for Celery."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        """Start redis-server and wait until it answers PING."""
+        import redis
+
+        self.proc = subprocess.Popen(
+            [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
+             "--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy",
+             "noeviction", "--save", "", "--protected-mode", "yes"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(host="127.0.0.1", port=self.port)
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                if client.ping():
+                    return
+            except redis.exceptions.ConnectionError:
+                time.sleep(0.1)
+        raise RuntimeError("redis-server did not start in time")
+
+    def stop(self) -> None:
+        """Stop redis-server."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=15)
+        self.proc = None
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the session."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def kill_process_tree(pid: int) -> None:
+    """SIGKILL a process group started with ``start_new_session=True``."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
