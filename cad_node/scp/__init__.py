@@ -1,0 +1,21 @@
+"""The DICOM network edge (C-ECHO and C-STORE SCP).
+
+Public API: :class:`NodeServer` (SCP + spool + study assembler, in-process),
+:class:`Admission`, :class:`Status` (DIMSE statuses) and the presentation
+context tables in :mod:`cad_node.scp.contexts`.
+"""
+
+from cad_node.scp.contexts import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION_SOP_CLASS
+from cad_node.scp.server import ABORT_SLACK_BYTES, Admission, NodeServer, RejectReason
+from cad_node.scp.status import Status
+
+__all__ = [
+    "ABORT_SLACK_BYTES",
+    "STORAGE_SOP_CLASSES",
+    "TRANSFER_SYNTAXES",
+    "VERIFICATION_SOP_CLASS",
+    "Admission",
+    "NodeServer",
+    "RejectReason",
+    "Status",
+]

@@ -1,0 +1,404 @@
+"""The DICOM network edge: a pynetdicom C-ECHO / C-STORE SCP with admission checks.
+
+Admission (checked when the A-ASSOCIATE-RQ arrives, answered with
+A-ASSOCIATE-RJ, PS3.8 9.3.4):
+
+* the called AE title must equal ``node.ae_title`` (reason 7,
+  called-AE-title-not-recognized);
+* the calling AE title **and** the source IP must match one ``peers`` entry
+  (reason 3, calling-AE-title-not-recognized, when the AE title is unknown;
+  reason 1, no-reason-given, when it is known but the address is not its own),
+  unless ``node.accept_any`` is true;
+* at most ``node.max_associations`` at once (transient, local-limit-exceeded;
+  done by pynetdicom).
+
+Limits: finite ACSE, DIMSE and network timeouts; a large maximum PDU; every
+accepted socket gets ``TCP_NODELAY``; a per-association byte cap (a C-STORE
+whose data set would take the association past ``max_bytes_per_association``
+is refused with 0xA700, and an association that keeps sending more than
+:data:`ABORT_SLACK_BYTES` beyond the cap is aborted); the spool's free-disk
+watermark (0xA700).
+
+Handler contract (``EVT_C_STORE``): the handler never decodes the data set
+with pydicom and never lets an exception escape - every outcome is a
+:class:`~cad_node.scp.status.Status`.  It answers Success only after
+:meth:`cad_node.storage.Spool.store` returned, i.e. after the file and its
+index row are durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pynetdicom import AE, _config, evt
+from pynetdicom.acse import ACSE
+from pynetdicom.association import Association
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+from cad_node.config import Settings
+from cad_node.scp.contexts import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION_SOP_CLASS
+from cad_node.scp.status import Status
+from cad_node.storage.parse import MalformedDatasetError, MissingAttributeError
+from cad_node.storage.records import StudyComplete
+from cad_node.storage.spool import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    InsufficientStorageError,
+    Spool,
+    StoreStatus,
+    UIDMismatchError,
+)
+from cad_node.study.assembler import StudyAssembler
+from cad_node.uids import InvalidUIDError
+
+__all__ = [
+    "ABORT_SLACK_BYTES",
+    "Admission",
+    "NodeServer",
+    "RejectReason",
+]
+
+log = logging.getLogger(__name__)
+
+#: Bytes an association may receive beyond its cap (while its C-STOREs are
+#: being refused) before it is aborted.
+ABORT_SLACK_BYTES = 64 * 1024**2
+
+_SUPPORTED_STORAGE = frozenset(STORAGE_SOP_CLASSES.values())
+
+
+@dataclass(frozen=True)
+class RejectReason:
+    """A-ASSOCIATE-RJ parameters (PS3.8 9.3.4, Table 9-21)."""
+
+    result: int
+    source: int
+    diagnostic: int
+
+    #: rejected-permanent / DICOM UL service-user / no-reason-given
+    @classmethod
+    def no_reason(cls) -> RejectReason:
+        """Rejected-permanent, service-user, no-reason-given (1, 1, 1)."""
+        return cls(0x01, 0x01, 0x01)
+
+    @classmethod
+    def calling_ae_not_recognized(cls) -> RejectReason:
+        """Rejected-permanent, service-user, calling-AE-title-not-recognized (1, 1, 3)."""
+        return cls(0x01, 0x01, 0x03)
+
+    @classmethod
+    def called_ae_not_recognized(cls) -> RejectReason:
+        """Rejected-permanent, service-user, called-AE-title-not-recognized (1, 1, 7)."""
+        return cls(0x01, 0x01, 0x07)
+
+
+class Admission:
+    """Decide whether an association request is admitted.
+
+    Parameters
+    ----------
+    settings : Settings
+        Uses ``node.ae_title``, ``node.accept_any`` and ``peers``.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.ae_title = settings.node.ae_title
+        self.accept_any = settings.node.accept_any
+        self.peers: dict[str, set[str]] = {}
+        for peer in settings.peers:
+            self.peers.setdefault(peer.ae_title, set()).add(peer.host)
+
+    def check(self, calling_ae: str, called_ae: str, address: str) -> RejectReason | None:
+        """Return why the request is rejected, or ``None`` to admit it."""
+        if called_ae.strip() != self.ae_title:
+            return RejectReason.called_ae_not_recognized()
+        if self.accept_any:
+            return None
+        hosts = self.peers.get(calling_ae.strip())
+        if hosts is None:
+            return RejectReason.calling_ae_not_recognized()
+        if address not in hosts:
+            return RejectReason.no_reason()
+        return None
+
+
+class _AdmissionACSE(ACSE):
+    """ACSE provider that applies :class:`Admission` before negotiation."""
+
+    def __init__(self, assoc: Association, admission: Admission) -> None:
+        super().__init__(assoc)
+        self._admission = admission
+
+    def _negotiate_as_acceptor(self) -> None:
+        rq = self.requestor.primitive
+        calling = str(rq.calling_ae_title) if rq is not None else ""
+        called = str(rq.called_ae_title) if rq is not None else ""
+        address = self.requestor.address
+        reason = self._admission.check(calling, called, address)
+        if reason is not None:
+            log.warning(
+                "association rejected: calling AE %r called AE %r from %s (diagnostic %d)",
+                calling, called, address, reason.diagnostic,
+            )
+            self.send_reject(reason.result, reason.source, reason.diagnostic)
+            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+            self.assoc.kill()
+            return
+        super()._negotiate_as_acceptor()
+
+
+class _RequestHandler(RequestHandler):
+    """Create acceptor associations with the admission-checking ACSE."""
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        server = self.server
+        assert isinstance(server, _Server)
+        assoc.acse = _AdmissionACSE(assoc, server.admission)
+        return assoc
+
+
+class _Server(ThreadedAssociationServer):
+    """Association server that sets TCP_NODELAY on every accepted socket."""
+
+    admission: Admission
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        sock, address = super().get_request()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock, address
+
+
+@dataclass
+class _AssocState:
+    received: int = 0
+    aborting: bool = False
+
+
+def _log_hand_off(event: StudyComplete) -> None:
+    log.info(
+        "study=%s generation=%d complete with %d instance(s); no hand-off consumer configured",
+        event.study_instance_uid, event.generation, len(event.instances),
+    )
+
+
+class NodeServer:
+    """The receiving node: SCP + durable spool + study assembler, in-process.
+
+    Parameters
+    ----------
+    settings : Settings
+        Whole configuration (``node``, ``peers``, ``study`` are used).
+    on_study_complete : callable, optional
+        Hand-off consumer, see :class:`cad_node.study.StudyAssembler` for the
+        contract (called once per generation from the assembler thread;
+        at-least-once across crashes).  ``None`` logs the event only.
+
+    Notes
+    -----
+    ``start()`` opens the spool (taking its lock), binds the port and starts
+    the assembler thread; ``stop()`` undoes all of it.  Usable as a context
+    manager.  :attr:`spool` and :attr:`assembler` are available after start.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        on_study_complete: Callable[[StudyComplete], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.on_study_complete = on_study_complete or _log_hand_off
+        self.admission = Admission(settings)
+        self.spool: Spool | None = None
+        self.assembler: StudyAssembler | None = None
+        self._ae: AE | None = None
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._states: weakref.WeakKeyDictionary[Any, _AssocState] = weakref.WeakKeyDictionary()
+        self._states_lock = threading.Lock()
+
+    # -- life cycle ---------------------------------------------------------
+    @property
+    def port(self) -> int:
+        """The TCP port the SCP listens on (after :meth:`start`)."""
+        if self._server is None:
+            raise RuntimeError("server not started")
+        return int(self._server.server_address[1])
+
+    def _make_ae(self) -> AE:
+        node = self.settings.node
+        ae = AE(ae_title=node.ae_title)
+        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+        ae.acse_timeout = node.acse_timeout_s
+        ae.dimse_timeout = node.dimse_timeout_s
+        ae.network_timeout = node.network_timeout_s
+        ae.maximum_associations = node.max_associations
+        ae.maximum_pdu_size = node.max_pdu
+        ae.require_called_aet = True
+        ae.add_supported_context(VERIFICATION_SOP_CLASS)
+        for uid in STORAGE_SOP_CLASSES.values():
+            ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
+        return ae
+
+    def start(self) -> None:
+        """Open the spool, bind the SCP and start the assembler."""
+        if self._server is not None:
+            return
+        # pynetdicom's per-PDU "standard" logging handlers cost ~10% of a
+        # C-STORE; the node logs its own outcomes instead.
+        _config.LOG_HANDLER_LEVEL = "none"
+        node = self.settings.node
+        self.spool = Spool.open(node.storage_dir, node.min_free_bytes)
+        try:
+            self.assembler = StudyAssembler(
+                self.spool.index, self.settings.study, self.on_study_complete
+            )
+            self._ae = self._make_ae()
+            handlers = [
+                (evt.EVT_C_ECHO, self._on_echo),
+                (evt.EVT_C_STORE, self._on_store),
+                (evt.EVT_DATA_RECV, self._on_data),
+            ]
+            server = self._ae.make_server(
+                (node.host, node.port),
+                evt_handlers=handlers,
+                server_class=_Server,
+                request_handler=_RequestHandler,
+            )
+            assert isinstance(server, _Server)
+            server.admission = self.admission
+            # Registered like AE.start_server() does, so AE.shutdown() stops it.
+            self._ae._servers.append(server)
+            self._server = server
+            self._thread = threading.Thread(
+                target=server.serve_forever, name=f"scp-{node.ae_title}", daemon=True
+            )
+            self._thread.start()
+            self.assembler.start()
+        except BaseException:
+            self.stop()
+            raise
+        log.info(
+            "SCP %s listening on %s:%d, spool %s",
+            node.ae_title, node.host, self.port, self.spool.root,
+        )
+
+    def stop(self) -> None:
+        """Stop accepting, abort running associations, stop the assembler, close the spool."""
+        if self._ae is not None:
+            # Shuts the server down, closes its socket, aborts associations.
+            self._ae.shutdown()
+            self._ae = None
+        self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        if self.assembler is not None:
+            self.assembler.stop()
+            self.assembler = None
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None
+
+    def __enter__(self) -> NodeServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- handlers -----------------------------------------------------------
+    def _state(self, assoc: Any) -> _AssocState:
+        with self._states_lock:
+            state = self._states.get(assoc)
+            if state is None:
+                state = self._states[assoc] = _AssocState()
+            return state
+
+    def _on_echo(self, event: evt.Event) -> int:
+        return int(Status.SUCCESS)
+
+    def _on_data(self, event: evt.Event) -> None:
+        """Count received bytes; abort an association far beyond its byte cap."""
+        state = self._state(event.assoc)
+        state.received += len(event.data)
+        cap = self.settings.node.max_bytes_per_association
+        if state.received > cap + ABORT_SLACK_BYTES and not state.aborting:
+            state.aborting = True
+            log.warning(
+                "aborting association from %s (%s): %d bytes received, cap %d",
+                event.assoc.requestor.ae_title, event.assoc.requestor.address,
+                state.received, cap,
+            )
+            threading.Thread(target=event.assoc.abort, daemon=True).start()
+
+    def _on_store(self, event: evt.Event) -> int:
+        """Store one C-STORE data set; never raises (see the module docstring)."""
+        try:
+            return int(self._store(event))
+        except Exception:
+            log.exception("unexpected error in C-STORE handler")
+            return int(Status.PROCESSING_FAILURE)
+
+    def _store(self, event: evt.Event) -> Status:
+        assoc = event.assoc
+        req = event.request
+        calling = str(assoc.requestor.ae_title).strip()
+        host = str(assoc.requestor.address)
+        sop_class = str(req.AffectedSOPClassUID or "")
+        sop_instance = str(req.AffectedSOPInstanceUID or "")
+        dataset: bytes = req.DataSet.getvalue() if req.DataSet is not None else b""
+        where = f"sop={sop_instance[:80]!r} from {calling}@{host}"
+        if self._state(assoc).received > self.settings.node.max_bytes_per_association:
+            log.warning("C-STORE refused (byte cap per association reached): %s", where)
+            return Status.OUT_OF_RESOURCES
+        if sop_class.rstrip("\x00 ") not in _SUPPORTED_STORAGE:
+            log.warning("C-STORE refused (SOP class %r not supported): %s", sop_class, where)
+            return Status.SOP_CLASS_NOT_SUPPORTED
+        spool = self.spool
+        if spool is None:
+            return Status.PROCESSING_FAILURE
+        try:
+            result = spool.store(
+                dataset,
+                sop_class_uid=sop_class,
+                sop_instance_uid=sop_instance,
+                transfer_syntax_uid=str(event.context.transfer_syntax),
+                calling_ae=calling,
+                peer_host=host,
+            )
+        except InvalidUIDError as exc:
+            log.warning("C-STORE failed (invalid UID: %s): %s", exc, where)
+            return Status.INVALID_UID
+        except UIDMismatchError as exc:
+            log.warning("C-STORE failed (%s): %s", exc, where)
+            return (
+                Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+                if exc.sop_class
+                else Status.SOP_INSTANCE_UID_MISMATCH
+            )
+        except MissingAttributeError as exc:
+            log.warning("C-STORE failed (%s): %s", exc, where)
+            return Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+        except MalformedDatasetError as exc:
+            log.warning("C-STORE failed (malformed data set: %s): %s", exc, where)
+            return Status.MALFORMED_DATA_SET
+        except InsufficientStorageError as exc:
+            log.error("C-STORE refused (out of storage: %s): %s", exc, where)
+            return Status.OUT_OF_RESOURCES
+        except OSError as exc:
+            log.error("C-STORE failed (I/O error: %s): %s", exc, where)
+            return Status.PROCESSING_FAILURE
+        if result.status is StoreStatus.STORED:
+            log.debug(
+                "stored instance %d study=%s %s",
+                result.instance_id, result.header.study_instance_uid, where,
+            )
+        return Status.SUCCESS
