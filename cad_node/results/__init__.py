@@ -1,1 +1,164 @@
-"""Result objects the node emits: one module or subpackage per IOD, plus the conformance gate."""
+"""Result objects the node emits: one module per IOD, plus the conformance gate.
+
+Public API
+----------
+:func:`build_results` turns one :class:`~cad_node.results.findings.AnalysisResult`
+and the received source instances into the DICOM objects an output profile
+asks for; :func:`~cad_node.results.validate.validate` is the conformance gate
+every object passes before it may be sent.
+
+Contract of :func:`build_results`
+---------------------------------
+* ``source`` are the received instances of the analysed series, in any order;
+  they may include pixel data (the SC key images need it) and instances of
+  other series (ignored).  Masks are mapped to them by SOP Instance UID.
+* Every output UID is derived from the Study UID, the input fingerprint, the
+  model identity and the object kind (:mod:`cad_node.results.uids`); Content,
+  Series and Instance Creation Date/Time are the source study's date/time
+  (:func:`cad_node.results._common.deterministic_datetime`), so the same input
+  and model give byte-identical objects.
+* All objects are in the source study, each kind in its own new series.
+* ``AnalysisStatus.FAILED``: only the SR (stating the failure, no measurement
+  groups) and the SC summary page (stating the failure) are built; SEG, key
+  images, GSPS and KOS are skipped because there is nothing to show.
+* A completed analysis without findings gives an SR saying "no findings"
+  (DCM 111241) and a summary page saying so; SEG only if organ masks exist.
+* Builders raise :class:`ValueError` / :class:`TypeError` naming the problem
+  (e.g. an ambiguous duplicated slice); nothing is half-built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Literal
+
+from pydicom import Dataset
+
+from cad_node.config import ResultsConfig
+from cad_node.results._common import BuildContext
+from cad_node.results.findings import AnalysisResult, AnalysisStatus
+from cad_node.results.validate import ValidationReport, validate
+
+__all__ = [
+    "DEFAULT_OBJECTS",
+    "OBJECT_KINDS",
+    "ResultObject",
+    "ValidationReport",
+    "build_results",
+    "validate",
+]
+
+ObjectKindName = Literal["sr", "seg", "sc", "gsps", "kos"]
+
+#: Every object kind the node can emit (``DestinationConfig.objects``).
+OBJECT_KINDS: tuple[str, ...] = ("sr", "seg", "sc", "gsps", "kos")
+#: Default output profile.
+DEFAULT_OBJECTS: tuple[str, ...] = ("sr", "seg", "sc")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResultObject:
+    """One built DICOM object.
+
+    Attributes
+    ----------
+    kind : str
+        ``"sr"``, ``"seg"``, ``"sc"``, ``"gsps"`` or ``"kos"``.
+    dataset : pydicom.Dataset
+        The object (a highdicom SOP instance), ready to write or send.
+    index : int
+        1-based number within its kind (SC: key images first, summary last).
+    role : str
+        Short description, e.g. ``"key image Nodule 1"``, ``"summary page"``.
+    """
+
+    kind: str
+    dataset: Dataset
+    index: int = 1
+    role: str = ""
+
+    @property
+    def filename(self) -> str:
+        """A safe file name made only of kind and index (never of a UID)."""
+        return f"{self.kind}_{self.index:03d}.dcm"
+
+
+def build_results(
+    result: AnalysisResult,
+    source: Sequence[Dataset],
+    *,
+    settings: ResultsConfig,
+    objects: Sequence[str] = DEFAULT_OBJECTS,
+    input_fingerprint: str | None = None,
+) -> list[ResultObject]:
+    """Build the DICOM objects an output profile asks for.
+
+    Parameters
+    ----------
+    result : AnalysisResult
+        The pipeline's result; ``result.model`` is required.
+    source : sequence of pydicom.Dataset
+        Received instances of the analysed series (any order).
+    settings : ResultsConfig
+        Manufacturer, institution, disclaimer.
+    objects : sequence of str
+        Kinds to build (``DestinationConfig.objects``), default SR+SEG+SC.
+    input_fingerprint : str, optional
+        Fingerprint of the input set; default sha256 of the sorted SOP
+        Instance UIDs of the analysed series.
+
+    Returns
+    -------
+    list of ResultObject
+        In the order SEG, SR, SC, GSPS, KOS (SEG first: the SR references it).
+
+    Raises
+    ------
+    ValueError
+        Unknown object kind, missing model identity, inconsistent source.
+    """
+    unknown = [k for k in objects if k not in OBJECT_KINDS]
+    if unknown:
+        raise ValueError(f"unknown result object kind(s) {unknown}; known: {list(OBJECT_KINDS)}")
+    wanted = set(objects)
+    ctx = BuildContext.create(result, source, settings, input_fingerprint)
+    completed = result.status is AnalysisStatus.COMPLETED
+    out: list[ResultObject] = []
+
+    seg = None
+    has_masks = bool(result.organ_masks) or any(f.mask is not None for f in result.findings)
+    if "seg" in wanted and completed and has_masks:
+        from cad_node.results.seg import build_seg
+
+        seg = build_seg(ctx)
+        out.append(ResultObject("seg", seg.dataset, 1, "segmentation"))
+    if "sr" in wanted:
+        from cad_node.results.sr import build_sr
+
+        out.append(ResultObject("sr", build_sr(ctx, seg), 1, "TID 1500 measurement report"))
+    key_images: list[ResultObject] = []
+    if "sc" in wanted:
+        from cad_node.results.sc import build_key_images, build_summary_page
+
+        if completed:
+            for i, (tid, ds) in enumerate(build_key_images(ctx), start=1):
+                key_images.append(ResultObject("sc", ds, i, f"key image {tid}"))
+        out.extend(key_images)
+        out.append(
+            ResultObject(
+                "sc",
+                build_summary_page(ctx, len(key_images) + 1),
+                len(key_images) + 1,
+                "summary page",
+            )
+        )
+    if "gsps" in wanted and completed and result.findings:
+        from cad_node.results.gsps import build_gsps
+
+        out.append(ResultObject("gsps", build_gsps(ctx), 1, "presentation state"))
+    if "kos" in wanted and completed and result.findings:
+        from cad_node.results.kos import build_kos
+
+        out.append(ResultObject("kos", build_kos(ctx), 1, "key object selection"))
+    return out

@@ -1,0 +1,366 @@
+"""Shared pieces of the result builders: source geometry, codes, timestamps.
+
+Contract of :class:`SourceSeries`: it takes the received instances of the
+analysed series in any order (duplicates by SOP Instance UID allowed), checks
+that they form one consistent image series, and offers them sorted along the
+slice normal.  It never reorders a mask: masks are mapped to instances by SOP
+Instance UID only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import enum
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+from pydicom import Dataset
+from pydicom.sr.coding import Code
+from pydicom.uid import PYDICOM_ROOT_UID
+
+from cad_node.config import ResultsConfig
+from cad_node.results.findings import AnalysisResult, ModelIdentity
+from cad_node.results.uids import UidFactory, input_fingerprint
+
+__all__ = [
+    "ALGORITHM_FAMILY",
+    "PURPOSE_PROCESSING_ALGORITHM",
+    "BuildContext",
+    "SeriesNumber",
+    "SourceSeries",
+    "deterministic_datetime",
+    "make_deterministic",
+    "processing_equipment",
+]
+
+#: IHE AIR (Rad TF-3 6.5.3, "Contributing Equipment Sequence"): the algorithm
+#: that produced a result is recorded with Purpose of Reference "Processing
+#: Algorithm".  DICOM has not (yet) assigned a DCM code with that meaning (DCM
+#: 109103 is "Modifying Equipment", 109102 "Processing Equipment"), so we use the
+#: standard CID 7005 concept for processing equipment with AIR's code meaning
+#: kept in the Contribution Description.  See :func:`processing_equipment`.
+PURPOSE_PROCESSING_ALGORITHM = Code("109102", "DCM", "Processing Equipment")
+
+#: CID 7162 "Surface Processing Algorithm Families": artificial intelligence.
+ALGORITHM_FAMILY = Code("123110", "DCM", "Artificial Intelligence")
+
+#: Description stored in the algorithm's Contributing Equipment item.
+ALGORITHM_CONTRIBUTION = "Processing Algorithm"
+
+#: Manufacturer string highdicom writes into its own Contributing Equipment item.
+_HIGHDICOM_MANUFACTURER = "Highdicom open-source contributors"
+
+#: Fallback when a source carries no date at all (the DICOM epoch of PS3.5 DA).
+_EPOCH = datetime.datetime(1970, 1, 1)
+
+
+class SeriesNumber(enum.IntEnum):
+    """Series Number (0020,0011) of each output series, fixed per object kind."""
+
+    SEG = 9001
+    SR = 9002
+    SC = 9003
+    GSPS = 9004
+    KOS = 9005
+
+
+#: Tolerance for "same slice position" along the slice normal, mm.
+POSITION_TOLERANCE_MM = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSeries:
+    """The analysed source instances of one series, checked and sorted.
+
+    Attributes
+    ----------
+    images : tuple of pydicom.Dataset
+        Unique instances (by SOP Instance UID); for cross-sectional images
+        sorted by position along the slice normal, otherwise by Instance
+        Number then SOP Instance UID.
+    by_uid : dict
+        SOP Instance UID -> dataset.
+    """
+
+    images: tuple[Dataset, ...]
+    by_uid: dict[str, Dataset]
+
+    @classmethod
+    def from_datasets(
+        cls, source: Sequence[Dataset], series_instance_uid: str | None = None
+    ) -> SourceSeries:
+        """Check and sort ``source``.
+
+        Parameters
+        ----------
+        source : sequence of pydicom.Dataset
+            Received instances, any order.  Instances of other series are
+            ignored when ``series_instance_uid`` is given.
+        series_instance_uid : str, optional
+            The analysed series.
+
+        Raises
+        ------
+        ValueError
+            Empty input, several studies, the same SOP Instance UID with
+            different content, or no instance of the analysed series.
+        """
+        if not source:
+            raise ValueError("no source instances given")
+        by_uid: dict[str, Dataset] = {}
+        for ds in source:
+            if series_instance_uid is not None and ds.SeriesInstanceUID != series_instance_uid:
+                continue
+            uid = str(ds.SOPInstanceUID)
+            prev = by_uid.get(uid)
+            if prev is not None:
+                if _position(prev) != _position(ds):
+                    raise ValueError(
+                        f"SOP Instance UID {uid} occurs twice with different positions"
+                    )
+                continue
+            by_uid[uid] = ds
+        if not by_uid:
+            raise ValueError(f"no source instance belongs to series {series_instance_uid}")
+        studies = {str(ds.StudyInstanceUID) for ds in by_uid.values()}
+        if len(studies) != 1:
+            raise ValueError(f"source instances span {len(studies)} studies: {sorted(studies)}")
+        images = list(by_uid.values())
+        if all(_position(ds) is not None for ds in images):
+            normal = _normal(images[0])
+            images.sort(
+                key=lambda d: (float(np.dot(normal, _position(d))), str(d.SOPInstanceUID))  # type: ignore[arg-type]
+            )
+        else:
+            images.sort(key=lambda d: (int(d.get("InstanceNumber") or 0), str(d.SOPInstanceUID)))
+        return cls(images=tuple(images), by_uid=by_uid)
+
+    @property
+    def first(self) -> Dataset:
+        """The first image (lowest position)."""
+        return self.images[0]
+
+    @property
+    def study_instance_uid(self) -> str:
+        """Study Instance UID shared by all images."""
+        return str(self.first.StudyInstanceUID)
+
+    @property
+    def is_ct(self) -> bool:
+        """True for a cross-sectional CT series with patient geometry."""
+        return str(self.first.get("Modality", "")) == "CT" and _position(self.first) is not None
+
+    @property
+    def has_geometry(self) -> bool:
+        """True when every image has Image Position/Orientation (Patient)."""
+        return all(_position(d) is not None for d in self.images)
+
+
+def _position(ds: Dataset) -> tuple[float, float, float] | None:
+    ipp = ds.get("ImagePositionPatient")
+    if ipp is None or len(ipp) != 3:
+        return None
+    return (float(ipp[0]), float(ipp[1]), float(ipp[2]))
+
+
+def _normal(ds: Dataset) -> np.ndarray:
+    iop = np.asarray([float(v) for v in ds.ImageOrientationPatient], dtype=float)
+    return np.cross(iop[:3], iop[3:])
+
+
+def position(ds: Dataset) -> np.ndarray:
+    """Image Position (Patient) of ``ds`` as an array (ValueError when absent)."""
+    p = _position(ds)
+    if p is None:
+        raise ValueError(f"instance {ds.SOPInstanceUID} has no Image Position (Patient)")
+    return np.asarray(p)
+
+
+def normal(ds: Dataset) -> np.ndarray:
+    """Unit slice normal (row direction x column direction) of ``ds``."""
+    return _normal(ds)
+
+
+def _parse_da(value: object) -> datetime.date | None:
+    text = str(value or "").strip()
+    if len(text) < 8:
+        return None
+    try:
+        return datetime.datetime.strptime(text[:8], "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
+def _parse_tm(value: object) -> datetime.time:
+    text = str(value or "").strip().split(".")[0]
+    digits = "".join(ch for ch in text if ch.isdigit())[:6].ljust(6, "0")
+    try:
+        return datetime.datetime.strptime(digits, "%H%M%S").time()
+    except ValueError:
+        return datetime.time(0, 0, 0)
+
+
+def deterministic_datetime(source: SourceSeries) -> datetime.datetime:
+    """Content Date/Time used for every output object.
+
+    The node must emit byte-identical objects for the same input, so no object
+    carries the wall-clock time.  We take the acquisition timestamp of the
+    source study: Study Date/Time of the first image, else its Series,
+    Content or Acquisition Date/Time, else 1970-01-01 00:00:00.  A missing time
+    reads as midnight.  The result therefore sorts with (not before) the
+    images it describes, which is also what viewers show next to them.
+    """
+    ds = source.first
+    for date_kw, time_kw in (
+        ("StudyDate", "StudyTime"),
+        ("SeriesDate", "SeriesTime"),
+        ("ContentDate", "ContentTime"),
+        ("AcquisitionDate", "AcquisitionTime"),
+    ):
+        date = _parse_da(ds.get(date_kw))
+        if date is not None:
+            return datetime.datetime.combine(date, _parse_tm(ds.get(time_kw)))
+    return _EPOCH
+
+
+def processing_equipment(model: ModelIdentity, when: datetime.datetime) -> hd.ContributingEquipment:
+    """Contributing Equipment item for the algorithm (IHE AIR).
+
+    Manufacturer, Manufacturer's Model Name (model name), Software Versions
+    (model version) and Device UID (0018,1002) = ``model.device_uid``.
+    """
+    item = hd.ContributingEquipment(
+        manufacturer=model.manufacturer,
+        purpose_of_reference=PURPOSE_PROCESSING_ALGORITHM,
+        manufacturer_model_name=model.name,
+        software_versions=model.version,
+        contribution_datetime=when,
+        contribution_description=ALGORITHM_CONTRIBUTION,
+    )
+    item.DeviceUID = model.device_uid
+    return item
+
+
+#: Roots of UIDs that highdicom/pydicom generate at random (``hd.UID()``,
+#: ``pydicom.uid.generate_uid()``), e.g. Dimension Organization UID.
+_RANDOM_UID_ROOTS = ("1.2.826.0.1.3680043.10.511.", PYDICOM_ROOT_UID)
+
+
+def _remap_random_uids(
+    ds: Dataset, uids: UidFactory, kind: str, keep: set[str], mapping: dict[str, str]
+) -> None:
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _remap_random_uids(item, uids, kind, keep, mapping)
+        elif elem.VR == "UI" and elem.VM == 1 and elem.value:
+            value = str(elem.value)
+            if value.startswith(_RANDOM_UID_ROOTS) and value not in keep:
+                if value not in mapping:
+                    mapping[value] = uids.uid(f"{kind}.generated", len(mapping))
+                elem.value = mapping[value]
+
+
+def make_deterministic(
+    ds: Dataset,
+    when: datetime.datetime,
+    uids: UidFactory | None = None,
+    kind: str = "",
+    keep: set[str] | None = None,
+) -> None:
+    """Replace every wall-clock timestamp and random UID highdicom writes.
+
+    Timestamps: Instance Creation Date/Time (SOP Common), Contribution
+    DateTime of highdicom's own Contributing Equipment item, Date/Time of
+    Secondary Capture (SC Equipment) and Presentation Creation Date/Time
+    (GSPS) become ``when``.  UIDs: when ``uids`` is given, every UID under
+    highdicom's or pydicom's random-UID root (e.g. the SEG's Dimension
+    Organization UID) that is not in ``keep`` (the source's UIDs) is replaced
+    by a derived one, in order of appearance.
+    """
+    if uids is not None:
+        _remap_random_uids(ds, uids, kind, keep or set(), {})
+    da = when.strftime("%Y%m%d")
+    tm = when.strftime("%H%M%S")
+    ds.InstanceCreationDate = da
+    ds.InstanceCreationTime = tm
+    for item in ds.get("ContributingEquipmentSequence", []):
+        if item.get("Manufacturer") == _HIGHDICOM_MANUFACTURER:
+            item.ContributionDateTime = da + tm
+    if "DateOfSecondaryCapture" in ds:
+        ds.DateOfSecondaryCapture = da
+        ds.TimeOfSecondaryCapture = tm
+    if "PresentationCreationDate" in ds:
+        ds.PresentationCreationDate = da
+        ds.PresentationCreationTime = tm
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildContext:
+    """Everything every builder needs, computed once per :func:`build_results` call."""
+
+    result: AnalysisResult
+    source: SourceSeries
+    settings: ResultsConfig
+    model: ModelIdentity
+    uids: UidFactory
+    when: datetime.datetime
+
+    @classmethod
+    def create(
+        cls,
+        result: AnalysisResult,
+        source: Sequence[Dataset],
+        settings: ResultsConfig,
+        fingerprint: str | None = None,
+    ) -> BuildContext:
+        """Check inputs and derive the UID factory and timestamp."""
+        if result.model is None:
+            raise ValueError(
+                "AnalysisResult.model is required: results must name the model bundle (IHE AIR)"
+            )
+        series = SourceSeries.from_datasets(source, result.series_instance_uid)
+        fp = fingerprint or input_fingerprint(series.by_uid)
+        return cls(
+            result=result,
+            source=series,
+            settings=settings,
+            model=result.model,
+            uids=UidFactory(series.study_instance_uid, fp, result.model),
+            when=deterministic_datetime(series),
+        )
+
+    def finalize(self, ds: Dataset, kind: str) -> None:
+        """Make ``ds`` deterministic: timestamps and random UIDs (:func:`make_deterministic`)."""
+        keep: set[str] = set()
+        for src in self.source.images:
+            for kw in (
+                "SOPInstanceUID",
+                "SeriesInstanceUID",
+                "StudyInstanceUID",
+                "FrameOfReferenceUID",
+            ):
+                if kw in src:
+                    keep.add(str(src[kw].value))
+        make_deterministic(ds, self.when, self.uids, kind, keep)
+
+    def tracking_uid(self, index: int) -> str:
+        """Tracking UID of finding ``index`` (given one, else derived)."""
+        finding = self.result.findings[index]
+        return finding.tracking_uid or self.uids.uid("tracking", finding.tracking_id)
+
+    def common_kwargs(self) -> dict[str, object]:
+        """Keyword arguments shared by highdicom SOP constructors."""
+        date = self.when.date()
+        time = self.when.time()
+        kw: dict[str, object] = {
+            "content_date": date,
+            "content_time": time,
+            "series_date": date,
+            "series_time": time,
+        }
+        if self.settings.institution_name:
+            kw["institution_name"] = self.settings.institution_name
+        return kw

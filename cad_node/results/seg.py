@@ -1,0 +1,287 @@
+"""Segmentation IOD (PS3.3 A.51) from organ and finding masks.
+
+Contract
+--------
+* One segment per structure: organ masks first (in :class:`FindingSite`
+  order, e.g. right lung, left lung), then one per finding that has a mask, in
+  finding order.  Segment numbers start at 1 (PS3.3 C.8.20.4).
+* BINARY by default; FRACTIONAL (PROBABILITY, max 255) when any mask is a
+  probability map (``ImageMask.is_fractional``); binary masks then map to
+  0/255.
+* Frames are placed by SOP Instance UID: frame ``k`` of an :class:`ImageMask`
+  lands on the source image whose SOP Instance UID is
+  ``mask.sop_instance_uids[k]``.  File order never matters.  Empty frames are
+  omitted; all used source images are referenced.
+* Messy series:
+  - shuffled files: sorted along the slice normal, aligned by UID;
+  - missing slice: every frame keeps its own source image's position, so
+    the gap is simply there;
+  - duplicated slice position (two instances with different SOP Instance UIDs
+    at the same position): the instance the masks do not touch is left out;
+    when masks draw on both copies a :class:`ValueError` names them;
+  - non-axial series: handled through Image Orientation (Patient);
+  - inconsistent geometry (size, orientation, spacing, frame of reference), or
+    a mask referencing an instance not received: :class:`ValueError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import highdicom as hd
+import numpy as np
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from cad_node.results._common import (
+    ALGORITHM_FAMILY,
+    POSITION_TOLERANCE_MM,
+    BuildContext,
+    SeriesNumber,
+    position,
+    processing_equipment,
+)
+from cad_node.results.findings import FindingSite, ImageMask
+
+__all__ = ["SegResult", "SegmentInfo", "build_seg"]
+
+#: PS3.3 C.8.20.2.3: maximum stored value of a FRACTIONAL segmentation.
+MAX_FRACTIONAL_VALUE = 255
+
+#: CID 7150 Segmentation Property Categories.
+CATEGORY_ANATOMY = codes.SCT.AnatomicalStructure
+CATEGORY_FINDING = codes.SCT.MorphologicallyAbnormalStructure
+
+#: Recommended display colours (CIELab via sRGB) for organs and findings.
+_ORGAN_RGB = {
+    FindingSite.RIGHT_LUNG: (128, 174, 128),
+    FindingSite.LEFT_LUNG: (111, 184, 210),
+}
+_FINDING_RGB = (255, 64, 64)
+_OTHER_RGB = (220, 220, 120)
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentInfo:
+    """One segment of a built SEG."""
+
+    number: int
+    label: str
+    tracking_id: str | None
+    #: SOP Instance UIDs of source images that carry this segment, sorted.
+    source_uids: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class SegResult:
+    """A built SEG and how its segments map to findings."""
+
+    dataset: hd.seg.Segmentation
+    segments: tuple[SegmentInfo, ...]
+
+    def segment_for(self, tracking_id: str) -> SegmentInfo | None:
+        """The segment of finding ``tracking_id``, if any."""
+        for s in self.segments:
+            if s.tracking_id == tracking_id:
+                return s
+        return None
+
+
+def _check_geometry(images: tuple[Dataset, ...]) -> None:
+    ref = images[0]
+    ref_iop = np.asarray([float(v) for v in ref.ImageOrientationPatient])
+    ref_ps = np.asarray([float(v) for v in ref.PixelSpacing])
+    for ds in images[1:]:
+        uid = ds.SOPInstanceUID
+        if (ds.Rows, ds.Columns) != (ref.Rows, ref.Columns):
+            raise ValueError(
+                f"instance {uid} is {ds.Rows}x{ds.Columns}, not {ref.Rows}x{ref.Columns}"
+            )
+        if not np.allclose([float(v) for v in ds.ImageOrientationPatient], ref_iop, atol=1e-4):
+            raise ValueError(f"instance {uid} has a different Image Orientation (Patient)")
+        if not np.allclose([float(v) for v in ds.PixelSpacing], ref_ps, atol=1e-4):
+            raise ValueError(f"instance {uid} has a different Pixel Spacing")
+        if ds.get("FrameOfReferenceUID") != ref.get("FrameOfReferenceUID"):
+            raise ValueError(f"instance {uid} has a different Frame of Reference UID")
+
+
+def _segments(
+    ctx: BuildContext,
+) -> list[tuple[str, ImageMask, hd.seg.SegmentDescription, str | None]]:
+    algo = hd.AlgorithmIdentificationSequence(
+        name=ctx.model.name, family=ALGORITHM_FAMILY, version=ctx.model.version
+    )
+    out: list[tuple[str, ImageMask, hd.seg.SegmentDescription, str | None]] = []
+    number = 1
+    for site in FindingSite:
+        mask = ctx.result.organ_masks.get(site)
+        if mask is None:
+            continue
+        desc = hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=site.meaning,
+            segmented_property_category=CATEGORY_ANATOMY,
+            segmented_property_type=Code(site.code, "SCT", site.meaning),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algo,
+            tracking_uid=ctx.uids.uid("organ.tracking", site.name),
+            tracking_id=site.meaning,
+            display_color=hd.color.CIELabColor.from_rgb(*_ORGAN_RGB.get(site, _OTHER_RGB)),
+        )
+        out.append((site.meaning, mask, desc, None))
+        number += 1
+    for index, finding in enumerate(ctx.result.findings):
+        if finding.mask is None:
+            continue
+        ft = finding.finding_type
+        desc = hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=finding.tracking_id,
+            segmented_property_category=CATEGORY_FINDING,
+            segmented_property_type=Code(ft.code, "SCT", ft.meaning),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algo,
+            tracking_uid=ctx.tracking_uid(index),
+            tracking_id=finding.tracking_id,
+            anatomic_regions=(
+                [Code(finding.site.code, "SCT", finding.site.meaning)] if finding.site else None
+            ),
+            display_color=hd.color.CIELabColor.from_rgb(*_FINDING_RGB),
+        )
+        out.append((finding.tracking_id, finding.mask, desc, finding.tracking_id))
+        number += 1
+    return out
+
+
+def build_seg(ctx: BuildContext) -> SegResult:
+    """Build the Segmentation of all organ and finding masks.
+
+    Parameters
+    ----------
+    ctx : BuildContext
+        Result, source series, settings and UID factory.
+
+    Returns
+    -------
+    SegResult
+        The dataset and its segment table.
+
+    Raises
+    ------
+    ValueError
+        No masks, a series without patient geometry, or a messy series that
+        cannot be segmented unambiguously (see the module docstring).
+    """
+    segs = _segments(ctx)
+    if not segs:
+        raise ValueError("the result carries no masks; there is nothing to segment")
+    src = ctx.source
+    if not src.has_geometry:
+        raise ValueError("SEG needs source images with Image Position/Orientation (Patient)")
+    images = src.images
+    _check_geometry(images)
+    rows, cols = int(images[0].Rows), int(images[0].Columns)
+    index_of = {str(ds.SOPInstanceUID): i for i, ds in enumerate(images)}
+    fractional = any(m.is_fractional for _, m, _, _ in segs)
+
+    # Which source frames each segment touches (by UID, never by order).
+    touched: list[dict[int, np.ndarray]] = []
+    for label, mask, _, _ in segs:
+        if mask.array.shape[1:] != (rows, cols):
+            raise ValueError(
+                f"mask {label!r} frames are {mask.array.shape[1:]}, "
+                f"source images are {(rows, cols)}"
+            )
+        frames: dict[int, np.ndarray] = {}
+        for k, uid in enumerate(mask.sop_instance_uids):
+            i = index_of.get(uid)
+            if i is None:
+                raise ValueError(
+                    f"mask {label!r} references SOP Instance {uid}, which was not received"
+                )
+            frame = mask.array[k]
+            if frame.any():
+                frames[i] = frame
+        touched.append(frames)
+    used = _resolve_duplicates(images, touched)
+
+    keep = sorted(used)
+    new_index = {old: new for new, old in enumerate(keep)}
+    dtype = np.float32 if fractional else np.bool_
+    array = np.zeros((len(keep), rows, cols, len(segs)), dtype=dtype)
+    for s, frames in enumerate(touched):
+        for i, frame in frames.items():
+            array[new_index[i], :, :, s] = frame
+    seg_type = (
+        hd.seg.SegmentationTypeValues.FRACTIONAL
+        if fractional
+        else hd.seg.SegmentationTypeValues.BINARY
+    )
+    kwargs = ctx.common_kwargs()
+    kwargs.pop("content_date")
+    kwargs.pop("content_time")
+    dataset = hd.seg.Segmentation(
+        source_images=[images[i] for i in keep],
+        pixel_array=array,
+        segmentation_type=seg_type,
+        segment_descriptions=[d for _, _, d, _ in segs],
+        series_instance_uid=ctx.uids.uid("seg.series"),
+        series_number=int(SeriesNumber.SEG),
+        sop_instance_uid=ctx.uids.uid("seg.instance", 1),
+        instance_number=1,
+        manufacturer=ctx.settings.manufacturer,
+        manufacturer_model_name=ctx.model.name,
+        software_versions=ctx.model.version,
+        device_serial_number=ctx.model.device_uid,
+        max_fractional_value=MAX_FRACTIONAL_VALUE,
+        content_description="CAD segmentation",
+        content_label="CAD_SEG",
+        series_description=f"CAD SEG {ctx.model.name} {ctx.model.version}"[:64],
+        omit_empty_frames=True,
+        contributing_equipment=[processing_equipment(ctx.model, ctx.when)],
+        content_creator_name=None,
+        **kwargs,
+    )
+    dataset.ContentDate = ctx.when.strftime("%Y%m%d")
+    dataset.ContentTime = ctx.when.strftime("%H%M%S")
+    ctx.finalize(dataset, "seg")
+    infos = tuple(
+        SegmentInfo(
+            number=n + 1,
+            label=label,
+            tracking_id=tid,
+            source_uids=tuple(sorted(str(images[i].SOPInstanceUID) for i in touched[n])),
+        )
+        for n, (label, _, _, tid) in enumerate(segs)
+    )
+    return SegResult(dataset=dataset, segments=infos)
+
+
+def _resolve_duplicates(
+    images: tuple[Dataset, ...], touched: list[dict[int, np.ndarray]]
+) -> set[int]:
+    """Indices of source images the SEG references, dropping unused duplicates."""
+    groups: list[list[int]] = []
+    last: np.ndarray | None = None
+    for i, ds in enumerate(images):
+        p = position(ds)
+        if last is not None and np.linalg.norm(p - last) <= POSITION_TOLERANCE_MM:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+        last = p
+    used: set[int] = set()
+    for group in groups:
+        if len(group) == 1:
+            used.add(group[0])
+            continue
+        drawn = [i for i in group if any(i in frames for frames in touched)]
+        if len(drawn) > 1:
+            uids = ", ".join(str(images[i].SOPInstanceUID) for i in drawn)
+            raise ValueError(
+                f"masks draw on {len(drawn)} instances at the same slice position "
+                f"({uids}); the segmentation would be ambiguous"
+            )
+        used.add(drawn[0] if drawn else group[0])
+    return used

@@ -1,0 +1,289 @@
+"""Comprehensive 3D SR with a TID 1500 Measurement Report.
+
+Content tree (PS3.16 TID 1500)::
+
+    Imaging Measurement Report
+    ├─ Language, Observation Context: device observer = the model bundle
+    │    (Device Observer UID = ModelIdentity.device_uid, name, manufacturer)
+    ├─ Procedure reported: CT of chest / plain chest X-ray (the imaging, not the AI)
+    ├─ Imaging Measurements
+    │    └─ one Measurement Group per finding (TID 1410 planar / TID 1411 volumetric):
+    │         Tracking Identifier + Tracking UID, Finding (type), Finding Site,
+    │         Referenced Segment (TID 1411, when a SEG is built),
+    │         Volume surface SCOORD3D POINT = centre (CT), or Image Region
+    │         SCOORD POLYLINE on the referenced image (CR/DX or one slice),
+    │         Measurements (long/short axis mm, volume mm3, mean HU,
+    │         certainty, probability of cancer), each with TID 4019 algorithm id
+    └─ Qualitative Evaluations (TID 1500 row 12)
+         ├─ CAD Processing and Findings Summary (DCM 111017): all algorithms
+         │    succeeded with findings (111242) / without findings (111241) /
+         │    no algorithms succeeded (111245, failed analysis)
+         └─ Comment: failure reason, study-level results, notes, disclaimer
+
+Failed analysis (IHE AIR: the consumer must be able to tell "no result" from
+"negative result"): an SR is still produced, with no Measurement Group, the
+summary code 111245 "No algorithms succeeded; without findings" and the
+failure reason as a comment.  "No findings" is 111241 with an empty Imaging
+Measurements container.
+
+The document is COMPLETE, UNVERIFIED (VerificationFlag, PS3.3 C.17.2), in the
+source study and a new series; Contributing Equipment lists the algorithm.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import highdicom as hd
+import numpy as np
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from cad_node.results._common import (
+    BuildContext,
+    SeriesNumber,
+    processing_equipment,
+)
+from cad_node.results.findings import AnalysisStatus, Finding, Region2D
+from cad_node.results.seg import SegResult
+
+__all__ = ["ProcedureReported", "SummaryCode", "build_sr", "region_polyline"]
+
+
+class ProcedureReported:
+    """CID 100-style codes for the imaging procedure the report is about (SNOMED CT)."""
+
+    CT_CHEST = Code("169069000", "SCT", "Computed tomography of chest")
+    CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
+
+
+class SummaryCode(enum.Enum):
+    """CID 6047 "CAD Processing and Findings Summary" values (PS3.16)."""
+
+    WITH_FINDINGS = codes.DCM.AllAlgorithmsSucceededWithFindings
+    WITHOUT_FINDINGS = codes.DCM.AllAlgorithmsSucceededWithoutFindings
+    FAILED = codes.DCM.NoAlgorithmsSucceededWithoutFindings
+
+
+#: TID 1500 row 12 container.
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+#: Measurement concepts.
+ATTENUATION_COEFFICIENT = Code("112031", "DCM", "Attenuation Coefficient")
+CERTAINTY_OF_FINDING = codes.DCM.CertaintyOfFinding
+PROBABILITY_OF_CANCER = codes.DCM.ProbabilityOfCancer
+#: UCUM units.
+UNIT_MM = codes.UCUM.Millimeter
+UNIT_MM3 = codes.UCUM.CubicMillimeter
+UNIT_HU = codes.UCUM.HounsfieldUnit
+UNIT_NONE = codes.UCUM.NoUnits
+
+
+def region_polyline(region: Region2D) -> np.ndarray:
+    """Closed SCOORD POLYLINE (PS3.3 C.18.6.1.1) of a box or polygon, (n, 2) float."""
+    if region.kind == "box":
+        (x0, y0), (x1, y1) = region.points
+        pts = [(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)]
+    else:
+        pts = [*region.points, region.points[0]]
+    return np.asarray(pts, dtype=np.float32)
+
+
+def _measurements(finding: Finding, algo: hd.sr.AlgorithmIdentification) -> list[hd.sr.Measurement]:
+    out: list[hd.sr.Measurement] = []
+
+    def add(name: Code, value: float | None, unit: Code, derivation: Code | None = None) -> None:
+        if value is not None:
+            out.append(
+                hd.sr.Measurement(
+                    name=name,
+                    value=float(value),
+                    unit=unit,
+                    derivation=derivation,
+                    algorithm_id=algo,
+                )
+            )
+
+    add(codes.SCT.LongAxis, finding.long_axis_mm, UNIT_MM)
+    add(codes.SCT.ShortAxis, finding.short_axis_mm, UNIT_MM)
+    add(codes.SCT.Volume, finding.volume_mm3, UNIT_MM3)
+    add(ATTENUATION_COEFFICIENT, finding.mean_hu, UNIT_HU, codes.SCT.Mean)
+    add(CERTAINTY_OF_FINDING, finding.probability, UNIT_NONE)
+    add(PROBABILITY_OF_CANCER, finding.malignancy_probability, UNIT_NONE)
+    return out
+
+
+def _group(
+    ctx: BuildContext, index: int, finding: Finding, seg: SegResult | None
+) -> (
+    hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+):
+    algo = hd.sr.AlgorithmIdentification(
+        name=ctx.model.name, version=ctx.model.version, manufacturer=ctx.model.manufacturer
+    )
+    tracking = hd.sr.TrackingIdentifier(uid=ctx.tracking_uid(index), identifier=finding.tracking_id)
+    ft = finding.finding_type
+    common: dict[str, object] = {
+        "tracking_identifier": tracking,
+        "finding_type": Code(ft.code, "SCT", ft.meaning),
+        "algorithm_id": algo,
+        "measurements": _measurements(finding, algo) or None,
+        "finding_sites": (
+            [hd.sr.FindingSite(Code(finding.site.code, "SCT", finding.site.meaning))]
+            if finding.site
+            else None
+        ),
+    }
+    src = ctx.source
+    first = src.first
+    for_uid = first.get("FrameOfReferenceUID")
+    if finding.center_mm is not None and for_uid and src.has_geometry:
+        surface = hd.sr.VolumeSurface(
+            graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+            graphic_data=np.asarray([finding.center_mm], dtype=np.float64),
+            frame_of_reference_uid=str(for_uid),
+            source_series=hd.sr.SourceSeriesForSegmentation(str(first.SeriesInstanceUID)),
+        )
+        info = seg.segment_for(finding.tracking_id) if seg is not None else None
+        if info is None:
+            return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                referenced_volume_surface=surface,
+                **common,  # type: ignore[arg-type]
+            )
+        assert seg is not None
+        ref = hd.sr.ReferencedSegment.from_segmentation(seg.dataset, info.number)
+        group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            referenced_segment=ref,
+            **common,  # type: ignore[arg-type]
+        )
+        # TID 1411 allows the volume surface next to the referenced segment;
+        # it carries the finding centre as SCOORD3D for viewers without SEG.
+        group[0].ContentSequence.extend(surface)
+        return group
+    if finding.region is None:
+        raise ValueError(
+            f"finding {finding.tracking_id!r} has a centre but the source has no patient "
+            "geometry (Frame of Reference); give a 2-D region instead"
+        )
+    region = finding.region
+    image = src.by_uid.get(region.sop_instance_uid)
+    if image is None:
+        raise ValueError(
+            f"finding {finding.tracking_id!r} references SOP Instance {region.sop_instance_uid}, "
+            "which was not received"
+        )
+    frames = [region.frame_number] if region.frame_number is not None else None
+    image_region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=region_polyline(region),
+        source_image=hd.sr.SourceImageForRegion.from_source_image(image, frames),
+    )
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        referenced_region=image_region,
+        **common,  # type: ignore[arg-type]
+    )
+
+
+def _qualitative(ctx: BuildContext) -> hd.sr.ContainerContentItem:
+    result = ctx.result
+    if result.status is AnalysisStatus.FAILED:
+        summary = SummaryCode.FAILED
+    elif result.findings:
+        summary = SummaryCode.WITH_FINDINGS
+    else:
+        summary = SummaryCode.WITHOUT_FINDINGS
+    container = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    items: list[hd.sr.ContentItem] = [
+        hd.sr.CodeContentItem(
+            name=codes.DCM.CADProcessingAndFindingsSummary,
+            value=summary.value,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    ]
+    texts: list[str] = []
+    if result.status is AnalysisStatus.FAILED:
+        texts.append(f"Analysis failed: {result.failure_reason}")
+    elif not result.findings:
+        texts.append("No findings.")
+    texts += [f"{k}: {v}" for k, v in sorted(result.qualitative.items())]
+    texts += [f"{k}: {v:g}" for k, v in sorted(result.measurements.items())]
+    texts += list(result.notes)
+    texts.append(ctx.settings.disclaimer)
+    for text in texts:
+        items.append(
+            hd.sr.TextContentItem(
+                name=codes.DCM.Comment,
+                value=text[:1024],
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+    container.ContentSequence = hd.sr.ContentSequence(items)
+    return container
+
+
+def build_sr(ctx: BuildContext, seg: SegResult | None = None) -> hd.sr.Comprehensive3DSR:
+    """Build the TID 1500 Comprehensive 3D SR of ``ctx.result``.
+
+    Parameters
+    ----------
+    ctx : BuildContext
+        Result, source series, settings and UID factory.
+    seg : SegResult, optional
+        The SEG built from the same result; segmented findings then reference
+        their segment (TID 1411) and the SEG becomes evidence.
+
+    Returns
+    -------
+    highdicom.sr.Comprehensive3DSR
+    """
+    model = ctx.model
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=model.device_uid,
+        name=model.name,
+        manufacturer_name=model.manufacturer,
+        model_name=f"{model.name} {model.version}"[:64],
+    )
+    context = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device, observer_identifying_attributes=device
+        )
+    )
+    groups = (
+        [_group(ctx, i, f, seg) for i, f in enumerate(ctx.result.findings)]
+        if ctx.result.status is AnalysisStatus.COMPLETED
+        else []
+    )
+    procedure = ProcedureReported.CT_CHEST if ctx.source.is_ct else ProcedureReported.CHEST_XRAY
+    report = hd.sr.MeasurementReport(
+        observation_context=context,
+        procedure_reported=procedure,
+        imaging_measurements=groups or None,
+    )
+    report[0].ContentSequence.append(_qualitative(ctx))
+    evidence = list(ctx.source.images)
+    if seg is not None and any(
+        seg.segment_for(f.tracking_id) is not None for f in ctx.result.findings
+    ):
+        evidence.append(seg.dataset)
+    kwargs = ctx.common_kwargs()
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report[0],
+        series_instance_uid=ctx.uids.uid("sr.series"),
+        series_number=int(SeriesNumber.SR),
+        sop_instance_uid=ctx.uids.uid("sr.instance", 1),
+        instance_number=1,
+        manufacturer=ctx.settings.manufacturer,
+        is_complete=True,
+        is_final=True,
+        is_verified=False,
+        contributing_equipment=[processing_equipment(model, ctx.when)],
+        series_description=f"CAD SR {model.name} {model.version}"[:64],
+        manufacturer_model_name=model.name,
+        software_versions=model.version,
+        **kwargs,  # type: ignore[arg-type]
+    )
+    ctx.finalize(sr, "sr")
+    return sr
