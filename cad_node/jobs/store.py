@@ -96,6 +96,14 @@ CREATE TABLE IF NOT EXISTS job_events (
 );
 CREATE INDEX IF NOT EXISTS job_events_study ON job_events (study_instance_uid);
 CREATE INDEX IF NOT EXISTS job_events_job ON job_events (job_id);
+CREATE TABLE IF NOT EXISTS workers (
+    hostname TEXT PRIMARY KEY,
+    pid INTEGER NOT NULL,
+    queues TEXT NOT NULL,
+    device TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    last_seen REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS sent_objects (
     job_id INTEGER NOT NULL REFERENCES jobs (job_id),
     destination TEXT NOT NULL,
@@ -511,13 +519,17 @@ class JobStore:
             return self._job(self._row(conn, job_id))
 
     def enqueue(self, job_id: int, *, detail: str | None = None,
-                reset_attempts: bool = False, now: float | None = None,
+                reset_attempts: bool = False, reset_deliveries: bool = True,
+                now: float | None = None,
                 state: JobState = JobState.QUEUED) -> tuple[Job, str]:
         """Give the job a fresh delivery token and move it to ``state``.
 
         ``state`` is ``queued`` for the whole job or ``results-ready`` for a
         (re)send.  Returns the job and the token to put in the task message;
         messages carrying an older token are dropped by :meth:`begin_delivery`.
+        ``reset_deliveries=False`` (re-publishing a message a dead worker
+        lost) keeps the delivery count, so a job that keeps killing its
+        worker still reaches ``max_deliveries``.
         """
         now = time.time() if now is None else now
         token = uuid.uuid4().hex
@@ -530,10 +542,11 @@ class JobStore:
             attempts = 0 if reset_attempts else row["attempts"]
             first_failure = None if reset_attempts else row["first_failure_at"]
             error = None if reset_attempts else row["error"]
+            deliveries = 0 if reset_deliveries else row["deliveries"]
             conn.execute(
-                "UPDATE jobs SET state = ?, state_at = ?, token = ?, deliveries = 0,"
+                "UPDATE jobs SET state = ?, state_at = ?, token = ?, deliveries = ?,"
                 " attempts = ?, first_failure_at = ?, error = ? WHERE job_id = ?",
-                (state.value, now, token, attempts, first_failure, error, job_id),
+                (state.value, now, token, deliveries, attempts, first_failure, error, job_id),
             )
             if old is not state or detail:
                 self._event(conn, job_id, row["study_instance_uid"], state, now, attempts,
@@ -605,3 +618,22 @@ class JobStore:
         with self._write() as conn:
             cur = conn.execute("DELETE FROM sent_objects WHERE job_id = ?", (job_id,))
             return int(cur.rowcount)
+
+    # -- workers ----------------------------------------------------------
+    def heartbeat(self, hostname: str, pid: int, queues: Sequence[str], device: str,
+                  started_at: float) -> None:
+        """Record that a worker is alive (``cad-node status`` lists workers from this)."""
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO workers (hostname, pid, queues, device, started_at, last_seen)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (hostname) DO UPDATE SET"
+                " pid = excluded.pid, queues = excluded.queues, device = excluded.device,"
+                " started_at = excluded.started_at, last_seen = excluded.last_seen",
+                (hostname, pid, ",".join(queues), device, started_at, time.time()),
+            )
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Workers that sent a heartbeat, most recent first."""
+        with self._read() as conn:
+            rows = conn.execute("SELECT * FROM workers ORDER BY last_seen DESC").fetchall()
+        return [dict(r) for r in rows]

@@ -1,0 +1,92 @@
+"""``cad-node worker``: a Celery worker for the ``inference`` and/or ``io`` queues.
+
+Examples
+--------
+``cad-node worker --queues inference --device cuda:0`` on a GPU host;
+``cad-node worker`` (both queues, device from the config) on a single box.
+A worker asked for a CUDA device on a host without CUDA falls back to CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from cad_node.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+
+#: Exit status for an invalid configuration or option.
+EXIT_USAGE = 2
+#: Seconds between worker heartbeats written to the job table.
+HEARTBEAT_INTERVAL_S = 5.0
+_QUEUES = ("inference", "io")
+
+
+def _heartbeat(storage_dir: str, hostname: str, queues: list[str], device: str) -> None:
+    from cad_node.jobs.store import JobStore
+
+    store = JobStore.for_storage(storage_dir)
+    started = time.time()
+    pid = os.getpid()
+    while True:
+        try:
+            store.heartbeat(hostname, pid, queues, device, started)
+        except Exception:  # a locked or missing table must not kill the worker
+            pass
+        time.sleep(HEARTBEAT_INTERVAL_S)
+
+
+def worker(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Configuration file.")] = (
+        DEFAULT_CONFIG_PATH),
+    queues: Annotated[str, typer.Option(help="Comma-separated queues: inference, io.")] = (
+        "inference,io"),
+    device: Annotated[str | None, typer.Option(
+        help="Torch device (auto, cpu, cuda, cuda:N); default jobs.device.")] = None,
+    concurrency: Annotated[int | None, typer.Option(
+        help="Worker processes; default jobs.concurrency.")] = None,
+    hostname: Annotated[str | None, typer.Option(help="Worker node name.")] = None,
+) -> None:
+    """Run a worker consuming QUEUES with the configured broker."""
+    err = Console(stderr=True)
+    try:
+        settings = load_config(config)
+    except ConfigError as exc:
+        err.print(str(exc), markup=False, highlight=False)
+        raise typer.Exit(EXIT_USAGE) from None
+    wanted = [q.strip() for q in queues.split(",") if q.strip()]
+    unknown = [q for q in wanted if q not in _QUEUES]
+    if not wanted or unknown:
+        err.print(f"--queues: unknown queue(s) {unknown}; use {', '.join(_QUEUES)}")
+        raise typer.Exit(EXIT_USAGE)
+    from cad_node.logs import setup_logging
+
+    setup_logging(settings.log_level)
+    from cad_node.jobs.celery_app import configure_app
+    from cad_node.jobs.tasks import CONFIG_ENV, configure_worker
+
+    os.environ[CONFIG_ENV] = str(config)
+    runner = configure_worker(settings, device=device)
+    app = configure_app(settings)
+    name = (hostname or f"cad-node-{os.getpid()}@%h").replace("%h", socket.gethostname())
+    threading.Thread(target=_heartbeat, args=(settings.node.storage_dir, name, wanted,
+                                              runner.device), daemon=True).start()
+    err.print(f"worker {name}: queues {','.join(wanted)}, device {runner.device}, "
+              f"broker {app.conf.broker_url.split('@')[-1]}", highlight=False)
+    app.worker_main([
+        "worker", "--queues", ",".join(wanted),
+        "--concurrency", str(concurrency or settings.jobs.concurrency),
+        "--pool", "prefork", "--hostname", name, "--loglevel", settings.log_level,
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+    ])
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``worker`` command to ``app``."""
+    app.command("worker")(worker)

@@ -1,0 +1,404 @@
+"""The work of a job, stage by stage, independent of Celery.
+
+Stages
+------
+``analyse`` (queue ``inference``)
+    Route the study's series (:mod:`cad_node.jobs.routing`), load each
+    selected series, run its pipeline, build the result objects for the union
+    of the destinations' output profiles, pass each through the conformance
+    gate (:func:`cad_node.results.validate`), write the objects that pass to
+    ``<storage_dir>/results/job-NNNNNNNN/`` and quarantine the others in
+    ``<storage_dir>/quarantine/job-NNNNNNNN/`` with the reason.  Ends in
+    ``results-ready`` (or ``failed``).
+``send`` (queue ``io``)
+    C-STORE the stored objects to every destination, each receiving the kinds
+    of its profile.  Objects already acknowledged are never sent again.
+    Retryable failures keep the job in ``results-ready`` with a retry time
+    from :class:`cad_node.export.retry.RetryPolicy`; the horizon exhausted
+    means ``dead``; a permanent failure means ``failed``.
+
+Files below ``storage_dir`` are named from node ids and object kinds only,
+never from UIDs or other peer-supplied strings.  Result objects are
+deterministic (same input and model give the same UIDs), so running the
+``analyse`` stage again after a crash rewrites the very same objects.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom
+
+from cad_node.config import DestinationConfig, Settings
+from cad_node.export.retry import RetryPolicy
+from cad_node.export.sender import ObjectResult, OutboundObject, SendReport, send_objects
+from cad_node.jobs.routing import RouteStep, plan_routes
+from cad_node.jobs.states import JobState
+from cad_node.jobs.store import Job, JobStore
+from cad_node.logs import job_logger
+
+__all__ = [
+    "MANIFEST_NAME",
+    "JobRunner",
+    "SendStep",
+    "StageTimings",
+    "resolve_device",
+]
+
+LOG = logging.getLogger(__name__)
+
+#: Name of the manifest listing a job's result files (written last, atomically).
+MANIFEST_NAME = "manifest.json"
+#: File holding the reasons an object was quarantined.
+QUARANTINE_REASON_NAME = "reasons.txt"
+
+
+def resolve_device(device: str) -> str:
+    """Resolve ``jobs.device``: ``auto`` -> ``cuda`` when available, else ``cpu``.
+
+    A CUDA device asked for on a host without CUDA falls back to ``cpu`` with
+    a warning, so a worker always starts.
+    """
+    try:
+        import torch
+
+        has_cuda = bool(torch.cuda.is_available())
+    except Exception:  # torch missing or broken CUDA runtime
+        has_cuda = False
+    if device == "auto":
+        return "cuda" if has_cuda else "cpu"
+    if device.startswith("cuda") and not has_cuda:
+        LOG.warning("device %s requested but CUDA is not available: using cpu", device)
+        return "cpu"
+    return device
+
+
+@dataclass
+class StageTimings:
+    """Seconds spent per stage (for the benchmark and the logs)."""
+
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, seconds: float) -> None:
+        """Accumulate ``seconds`` under ``name``."""
+        self.stages[name] = self.stages.get(name, 0.0) + seconds
+
+
+class SendStep(enum.Enum):
+    """What the send stage concluded."""
+
+    SENT = "sent"
+    RETRY = "retry"
+    FAILED = "failed"
+    DEAD = "dead"
+    SKIPPED = "skipped"
+
+
+@dataclass(frozen=True)
+class SendDecision:
+    """Outcome of :meth:`JobRunner.send`."""
+
+    step: SendStep
+    retry_at: float | None = None
+    error: str | None = None
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _encode(ds: pydicom.Dataset) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+class JobRunner:
+    """Runs the stages of jobs for one node configuration.
+
+    Parameters
+    ----------
+    settings : Settings
+        The node configuration.
+    store : JobStore, optional
+        The job table (default: the one below ``settings.node.storage_dir``).
+    device : str, optional
+        Torch device for pipelines (default: resolved ``settings.jobs.device``).
+    """
+
+    def __init__(self, settings: Settings, store: JobStore | None = None,
+                 device: str | None = None) -> None:
+        self.settings = settings
+        self.storage = Path(settings.node.storage_dir).resolve()
+        self.store = store if store is not None else JobStore.for_storage(self.storage)
+        self.device = resolve_device(device or settings.jobs.device)
+        self.retry_policy = RetryPolicy.from_config(settings.jobs.retry)
+        self.timings: dict[int, StageTimings] = {}
+
+    # -- paths ------------------------------------------------------------
+    def results_dir(self, job: Job) -> Path:
+        """Directory of a job's result files."""
+        return self.storage / "results" / job.node_name
+
+    def quarantine_dir(self, job: Job) -> Path:
+        """Directory of a job's quarantined objects."""
+        return self.storage / "quarantine" / job.node_name
+
+    def _kinds(self) -> list[str]:
+        kinds: list[str] = []
+        for dest in self.settings.destinations:
+            for k in dest.objects:
+                if k not in kinds:
+                    kinds.append(k)
+        return kinds or ["sr", "seg", "sc"]
+
+    # -- analyse ------------------------------------------------------------
+    def analyse(self, job_id: int) -> Job:
+        """Run the ``analyse`` stage; the job must be ``running``.
+
+        Returns
+        -------
+        Job
+            The job in ``results-ready`` or ``failed``.
+        """
+        job = self.store.get(job_id)
+        log = job_logger(LOG, job)
+        timings = self.timings.setdefault(job_id, StageTimings())
+        if job.superseded_by is not None:
+            return self.store.transition(job_id, JobState.FAILED,
+                                         error=f"superseded by job {job.superseded_by}")
+        t0 = time.monotonic()
+        plan = plan_routes([i["path"] for i in job.instances], self.settings.routing)
+        timings.add("route", time.monotonic() - t0)
+        for path, reason in plan.unreadable.items():
+            log.warning("unusable instance %s: %s", path, reason)
+        if not plan.steps:
+            reasons = "; ".join(r for rs in plan.reasons.values() for r in rs) or "no series"
+            log.info("no routing rule matched: %s", reasons)
+            return self.store.transition(job_id, JobState.FAILED,
+                                         error=f"no routing rule matched: {reasons}"[:2000])
+        out_dir = self.results_dir(job)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        manifest: list[dict[str, Any]] = []
+        quarantined: list[str] = []
+        for n, step in enumerate(plan.steps, start=1):
+            entries, bad = self._analyse_step(job, n, step, out_dir, timings)
+            manifest.extend(entries)
+            quarantined.extend(bad)
+        _atomic_write_bytes(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
+        detail = f"{len(manifest)} object(s) built in {sum(timings.stages.values()):.1f} s " + \
+            ", ".join(f"{k} {v:.2f}s" for k, v in timings.stages.items())
+        if not manifest:
+            return self.store.transition(
+                job_id, JobState.FAILED,
+                error="every result object failed the conformance gate: " + "; ".join(quarantined),
+            )
+        log.info("results ready: %s", detail)
+        return self.store.transition(job_id, JobState.RESULTS_READY, detail=detail,
+                                     error="; ".join(quarantined) or None)
+
+    def _analyse_step(
+        self, job: Job, n: int, step: RouteStep, out_dir: Path, timings: StageTimings
+    ) -> tuple[list[dict[str, Any]], list[str]]:
+        from cad_node.imaging import load_series
+        from cad_node.results import build_results, validate
+
+        log = job_logger(LOG, job)
+        t0 = time.monotonic()
+        loaded = load_series(step.paths)
+        timings.add("load", time.monotonic() - t0)
+        t0 = time.monotonic()
+        result = run_pipeline(step.pipeline, loaded, device=self.device)
+        timings.add("inference", time.monotonic() - t0)
+        t0 = time.monotonic()
+        sources = [pydicom.dcmread(p) for p in step.paths]
+        fingerprint = hashlib.sha256(
+            "\n".join(sorted(loaded.sop_instance_uids)).encode()).hexdigest()
+        objects = build_results(result, sources, settings=self.settings.results,
+                                objects=self._kinds(), input_fingerprint=fingerprint)
+        timings.add("build", time.monotonic() - t0)
+        t0 = time.monotonic()
+        entries: list[dict[str, Any]] = []
+        bad: list[str] = []
+        for obj in objects:
+            name = f"step{n:02d}_{obj.filename}"
+            report = validate(obj, sources, others=objects,
+                              use_dciodvfy=self.settings.results.use_dciodvfy)
+            data = _encode(obj.dataset)
+            if not report.ok:
+                qdir = self.quarantine_dir(job)
+                qdir.mkdir(parents=True, exist_ok=True)
+                _atomic_write_bytes(qdir / name, data)
+                with open(qdir / QUARANTINE_REASON_NAME, "a", encoding="utf-8") as fh:
+                    fh.write(f"{name}: " + " | ".join(report.errors) + "\n")
+                log.error("quarantined %s (%s): %s", name, obj.kind, "; ".join(report.errors))
+                bad.append(f"{name} quarantined: {report.errors[0] if report.errors else '?'}")
+                continue
+            _atomic_write_bytes(out_dir / name, data)
+            entries.append({
+                "file": name, "kind": obj.kind, "step": n, "pipeline": step.pipeline,
+                "sop_class_uid": str(obj.dataset.SOPClassUID),
+                "sop_instance_uid": str(obj.dataset.SOPInstanceUID),
+                "transfer_syntax_uid": str(obj.dataset.file_meta.TransferSyntaxUID),
+                "role": obj.role,
+            })
+        timings.add("validate", time.monotonic() - t0)
+        return entries, bad
+
+    def manifest(self, job: Job) -> list[dict[str, Any]]:
+        """The job's result files (empty when the analyse stage has not finished)."""
+        path = self.results_dir(job) / MANIFEST_NAME
+        if not path.exists():
+            return []
+        data: list[dict[str, Any]] = json.loads(path.read_text())
+        return data
+
+    # -- send -----------------------------------------------------------------
+    def send(self, job_id: int, now: float | None = None) -> SendDecision:
+        """Run the ``send`` stage once and record its outcome in the job table."""
+        job = self.store.get(job_id)
+        log = job_logger(LOG, job)
+        if job.state is not JobState.RESULTS_READY:
+            return SendDecision(SendStep.SKIPPED)
+        if job.superseded_by is not None:
+            self.store.transition(job_id, JobState.FAILED,
+                                  error=f"superseded by job {job.superseded_by} before sending")
+            return SendDecision(SendStep.SKIPPED)
+        entries = self.manifest(job)
+        out_dir = self.results_dir(job)
+        t0 = time.monotonic()
+        reports: list[SendReport] = []
+        for dest in self.settings.destinations:
+            objs = [OutboundObject(e["kind"], out_dir / e["file"], e["sop_class_uid"],
+                                   e["sop_instance_uid"], e["transfer_syntax_uid"])
+                    for e in entries if e["kind"] in dest.objects]
+            reports.append(self._send_to(job, dest, objs))
+        self.timings.setdefault(job_id, StageTimings()).add("send", time.monotonic() - t0)
+        retryable = [(rep.destination, r) for rep in reports for r in rep.retryable]
+        permanent = [(rep.destination, r) for rep in reports for r in rep.permanent]
+        now = time.time() if now is None else now
+        if permanent:
+            error = "; ".join(f"{d}: {r.obj.kind} {r.error}" for d, r in permanent)[:2000]
+            log.error("permanent send failure: %s", error)
+            self.store.transition(job_id, JobState.FAILED, error=error, count_attempt=True)
+            return SendDecision(SendStep.FAILED, error=error)
+        if retryable:
+            error = "; ".join(sorted({f"{d}: {r.error}" for d, r in retryable}))[:2000]
+            first = job.first_failure_at if job.first_failure_at is not None else now
+            retry_at = self.retry_policy.next_retry(job.attempts + 1, first, now)
+            if retry_at is None:
+                log.error("retries exhausted after %d attempt(s): %s", job.attempts + 1, error)
+                self.store.transition(job_id, JobState.DEAD, count_attempt=True,
+                                      error=f"retry horizon exhausted: {error}")
+                return SendDecision(SendStep.DEAD, error=error)
+            log.warning("send failed (attempt %d), retry in %.1f s: %s", job.attempts + 1,
+                        retry_at - now, error)
+            self.store.transition(job_id, JobState.RESULTS_READY, error=error,
+                                  count_attempt=True, next_attempt_at=retry_at, now=now)
+            return SendDecision(SendStep.RETRY, retry_at=retry_at, error=error)
+        total = sum(len(rep.stored) for rep in reports)
+        job = self.store.transition(job_id, JobState.SENT,
+                                    detail=f"{total} object(s) acknowledged")
+        log.info("sent; turnaround %.1f s", job.turnaround_s or 0.0)
+        return SendDecision(SendStep.SENT)
+
+    def _send_to(self, job: Job, dest: DestinationConfig,
+                 objs: Sequence[OutboundObject]) -> SendReport:
+        done = {o.sop_instance_uid for o in self.store.sent_objects(job.job_id, dest.name)}
+
+        def _acked(result: ObjectResult) -> None:
+            self.store.record_sent(job.job_id, dest.name, result.obj.sop_instance_uid,
+                                   result.obj.sop_class_uid, result.obj.kind,
+                                   int(result.status or 0))
+
+        report = send_objects(dest, objs, calling_ae=self.settings.node.ae_title,
+                              max_pdu=self.settings.node.max_pdu or 0, skip=done,
+                              on_stored=_acked)
+        job_logger(LOG, job).info(
+            "destination %s: %d stored, %d retryable, %d permanent, %d already sent",
+            dest.name, len(report.stored), len(report.retryable), len(report.permanent),
+            len(done & {o.sop_instance_uid for o in objs}))
+        return report
+
+    # -- maintenance ------------------------------------------------------------
+    def discard_results(self, job: Job) -> None:
+        """Remove a job's result files (before it is analysed again)."""
+        shutil.rmtree(self.results_dir(job), ignore_errors=True)
+
+
+def run_pipeline(name: str, series: Any, *, device: str) -> Any:
+    """Run the pipeline ``name`` on a loaded series.
+
+    Uses the pipeline registry :func:`cad_node.pipelines.get_pipeline`.  While
+    the registry is not available, ``ct-chest`` falls back to the first real
+    CT pipeline that exists, lung segmentation
+    (:func:`cad_node.pipelines.ct_chest.lungs.segment_lungs`), reported as
+    organ masks and lung volumes.
+
+    Raises
+    ------
+    KeyError
+        No such pipeline.
+    """
+    try:
+        from cad_node.pipelines import get_pipeline  # type: ignore[attr-defined]
+    except ImportError:
+        get_pipeline = None
+    if get_pipeline is not None:
+        return get_pipeline(name).run(series, device=device)
+    if name == "ct-chest":
+        return _lung_segmentation(series)
+    raise KeyError(f"no pipeline named {name!r}")
+
+
+#: Identity of the lung-segmentation fallback (rule-based, no weights).
+_LUNGS_MODEL = ("cad-node-lung-segmentation", "0.1.0")
+
+
+def _lung_segmentation(series: Any) -> Any:
+    import numpy as np
+
+    from cad_node.pipelines.ct_chest.lungs import LungSegmentationError, segment_lungs
+    from cad_node.results.findings import (
+        AnalysisResult,
+        AnalysisStatus,
+        FindingSite,
+        ImageMask,
+        ModelIdentity,
+    )
+
+    digest = hashlib.sha256("/".join(_LUNGS_MODEL).encode()).digest()
+    model = ModelIdentity(name=_LUNGS_MODEL[0], version=_LUNGS_MODEL[1],
+                          device_uid="2.25." + str(int.from_bytes(digest[:16], "big")))
+    try:
+        seg = segment_lungs(series.image)
+    except LungSegmentationError as exc:
+        return AnalysisResult(pipeline="ct-chest", status=AnalysisStatus.FAILED,
+                              failure_reason=str(exc),
+                              series_instance_uid=series.series_instance_uid, model=model)
+    uids = tuple(series.sop_instance_uids)
+    masks = {
+        FindingSite.LEFT_LUNG: ImageMask(np.ascontiguousarray(seg.left, dtype=bool), uids),
+        FindingSite.RIGHT_LUNG: ImageMask(np.ascontiguousarray(seg.right, dtype=bool), uids),
+    }
+    return AnalysisResult(pipeline="ct-chest", status=AnalysisStatus.COMPLETED,
+                          series_instance_uid=series.series_instance_uid,
+                          organ_masks=masks, measurements=dict(seg.volumes_ml),
+                          notes=list(seg.notes), model=model)

@@ -1,0 +1,206 @@
+"""The receiver side of jobs: the ingest hand-off and the embedded worker.
+
+:class:`JobService` is what ``cad-node serve`` plugs into the study assembler
+(``NodeServer(settings, on_study_complete=service.on_study_complete)``).
+
+Contract of :meth:`JobService.on_study_complete`
+------------------------------------------------
+* Called at least once per study generation, from any thread.
+* Before it returns, the job row is committed (state ``complete``); then the
+  ``analyse`` message is published (state ``queued``).  If publishing fails
+  (broker down) the job stays ``complete`` and :func:`~cad_node.jobs.tasks.reconcile`
+  publishes it later; the hand-off itself never fails because of the broker.
+* The same ``(study_instance_uid, fingerprint)`` twice yields one job; a
+  reopened study yields a new job superseding the old one.
+
+:class:`EmbeddedWorker` runs ``cad-node worker`` as a supervised child
+process (its own process group) for single-machine installs.  When the
+child dies it re-publishes in-flight jobs (messages a dead worker had taken
+are lost by the SQLite transport) and starts a new one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from cad_node.config import Settings
+from cad_node.jobs.celery_app import QUEUE_INFERENCE, QUEUE_IO, configure_app
+from cad_node.jobs.states import JobState
+from cad_node.jobs.store import Job, JobStore
+from cad_node.jobs.tasks import publish_analyse, reconcile
+from cad_node.logs import job_logger
+
+__all__ = ["EmbeddedWorker", "JobService"]
+
+LOG = logging.getLogger(__name__)
+
+#: Seconds between checks of the embedded worker child.
+_SUPERVISE_INTERVAL_S = 0.5
+#: Do not restart a crashing worker more often than this (seconds).
+_RESTART_BACKOFF_S = 2.0
+
+
+class JobService:
+    """Creates and publishes jobs for complete studies.
+
+    Parameters
+    ----------
+    settings : Settings
+        Node configuration (storage dir, broker, jobs).
+    store : JobStore, optional
+        The job table (default: below ``storage_dir``).
+    """
+
+    def __init__(self, settings: Settings, store: JobStore | None = None) -> None:
+        self.settings = settings
+        self.store = store if store is not None else JobStore.for_storage(
+            settings.node.storage_dir)
+        configure_app(settings)
+
+    def on_study_complete(self, event: Any) -> Job:
+        """Record and publish a job for a ``StudyComplete`` event (see module contract)."""
+        job, created = self.store.record_study_complete(
+            study_id=str(event.study_id), study_instance_uid=event.study_instance_uid,
+            generation=int(event.generation), fingerprint=event.fingerprint,
+            instances=event.instances,
+        )
+        log = job_logger(LOG, job)
+        if not created and job.state is not JobState.COMPLETE:
+            log.info("study handed on again unchanged: no new job (job is %s)", job.state.value)
+            return job
+        if job.supersedes is not None:
+            log.info("study reopened (generation %d): supersedes job %d", job.generation,
+                     job.supersedes)
+        try:
+            self._metrics_received(event)
+            publish_analyse(self.store, job.job_id)
+        except Exception as exc:  # broker unreachable: reconcile() publishes later
+            log.error("could not publish job (stays complete): %s", exc)
+            return self.store.get(job.job_id)
+        log.info("job queued for %d instance(s)", len(job.instances))
+        return self.store.get(job.job_id)
+
+    @staticmethod
+    def _metrics_received(event: Any) -> None:
+        from cad_node import metrics
+
+        metrics.JOBS_CREATED.inc()
+
+    def reconcile(self, *, include_in_flight: bool) -> list[int]:
+        """Re-publish jobs whose messages may be lost (:func:`cad_node.jobs.tasks.reconcile`)."""
+        try:
+            return reconcile(self.store, include_in_flight=include_in_flight)
+        except Exception as exc:
+            LOG.error("reconcile failed (broker unreachable?): %s", exc)
+            return []
+
+
+class EmbeddedWorker:
+    """A supervised ``cad-node worker`` child process.
+
+    Parameters
+    ----------
+    settings : Settings
+        Node configuration.
+    config_path : Path, optional
+        Configuration file the child loads (``CAD_NODE_*`` variables pass through).
+    service : JobService
+        Used to re-publish in-flight jobs before each (re)start.
+    """
+
+    def __init__(self, settings: Settings, config_path: Path | None, service: JobService) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.service = service
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.restarts = 0
+
+    def command(self) -> list[str]:
+        """The child's command line."""
+        cmd = [sys.executable, "-c", "from cad_node.cli import main; main()", "worker",
+               "--queues", f"{QUEUE_INFERENCE},{QUEUE_IO}",
+               "--concurrency", str(self.settings.jobs.concurrency),
+               "--hostname", f"embedded-{os.getpid()}@%h"]
+        if self.config_path is not None:
+            cmd += ["--config", str(self.config_path)]
+        return cmd
+
+    def _spawn(self) -> None:
+        ids = self.service.reconcile(include_in_flight=True)
+        if ids:
+            LOG.info("re-published in-flight job(s) %s before starting the worker", ids)
+        self.proc = subprocess.Popen(self.command(), start_new_session=True)
+        LOG.info("embedded worker started (pid %d)", self.proc.pid)
+
+    def start(self) -> None:
+        """Start the child and the supervisor thread."""
+        self._spawn()
+        self._thread = threading.Thread(target=self._supervise, name="embedded-worker",
+                                        daemon=True)
+        self._thread.start()
+
+    def _supervise(self) -> None:
+        while not self._stop.wait(_SUPERVISE_INTERVAL_S):
+            proc = self.proc
+            if proc is None or proc.poll() is None:
+                continue
+            LOG.error("embedded worker (pid %d) exited with %s; restarting", proc.pid,
+                      proc.returncode)
+            self._kill_group(proc)
+            if self._stop.wait(_RESTART_BACKOFF_S):
+                return
+            self.restarts += 1
+            self._spawn()
+
+    @staticmethod
+    def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # leftover pool children of a dead worker
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Warm-shut the child (SIGTERM: finish the current task), then kill it."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                LOG.warning("embedded worker did not stop in %.0f s: killing it", timeout)
+        self._kill_group(proc)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        self.proc = None
+
+    @property
+    def pid(self) -> int | None:
+        """Pid of the current child."""
+        return self.proc.pid if self.proc is not None else None
+
+    def wait_ready(self, timeout: float = 60.0) -> bool:
+        """Wait until the child sent its first heartbeat to the job table."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid = self.pid
+            if pid is not None and any(w["pid"] == pid for w in self.service.store.workers()):
+                return True
+            time.sleep(0.2)
+        return False

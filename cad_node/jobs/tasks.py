@@ -1,0 +1,186 @@
+"""Celery tasks of a job and the functions that publish them.
+
+Contract of each task
+---------------------
+* It may assume only what its message says: ``(job_id, token)``; everything
+  else comes from the job table and the spool.
+* It first calls :meth:`~cad_node.jobs.store.JobStore.begin_delivery`; a stale
+  token, a finished or superseded job, or too many deliveries drop the
+  message without doing anything.
+* It records every outcome in the job table before it returns, and never lets
+  an exception escape (a failure is the job's ``failed`` state, not a Celery
+  error).  A worker killed mid-task leaves the job ``running``; the redelivered
+  message (same token) runs the stage again, which is safe because result
+  objects are deterministic and acknowledged objects are never resent.
+* The job table is always written *before* a message is published; a crash
+  between the two is repaired by :func:`reconcile`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from cad_node.config import Settings, load_config
+from cad_node.jobs.celery_app import QUEUE_INFERENCE, QUEUE_IO, TASK_ANALYSE, TASK_SEND, app
+from cad_node.jobs.runner import JobRunner, SendStep
+from cad_node.jobs.states import JobState
+from cad_node.jobs.store import Delivery, JobStore
+from cad_node.logs import job_logger
+
+__all__ = [
+    "CONFIG_ENV",
+    "analyse_task",
+    "configure_worker",
+    "publish_analyse",
+    "publish_send",
+    "reconcile",
+    "send_task",
+]
+
+LOG = logging.getLogger(__name__)
+
+#: Environment variable naming the configuration file a worker loads.
+CONFIG_ENV = "CAD_NODE_CONFIG"
+
+_runtime: dict[str, Any] = {}
+
+
+def configure_worker(settings: Settings, device: str | None = None) -> JobRunner:
+    """Set the configuration the tasks of this process use; return its runner."""
+    runner = JobRunner(settings, device=device)
+    _runtime["runner"] = runner
+    return runner
+
+
+def _runner() -> JobRunner:
+    runner = _runtime.get("runner")
+    if runner is None:  # a worker started by plain `celery -A`: read the config file
+        runner = configure_worker(load_config(os.environ.get(CONFIG_ENV)))
+    return runner  # type: ignore[no-any-return]
+
+
+# -- publishing -------------------------------------------------------------
+def publish_analyse(store: JobStore, job_id: int, *, reset_deliveries: bool = True,
+                    detail: str | None = None, reset_attempts: bool = False) -> str:
+    """Queue the ``analyse`` stage of a job (job table first, then the message)."""
+    _, token = store.enqueue(job_id, state=JobState.QUEUED, detail=detail,
+                             reset_deliveries=reset_deliveries, reset_attempts=reset_attempts)
+    app.send_task(TASK_ANALYSE, args=(job_id, token), queue=QUEUE_INFERENCE)
+    return token
+
+
+def publish_send(store: JobStore, job_id: int, *, countdown: float = 0.0,
+                 reset_deliveries: bool = True, detail: str | None = None,
+                 reset_attempts: bool = False) -> str:
+    """Queue the ``send`` stage of a job, optionally delayed by ``countdown`` seconds."""
+    _, token = store.enqueue(job_id, state=JobState.RESULTS_READY, detail=detail,
+                             reset_deliveries=reset_deliveries, reset_attempts=reset_attempts)
+    app.send_task(TASK_SEND, args=(job_id, token), queue=QUEUE_IO,
+                  countdown=max(0.0, countdown) or None)
+    return token
+
+
+def reconcile(store: JobStore, *, include_in_flight: bool) -> list[int]:
+    """Re-publish jobs whose message may be lost; return their ids.
+
+    Parameters
+    ----------
+    store : JobStore
+        The job table.
+    include_in_flight : bool
+        Also re-publish ``queued``, ``running`` and ``results-ready`` jobs.
+        True when no worker can be holding them -- the embedded worker is
+        (re)started by this process, and the embedded broker loses messages a
+        killed worker had taken.  With an external broker only ``complete``
+        jobs (handed off, never published) are re-published; the broker
+        redelivers the rest after its visibility timeout.
+
+    Notes
+    -----
+    Re-publishing gives the job a new token, so a surviving old message is
+    dropped as stale; the delivery count is kept.
+    """
+    states = [JobState.COMPLETE]
+    if include_in_flight:
+        states += [JobState.QUEUED, JobState.RUNNING, JobState.RESULTS_READY]
+    now = time.time()
+    done: list[int] = []
+    for job in store.list_jobs(states=states, limit=None):
+        if job.superseded_by is not None and job.state is not JobState.RESULTS_READY:
+            store.transition(job.job_id, JobState.FAILED,
+                             error=f"superseded by job {job.superseded_by}")
+            continue
+        if job.state is JobState.RESULTS_READY:
+            wait = (job.next_attempt_at or now) - now
+            publish_send(store, job.job_id, countdown=wait, reset_deliveries=False)
+        else:
+            publish_analyse(store, job.job_id, reset_deliveries=False,
+                            detail="re-published after restart")
+        done.append(job.job_id)
+    return done
+
+
+# -- tasks ------------------------------------------------------------------
+def _begin(runner: JobRunner, job_id: int, token: str) -> bool:
+    decision, job = runner.store.begin_delivery(job_id, token, runner.settings.jobs.max_deliveries)
+    log = job_logger(LOG, job)
+    if decision is Delivery.STALE:
+        log.info("dropping stale message (state %s)", job.state.value)
+        return False
+    if decision is Delivery.DEAD:
+        log.error("job dead: %s", job.error)
+        return False
+    return True
+
+
+@app.task(name=TASK_ANALYSE, bind=True, acks_late=True, reject_on_worker_lost=True,
+          ignore_result=True)
+def analyse_task(self: Any, job_id: int, token: str) -> None:
+    """Route, run pipelines, build and gate results; then queue the send stage."""
+    runner = _runner()
+    if not _begin(runner, job_id, token):
+        return
+    job = runner.store.get(job_id)
+    log = job_logger(LOG, job)
+    detail = f"delivery {job.deliveries} on {self.request.hostname}, device {runner.device}"
+    runner.store.transition(job_id, JobState.RUNNING, detail=detail)
+    try:
+        job = runner.analyse(job_id)
+    except SoftTimeLimitExceeded:
+        log.error("soft time limit exceeded")
+        runner.store.transition(job_id, JobState.FAILED, error="soft time limit exceeded")
+        return
+    except Exception as exc:
+        log.exception("analysis failed")
+        runner.store.transition(job_id, JobState.FAILED,
+                                error=f"{type(exc).__name__}: {exc}"[:2000])
+        return
+    if job.state is JobState.RESULTS_READY:
+        publish_send(runner.store, job_id)
+
+
+@app.task(name=TASK_SEND, bind=True, acks_late=True, reject_on_worker_lost=True,
+          ignore_result=True)
+def send_task(self: Any, job_id: int, token: str) -> None:
+    """Send a job's results; on a retryable failure queue a delayed retry."""
+    runner = _runner()
+    if not _begin(runner, job_id, token):
+        return
+    job = runner.store.get(job_id)
+    try:
+        decision = runner.send(job_id)
+    except SoftTimeLimitExceeded:
+        runner.store.transition(job_id, JobState.FAILED, error="soft time limit exceeded")
+        return
+    except Exception as exc:
+        job_logger(LOG, job).exception("send failed unexpectedly")
+        runner.store.transition(job_id, JobState.FAILED,
+                                error=f"{type(exc).__name__}: {exc}"[:2000])
+        return
+    if decision.step is SendStep.RETRY and decision.retry_at is not None:
+        publish_send(runner.store, job_id, countdown=decision.retry_at - time.time())

@@ -1,0 +1,94 @@
+"""Prometheus metrics of the node (prometheus-client).
+
+Counters incremented in-process:
+
+``cad_node_instances_received_total``
+    Instances stored by the SCP (the ingest side calls
+    ``INSTANCES_RECEIVED.inc()``).
+``cad_node_jobs_created_total``
+    Jobs created from "study complete" hand-offs.
+
+Metrics collected from the job table at scrape time (so they are right
+whichever process -- receiver or worker -- did the work):
+
+``cad_node_jobs``
+    Jobs by ``state``.
+``cad_node_turnaround_seconds``
+    Histogram of study-complete -> last result acknowledged, over sent jobs.
+``cad_node_send_failures_total``
+    Failed send attempts (retryable and permanent) recorded in the timeline.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from cad_node.jobs.states import JobState
+from cad_node.jobs.store import JobStore
+
+__all__ = [
+    "INSTANCES_RECEIVED",
+    "JOBS_CREATED",
+    "TURNAROUND_BUCKETS_S",
+    "JobTableCollector",
+    "start_metrics_server",
+]
+
+INSTANCES_RECEIVED = Counter("cad_node_instances_received", "Instances stored by the SCP.")
+JOBS_CREATED = Counter("cad_node_jobs_created", "Jobs created from study-complete hand-offs.")
+#: Turnaround histogram buckets (seconds).
+TURNAROUND_BUCKETS_S = (5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+
+
+class JobTableCollector(Collector):
+    """Collects job-state gauges, the turnaround histogram and send failures."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the metric families (read from the job table)."""
+        gauge = GaugeMetricFamily("cad_node_jobs", "Jobs by state.", labels=["state"])
+        for state, n in self.store.count_by_state().items():
+            gauge.add_metric([state.value], n)
+        yield gauge
+        turnarounds = [j.turnaround_s for j in self.store.list_jobs(states=[JobState.SENT],
+                                                                    limit=None)]
+        values = [t for t in turnarounds if t is not None]
+        buckets = [(str(b), float(sum(1 for v in values if v <= b)))
+                   for b in TURNAROUND_BUCKETS_S]
+        buckets.append(("+Inf", float(len(values))))
+        hist = HistogramMetricFamily("cad_node_turnaround_seconds",
+                                     "Study complete to last result acknowledged.")
+        hist.add_metric([], buckets, sum_value=float(sum(values)))
+        yield hist
+        failures = CounterMetricFamily("cad_node_send_failures",
+                                       "Failed send attempts by resulting state.",
+                                       labels=["state"])
+        with sqlite3.connect(Path(self.store.path), timeout=10) as conn:
+            rows = conn.execute(
+                "SELECT state, COUNT(*) FROM job_events WHERE error IS NOT NULL AND attempt > 0"
+                " AND state IN (?, ?, ?) GROUP BY state",
+                (JobState.RESULTS_READY.value, JobState.FAILED.value, JobState.DEAD.value),
+            ).fetchall()
+        for state, n in rows:
+            failures.add_metric([state], float(n))
+        yield failures
+
+
+def start_metrics_server(store: JobStore, host: str, port: int,
+                         registry: CollectorRegistry = REGISTRY) -> None:
+    """Register the job-table collector and serve ``/metrics`` on ``host:port``."""
+    registry.register(JobTableCollector(store))
+    start_http_server(port, addr=host, registry=registry)

@@ -1,0 +1,187 @@
+"""Celery configuration and a real worker on the embedded SQLite broker.
+
+The worker is ``cad-node worker`` in a subprocess; the job is a synthetic
+phantom study (trainer/synthetic.py) analysed by the real lung pipeline and
+sent to a real Orthanc.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cad_node.config import load_config
+from cad_node.jobs.celery_app import (
+    QUEUE_INFERENCE,
+    QUEUE_IO,
+    TASK_ANALYSE,
+    TASK_SEND,
+    configure_app,
+)
+from cad_node.jobs.states import JobState
+from cad_node.jobs.store import JobStore
+from cad_node.jobs.tasks import publish_analyse
+from tests.system.conftest import OrthancServer
+
+
+def write_config(path: Path, storage: Path, pacs_port: int, *, broker_url: str | None = None,
+                 objects: tuple[str, ...] = ("seg",), retry_initial_s: float = 0.5) -> Path:
+    """A node configuration for tests (short timers, one Orthanc destination)."""
+    cfg = {
+        "node": {"ae_title": "CADNODE", "host": "127.0.0.1", "port": 11112,
+                 "storage_dir": str(storage), "accept_any": True, "min_free_bytes": 0},
+        "destinations": [{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1",
+                          "port": pacs_port, "objects": list(objects), "timeout_s": 5}],
+        "study": {"series_quiet_s": 1, "study_quiet_s": 1.5, "force_complete_s": 600,
+                  "poll_interval_s": 0.2},
+        "jobs": {"broker_url": broker_url, "soft_time_limit_s": 300, "hard_time_limit_s": 360,
+                 "visibility_timeout_s": 400, "max_deliveries": 3,
+                 "retry": {"initial_s": retry_initial_s, "max_interval_s": 2.0,
+                           "multiplier": 2.0, "jitter": 0.2, "horizon_s": 120}},
+        "routing": {"rules": [{"name": "chest-ct", "pipeline": "ct-chest",
+                               "match": {"modality": ["CT"], "orientation": "axial",
+                                         "min_instances": 20}}]},
+        "results": {"use_dciodvfy": True},
+        "metrics": {"enabled": False},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def phantom_study(out_dir: Path, seed: int, slices: int = 40) -> list[Path]:
+    """A small synthetic chest CT (phantom) written as DICOM."""
+    from trainer.synthetic import make_phantom, write_dicom_series
+
+    ph = make_phantom(shape=(slices, 96, 96), spacing=(2.5, 3.0, 3.0), seed=seed, vessels=False)
+    return write_dicom_series(ph.volume_hu, ph.spacing, ph.origin, out_dir, seed=seed,
+                              patient_id=f"PHANTOM{seed}")
+
+
+def instance_records(paths: list[Path]) -> list[dict[str, object]]:
+    """StoredInstance-like records for the job table, read from real headers."""
+    import pydicom
+
+    out = []
+    for i, p in enumerate(sorted(paths)):
+        ds = pydicom.dcmread(p, stop_before_pixels=True)
+        out.append({"instance_id": i, "study_instance_uid": str(ds.StudyInstanceUID),
+                    "series_instance_uid": str(ds.SeriesInstanceUID),
+                    "sop_instance_uid": str(ds.SOPInstanceUID),
+                    "sop_class_uid": str(ds.SOPClassUID),
+                    "transfer_syntax_uid": str(ds.file_meta.TransferSyntaxUID),
+                    "path": str(p), "modality": "CT", "received_at": time.time()})
+    return out
+
+
+def start_worker(
+    config: Path, queues: str = "inference,io", name: str = "w1"
+) -> subprocess.Popen[bytes]:
+    """``cad-node worker`` as a subprocess in its own process group."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return subprocess.Popen(
+        [sys.executable, "-c", "from cad_node.cli import main; main()", "worker",
+         "--config", str(config), "--queues", queues, "--device", "cpu",
+         "--hostname", f"{name}@%h"],
+        env=env, start_new_session=True,
+    )
+
+
+def stop_worker(proc: subprocess.Popen[bytes]) -> None:
+    """Warm shutdown, then kill the group."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
+
+
+def wait_state(store: JobStore, job_id: int, states: set[JobState], timeout: float) -> JobState:
+    """Poll the job table until the job reaches one of ``states``."""
+    deadline = time.monotonic() + timeout
+    state = store.get(job_id).state
+    while time.monotonic() < deadline:
+        state = store.get(job_id).state
+        if state in states:
+            return state
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} still {state.value} after {timeout} s: "
+                         f"{store.events(job_id)}")
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
+    server = OrthancServer(tmp_path_factory.mktemp("orthanc-celery"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_celery_settings(tmp_path: Path) -> None:
+    cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "var", 4242))
+    app = configure_app(cfg)
+    conf = app.conf
+    assert conf.broker_url == f"sqla+sqlite:///{(tmp_path / 'var' / 'broker.sqlite').resolve()}"
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.accept_content == ["json"] and conf.task_serializer == "json"
+    assert conf.task_soft_time_limit == 300 and conf.task_time_limit == 360
+    redis_cfg = cfg.model_copy(update={"jobs": cfg.jobs.model_copy(
+        update={"broker_url": "redis://127.0.0.1:6379/0"})})
+    conf = configure_app(redis_cfg).conf
+    assert conf.broker_url == "redis://127.0.0.1:6379/0"
+    assert conf.broker_transport_options["visibility_timeout"] > conf.task_time_limit
+    assert {q.name for q in conf.task_queues} == {QUEUE_INFERENCE, QUEUE_IO}
+    assert conf.task_routes[TASK_ANALYSE]["queue"] == QUEUE_INFERENCE
+    assert conf.task_routes[TASK_SEND]["queue"] == QUEUE_IO
+
+
+def test_embedded_broker_job_survives_restart_and_is_sent(
+    tmp_path: Path, pacs: OrthancServer
+) -> None:
+    """Publish with no worker running (message durable in SQLite), then start one."""
+    config = write_config(tmp_path / "c.yaml", tmp_path / "var", pacs.dicom_port)
+    settings = load_config(config)
+    configure_app(settings)
+    store = JobStore.for_storage(settings.node.storage_dir)
+    paths = phantom_study(tmp_path / "study", seed=11)
+    records = instance_records(paths)
+    job, _ = store.record_study_complete(
+        study_id="1", study_instance_uid=str(records[0]["study_instance_uid"]), generation=1,
+        fingerprint="fp-11", instances=records)
+    publish_analyse(store, job.job_id)
+    # The message is a row in the SQLite broker file, readable by a fresh connection.
+    import sqlite3
+    with sqlite3.connect(tmp_path / "var" / "broker.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM kombu_message WHERE visible = 1").fetchone()[0] == 1
+    worker = start_worker(config)
+    try:
+        state = wait_state(store, job.job_id, {JobState.SENT, JobState.FAILED, JobState.DEAD}, 240)
+    finally:
+        stop_worker(worker)
+    job = store.get(job.job_id)
+    assert state is JobState.SENT, job.error
+    sent = store.sent_objects(job.job_id)
+    stored = {i["MainDicomTags"]["SOPInstanceUID"]
+              for i in pacs.study_instances(job.study_instance_uid)}
+    assert {o.sop_instance_uid for o in sent} <= stored
+    assert [o.kind for o in sent] == ["seg"]
+    states = [e.state.value for e in store.events(job.job_id)]
+    assert states[:2] == ["received", "complete"] and states[-1] == "sent"
+    assert "running" in states and "results-ready" in states
+    assert any(w["device"] == "cpu" for w in store.workers())
