@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import enum
+import re
 from collections.abc import Sequence
 
 import highdicom as hd
@@ -243,6 +244,9 @@ def processing_equipment(model: ModelIdentity, when: datetime.datetime) -> hd.Co
     return item
 
 
+#: PS3.5 6.2 Age String: nnnD, nnnW, nnnM or nnnY.
+_AGE_RE = re.compile(r"[0-9]{3}[DWMY]")
+
 #: Roots of UIDs that highdicom/pydicom generate at random (``hd.UID()``,
 #: ``pydicom.uid.generate_uid()``), e.g. Dimension Organization UID.
 _RANDOM_UID_ROOTS = ("1.2.826.0.1.3680043.10.511.", PYDICOM_ROOT_UID)
@@ -282,6 +286,11 @@ def make_deterministic(
     """
     if uids is not None:
         _remap_random_uids(ds, uids, kind, keep or set(), {})
+    age = ds.get("PatientAge")
+    if age is not None and not _AGE_RE.fullmatch(str(age)):
+        # Copied from a source with an invalid AS value (e.g. "62"); Patient's
+        # Age is Type 3 (PS3.3 C.7.2.2), so we leave it out rather than guess.
+        del ds.PatientAge
     da = when.strftime("%Y%m%d")
     tm = when.strftime("%H%M%S")
     ds.InstanceCreationDate = da

@@ -4,7 +4,8 @@
 
 1. **Re-read**: the object is encoded as a PS3.10 file and read back with
    pydicom, then parsed by highdicom's ``from_dataset`` of its SOP class
-   (SEG, Comprehensive 3D SR, GSPS, KOS); SC pixel data must decode.
+   (SEG, Comprehensive 3D SR, KOS; GSPS: every graphic annotation names
+   its image and layer); SC pixel data must decode.
 2. **IHE AIR items**: same Study Instance UID as the source, a series of its
    own (not a source series), a Contributing Equipment item for the
    algorithm with Manufacturer, Manufacturer's Model Name, Software Versions
@@ -115,7 +116,10 @@ def _reread(data: bytes, errors: list[str]) -> Dataset | None:
         elif sop_class == COMPREHENSIVE_3D_SR_STORAGE:
             hd.sr.Comprehensive3DSR.from_dataset(ds)
         elif sop_class == GSPS_STORAGE:
-            hd.pr.GrayscaleSoftcopyPresentationState.from_dataset(ds)
+            # highdicom 0.28 has no GSPS reader; check what a viewer needs.
+            for ann in ds.GraphicAnnotationSequence:
+                if not ann.ReferencedImageSequence or not ann.GraphicLayer:
+                    raise ValueError("a graphic annotation lacks its image or layer")
         elif sop_class == KOS_STORAGE:
             hd.ko.KeyObjectSelectionDocument.from_dataset(ds)
         elif sop_class in SC_STORAGE_UIDS:

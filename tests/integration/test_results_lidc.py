@@ -46,7 +46,7 @@ lidc = pytest.importorskip("trainer.lidc")
 MODEL = ModelIdentity(name="lung-nodule-test", version="1.2.3", device_uid="2.25.424242")
 SETTINGS = ResultsConfig(use_dciodvfy=False)
 WARNINGS_FILE = REPO_ROOT / "tests" / "fixtures" / "results" / "dciodvfy_warnings.tsv"
-KINDS = ("sr", "seg", "sc")
+KINDS = ("sr", "seg", "sc", "gsps", "kos")
 LUNA_SERIES = "1.3.6.1.4.1.14519.5.2.1.6279.6001.179049373636438705059720603192"
 
 
