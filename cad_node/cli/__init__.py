@@ -23,6 +23,7 @@ app = typer.Typer(
 #: Modules under ``cad_node.cli`` whose ``register(app)`` adds commands.
 COMMAND_MODULES: list[str] = [
     "config_cmd",
+    "report",
     "serve",
     "worker",
 ]
