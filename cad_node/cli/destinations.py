@@ -1,0 +1,73 @@
+"""``cad-node destinations list|echo NAME``: check the result destinations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cad_node.config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_config
+
+#: Exit status for an invalid configuration or unknown destination.
+EXIT_USAGE = 2
+#: Exit status when the destination does not answer C-ECHO with Success.
+EXIT_ECHO_FAILED = 1
+
+destinations_app = typer.Typer(help="Result destinations.", no_args_is_help=True)
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Configuration file.")]
+
+
+def _settings(config: Path) -> Settings:
+    try:
+        return load_config(config)
+    except ConfigError as exc:
+        Console(stderr=True).print(str(exc), markup=False, highlight=False)
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+@destinations_app.command("list")
+def list_destinations(config: ConfigOpt = DEFAULT_CONFIG_PATH) -> None:
+    """List the configured destinations and their output profiles."""
+    settings = _settings(config)
+    table = Table(title="destinations")
+    for col in ("name", "AE title", "address", "objects", "timeout"):
+        table.add_column(col)
+    for d in settings.destinations:
+        table.add_row(d.name, d.ae_title, f"{d.host}:{d.port}", ",".join(d.objects),
+                      f"{d.timeout_s:g} s")
+    Console().print(table)
+
+
+@destinations_app.command("echo")
+def echo(
+    name: Annotated[str, typer.Argument(help="Destination name.")],
+    config: ConfigOpt = DEFAULT_CONFIG_PATH,
+) -> None:
+    """C-ECHO destination NAME; exit 1 unless it answers Success."""
+    from cad_node.export.sender import echo as c_echo
+
+    settings = _settings(config)
+    try:
+        dest = settings.destination(name)
+    except KeyError:
+        known = ", ".join(d.name for d in settings.destinations) or "none configured"
+        Console(stderr=True).print(f"no destination named {name!r} (known: {known})",
+                                   highlight=False)
+        raise typer.Exit(EXIT_USAGE) from None
+    result = c_echo(dest, calling_ae=settings.node.ae_title)
+    where = f"{dest.ae_title}@{dest.host}:{dest.port}"
+    if result.ok:
+        Console().print(f"{name} ({where}): C-ECHO Success in {result.elapsed_s * 1000:.0f} ms",
+                        highlight=False)
+        return
+    status = f"status 0x{result.status:04X}" if result.status is not None else result.error
+    Console(stderr=True).print(f"{name} ({where}): C-ECHO failed: {status}", highlight=False)
+    raise typer.Exit(EXIT_ECHO_FAILED)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``destinations`` command group to ``app``."""
+    app.add_typer(destinations_app, name="destinations")
