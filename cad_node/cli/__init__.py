@@ -26,6 +26,9 @@ COMMAND_MODULES: list[str] = [
     "report",
     "serve",
     "worker",
+    "jobs",
+    "destinations",
+    "status",
 ]
 
 
