@@ -11,17 +11,22 @@ two arrays per mask:
 * ``organ:<FindingSite name>`` (e.g. ``organ:LEFT_LUNG``) and
   ``organ:<FindingSite name>:uids`` for organ masks.
 
-A missing sidecar means "no masks".  A mask key that names no finding, or an
-array without its UID list, is a :class:`ValueError` naming the key.
+In ``F.json`` a finding type or site may be given as ``[code, meaning]`` (what
+``model_dump_json`` writes), as the SNOMED code, or as the enum name
+(``"NODULE"``, ``"LEFT_LUNG"``).  A missing sidecar means "no masks".  A mask
+key that names no finding, or an array without its UID list, is a
+:class:`ValueError` naming the key.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
-from cad_node.results.findings import AnalysisResult, FindingSite, ImageMask
+from cad_node.results.findings import AnalysisResult, FindingSite, FindingType, ImageMask
 
 __all__ = ["load_result", "mask_sidecar_path", "save_result"]
 
@@ -53,6 +58,25 @@ def save_result(result: AnalysisResult, json_path: Path) -> None:
         sidecar.unlink()
 
 
+_E = TypeVar("_E", FindingType, FindingSite)
+
+
+def _coded(enum_cls: type[_E], value: object) -> _E | object:
+    """JSON value of a coded enum -> member: ``[code, meaning]``, a code or a member name.
+
+    ``AnalysisResult.model_dump_json()`` writes the tuple values of
+    :class:`FindingType`/:class:`FindingSite` as JSON arrays, which pydantic
+    does not map back onto the enum; we do.  Unknown values pass through so
+    pydantic reports them with the field name.
+    """
+    for member in enum_cls:
+        if isinstance(value, list | tuple) and tuple(value) == member.value:
+            return member
+        if isinstance(value, str) and value in (member.name, member.code):
+            return member
+    return value
+
+
 def load_result(json_path: Path) -> AnalysisResult:
     """Read ``F.json`` and its optional ``F.masks.npz`` sidecar.
 
@@ -62,7 +86,13 @@ def load_result(json_path: Path) -> AnalysisResult:
         Invalid JSON/result, or an inconsistent sidecar (message names the file and key).
     """
     try:
-        result = AnalysisResult.model_validate_json(json_path.read_text())
+        raw = json.loads(json_path.read_text())
+        for finding in raw.get("findings", []) if isinstance(raw, dict) else []:
+            if isinstance(finding, dict):
+                for key, enum_cls in (("finding_type", FindingType), ("site", FindingSite)):
+                    if finding.get(key) is not None:
+                        finding[key] = _coded(enum_cls, finding[key])
+        result = AnalysisResult.model_validate(raw)
     except ValueError as exc:
         raise ValueError(f"{json_path}: not a valid AnalysisResult: {exc}") from None
     sidecar = mask_sidecar_path(json_path)
