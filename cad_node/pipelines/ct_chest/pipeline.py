@@ -1,0 +1,430 @@
+"""The ``ct-chest`` pipeline: lungs, nodule candidates, scoring, characterisation.
+
+Stages (each reported through ``progress``):
+
+1. input checks (CT, axial volume, enough slices) -> FAILED with a reason;
+2. :func:`~.lungs.segment_lungs` (FAILED "not a chest CT" when no lungs);
+3. :func:`~.candidates.generate_candidates`;
+4. scoring: a documented classical score from blob shape features
+   (:func:`classical_probability`), combined (geometric mean) with the
+   ``ct-nodule-scorer`` CNN bundle when it is installed;
+5. characterisation of the best :data:`CHARACTERISE_TOP` candidates, an
+   elongation penalty, distance NMS, ranking;
+6. Brock (McWilliams 2013) per finding and the study's Lung-RADS v2022
+   category from the findings at or above the operating threshold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import SimpleITK as sitk  # noqa: N813 - conventional alias
+from pydicom.dataset import Dataset
+
+from cad_node.imaging import LoadedSeries
+from cad_node.imaging.volume import index_to_lps
+from cad_node.pipelines import register_pipeline
+from cad_node.pipelines.ct_chest.brock import BrockInputs, brock_probability
+from cad_node.pipelines.ct_chest.candidates import (
+    Candidate,
+    candidate_features,
+    generate_candidates,
+)
+from cad_node.pipelines.ct_chest.characterise import NoduleMeasurement, characterise_nodule
+from cad_node.pipelines.ct_chest.lungrads import NoduleForRads, lung_rads_category
+from cad_node.pipelines.ct_chest.lungs import (
+    LungSegmentation,
+    LungSegmentationError,
+    segment_lungs,
+)
+from cad_node.results.findings import (
+    AnalysisResult,
+    AnalysisStatus,
+    Finding,
+    FindingSite,
+    FindingType,
+    ImageMask,
+    ModelIdentity,
+)
+
+__all__ = [
+    "CHARACTERISE_TOP",
+    "MAX_FINDINGS",
+    "OPERATING_THRESHOLD",
+    "SCORER_BUNDLE",
+    "CtChestPipeline",
+    "CtChestRun",
+    "classical_probability",
+    "parse_age",
+]
+
+log = logging.getLogger(__name__)
+
+PIPELINE_NAME = "ct-chest"
+#: Name of the candidate-scorer bundle (``cad_node.models``).
+SCORER_BUNDLE = "ct-nodule-scorer"
+#: Findings at or above this probability are "nodules" (Lung-RADS, Brock count)
+#: when the CNN scorer runs (its bundle may suggest another threshold).
+OPERATING_THRESHOLD = 0.5
+#: Operating threshold of the classical score alone.  The classical score is
+#: not calibrated; this point was chosen by inspecting ONE case (LIDC-IDRI-0001:
+#: vessel branchings with blobness < ~0.35 fall below it) and is not validated.
+CLASSICAL_OPERATING_THRESHOLD = 0.9
+#: At most this many findings are reported, most probable first.
+MAX_FINDINGS = 10
+#: Findings below this probability are not reported at all.
+MIN_REPORT_PROBABILITY = 0.05
+#: Candidates characterised (segmented, measured) after scoring.
+CHARACTERISE_TOP = 30
+#: Fewest slices and smallest z extent (mm) of a usable chest CT.
+MIN_SLICES = 20
+MIN_Z_EXTENT_MM = 80.0
+#: CT Image Storage and Enhanced CT Image Storage SOP classes (PS3.4 B.5).
+CT_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1"}
+
+#: Classical score weights (prior knowledge, not fitted to any test case):
+#: a logistic function of blobness (sphere = 1, tube ~ 0), log diameter
+#: relative to 4 mm, fraction of lung around the blob and its core
+#: attenuation (clipped to +-1 around -500 HU), minus an elongation penalty
+#: (long/short axis above 1.5) once the nodule is measured.
+CLASSICAL_WEIGHTS = {
+    "intercept": -5.0,
+    "blobness": 10.0,
+    "log_diameter": 1.5,
+    "lung_fraction": 2.0,
+    "core_hu": 0.003,
+    "elongation": 1.5,
+}
+
+
+def classical_probability(
+    features: npt.NDArray[np.float64], diameters_mm: npt.NDArray[np.float64],
+    elongation: npt.NDArray[np.float64] | None = None,
+) -> npt.NDArray[np.float64]:
+    """Classical nodule probability from :func:`~.candidates.candidate_features`.
+
+    Parameters
+    ----------
+    features : ndarray (N, 3)
+        Blobness, lung fraction, core HU.
+    diameters_mm : ndarray (N,)
+        Candidate scale (mm).
+    elongation : ndarray (N,), optional
+        Long/short axis ratio of the measured nodule.
+    """
+    w = CLASSICAL_WEIGHTS
+    z = (w["intercept"] + w["blobness"] * features[:, 0]
+         + w["log_diameter"] * np.log(np.maximum(diameters_mm, 1.0) / 4.0)
+         + w["lung_fraction"] * features[:, 1]
+         + np.clip(w["core_hu"] * (features[:, 2] + 500.0), -1.0, 1.0))
+    if elongation is not None:
+        z = z - w["elongation"] * np.maximum(elongation - 1.5, 0.0)
+    out: npt.NDArray[np.float64] = 1.0 / (1.0 + np.exp(-z))
+    return out
+
+
+_AGE_RE = re.compile(r"^(\d{3})([DWMY])$")
+_AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
+
+
+def parse_age(ds: Dataset) -> float | None:
+    """Patient age in years from Patient's Age (0010,1010, VR AS ``nnnY``, PS3.5 6.2),
+    else from Patient's Birth Date and Study Date; None when unknown."""
+    m = _AGE_RE.match(str(ds.get("PatientAge", "") or "").strip())
+    if m:
+        return int(m.group(1)) * _AGE_UNIT_YEARS[m.group(2)]
+    birth, study = str(ds.get("PatientBirthDate", "") or ""), str(ds.get("StudyDate", "") or "")
+    try:
+        b = date(int(birth[:4]), int(birth[4:6]), int(birth[6:8]))
+        s = date(int(study[:4]), int(study[4:6]), int(study[6:8]))
+    except ValueError:
+        return None
+    years = (s - b).days / 365.25
+    return years if 0 <= years < 130 else None
+
+
+def _classical_identity() -> ModelIdentity:
+    from cad_node.models import device_uid_from_sha256
+
+    desc = repr(sorted(CLASSICAL_WEIGHTS.items())).encode()
+    sha = hashlib.sha256(desc).hexdigest()
+    return ModelIdentity(name="ct-chest-classical", version="1.0.0",
+                         device_uid=device_uid_from_sha256(sha), weights_sha256=sha)
+
+
+@dataclass
+class CtChestRun:
+    """A run's result plus the intermediate products (for tests and benchmarks)."""
+
+    result: AnalysisResult
+    lungs: LungSegmentation | None = None
+    candidates: list[Candidate] = field(default_factory=list)
+    probabilities: npt.NDArray[np.float64] | None = None
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+class _FailedError(Exception):
+    pass
+
+
+@register_pipeline(PIPELINE_NAME)
+class CtChestPipeline:
+    """Chest CT lung-nodule CAD (see module docstring).
+
+    Parameters
+    ----------
+    models_dir : Path, optional
+        Where to look for the ``ct-nodule-scorer`` bundle (default: the
+        repository's ``models/``).  Without a bundle the classical score is used.
+    use_scorer : bool
+        False forces the classical score only.
+    """
+
+    name = PIPELINE_NAME
+
+    def __init__(self, models_dir: Path | None = None, use_scorer: bool = True) -> None:
+        self.models_dir = models_dir
+        self.use_scorer = use_scorer
+
+    def run(
+        self,
+        series: LoadedSeries,
+        *,
+        device: str = "cpu",
+        progress: Callable[[str, float], None] | None = None,
+    ) -> AnalysisResult:
+        """Analyse one chest CT series; bad input gives a FAILED result, never an exception."""
+        return self.run_detailed(series, device=device, progress=progress).result
+
+    def _fail(self, series: LoadedSeries, reason: str) -> AnalysisResult:
+        log.warning("ct-chest failed for study %s series %s: %s",
+                    series.study_instance_uid, series.series_instance_uid, reason)
+        return AnalysisResult(pipeline=self.name, status=AnalysisStatus.FAILED,
+                              failure_reason=reason,
+                              series_instance_uid=series.series_instance_uid or "unknown")
+
+    def _check_input(self, series: LoadedSeries) -> None:
+        ds0 = series.datasets[0]
+        if series.modality.upper() != "CT":
+            raise _FailedError(f"modality {series.modality or '(missing)'}: ct-chest needs CT")
+        sop = str(ds0.get("SOPClassUID", ""))
+        if sop and sop not in CT_SOP_CLASSES:
+            raise _FailedError(f"SOP Class {sop} is not a CT image")
+        itype = [str(v).upper() for v in (ds0.get("ImageType") or [])]
+        if "LOCALIZER" in itype:
+            raise _FailedError("localizer/scout image, not a tomographic volume")
+        nz = series.shape[0]
+        extent = (nz - 1) * series.image.GetSpacing()[2]
+        if nz < MIN_SLICES or extent < MIN_Z_EXTENT_MM:
+            raise _FailedError(f"{nz} slices covering {extent:.0f} mm: a chest CT needs at least "
+                          f"{MIN_SLICES} slices and {MIN_Z_EXTENT_MM:.0f} mm")
+        d = np.asarray(series.image.GetDirection()).reshape(3, 3)
+        if abs(d[2, 2]) < 0.9:
+            raise _FailedError("not an axial series (slice normal is not head-foot)")
+
+    def _scorer(self, device: str, notes: list[str]) -> object | None:
+        if not self.use_scorer:
+            return None
+        try:
+            from cad_node.models import load_bundle
+            from cad_node.models.scorer import CandidateScorer
+        except ImportError as exc:  # models package not installed
+            notes.append(f"candidate scorer unavailable ({exc}): classical score only")
+            return None
+        try:
+            bundle = load_bundle(SCORER_BUNDLE, self.models_dir)
+        except FileNotFoundError:
+            notes.append(f"model bundle {SCORER_BUNDLE!r} not installed: classical score only")
+            return None
+        return CandidateScorer(bundle, device=device)
+
+    def run_detailed(
+        self,
+        series: LoadedSeries,
+        *,
+        device: str = "cpu",
+        progress: Callable[[str, float], None] | None = None,
+    ) -> CtChestRun:
+        """Like :meth:`run`, also returning lungs, candidates and stage timings."""
+        def report(stage: str, frac: float) -> None:
+            if progress is not None:
+                progress(stage, frac)
+
+        timings: dict[str, float] = {}
+        notes: list[str] = []
+        t = time.perf_counter()
+
+        def lap(stage: str) -> None:
+            nonlocal t
+            now = time.perf_counter()
+            timings[stage] = now - t
+            t = now
+
+        try:
+            report("checking input", 0.0)
+            self._check_input(series)
+            report("segmenting lungs", 0.05)
+            try:
+                lungs = segment_lungs(series.image)
+            except LungSegmentationError as exc:
+                raise _FailedError(f"lung segmentation failed: {exc}") from None
+            notes += lungs.notes
+            lap("lungs")
+            report("finding candidates", 0.35)
+            lung_mask = lungs.lungs
+            cands = generate_candidates(series.image, lung_mask)
+            lap("candidates")
+        except _FailedError as exc:
+            return CtChestRun(result=self._fail(series, str(exc)), timings_s=timings)
+
+        report("scoring candidates", 0.55)
+        diam = np.array([c.scale_mm for c in cands])
+        feats = candidate_features(series.image, lung_mask, cands)
+        prob = classical_probability(feats, diam) if cands else np.zeros(0)
+        scorer = self._scorer(device, notes)
+        identity = _classical_identity()
+        threshold = CLASSICAL_OPERATING_THRESHOLD
+        if scorer is not None:
+            identity = scorer.identity  # type: ignore[attr-defined]
+            threshold = float(scorer.threshold)  # type: ignore[attr-defined]
+            if cands:
+                cnn = scorer.score(series.image,  # type: ignore[attr-defined]
+                                   np.array([c.center_mm for c in cands]))
+                prob = np.sqrt(prob * np.clip(cnn, 0.0, 1.0))
+        notes.append(f"operating threshold {threshold:g} "
+                     f"({'classical x CNN' if scorer is not None else 'classical score'})")
+        lap("scoring")
+
+        report("characterising nodules", 0.75)
+        findings, _ = self._characterise(series, lungs, cands, feats, diam, prob)
+        lap("characterisation")
+        report("risk scores", 0.95)
+        result = self._assemble(series, lungs, findings, threshold, identity, notes)
+        lap("assembly")
+        report("done", 1.0)
+        return CtChestRun(result=result, lungs=lungs, candidates=cands, probabilities=prob,
+                          timings_s=timings)
+
+    def _characterise(
+        self, series: LoadedSeries, lungs: LungSegmentation, cands: list[Candidate],
+        feats: npt.NDArray[np.float64], diam: npt.NDArray[np.float64],
+        prob: npt.NDArray[np.float64],
+    ) -> tuple[list[tuple[float, Candidate, NoduleMeasurement]], int]:
+        arr = sitk.GetArrayViewFromImage(series.image)
+        spacing = tuple(float(s) for s in series.image.GetSpacing()[::-1])
+        both = lungs.lungs
+        order = np.argsort(-prob, kind="stable")[:CHARACTERISE_TOP]
+        scored: list[tuple[float, Candidate, NoduleMeasurement]] = []
+        for i in order:
+            if prob[i] < MIN_REPORT_PROBABILITY:
+                break
+            m = characterise_nodule(arr, both, cands[i].center_index, cands[i].scale_mm,
+                                    spacing)  # type: ignore[arg-type]
+            if m is None:
+                continue
+            elong = np.array([m.long_axis_mm / max(m.short_axis_mm, 1e-3)])
+            p = float(prob[i] * classical_probability(feats[i:i + 1], diam[i:i + 1], elong)[0]
+                      / classical_probability(feats[i:i + 1], diam[i:i + 1])[0])
+            scored.append((p, cands[i], m))
+        scored.sort(key=lambda s: -s[0])
+        kept: list[tuple[float, Candidate, NoduleMeasurement]] = []
+        for p, c, m in scored:
+            centre = index_to_lps(series.image, m.center_index)
+            clash = any(
+                np.linalg.norm(centre - index_to_lps(series.image, km.center_index))
+                < max(m.long_axis_mm, km.long_axis_mm) / 2.0
+                for _, _, km in kept
+            )
+            if not clash and p >= MIN_REPORT_PROBABILITY:
+                kept.append((p, c, m))
+            if len(kept) >= MAX_FINDINGS:
+                break
+        return kept, len(scored)
+
+    def _assemble(
+        self, series: LoadedSeries, lungs: LungSegmentation,
+        kept: list[tuple[float, Candidate, NoduleMeasurement]], threshold: float,
+        identity: ModelIdentity, notes: list[str],
+    ) -> AnalysisResult:
+        uids = series.sop_instance_uids
+        rows, cols = series.shape[1:]
+        ds0 = series.datasets[0]
+        age = parse_age(ds0)
+        sex = str(ds0.get("PatientSex", "") or "").upper()
+        female = True if sex == "F" else False if sex == "M" else None
+        n_nodules = max(1, sum(1 for p, _, _ in kept if p >= threshold))
+        findings: list[Finding] = []
+        missing: set[str] = set()
+        rads_inputs: list[NoduleForRads] = []
+        for rank, (p, _c, m) in enumerate(kept, start=1):
+            centre = index_to_lps(series.image, m.center_index)
+            ci = tuple(round(v) for v in m.center_index)
+            if lungs.left[ci] != lungs.right[ci]:
+                site = FindingSite.LEFT_LUNG if lungs.left[ci] else FindingSite.RIGHT_LUNG
+            else:
+                lx = index_to_lps(series.image, np.argwhere(lungs.work_left).mean(0)
+                                  * lungs.grid.factors)[0]
+                rx = index_to_lps(series.image, np.argwhere(lungs.work_right).mean(0)
+                                  * lungs.grid.factors)[0]
+                site = (FindingSite.LEFT_LUNG if abs(centre[0] - lx) < abs(centre[0] - rx)
+                        else FindingSite.RIGHT_LUNG)
+            brock = brock_probability(BrockInputs(
+                size_mm=m.long_axis_mm, nodule_type=m.nodule_type, nodule_count=n_nodules,
+                age_years=age, female=female))
+            missing.update(brock.missing)
+            full = np.zeros((m.mask.shape[0], rows, cols), dtype=bool)
+            z0, y0, x0 = m.offset
+            full[:, y0:y0 + m.mask.shape[1], x0:x0 + m.mask.shape[2]] = m.mask
+            findings.append(Finding(
+                tracking_id=f"Nodule {rank}",
+                finding_type=FindingType.NODULE,
+                site=site,
+                center_mm=(float(centre[0]), float(centre[1]), float(centre[2])),
+                long_axis_mm=round(m.long_axis_mm, 1),
+                short_axis_mm=round(m.short_axis_mm, 1),
+                volume_mm3=round(m.volume_mm3, 1),
+                mean_hu=round(m.mean_hu, 1),
+                probability=round(min(max(p, 0.0), 1.0), 4),
+                nodule_type=m.nodule_type,
+                malignancy_probability=round(brock.probability, 4),
+                mask=ImageMask(full, tuple(uids[z0:z0 + m.mask.shape[0]])),
+            ))
+            if p >= threshold:
+                rads_inputs.append(NoduleForRads(m.mean_diameter_mm, m.nodule_type,
+                                                 m.solid_mean_diameter_mm))
+        if findings:
+            notes.append(
+                "Brock (McWilliams 2013 full model) computed without: "
+                + ", ".join(sorted(missing)) + " (unknown inputs set to reference values)"
+            )
+            if "patient age" in missing:
+                notes.append("patient age missing: Brock computed without age")
+            if "patient sex" in missing:
+                notes.append("patient sex missing: Brock computed without sex")
+        notes.append("lobes not segmented: findings located by lung side only")
+        measurements = dict(lungs.volumes_ml)
+        measurements["nodule_count"] = float(len(rads_inputs))
+        measurements["operating_threshold"] = threshold
+        return AnalysisResult(
+            pipeline=self.name,
+            status=AnalysisStatus.COMPLETED,
+            series_instance_uid=series.series_instance_uid,
+            findings=findings,
+            organ_masks={
+                FindingSite.LEFT_LUNG: ImageMask(lungs.left, uids),
+                FindingSite.RIGHT_LUNG: ImageMask(lungs.right, uids),
+            },
+            measurements=measurements,
+            qualitative={"lung_rads": lung_rads_category(rads_inputs).value},
+            notes=notes,
+            model=identity,
+        )
