@@ -204,3 +204,55 @@ class EmbeddedWorker:
                 return True
             time.sleep(0.2)
         return False
+
+
+class JobsRuntime:
+    """Everything ``cad-node serve`` runs for jobs: hand-off, embedded worker, metrics.
+
+    Parameters
+    ----------
+    settings : Settings
+        Node configuration.
+    config_path : Path, optional
+        Configuration file, passed to the embedded worker.
+    worker : bool
+        Run the embedded worker (``jobs.embedded_worker`` and not ``--no-worker``).
+
+    Notes
+    -----
+    :meth:`start` re-publishes jobs whose messages may have been lost while
+    the node was down: every unfinished job when this process runs the
+    (only) worker, only never-published (``complete``) jobs otherwise.
+    """
+
+    def __init__(self, settings: Settings, config_path: Path | None, *, worker: bool) -> None:
+        self.settings = settings
+        self.service = JobService(settings)
+        self.worker = EmbeddedWorker(settings, config_path, self.service) if worker else None
+
+    def on_study_complete(self, event: Any) -> None:
+        """The ``on_study_complete`` callback for :class:`cad_node.scp.NodeServer`."""
+        self.service.on_study_complete(event)
+
+    def start(self) -> None:
+        """Start the metrics endpoint and the embedded worker (or reconcile only)."""
+        if self.settings.metrics.enabled:
+            from cad_node.metrics import start_metrics_server
+
+            try:
+                start_metrics_server(self.service.store, self.settings.metrics.host,
+                                     self.settings.metrics.port)
+            except OSError as exc:
+                LOG.error("metrics endpoint %s:%d not started: %s", self.settings.metrics.host,
+                          self.settings.metrics.port, exc)
+        if self.worker is not None:
+            self.worker.start()  # reconciles every unfinished job first
+        else:
+            ids = self.service.reconcile(include_in_flight=False)
+            if ids:
+                LOG.info("published job(s) %s that were handed off but never queued", ids)
+
+    def stop(self) -> None:
+        """Stop the embedded worker (warm shutdown)."""
+        if self.worker is not None:
+            self.worker.stop()
