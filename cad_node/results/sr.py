@@ -23,8 +23,9 @@ Content tree (PS3.16 TID 1500)::
 Failed analysis (IHE AIR: the consumer must be able to tell "no result" from
 "negative result"): an SR is still produced, with no Measurement Group, the
 summary code 111245 "No algorithms succeeded; without findings" and the
-failure reason as a comment.  "No findings" is 111241 with an empty Imaging
-Measurements container.
+failure reason as a comment.  "No findings" is 111241 and the comment "No
+findings.".  Both omit the Imaging Measurements container (TID 1500 needs one
+of rows 6/8/10; row 10, Qualitative Evaluations, is present).
 
 The document is COMPLETE, UNVERIFIED (VerificationFlag, PS3.3 C.17.2), in the
 source study and a new series; Contributing Equipment lists the algorithm.
@@ -112,6 +113,31 @@ def _measurements(finding: Finding, algo: hd.sr.AlgorithmIdentification) -> list
     return out
 
 
+def _referenced_segment(
+    ctx: BuildContext, seg: SegResult, number: int, source_uids: tuple[str, ...]
+) -> hd.sr.ReferencedSegment:
+    """TID 1411 Referenced Segment: SEG instance, segment number and source images.
+
+    No Referenced Frame Number: the SR image reference (PS3.3 Image Reference
+    Macro) allows Referenced Segment Number only when frame numbers are
+    absent, and dciodvfy enforces it.
+    Built directly rather than with ``ReferencedSegment.from_segmentation``,
+    which (highdicom 0.28) fails when the SEG has a single segment and keeps
+    the Segment Identification in the shared functional groups.
+    """
+    ds = seg.dataset
+    images = [ctx.source.by_uid[u] for u in source_uids]
+    return hd.sr.ReferencedSegment(
+        sop_class_uid=str(ds.SOPClassUID),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        segment_number=number,
+        source_images=[
+            hd.sr.SourceImageForSegmentation(str(d.SOPClassUID), str(d.SOPInstanceUID))
+            for d in sorted(images, key=ctx.source.images.index)
+        ],
+    )
+
+
 def _group(
     ctx: BuildContext, index: int, finding: Finding, seg: SegResult | None
 ) -> (
@@ -151,7 +177,7 @@ def _group(
                 **common,  # type: ignore[arg-type]
             )
         assert seg is not None
-        ref = hd.sr.ReferencedSegment.from_segmentation(seg.dataset, info.number)
+        ref = _referenced_segment(ctx, seg, info.number, info.source_uids)
         group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             referenced_segment=ref,
             **common,  # type: ignore[arg-type]
@@ -256,12 +282,34 @@ def build_sr(ctx: BuildContext, seg: SegResult | None = None) -> hd.sr.Comprehen
         else []
     )
     procedure = ProcedureReported.CT_CHEST if ctx.source.is_ct else ProcedureReported.CHEST_XRAY
+    placeholder = not groups
+    if placeholder:
+        # highdicom insists on one measurement group; TID 1500 row 6 does not
+        # (rows 6, 8 and 10 are "at least one of").  Build with a throw-away
+        # TID 1501 group and drop the Imaging Measurements container below:
+        # the Qualitative Evaluations container carries the statement.
+        groups = [
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=ctx.uids.uid("sr.placeholder"), identifier="placeholder"
+                )
+            )
+        ]
     report = hd.sr.MeasurementReport(
         observation_context=context,
         procedure_reported=procedure,
-        imaging_measurements=groups or None,
+        imaging_measurements=groups,
     )
-    report[0].ContentSequence.append(_qualitative(ctx))
+    root = report[0]
+    if placeholder:
+        root.ContentSequence = hd.sr.ContentSequence(
+            [
+                item
+                for item in root.ContentSequence
+                if item.ConceptNameCodeSequence[0].CodeValue != codes.DCM.ImagingMeasurements.value
+            ]
+        )
+    root.ContentSequence.append(_qualitative(ctx))
     evidence = list(ctx.source.images)
     if seg is not None and any(
         seg.segment_for(f.tracking_id) is not None for f in ctx.result.findings
@@ -270,7 +318,7 @@ def build_sr(ctx: BuildContext, seg: SegResult | None = None) -> hd.sr.Comprehen
     kwargs = ctx.common_kwargs()
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
-        content=report[0],
+        content=root,
         series_instance_uid=ctx.uids.uid("sr.series"),
         series_number=int(SeriesNumber.SR),
         sop_instance_uid=ctx.uids.uid("sr.instance", 1),

@@ -1,0 +1,317 @@
+"""Result builders on small synthetic CT series (geometry and status edge cases).
+
+The series are generated here (a 16x16-pixel phantom, a few slices) so the
+tests are fast and every expected value is set by the test, not by the code.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+
+from cad_node.config import ResultsConfig
+from cad_node.results import OBJECT_KINDS, build_results, validate
+from cad_node.results._common import BuildContext
+from cad_node.results.findings import (
+    AnalysisResult,
+    AnalysisStatus,
+    Finding,
+    FindingSite,
+    FindingType,
+    ImageMask,
+    ModelIdentity,
+)
+from cad_node.results.io import load_result, mask_sidecar_path, save_result
+from cad_node.results.sc import summary_lines
+from cad_node.results.seg import build_seg
+from cad_node.results.uids import UidFactory, input_fingerprint
+from tests.conftest import dciodvfy
+
+MODEL = ModelIdentity(name="phantom-model", version="2.0.0", device_uid="2.25.31337")
+SETTINGS = ResultsConfig(use_dciodvfy=False)
+N, SIZE = 6, 16
+AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+SAGITTAL = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
+
+
+def phantom(orientation: tuple[float, ...] = AXIAL, n: int = N) -> list[Dataset]:
+    """A CT series of ``n`` slices 2 mm apart along the slice normal."""
+    iop = np.asarray(orientation)
+    normal = np.cross(iop[:3], iop[3:])
+    out = []
+    for k in range(n):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = f"1.2.826.0.1.3680043.8.498.7.{k + 1}"
+        ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.5"
+        ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.6"
+        ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.8.498.4"
+        ds.Modality = "CT"
+        ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = (
+            "P1",
+            "Phantom^One",
+            "",
+            "O",
+        )
+        ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "S1", "A1", ""
+        ds.StudyDate, ds.StudyTime = "20240102", "101112"
+        ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
+        ds.Manufacturer = "test"
+        ds.ImageOrientationPatient = list(orientation)
+        ds.ImagePositionPatient = [float(v) for v in (-16.0, -16.0, -5.0) + normal * 2.0 * k]
+        ds.PixelSpacing = [1.0, 1.0]
+        ds.SliceThickness = 2.0
+        ds.Rows = ds.Columns = SIZE
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        ds.PixelData = np.full((SIZE, SIZE), 100 * k, dtype=np.int16).tobytes()
+        out.append(ds)
+    return out
+
+
+def _ball_mask(series: list[Dataset], fractional: bool = False) -> ImageMask:
+    arr = np.zeros((3, SIZE, SIZE), np.float32 if fractional else np.bool_)
+    arr[0, 5:8, 5:8] = 0.4 if fractional else True
+    arr[1, 4:10, 4:9] = 1.0 if fractional else True
+    uids = tuple(str(series[k].SOPInstanceUID) for k in (2, 3, 4))  # frame 2 stays empty
+    return ImageMask(arr, uids)
+
+
+def _result(series: list[Dataset], mask: ImageMask | None, **kw: object) -> AnalysisResult:
+    finding = Finding(
+        tracking_id="Lesion A",
+        finding_type=FindingType.LESION,
+        site=FindingSite.RIGHT_UPPER_LOBE,
+        center_mm=(0.0, 0.0, 1.0),
+        long_axis_mm=6.0,
+        mask=mask,
+    )
+    args: dict[str, object] = {
+        "pipeline": "phantom",
+        "status": AnalysisStatus.COMPLETED,
+        "series_instance_uid": str(series[0].SeriesInstanceUID),
+        "findings": [finding],
+        "model": MODEL,
+    }
+    args.update(kw)
+    return AnalysisResult(**args)  # type: ignore[arg-type]
+
+
+def test_uids_deterministic_and_model_sensitive() -> None:
+    fp = input_fingerprint(["1.2.3", "1.2.4"])
+    assert fp == input_fingerprint(["1.2.4", "1.2.3", "1.2.3"])
+    a = UidFactory("1.2.9", fp, MODEL)
+    assert a.uid("sr.instance", 1) == UidFactory("1.2.9", fp, MODEL).uid("sr.instance", 1)
+    assert a.uid("sr.instance", 1) != a.uid("sr.instance", 2) != a.uid("sc.instance", 1)
+    for changed in (
+        UidFactory("1.2.9", fp, MODEL.model_copy(update={"version": "2.0.1"})),
+        UidFactory("1.2.9", fp, MODEL.model_copy(update={"device_uid": "2.25.1"})),
+        UidFactory("1.2.9", input_fingerprint(["1.2.3"]), MODEL),
+        UidFactory("1.2.10", fp, MODEL),
+    ):
+        assert changed.uid("sr.instance", 1) != a.uid("sr.instance", 1)
+    uid = a.uid("seg.series")
+    assert uid.startswith("2.25.") and len(uid) <= 64 and pydicom.uid.UID(uid).is_valid
+
+
+@pytest.mark.parametrize("orientation", [AXIAL, SAGITTAL], ids=["axial", "sagittal"])
+def test_binary_seg_round_trip(orientation: tuple[float, ...]) -> None:
+    series = phantom(orientation)
+    mask = _ball_mask(series)
+    shuffled = [series[k] for k in (4, 0, 5, 2, 1, 3)]
+    seg = build_seg(BuildContext.create(_result(series, mask), shuffled, SETTINGS)).dataset
+    assert seg.SegmentationType == "BINARY" and seg.NumberOfFrames == 2  # empty frame omitted
+    read = hd.seg.Segmentation.from_dataset(seg)
+    got = read.get_pixels_by_source_instance(
+        source_sop_instance_uids=list(mask.sop_instance_uids[:2]), segment_numbers=[1]
+    )[..., 0]
+    np.testing.assert_array_equal(got.astype(bool), mask.array[:2])
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        src = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        want = next(d for d in series if d.SOPInstanceUID == src).ImagePositionPatient
+        got_pos = item.PlanePositionSequence[0].ImagePositionPatient
+        np.testing.assert_allclose([float(v) for v in got_pos], [float(v) for v in want])
+
+
+def test_fractional_seg() -> None:
+    series = phantom()
+    mask = _ball_mask(series, fractional=True)
+    seg = build_seg(BuildContext.create(_result(series, mask), series, SETTINGS)).dataset
+    assert seg.SegmentationType == "FRACTIONAL" and seg.MaximumFractionalValue == 255
+    stored = hd.seg.Segmentation.from_dataset(seg).get_pixels_by_source_instance(
+        source_sop_instance_uids=list(mask.sop_instance_uids[:2]),
+        segment_numbers=[1],
+        rescale_fractional=False,
+    )[..., 0]
+    np.testing.assert_array_equal(stored, np.round(mask.array[:2] * 255).astype(stored.dtype))
+
+
+def test_seg_rejects_inconsistent_geometry_and_unknown_uids() -> None:
+    series = phantom()
+    tilted = copy.deepcopy(series)
+    tilted[3].ImageOrientationPatient = list(SAGITTAL)
+    with pytest.raises(ValueError, match="Image Orientation"):
+        build_seg(BuildContext.create(_result(series, _ball_mask(series)), tilted, SETTINGS))
+    small = copy.deepcopy(series)
+    small[1].Rows = 8
+    with pytest.raises(ValueError, match="is 8x16"):
+        build_seg(BuildContext.create(_result(series, _ball_mask(series)), small, SETTINGS))
+    with pytest.raises(ValueError, match="not received"):
+        build_seg(BuildContext.create(_result(series, _ball_mask(series)), series[:3], SETTINGS))
+
+
+def _summary_code(sr: Dataset) -> str:
+    for item in sr.ContentSequence:
+        for sub in item.get("ContentSequence", []):
+            if sub.ConceptNameCodeSequence[0].CodeValue == "111017":
+                return str(sub.ConceptCodeSequence[0].CodeValue)
+    raise AssertionError("no CAD Processing and Findings Summary")
+
+
+def _groups(sr: Dataset) -> int:
+    n = 0
+    for item in sr.ContentSequence:
+        if item.ConceptNameCodeSequence[0].CodeValue == "126010":
+            n += len(item.get("ContentSequence", []))
+    return n
+
+
+def test_failed_analysis_is_reported_as_failure() -> None:
+    series = phantom()
+    failed = AnalysisResult(
+        pipeline="phantom",
+        status=AnalysisStatus.FAILED,
+        failure_reason="lung segmentation found no lungs",
+        series_instance_uid=str(series[0].SeriesInstanceUID),
+        model=MODEL,
+    )
+    objs = build_results(failed, series, settings=SETTINGS, objects=("sr", "seg", "sc", "kos"))
+    assert [(o.kind, o.role) for o in objs] == [
+        ("sr", "TID 1500 measurement report"),
+        ("sc", "summary page"),
+    ]
+    sr = objs[0].dataset
+    assert _summary_code(sr) == "111245" and _groups(sr) == 0
+    texts = [
+        s.TextValue
+        for i in sr.ContentSequence
+        for s in i.get("ContentSequence", [])
+        if s.ValueType == "TEXT"
+    ]
+    assert "Analysis failed: lung segmentation found no lungs" in texts
+    assert "Not for diagnostic use" in texts
+    ctx = BuildContext.create(failed, series, SETTINGS)
+    assert "ANALYSIS FAILED: lung segmentation found no lungs" in summary_lines(ctx)
+    for obj in objs:
+        assert validate(obj, series, use_dciodvfy=False).ok
+
+
+def test_no_findings_is_explicit() -> None:
+    series = phantom()
+    negative = _result(series, None, findings=[])
+    objs = build_results(negative, series, settings=SETTINGS)
+    assert [o.kind for o in objs] == ["sr", "sc"]
+    assert _summary_code(objs[0].dataset) == "111241" and _groups(objs[0].dataset) == 0
+    assert "No findings." in summary_lines(BuildContext.create(negative, series, SETTINGS))
+
+
+def test_ct_finding_with_mask_gets_segment_reference_and_center() -> None:
+    series = phantom()
+    objs = build_results(_result(series, _ball_mask(series)), series, settings=SETTINGS)
+    seg = next(o for o in objs if o.kind == "seg").dataset
+    sr = next(o for o in objs if o.kind == "sr").dataset
+
+    def items(ds: Dataset) -> list[Dataset]:
+        out = []
+        for it in ds.get("ContentSequence", []):
+            out.append(it)
+            out += items(it)
+        return out
+
+    refs = [i for i in items(sr) if i.ValueType == "IMAGE" and "ReferencedSOPSequence" in i]
+    seg_refs = [
+        r for r in refs if r.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == seg.SOPInstanceUID
+    ]
+    assert len(seg_refs) == 1
+    assert seg_refs[0].ReferencedSOPSequence[0].ReferencedSegmentNumber == 1
+    (point,) = [i for i in items(sr) if i.ValueType == "SCOORD3D"]
+    np.testing.assert_allclose([float(v) for v in point.GraphicData], [0.0, 0.0, 1.0])
+    assert validate(sr, series, others=[seg], use_dciodvfy=False).ok
+    # Without the SEG among the known objects, the reference does not resolve.
+    report = validate(sr, series, use_dciodvfy=False)
+    assert not report.ok and "neither received nor built" in report.errors[0]
+
+
+@pytest.mark.parametrize("case", ["failed", "negative", "single-segment"])
+def test_edge_case_objects_pass_dciodvfy(case: str, tmp_path: Path) -> None:
+    series = phantom()
+    if case == "failed":
+        result = AnalysisResult(
+            pipeline="phantom",
+            status=AnalysisStatus.FAILED,
+            failure_reason="timeout",
+            series_instance_uid=str(series[0].SeriesInstanceUID),
+            model=MODEL,
+        )
+    else:
+        result = _result(series, None if case == "negative" else _ball_mask(series))
+        if case == "negative":
+            result = result.model_copy(update={"findings": []})
+    objs = build_results(result, series, settings=SETTINGS, objects=OBJECT_KINDS)
+    for obj in objs:
+        path = tmp_path / obj.filename
+        obj.dataset.save_as(path, enforce_file_format=True)
+        errors, _ = dciodvfy(path)
+        assert errors == [], (case, obj.filename, errors)
+
+
+def test_validate_rejects_missing_air_items() -> None:
+    series = phantom()
+    objs = build_results(_result(series, None), series, settings=SETTINGS, objects=("sr",))
+    good = objs[0].dataset
+    assert validate(good, series, use_dciodvfy=False).ok
+    tampered = copy.deepcopy(good)
+    tampered.VerificationFlag = "VERIFIED"
+    for item in tampered.ContributingEquipmentSequence:
+        if "DeviceUID" in item:
+            del item.DeviceUID
+    tampered.StudyInstanceUID = "1.2.3.4"
+    errors = " | ".join(validate(tampered, series, use_dciodvfy=False).errors)
+    assert "UNVERIFIED" in errors and "Device UID" in errors and "Study Instance UID" in errors
+    same_series = copy.deepcopy(good)
+    same_series.SeriesInstanceUID = series[0].SeriesInstanceUID
+    assert "new series" in validate(same_series, series, use_dciodvfy=False).errors[0]
+
+
+def test_json_sidecar_round_trip(tmp_path: Path) -> None:
+    series = phantom()
+    organ = ImageMask(np.ones((N, SIZE, SIZE), bool), tuple(str(d.SOPInstanceUID) for d in series))
+    result = _result(
+        series, _ball_mask(series, fractional=True), organ_masks={FindingSite.LUNG: organ}
+    )
+    path = tmp_path / "F.json"
+    save_result(result, path)
+    assert mask_sidecar_path(path).name == "F.masks.npz"
+    back = load_result(path)
+    assert back.model_dump() == result.model_dump()
+    mask = back.findings[0].mask
+    assert mask is not None and mask.is_fractional
+    np.testing.assert_array_equal(mask.array, _ball_mask(series, fractional=True).array)
+    np.testing.assert_array_equal(back.organ_masks[FindingSite.LUNG].array, organ.array)
+    np.savez(
+        mask_sidecar_path(path),
+        **{"finding:Nope": organ.array, "finding:Nope:uids": np.asarray(organ.sop_instance_uids)},
+    )
+    with pytest.raises(ValueError, match="'finding:Nope' names no finding"):
+        load_result(path)
