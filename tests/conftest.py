@@ -87,3 +87,19 @@ def lidc_dir() -> Path:
     series = [p.parent for p in root.rglob("069.xml")]
     assert len(series) == 1, f"expected one series folder with 069.xml under {root}"
     return series[0]
+
+
+@pytest.fixture(scope="session")
+def lidc_series(lidc_dir: Path):  # type: ignore[no-untyped-def]
+    """LIDC-IDRI-0001 loaded once per session (``cad_node.imaging.LoadedSeries``)."""
+    from cad_node.imaging import load_series
+
+    return load_series(sorted(lidc_dir.glob("*.dcm")))
+
+
+@pytest.fixture(scope="session")
+def ct_chest_lidc_run(lidc_series):  # type: ignore[no-untyped-def]
+    """ONE ct-chest pipeline run on LIDC-IDRI-0001 per session (``CtChestRun``)."""
+    from cad_node.pipelines.ct_chest.pipeline import CtChestPipeline
+
+    return CtChestPipeline().run_detailed(lidc_series)

@@ -307,7 +307,7 @@ def segment_lungs(image: sitk.Image) -> LungSegmentation:
     if len(parts) != 2:
         raise LungSegmentationError("only one lung found (could not separate left and right)")
     radius_px = CLOSING_RADIUS_MM / grid.spacing_zyx[2]
-    parts = [_close_slices(p, radius_px) for p in parts]
+    parts = [_close_slices(p, radius_px) & ~airway for p in parts]
     overlap = parts[0] & parts[1]
     parts[1] &= ~overlap
     direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
