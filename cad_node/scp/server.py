@@ -150,7 +150,31 @@ class _AdmissionACSE(ACSE):
             evt.trigger(self.assoc, evt.EVT_REJECTED, {})
             self.assoc.kill()
             return
+        if rq is not None:
+            self._prefer_requested_syntaxes(rq.presentation_context_definition_list)
         super()._negotiate_as_acceptor()
+
+    def _prefer_requested_syntaxes(self, requested: list[Any]) -> None:
+        """Reorder our transfer syntaxes so the requestor's first choices win.
+
+        pynetdicom accepts, per proposed context, the first transfer syntax
+        of the *acceptor's* list that was proposed.  The node wants the data
+        as the sender holds it (no transcoding by the sender, which may not
+        even have the codec), so for each abstract syntax the syntaxes that
+        some proposed context lists *first* move to the front, in proposal
+        order.  The contexts are this association's own copies.
+        """
+        firsts: dict[str, list[str]] = {}
+        for cx in requested:
+            if cx.transfer_syntax:
+                firsts.setdefault(str(cx.abstract_syntax), []).append(str(cx.transfer_syntax[0]))
+        for ac in self.acceptor.supported_contexts:
+            preferred = firsts.get(str(ac.abstract_syntax))
+            if not preferred:
+                continue
+            ours = [str(ts) for ts in ac.transfer_syntax]
+            front = [ts for ts in dict.fromkeys(preferred) if ts in ours]
+            ac.transfer_syntax = front + [ts for ts in ours if ts not in front]
 
 
 class _RequestHandler(RequestHandler):
@@ -179,6 +203,11 @@ class _Server(ThreadedAssociationServer):
 class _AssocState:
     received: int = 0
     aborting: bool = False
+
+
+def _decode_any_uid(value: Any) -> tuple[bool, str]:
+    """pynetdicom UI validator that defers validation to the C-STORE handler."""
+    return (True, "") if isinstance(value, str) else (False, "must be a str")
 
 
 def _log_hand_off(event: StudyComplete) -> None:
@@ -254,6 +283,10 @@ class NodeServer:
         # pynetdicom's per-PDU "standard" logging handlers cost ~10% of a
         # C-STORE; the node logs its own outcomes instead.
         _config.LOG_HANDLER_LEVEL = "none"
+        # pynetdicom refuses to decode a command whose UID is longer than 64
+        # characters and then never answers; the node validates UIDs itself,
+        # strictly (cad_node.uids), so such a request gets 0xC101 instead.
+        _config.VALIDATORS["UI"] = _decode_any_uid
         node = self.settings.node
         self.spool = Spool.open(node.storage_dir, node.min_free_bytes)
         try:

@@ -1,0 +1,75 @@
+"""``cad-node serve``: run the receiving node (C-ECHO/C-STORE SCP + study assembly).
+
+The node runs until SIGINT/SIGTERM.  A bad configuration exits with status 2
+before any port is bound.  Completed studies are handed to the callable
+returned by :func:`make_hand_off` (the job pipeline plugs in there).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from cad_node.config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_config
+from cad_node.study import StudyComplete
+
+#: Exit status for an invalid configuration (as ``cad-node config check``).
+EXIT_CONFIG_ERROR = 2
+#: Exit status when the node cannot start (port in use, spool locked...).
+EXIT_START_FAILED = 1
+
+
+def make_hand_off(settings: Settings) -> Callable[[StudyComplete], None] | None:
+    """Return the consumer of "study complete" events (``None``: log them only).
+
+    Contract: see :class:`cad_node.study.StudyAssembler` (called once per
+    generation, at-least-once across crashes, must be idempotent on
+    ``(study_instance_uid, fingerprint)``; raising makes it retry).
+    """
+    return None
+
+
+def serve(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Configuration file.")] = (
+        DEFAULT_CONFIG_PATH),
+) -> None:
+    """Receive studies: DICOM SCP, durable spool and study assembly."""
+    err = Console(stderr=True)
+    try:
+        settings = load_config(config)
+    except ConfigError as exc:
+        err.print(str(exc), markup=False, highlight=False)
+        raise typer.Exit(EXIT_CONFIG_ERROR) from None
+    from cad_node.logs import setup_logging
+    from cad_node.scp import NodeServer
+
+    setup_logging(settings.log_level)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    server = NodeServer(settings, on_study_complete=make_hand_off(settings))
+    try:
+        server.start()
+    except (OSError, RuntimeError) as exc:
+        err.print(f"cannot start the node: {exc}", markup=False, highlight=False)
+        raise typer.Exit(EXIT_START_FAILED) from None
+    err.print(
+        f"cad-node {settings.node.ae_title} listening on {settings.node.host}:{server.port}, "
+        f"storage {settings.node.storage_dir}",
+        highlight=False,
+    )
+    try:
+        stop.wait()
+    finally:
+        server.stop()
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``serve`` command to ``app``."""
+    app.command("serve")(serve)
