@@ -36,6 +36,7 @@ __all__ = [
     "DEFAULT_LICENSE",
     "export_checkpoint",
     "register",
+    "render_model_card",
     "write_bundle",
 ]
 
@@ -48,6 +49,140 @@ DEFAULT_INTENDED_USE = (
 DEFAULT_LICENSE = "Apache-2.0 (weights and code); training data: see training_data"
 
 _console = Console(stderr=True)
+
+
+def _fmt(v: Any, nd: int = 3) -> str:
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return "n/a" if v is None else str(v)
+
+
+def render_model_card(
+    cfg: Any,
+    training_data: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    provenance: Mapping[str, Any],
+) -> str:
+    """Render ``MODEL_CARD.md`` from the training config, data counts and metrics.
+
+    Parameters
+    ----------
+    cfg : trainer.train.TrainConfig
+        The training configuration.
+    training_data : mapping
+        Data description and counts (``training_data`` of the checkpoint).
+    metrics : mapping
+        Measured metrics (held-out evaluation).
+    provenance : mapping
+        Trainer provenance (parameters, wall time, device).
+    """
+    froc = metrics.get("froc") or {}
+    rates = froc.get("fp_rates") or []
+    sens = froc.get("sensitivity_at") or []
+    lo = froc.get("ci_lower") or []
+    hi = froc.get("ci_upper") or []
+    froc_rows = "\n".join(
+        f"| {r:g} | {s:.3f} | "
+        + (f"{lo[i]:.3f}-{hi[i]:.3f}" if i < len(lo) and i < len(hi) else "n/a")
+        + " |"
+        for i, (r, s) in enumerate(zip(rates, sens, strict=False))
+    )
+    cpm_ci = froc.get("cpm_ci")
+    kinds = training_data.get("kinds", {})
+    places = training_data.get("placements", {})
+    excl = training_data.get("excluded_regions", [])
+    excl_txt = "; ".join(
+        f"centre {tuple(e['center_mm'])} mm, radius {e['radius_mm']} mm"
+        + (f" ({e['note']})" if e.get("note") else "")
+        for e in excl
+    ) or "none"
+    real = metrics.get("real_nodule_probability")
+    return f"""# Model card: {cfg.bundle.name} {cfg.bundle.version}
+
+**Not for diagnostic use.** Research and engineering model; outputs must not be
+used for clinical decisions.
+
+## What it does
+Scores lung-nodule *candidates* on chest CT (false-positive reduction in the
+`ct-chest` pipeline): given a candidate centre it returns the probability that a
+nodule is there. Input: a {tuple(cfg.input.patch_size)} voxel patch at
+{tuple(cfg.input.spacing_mm)} mm, HU window {tuple(cfg.input.hu_window)}.
+Network: small 3-D residual CNN from MONAI blocks
+({provenance.get("parameters", "n/a")} parameters), architecture
+`{dict(cfg.architecture)}`.
+
+## Training data
+This is a **small model trained on very little real data**:
+
+* Background: **{len(training_data.get("background_ct", []))} real chest CT**
+  (`{", ".join(training_data.get("background_ct", []))}`), slab
+  z = {tuple(training_data.get("train_z_mm", []))} mm, with lungs from the node's own
+  segmentation.
+* Positives: **{training_data.get("inserted_nodules", "n/a")} synthetic nodules** inserted
+  over {training_data.get("rounds", "n/a")} rounds (`trainer/insertion.py`), diameter
+  {tuple(training_data.get("diameter_range_mm", []))} mm log-uniform; types {kinds};
+  placements {places}; {training_data.get("positive_patches", "n/a")} positive patches.
+* Negatives: {training_data.get("negative_patches", "n/a")} patches of real structures of
+  the same volumes (sources: {training_data.get("negative_sources", {})}; candidate
+  generator: `{training_data.get("candidate_generator", "n/a")}`).
+* **Excluded** from positives and negatives: {excl_txt}. This is the real
+  LIDC-IDRI-0001 nodule, so the CT pipeline finding it is generalisation from
+  synthetic nodules, not memorisation.
+
+## Evaluation (measured, held-out synthetic-insertion set)
+Held-out set: {metrics.get("heldout_scans", "n/a")} volumes with different random seeds and
+a separate slab z = {tuple(training_data.get("heldout_z_mm", []))} mm of the same CT
+({metrics.get("heldout_nodules", "n/a")} inserted nodules). Candidates come from
+`{metrics.get("candidate_source", "n/a")}` and are scored by this model (end to end).
+
+* Patch-level ROC AUC (inserted-nodule centres vs. real negative candidates,
+  {metrics.get("heldout_negative_patches", "n/a")} negatives):
+  **{_fmt(metrics.get("patch_auc"))}**; against
+  {metrics.get("heldout_vessel_patches", "n/a")} vessel/dense-structure points of the slab:
+  **{_fmt(metrics.get("patch_auc_vs_vessels"))}**
+* LUNA16 FROC (`trainer/froc.py`; hit = centre within the radius, strict; at most
+  100 candidates per scan; 95 % bootstrap CI over scans, 1000 resamples):
+
+| FPs/scan | sensitivity | 95 % CI |
+|---|---|---|
+{froc_rows or "| n/a | n/a | n/a |"}
+
+  **CPM {_fmt(froc.get("cpm"))}** (CI {cpm_ci if cpm_ci else "n/a"}); the candidate
+  generator alone reaches sensitivity {_fmt(froc.get("max_sensitivity"))}, an upper bound
+  for any scorer.
+* Score at the (excluded) real LIDC-IDRI-0001 nodule centre: {real if real else "n/a"}.
+* Final training loss {_fmt(metrics.get("final_training_loss"))}; training throughput
+  {_fmt(metrics.get("training_patches_per_s"), 1)} patches/s on {provenance.get("device")}.
+
+These numbers are measured on synthetic insertions into the **same patient's**
+CT; they say the model separates inserted nodules from that scan's vessels and
+other structures. They are **not** an estimate of performance on real nodules
+in other patients, scanners or protocols.
+
+## Limitations
+* One real background CT: no variation of scanner, reconstruction kernel, slice
+  thickness, patient anatomy or disease (emphysema, fibrosis, effusions).
+* Synthetic nodules are idealised (lobulated ellipsoids with texture); real
+  spiculated, cavitating or calcified nodules are not modelled.
+* Juxtapleural and juxtavascular placements are approximations.
+* The probability is not calibrated to real-world nodule prevalence.
+* **A retrain on the full LIDC-IDRI** (`cad-train prepare lidc` +
+  `cad-train train ct-nodule-scorer CONFIG` with real annotations) **is the path
+  to clinical-grade accuracy**; this bundle only makes the pipeline work end to
+  end out of the box.
+
+## Intended use
+{DEFAULT_INTENDED_USE}
+
+## Provenance
+Trained by `cad-train train {cfg.model}` (seed {provenance.get("seed")}, device
+{provenance.get("device")}, world size {provenance.get("world_size")}, wall time
+{provenance.get("wall_time_s")} s, torch {provenance.get("torch")}).
+LIDC-IDRI data: Armato SG III et al., TCIA 2015, https://doi.org/10.7937/K9/TCIA.2015.LO9QL9SX
+(CC BY 3.0). "The authors acknowledge the National Cancer Institute and the
+Foundation for the National Institutes of Health, and their critical role in the
+creation of the free publicly available LIDC/IDRI Database."
+"""
 
 
 def write_bundle(

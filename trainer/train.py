@@ -1,0 +1,930 @@
+"""``cad-train train MODEL CONFIG``: train the models the node ships.
+
+First model: ``ct-nodule-scorer``, the CT nodule-candidate scorer
+(false-positive reduction) of the ``ct-chest`` pipeline.
+
+Training data (no large annotated set can be downloaded here)
+--------------------------------------------------------------
+* **Background**: one or more real chest CTs (the config's ``data.ct``; the
+  shipped bundle uses LIDC-IDRI-0001).  Lungs come from the node's own
+  :func:`cad_node.pipelines.ct_chest.lungs.segment_lungs`.
+* **Positives**: synthetic nodules (:mod:`trainer.insertion`) inserted into
+  the training slab (``data.train_z_mm``), patches centred on them with a
+  small random offset, plus the real candidate-generator detections that hit
+  them (centre within the radius).
+* **Negatives**: the candidates the node's own generator
+  (:func:`cad_node.pipelines.ct_chest.candidates.generate_candidates`)
+  returns on the same volumes — vessels, bifurcations, pleura, diaphragm —
+  plus local maxima of dense in-lung structures, excluding anything near an
+  inserted nodule.
+* **Exclusions**: ``data.exclusions`` (the real LIDC-IDRI-0001 nodule) are
+  kept out of positives and negatives, so finding it later is honest
+  generalisation.
+* **Held-out set**: different seeds, a separate slab (``data.heldout_z_mm``),
+  evaluated end to end (candidate generator + scorer) with the LUNA16 FROC.
+
+Training
+--------
+Deterministic seeds (torch, numpy, :func:`monai.utils.set_determinism`),
+checkpoints every epoch (``last.pt``) and ``--resume``, mixed precision on CUDA
+only, MONAI augmentations (flips, 90-degree rotations, intensity jitter) and
+DDP when launched by ``torchrun`` (``WORLD_SIZE > 1``: ``gloo`` on CPU,
+``nccl`` on GPU; rank 0 builds the data cache and writes checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import numpy.typing as npt
+import SimpleITK as sitk  # noqa: N813
+import torch
+import typer
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from scipy import ndimage
+
+from cad_node.models.network import DEFAULT_ARCHITECTURE, build_network, count_parameters
+from cad_node.models.patches import extract_patches_array, normalize_hu
+from trainer.insertion import (
+    ExclusionZone,
+    InsertedNodule,
+    LungBackground,
+    insert_nodules,
+)
+
+__all__ = [
+    "MODELS",
+    "TrainConfig",
+    "load_train_config",
+    "prepare_data",
+    "register",
+    "train",
+]
+
+_console = Console(stderr=True)
+
+#: Models ``cad-train train`` knows how to train.
+MODELS = ("ct-nodule-scorer",)
+#: LUNA16 evaluation cap on candidates per scan.
+MAX_CANDIDATES_PER_SCAN = 100
+
+
+# --------------------------------------------------------------------------- config
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ExclusionConfig(_Strict):
+    """A sphere kept out of training (e.g. a real nodule)."""
+
+    center_mm: tuple[float, float, float]
+    radius_mm: float = Field(gt=0)
+    note: str = ""
+
+
+class DataConfig(_Strict):
+    """Where the backgrounds come from and how many insertions to make."""
+
+    #: CT series directories; relative paths are looked up under
+    #: ``CAD_NODE_TEST_DATA`` (default ``../shared/data``) and the config's folder.
+    ct: list[str] = Field(min_length=1)
+    exclusions: list[ExclusionConfig] = Field(default_factory=list)
+    train_z_mm: tuple[float, float]
+    heldout_z_mm: tuple[float, float]
+    diameter_range_mm: tuple[float, float] = (4.0, 30.0)
+    train_rounds: int = Field(8, ge=1)
+    nodules_per_round: int = Field(20, ge=1)
+    positive_copies: int = Field(2, ge=1)
+    positive_jitter_mm: float = Field(2.0, ge=0)
+    negatives_per_round: int = Field(150, ge=1)
+    heldout_rounds: int = Field(4, ge=1)
+    heldout_nodules_per_round: int = Field(8, ge=1)
+    #: Margin (mm) beyond a nodule's radius inside which no negative is taken.
+    negative_margin_mm: float = Field(4.0, ge=0)
+
+
+class InputConfig(_Strict):
+    """Patch geometry (copied into the bundle's input spec)."""
+
+    spacing_mm: tuple[float, float, float] = (1.25, 1.25, 1.25)
+    patch_size: tuple[int, int, int] = (32, 32, 32)
+    hu_window: tuple[float, float] = (-1000.0, 400.0)
+    batch_size: int = 64
+
+
+class AugmentConfig(_Strict):
+    """MONAI augmentation probabilities and ranges."""
+
+    flip_prob: float = Field(0.5, ge=0, le=1)
+    rot90_prob: float = Field(0.5, ge=0, le=1)
+    intensity_shift: float = Field(0.03, ge=0)
+    intensity_scale: float = Field(0.05, ge=0)
+    intensity_prob: float = Field(0.5, ge=0, le=1)
+
+
+class OptimConfig(_Strict):
+    """Optimisation settings."""
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    #: torch intra-op threads on CPU (0 = leave torch's default).
+    threads: int = Field(2, ge=0)
+    amp: bool = True
+    augment: AugmentConfig = AugmentConfig()
+
+
+class BundleConfig(_Strict):
+    """Identity of the bundle this training produces."""
+
+    name: str
+    version: str
+    task: str = "ct-nodule-candidate-scoring"
+    threshold: float = Field(0.5, ge=0, le=1)
+
+
+class TrainConfig(_Strict):
+    """A training configuration (``trainer/configs/*.yaml``)."""
+
+    model: str
+    seed: int = 20240601
+    bundle: BundleConfig
+    data: DataConfig
+    input: InputConfig = InputConfig()
+    architecture: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_ARCHITECTURE))
+    optim: OptimConfig = OptimConfig()
+
+
+def load_train_config(path: Path) -> TrainConfig:
+    """Read and validate a YAML training config.
+
+    Raises
+    ------
+    ValueError
+        Missing file, invalid YAML or invalid keys; the message names the file.
+    """
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read config: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        cfg = TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ValueError(f"{path}: invalid training config: {problems}") from None
+    if cfg.model not in MODELS:
+        raise ValueError(f"{path}: unknown model {cfg.model!r} (known: {', '.join(MODELS)})")
+    return cfg
+
+
+def resolve_ct_dir(entry: str, config_dir: Path | None = None) -> Path:
+    """Resolve a ``data.ct`` entry to an existing directory.
+
+    Raises
+    ------
+    FileNotFoundError
+        Not found; the message lists the places looked at.
+    """
+    p = Path(entry)
+    tried: list[Path] = []
+    candidates = [p] if p.is_absolute() else []
+    if not p.is_absolute():
+        env = os.environ.get("CAD_NODE_TEST_DATA")
+        repo = Path(__file__).resolve().parent.parent
+        roots = [Path(env)] if env else []
+        roots += [repo.parent / "shared" / "data", Path.cwd()]
+        if config_dir is not None:
+            roots.append(config_dir)
+        candidates = [r / p for r in roots]
+    for c in candidates:
+        tried.append(c)
+        if c.is_dir():
+            return c
+    raise FileNotFoundError(f"CT directory {entry!r} not found (looked in {tried})")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=_console,
+        transient=False,
+    )
+
+
+def load_ct(directory: Path) -> sitk.Image:
+    """Load a CT series directory as a HU image.
+
+    Uses the node's own loader (:func:`cad_node.imaging.load_series`) so
+    training sees exactly what inference sees.
+    """
+    from cad_node.imaging import load_series
+
+    files = sorted(
+        f for f in directory.rglob("*") if f.is_file() and f.suffix.lower() in {".dcm", ""}
+    )
+    if not files:
+        raise FileNotFoundError(f"{directory}: no DICOM files")
+    return load_series(files).image
+
+
+def lung_mask_of(image: sitk.Image) -> npt.NDArray[np.bool_]:
+    """The node's lung segmentation (left | right), source grid ``(z, y, x)``."""
+    from cad_node.pipelines.ct_chest.lungs import segment_lungs
+
+    seg = segment_lungs(image)
+    return np.asarray(seg.left | seg.right, dtype=bool)
+
+
+def _generator() -> Callable[[sitk.Image, npt.NDArray[np.bool_]], npt.NDArray[np.float64]] | None:
+    """The node's candidate generator, when that module is installed."""
+    try:
+        from cad_node.pipelines.ct_chest.candidates import generate_candidates
+    except ImportError:
+        return None
+
+    def run(image: sitk.Image, lung: npt.NDArray[np.bool_]) -> npt.NDArray[np.float64]:
+        cands = generate_candidates(image, lung)
+        if not cands:
+            return np.zeros((0, 3))
+        return np.asarray([c.center_mm for c in cands], dtype=np.float64)
+
+    return run
+
+
+def dense_structure_points(
+    bg: LungBackground,
+    hu: npt.NDArray[np.float32],
+    max_points: int,
+    rng: np.random.Generator,
+    z_range_mm: Sequence[float] | None = None,
+) -> npt.NDArray[np.float64]:
+    """Local maxima of smoothed HU inside the lung above -600 HU (vessels etc.).
+
+    Hard negatives that do not depend on any candidate generator: vessel
+    cross-sections, bifurcations, fissure and pleural thickenings.  With
+    ``z_range_mm`` only slices whose centre lies in that range are searched.
+    """
+    sx, sy, sz = bg.geometry.spacing
+    ks = np.arange(hu.shape[0])
+    if z_range_mm is not None:
+        z = bg.z_of_slices()
+        ks = ks[(z >= z_range_mm[0]) & (z <= z_range_mm[1])]
+        if ks.size == 0:
+            return np.zeros((0, 3))
+    k0, k1 = int(ks.min()), int(ks.max()) + 1
+    m0, m1 = max(k0 - 4, 0), min(k1 + 4, hu.shape[0])
+    sm = ndimage.gaussian_filter(hu[m0:m1], (1.5 / sz, 1.5 / sy, 1.5 / sx))
+    mx = ndimage.maximum_filter(sm, size=(3, 7, 7))
+    peaks = (sm == mx) & (sm > -600) & bg.lung[m0:m1]
+    peaks[: k0 - m0] = False
+    peaks[k1 - m0 :] = False
+    idx = np.argwhere(peaks)
+    idx[:, 0] += m0
+    if idx.shape[0] > max_points:
+        idx = idx[rng.choice(idx.shape[0], size=max_points, replace=False)]
+    return bg.geometry.index_to_physical(idx[:, ::-1].astype(np.float64))
+
+
+def _in_z(points: npt.NDArray[np.float64], z_range: Sequence[float]) -> npt.NDArray[np.bool_]:
+    return (points[:, 2] >= z_range[0]) & (points[:, 2] <= z_range[1])
+
+
+def _dist_to(
+    points: npt.NDArray[np.float64], centers: npt.NDArray[np.float64]
+) -> npt.NDArray[np.float64]:
+    if centers.size == 0 or points.size == 0:
+        return np.full((points.shape[0], max(centers.shape[0], 1)), np.inf)
+    return np.linalg.norm(points[:, None, :] - centers[None, :, :], axis=2)
+
+
+def label_points(
+    points: npt.NDArray[np.float64],
+    nodules: Sequence[InsertedNodule],
+    exclusions: Sequence[ExclusionZone],
+    margin_mm: float,
+    exclusion_margin_mm: float | None = None,
+) -> npt.NDArray[np.int8]:
+    """Label candidate points: 1 hit (centre strictly within a radius), 0 clear, -1 drop.
+
+    Points within ``margin_mm`` beyond a nodule's radius are ambiguous and
+    dropped (-1); so are points within ``exclusion_margin_mm`` (default
+    ``margin_mm``) beyond an exclusion zone's radius — use the patch
+    half-extent there so an excluded nodule never appears in a patch.
+    """
+    ex_margin = margin_mm if exclusion_margin_mm is None else exclusion_margin_mm
+    labels = np.zeros(points.shape[0], dtype=np.int8)
+    if nodules:
+        centers = np.asarray([n.center_mm for n in nodules])
+        radii = np.asarray([n.diameter_mm / 2 for n in nodules])
+        d = _dist_to(points, centers)
+        hit = (d < radii[None, :]).any(axis=1)
+        near = (d < radii[None, :] + margin_mm).any(axis=1)
+        labels[near & ~hit] = -1
+        labels[hit] = 1
+    for zone in exclusions:
+        dz = np.linalg.norm(points - np.asarray(zone.center_mm), axis=1)
+        labels[dz < zone.radius_mm + ex_margin] = -1
+    return labels
+
+
+def _jittered(
+    centers: npt.NDArray[np.float64], radii: npt.NDArray[np.float64], max_mm: float,
+    rng: np.random.Generator,
+) -> npt.NDArray[np.float64]:
+    lim = np.minimum(max_mm, 0.3 * radii)[:, None]
+    v = rng.standard_normal(centers.shape)
+    v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-9)
+    return centers + v * lim * rng.uniform(0, 1, size=(centers.shape[0], 1)) ** (1 / 3)
+
+
+@dataclass
+class PatchSet:
+    """Training patches (normalised, float16) with labels and provenance counts."""
+
+    x: npt.NDArray[np.float16]
+    y: npt.NDArray[np.float32]
+    counts: dict[str, Any]
+
+
+def _half_extent_mm(spec: InputConfig) -> float:
+    """Largest half-extent of a patch (mm)."""
+    return float(max(n * s for n, s in zip(spec.patch_size, spec.spacing_mm, strict=True)) / 2)
+
+
+def _exclusions(cfg: TrainConfig) -> list[ExclusionZone]:
+    return [ExclusionZone(e.center_mm, e.radius_mm) for e in cfg.data.exclusions]
+
+
+def prepare_data(
+    cfg: TrainConfig, bg: LungBackground, progress: Progress | None = None
+) -> PatchSet:
+    """Insert nodules round by round and cut labelled training patches."""
+    rng = np.random.default_rng(cfg.seed)
+    gen = _generator()
+    excl = _exclusions(cfg)
+    d = cfg.data
+    spec = cfg.input
+    xs: list[npt.NDArray[np.float16]] = []
+    ys: list[npt.NDArray[np.float32]] = []
+    counts: dict[str, Any] = {
+        "rounds": d.train_rounds,
+        "inserted_nodules": 0,
+        "positive_patches": 0,
+        "negative_patches": 0,
+        "negative_sources": {"candidate_generator": 0, "dense_structures": 0},
+        "kinds": {},
+        "placements": {},
+        "candidate_generator": "cad_node.pipelines.ct_chest.candidates" if gen else "none",
+    }
+    task = progress.add_task("insert + cut patches", total=d.train_rounds) if progress else None
+    for _ in range(d.train_rounds):
+        hu, truth = insert_nodules(
+            bg,
+            d.nodules_per_round,
+            rng,
+            diameter_range_mm=d.diameter_range_mm,
+            z_range_mm=d.train_z_mm,
+            # No inserted nodule's patch may show an excluded (real) nodule.
+            exclusions=[
+                ExclusionZone(z.center_mm, z.radius_mm + _half_extent_mm(spec)) for z in excl
+            ],
+        )
+        counts["inserted_nodules"] += len(truth)
+        for n in truth:
+            counts["kinds"][n.kind.value] = counts["kinds"].get(n.kind.value, 0) + 1
+            counts["placements"][n.placement.value] = (
+                counts["placements"].get(n.placement.value, 0) + 1
+            )
+        centers = np.asarray([n.center_mm for n in truth], dtype=np.float64).reshape(-1, 3)
+        radii = np.asarray([n.diameter_mm / 2 for n in truth], dtype=np.float64)
+        pos = [
+            _jittered(centers, radii, d.positive_jitter_mm, rng) for _ in range(d.positive_copies)
+        ]
+        neg_sources: list[tuple[str, npt.NDArray[np.float64]]] = []
+        if gen is not None:
+            cand = gen(bg.to_image(hu), bg.lung)
+            cand = cand[_in_z(cand, d.train_z_mm)]
+            lab = label_points(cand, truth, excl, d.negative_margin_mm, _half_extent_mm(spec))
+            pos.append(cand[lab == 1])
+            neg_sources.append(("candidate_generator", cand[lab == 0]))
+        dense = dense_structure_points(bg, hu, 2 * d.negatives_per_round, rng, d.train_z_mm)
+        lab = label_points(dense, truth, excl, d.negative_margin_mm, _half_extent_mm(spec))
+        neg_sources.append(("dense_structures", dense[lab == 0]))
+        # Cap negatives per round: generator candidates take at most half (they
+        # repeat from round to round on one background), dense points fill up.
+        negs: list[npt.NDArray[np.float64]] = []
+        budget = d.negatives_per_round
+        for name, pts in neg_sources:
+            if budget <= 0:
+                break
+            cap = budget // 2 if name == "candidate_generator" else budget
+            if pts.shape[0] > cap:
+                pts = pts[rng.choice(pts.shape[0], size=cap, replace=False)]
+            counts["negative_sources"][name] += int(pts.shape[0])
+            negs.append(pts)
+            budget -= pts.shape[0]
+        pos_pts = np.concatenate(pos) if pos else np.zeros((0, 3))
+        neg_pts = np.concatenate(negs) if negs else np.zeros((0, 3))
+        pts = np.concatenate([pos_pts, neg_pts])
+        patches = extract_patches_array(
+            hu, bg.geometry, pts, spec.patch_size, spec.spacing_mm
+        )
+        xs.append(normalize_hu(patches, spec.hu_window).astype(np.float16))
+        ys.append(
+            np.concatenate([np.ones(len(pos_pts)), np.zeros(len(neg_pts))]).astype(np.float32)
+        )
+        counts["positive_patches"] += len(pos_pts)
+        counts["negative_patches"] += len(neg_pts)
+        if progress is not None and task is not None:
+            progress.advance(task)
+    return PatchSet(x=np.concatenate(xs), y=np.concatenate(ys), counts=counts)
+
+
+# --------------------------------------------------------------------------- training
+
+
+@contextmanager
+def _distributed() -> Iterator[tuple[int, int]]:
+    """Initialise torch.distributed when launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        yield 0, 1
+        return
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend)
+    try:
+        yield dist.get_rank(), dist.get_world_size()
+    finally:
+        dist.destroy_process_group()
+
+
+def _augmenter(cfg: AugmentConfig, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    from monai.transforms import (
+        Compose,
+        RandAxisFlip,
+        RandRotate90,
+        RandScaleIntensity,
+        RandShiftIntensity,
+    )
+
+    tf = Compose(
+        [
+            RandAxisFlip(prob=cfg.flip_prob),
+            RandRotate90(prob=cfg.rot90_prob, max_k=3, spatial_axes=(1, 2)),
+            RandScaleIntensity(factors=cfg.intensity_scale, prob=cfg.intensity_prob),
+            RandShiftIntensity(offsets=cfg.intensity_shift, prob=cfg.intensity_prob),
+        ]
+    )
+    tf.set_random_state(seed=seed)
+
+    def apply(batch: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.as_tensor(tf(sample)) for sample in batch])
+
+    return apply
+
+
+def _auc(scores: npt.NDArray[np.floating], labels: npt.NDArray[np.floating]) -> float:
+    """ROC AUC by the rank-sum (Mann-Whitney) formula, ties counted half."""
+    pos = scores[labels > 0.5]
+    neg = scores[labels <= 0.5]
+    if pos.size == 0 or neg.size == 0:
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).sum()
+    ties = (pos[:, None] == neg[None, :]).sum()
+    return float((greater + 0.5 * ties) / (pos.size * neg.size))
+
+
+def _bundle_meta(cfg: TrainConfig) -> dict[str, Any]:
+    return {
+        "name": cfg.bundle.name,
+        "version": cfg.bundle.version,
+        "task": cfg.bundle.task,
+        "architecture": dict(cfg.architecture),
+        "input": cfg.input.model_dump(mode="json"),
+        "output": {"kind": "logit", "positive_class": "nodule", "threshold": cfg.bundle.threshold},
+    }
+
+
+def _seed_all(seed: int) -> None:
+    from monai.utils import set_determinism
+
+    set_determinism(seed=seed)
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+
+
+def train(
+    cfg: TrainConfig,
+    out_dir: Path,
+    *,
+    resume: bool = False,
+    device: str = "auto",
+    config_dir: Path | None = None,
+    evaluate_heldout: bool = True,
+) -> Path:
+    """Train the CT nodule-candidate scorer; return the final checkpoint path.
+
+    Writes ``out_dir/data.npz`` (patch cache), ``last.pt`` every epoch,
+    ``final.pt``, ``metrics.json`` and ``MODEL_CARD.md`` (with the held-out
+    evaluation when ``evaluate_heldout``).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.optim.threads > 0:
+        torch.set_num_threads(cfg.optim.threads)
+    _seed_all(cfg.seed)
+    dev = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    )
+    t_start = time.perf_counter()
+    with _distributed() as (rank, world), _progress() as progress:
+        is_main = rank == 0
+        if world > 1 and dev.type == "cuda":
+            dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+        cache = out_dir / "data.npz"
+        counts_file = out_dir / "data_counts.json"
+        bg: LungBackground | None = None
+        if is_main and not (cache.is_file() and counts_file.is_file()):
+            bg = _background(cfg, config_dir, progress)
+            data = prepare_data(cfg, bg, progress)
+            np.savez(cache, x=data.x, y=data.y)
+            counts_file.write_text(json.dumps(data.counts, indent=2), encoding="utf-8")
+        if world > 1:
+            torch.distributed.barrier()
+        with np.load(cache) as npz:
+            x_all, y_all = npz["x"], npz["y"]
+        counts = json.loads(counts_file.read_text(encoding="utf-8"))
+
+        net = build_network(cfg.architecture).to(dev)
+        model: torch.nn.Module = net
+        if world > 1:
+            model = torch.nn.parallel.DistributedDataParallel(
+                net, device_ids=[dev.index] if dev.type == "cuda" else None
+            )
+        opt = torch.optim.AdamW(net.parameters(), lr=cfg.optim.lr,
+                                weight_decay=cfg.optim.weight_decay)
+        n = x_all.shape[0]
+        steps_per_epoch = max(1, math.ceil(n / world / cfg.optim.batch_size))
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.optim.lr, total_steps=cfg.optim.epochs * steps_per_epoch
+        )
+        use_amp = cfg.optim.amp and dev.type == "cuda"
+        scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+        n_pos = float(y_all.sum())
+        pos_weight = torch.tensor((n - n_pos) / max(n_pos, 1.0), device=dev)
+        loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+        start_epoch = 0
+        history: list[dict[str, float]] = []
+        last = out_dir / "last.pt"
+        if resume and last.is_file():
+            ck = torch.load(last, map_location="cpu", weights_only=False)
+            net.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+            start_epoch = int(ck["epoch"]) + 1
+            history = list(ck["history"])
+            torch.set_rng_state(ck["torch_rng"])
+            _console.print(f"resumed from {last} at epoch {start_epoch}")
+        augment = _augmenter(cfg.optim.augment, cfg.seed + 7919 * rank)
+        ep_task = progress.add_task("epochs", total=cfg.optim.epochs, completed=start_epoch)
+        seen = 0
+        t_train = time.perf_counter()
+        for epoch in range(start_epoch, cfg.optim.epochs):
+            g = np.random.default_rng(cfg.seed + 1000 * epoch)
+            order = g.permutation(n)[rank::world]
+            model.train()
+            total, batches = 0.0, 0
+            b_task = progress.add_task(f"epoch {epoch + 1}", total=steps_per_epoch)
+            for b in range(steps_per_epoch):
+                idx = np.sort(order[b * cfg.optim.batch_size : (b + 1) * cfg.optim.batch_size])
+                if idx.size < 2:
+                    progress.advance(b_task)
+                    continue
+                xb = augment(torch.from_numpy(x_all[idx].astype(np.float32))[:, None]).to(dev)
+                yb = torch.from_numpy(y_all[idx]).to(dev)
+                opt.zero_grad(set_to_none=True)
+                with torch.autocast(device_type=dev.type, enabled=use_amp):
+                    loss = loss_fn(model(xb).float(), yb)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                total += float(loss.detach())
+                batches += 1
+                seen += int(idx.size)
+                progress.advance(b_task)
+            progress.remove_task(b_task)
+            history.append({"epoch": epoch + 1, "loss": total / max(batches, 1)})
+            if is_main:
+                torch.save(
+                    {
+                        "model": net.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(),
+                        "epoch": epoch,
+                        "history": history,
+                        "torch_rng": torch.get_rng_state(),
+                        "config": cfg.model_dump(mode="json"),
+                    },
+                    out_dir / "last.tmp",
+                )
+                (out_dir / "last.tmp").replace(last)
+            progress.advance(ep_task)
+        train_s = time.perf_counter() - t_train
+        if world > 1:
+            torch.distributed.barrier()
+        if not is_main:
+            return out_dir / "final.pt"
+
+        net.eval()
+        metrics: dict[str, Any] = {
+            "final_training_loss": history[-1]["loss"] if history else None,
+            "training_patches_per_s": seen / train_s if train_s > 0 and seen else None,
+        }
+        if evaluate_heldout:
+            if bg is None:
+                bg = _background(cfg, config_dir, progress)
+            metrics.update(evaluate_heldout_set(cfg, bg, net, dev, progress))
+        training_data = _training_data(cfg, counts, x_all.shape[0])
+        provenance = {
+            "trainer": "cad-train train",
+            "config": cfg.model_dump(mode="json"),
+            "seed": cfg.seed,
+            "parameters": count_parameters(net),
+            "device": str(dev),
+            "world_size": world,
+            "wall_time_s": round(time.perf_counter() - t_start, 1),
+            "torch": torch.__version__,
+        }
+        final = out_dir / "final.pt"
+        torch.save(
+            {
+                "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+                "bundle": _bundle_meta(cfg),
+                "training_data": training_data,
+                "metrics": metrics,
+                "provenance": provenance,
+                "history": history,
+            },
+            final,
+        )
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        from trainer.export import render_model_card
+
+        (out_dir / "MODEL_CARD.md").write_text(
+            render_model_card(cfg, training_data, metrics, provenance), encoding="utf-8"
+        )
+        return final
+
+
+def _background(cfg: TrainConfig, config_dir: Path | None, progress: Progress) -> LungBackground:
+    if len(cfg.data.ct) != 1:
+        raise ValueError("this trainer version uses exactly one background CT (data.ct)")
+    task = progress.add_task("load CT + lungs", total=3)
+    image = load_ct(resolve_ct_dir(cfg.data.ct[0], config_dir))
+    progress.advance(task)
+    lung = lung_mask_of(image)
+    progress.advance(task)
+    bg = LungBackground.from_image(image, lung)
+    progress.advance(task)
+    return bg
+
+
+def _training_data(cfg: TrainConfig, counts: dict[str, Any], n_patches: int) -> dict[str, Any]:
+    return {
+        "description": (
+            "Real chest CT lung background(s) with synthetic nodules inserted "
+            "(trainer.insertion: solid, part-solid, ground-glass; parenchymal, "
+            "juxtapleural, juxtavascular; partial-volume blending, texture, scanner-level "
+            "noise). Negatives: real candidates of the node's candidate generator and "
+            "dense in-lung structures (vessels) of the same volumes."
+        ),
+        "background_ct": list(cfg.data.ct),
+        "train_z_mm": list(cfg.data.train_z_mm),
+        "heldout_z_mm": list(cfg.data.heldout_z_mm),
+        "diameter_range_mm": list(cfg.data.diameter_range_mm),
+        "excluded_regions": [e.model_dump(mode="json") for e in cfg.data.exclusions],
+        "patches": n_patches,
+        **counts,
+    }
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def score_points(
+    net: torch.nn.Module,
+    hu: npt.NDArray[np.float32],
+    bg: LungBackground,
+    points: npt.NDArray[np.float64],
+    spec: InputConfig,
+    dev: torch.device,
+) -> npt.NDArray[np.float64]:
+    """Probabilities of ``net`` at ``points`` of a HU array (same path as the scorer)."""
+    out = np.empty(points.shape[0], dtype=np.float64)
+    with torch.inference_mode():
+        for s in range(0, points.shape[0], spec.batch_size):
+            p = extract_patches_array(
+                hu, bg.geometry, points[s : s + spec.batch_size], spec.patch_size, spec.spacing_mm
+            )
+            x = torch.from_numpy(normalize_hu(p, spec.hu_window)[:, None]).to(dev)
+            out[s : s + spec.batch_size] = torch.sigmoid(net(x).float()).cpu().numpy()
+    return out
+
+
+def evaluate_heldout_set(
+    cfg: TrainConfig,
+    bg: LungBackground,
+    net: torch.nn.Module,
+    dev: torch.device,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Evaluate on held-out insertions (other seeds, other slab).
+
+    * ``patch_auc``: AUC of the scorer between patches centred on the inserted
+      nodules and the candidate generator's negatives in the slab;
+      ``patch_auc_vs_vessels``: the same against local maxima of dense in-lung
+      structures (vessels) of the slab.
+    * ``froc``: LUNA16 FROC/CPM (``trainer.froc``) of the end-to-end
+      detector (candidate generator + scorer, at most 100 candidates per scan)
+      with one "scan" per held-out volume, restricted to the held-out slab.
+    * ``real_nodule_probability``: the score at each excluded real nodule's
+      centre (never seen in training).
+    """
+    d = cfg.data
+    rng = np.random.default_rng(cfg.seed + 104729)
+    gen = _generator()
+    excl = _exclusions(cfg)
+    task = progress.add_task("held-out evaluation", total=d.heldout_rounds) if progress else None
+    all_scores: list[npt.NDArray[np.float64]] = []
+    all_labels: list[npt.NDArray[np.float64]] = []
+    scans: list[dict[str, Any]] = []
+    vessel_scores: list[npt.NDArray[np.float64]] = []
+    nodule_scores: list[npt.NDArray[np.float64]] = []
+    for r in range(d.heldout_rounds):
+        hu, truth = insert_nodules(
+            bg,
+            d.heldout_nodules_per_round,
+            rng,
+            diameter_range_mm=d.diameter_range_mm,
+            z_range_mm=d.heldout_z_mm,
+            exclusions=excl,
+        )
+        centers = np.asarray([n.center_mm for n in truth], dtype=np.float64).reshape(-1, 3)
+        if gen is not None:
+            cand = gen(bg.to_image(hu), bg.lung)
+        else:
+            cand = dense_structure_points(bg, hu, 400, rng, d.heldout_z_mm)
+        cand = cand[_in_z(cand, d.heldout_z_mm)]
+        lab = label_points(cand, truth, excl, d.negative_margin_mm)
+        cand_scores = score_points(net, hu, bg, cand, cfg.input, dev)
+        nod_scores = score_points(net, hu, bg, centers, cfg.input, dev)
+        neg = lab == 0
+        all_scores += [nod_scores, cand_scores[neg]]
+        all_labels += [np.ones(len(nod_scores)), np.zeros(int(neg.sum()))]
+        dense = dense_structure_points(bg, hu, 200, rng, d.heldout_z_mm)
+        dense = dense[label_points(dense, truth, excl, d.negative_margin_mm) == 0]
+        vessel_scores.append(score_points(net, hu, bg, dense, cfg.input, dev))
+        nodule_scores.append(nod_scores)
+        scans.append(
+            {
+                "scan_id": f"heldout-{r}",
+                "nodules": truth,
+                "candidates": cand,
+                "scores": cand_scores,
+            }
+        )
+        if progress is not None and task is not None:
+            progress.advance(task)
+    scores = np.concatenate(all_scores)
+    labels = np.concatenate(all_labels)
+    result: dict[str, Any] = {
+        "heldout_scans": d.heldout_rounds,
+        "heldout_nodules": int(sum(len(s["nodules"]) for s in scans)),
+        "heldout_negative_patches": int((labels == 0).sum()),
+        "patch_auc": _auc(scores, labels),
+        "heldout_vessel_patches": int(sum(v.size for v in vessel_scores)),
+        "patch_auc_vs_vessels": _auc(
+            np.concatenate(nodule_scores + vessel_scores),
+            np.concatenate(
+                [np.ones(sum(v.size for v in nodule_scores)),
+                 np.zeros(sum(v.size for v in vessel_scores))]
+            ),
+        ),
+        "candidate_source": "cad_node.pipelines.ct_chest.candidates" if gen else "dense_structures",
+    }
+    result["froc"] = _froc(scans)
+    # The excluded real nodule(s), scored where the reference places them.
+    real = np.asarray([e.center_mm for e in d.exclusions], dtype=np.float64).reshape(-1, 3)
+    if real.size:
+        result["real_nodule_probability"] = [
+            round(float(v), 4) for v in score_points(net, bg.hu, bg, real, cfg.input, dev)
+        ]
+    return result
+
+
+def _froc(scans: list[dict[str, Any]]) -> dict[str, Any]:
+    """LUNA16 FROC/CPM via ``trainer.froc`` (see that module for the protocol)."""
+    try:
+        import trainer.froc as froc
+    except ImportError:
+        return {"error": "trainer.froc is not installed; FROC not computed"}
+    return _luna16_froc(froc, scans)
+
+
+def _luna16_froc(froc: Any, scans: list[dict[str, Any]]) -> dict[str, Any]:
+    refs = [
+        froc.ReferenceNodule(scan["scan_id"], n.center_mm, n.diameter_mm)
+        for scan in scans
+        for n in scan["nodules"]
+    ]
+    cands = [
+        froc.Candidate(scan["scan_id"], tuple(float(v) for v in c), float(p))
+        for scan in scans
+        for c, p in zip(scan["candidates"], scan["scores"], strict=True)
+    ]
+    res = froc.luna16_froc(
+        refs,
+        cands,
+        [scan["scan_id"] for scan in scans],
+        max_candidates=MAX_CANDIDATES_PER_SCAN,
+        bootstrap=1000,
+        seed=0,
+    )
+    out: dict[str, Any] = res.to_dict()
+    # Sensitivity of the candidate generator alone (all candidates kept).
+    out["max_sensitivity"] = round(float(res.sensitivity.max()) if res.sensitivity.size else 0.0, 6)
+    return out
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``cad-train train`` to ``app``."""
+
+    @app.command("train")
+    def train_cmd(
+        model: Annotated[str, typer.Argument(help=f"Model to train: {', '.join(MODELS)}.")],
+        config: Annotated[Path, typer.Argument(help="YAML training config.")],
+        out: Annotated[
+            Path | None, typer.Option(help="Run directory (default runs/<model>).")
+        ] = None,
+        resume: Annotated[bool, typer.Option(help="Resume from out/last.pt.")] = False,
+        device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+        evaluate: Annotated[
+            bool, typer.Option(help="Evaluate on the held-out insertion set.")
+        ] = True,
+    ) -> None:
+        """Train MODEL with CONFIG; writes checkpoints, metrics and a model card."""
+        try:
+            cfg = load_train_config(config)
+            if cfg.model != model:
+                raise ValueError(f"{config}: config is for {cfg.model!r}, not {model!r}")
+            run_dir = out or Path("runs") / model
+            final = train(
+                cfg,
+                run_dir,
+                resume=resume,
+                device=device,
+                config_dir=config.parent,
+                evaluate_heldout=evaluate,
+            )
+        except (ValueError, FileNotFoundError) as exc:
+            _console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from None
+        _console.print(f"final checkpoint: {final}")
