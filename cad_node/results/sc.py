@@ -60,6 +60,8 @@ SUMMARY_SHAPE = (768, 1024)
 #: Font sizes (px) of the summary page and key-image labels.
 _FONT_PX = 18
 _LABEL_PX = 14
+#: Key-image labels are at least 1/40 of the image height tall.
+_LABEL_FRACTION = 40
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -236,7 +238,6 @@ def build_key_images(ctx: BuildContext) -> list[tuple[str, hd.sc.SCImage]]:
     if ctx.result.status is not AnalysisStatus.COMPLETED:
         return []
     out: list[tuple[str, hd.sc.SCImage]] = []
-    font = _font(_LABEL_PX)
     for index, finding in enumerate(ctx.result.findings, start=1):
         uid = key_slice_uid(ctx, finding)
         ds = ctx.source.by_uid.get(uid)
@@ -249,12 +250,12 @@ def build_key_images(ctx: BuildContext) -> list[tuple[str, hd.sc.SCImage]]:
         ax, ay = _draw_finding(rgb, ctx, finding, ds)
         image = Image.fromarray(rgb)
         draw = ImageDraw.Draw(image)
+        px = max(_LABEL_PX, rgb.shape[0] // _LABEL_FRACTION)
+        font = _font(px)
         label = _label(finding)
-        ty = ay - _LABEL_PX - 4 if ay > _LABEL_PX + 6 else ay + 4
+        ty = ay - px - 4 if ay > px + 6 else ay + 4
         draw.text((max(ax, 2.0), ty), label, fill=LABEL_RGB, font=font)
-        draw.text(
-            (4, rgb.shape[0] - _LABEL_PX - 4), ctx.settings.disclaimer, fill=LABEL_RGB, font=font
-        )
+        draw.text((4, rgb.shape[0] - px - 4), ctx.settings.disclaimer, fill=LABEL_RGB, font=font)
         pixels = np.asarray(image)
         sc = _sc(ctx, pixels, ds, index, spacing=True)
         item = Dataset()

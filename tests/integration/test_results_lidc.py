@@ -415,3 +415,39 @@ def test_shuffled_files_give_identical_seg(result: AnalysisResult, source: list[
     a.save_as(ba, enforce_file_format=True)
     b.save_as(bb, enforce_file_format=True)
     assert ba.getvalue() == bb.getvalue()
+
+
+def test_gsps_outlines_on_mask_boundary_and_kos_key_slice(
+    built: dict[str, list[tuple[ResultObject, Path]]], result: AnalysisResult
+) -> None:
+    mask = result.findings[0].mask
+    assert mask is not None
+    drawn = {u for k, u in enumerate(mask.sop_instance_uids) if mask.array[k].any()}
+    ((_, gpath),) = built["gsps"]
+    gsps = pydicom.dcmread(gpath)
+    assert [la.GraphicLayer for la in gsps.GraphicLayerSequence] == ["CAD"]
+    annotated = {
+        str(a.ReferencedImageSequence[0].ReferencedSOPInstanceUID): a
+        for a in gsps.GraphicAnnotationSequence
+    }
+    assert set(annotated) == drawn
+    for uid, ann in annotated.items():
+        frame = mask.array[mask.sop_instance_uids.index(uid)]
+        edge = frame & ~ndimage.binary_erosion(frame)
+        dist = ndimage.distance_transform_edt(~edge)
+        for obj in ann.GraphicObjectSequence:
+            assert obj.GraphicAnnotationUnits == "PIXEL"
+            xy = np.asarray(obj.GraphicData, float).reshape(-1, 2)
+            rows = np.clip(np.round(xy[:, 1] - 0.5).astype(int), 0, 511)
+            cols = np.clip(np.round(xy[:, 0] - 0.5).astype(int), 0, 511)
+            assert dist[rows, cols].max() <= 1.0, uid
+    assert gsps.SoftcopyVOILUTSequence[0].WindowWidth == 1500
+    ((_, kpath),) = built["kos"]
+    kos = pydicom.dcmread(kpath)
+    key_uid = max(drawn, key=lambda u: int(mask.array[mask.sop_instance_uids.index(u)].sum()))
+    refs = [
+        str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        for i in kos.ContentSequence
+        if i.ValueType == "IMAGE"
+    ]
+    assert refs == [key_uid]
