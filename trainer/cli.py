@@ -21,7 +21,7 @@ app = typer.Typer(
 )
 
 #: Modules under ``trainer`` whose ``register(app)`` adds commands.
-COMMAND_MODULES: list[str] = ["train", "export", "prepare"]
+COMMAND_MODULES: list[str] = ["train", "export", "prepare", "evaluate"]
 
 
 def _register_all() -> None:
