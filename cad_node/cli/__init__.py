@@ -29,6 +29,7 @@ COMMAND_MODULES: list[str] = [
     "jobs",
     "destinations",
     "status",
+    "analyze",
 ]
 
 
