@@ -38,8 +38,10 @@ def make_hand_off(settings: Settings) -> Callable[[StudyComplete], None] | None:
 def serve(
     config: Annotated[Path, typer.Option("--config", "-c", help="Configuration file.")] = (
         DEFAULT_CONFIG_PATH),
+    no_worker: Annotated[bool, typer.Option(
+        "--no-worker", help="Do not run the embedded worker (workers run elsewhere).")] = False,
 ) -> None:
-    """Receive studies: DICOM SCP, durable spool and study assembly."""
+    """Receive studies: DICOM SCP, durable spool, study assembly and jobs."""
     err = Console(stderr=True)
     try:
         settings = load_config(config)
@@ -53,12 +55,18 @@ def serve(
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    server = NodeServer(settings, on_study_complete=make_hand_off(settings))
+    from cad_node.jobs.service import JobsRuntime
+
+    # Jobs: the durable hand-off, the embedded worker (supervised child) and metrics.
+    jobs = JobsRuntime(settings, config,
+                       worker=settings.jobs.embedded_worker and not no_worker)
+    server = NodeServer(settings, on_study_complete=jobs.on_study_complete)
     try:
         server.start()
     except (OSError, RuntimeError) as exc:
         err.print(f"cannot start the node: {exc}", markup=False, highlight=False)
         raise typer.Exit(EXIT_START_FAILED) from None
+    jobs.start()
     err.print(
         f"cad-node {settings.node.ae_title} listening on {settings.node.host}:{server.port}, "
         f"storage {settings.node.storage_dir}",
@@ -68,6 +76,7 @@ def serve(
         stop.wait()
     finally:
         server.stop()
+        jobs.stop()
 
 
 def register(app: typer.Typer) -> None:
