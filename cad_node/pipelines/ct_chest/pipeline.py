@@ -35,8 +35,10 @@ from cad_node.imaging.volume import index_to_lps
 from cad_node.pipelines import register_pipeline
 from cad_node.pipelines.ct_chest.brock import BrockInputs, brock_probability
 from cad_node.pipelines.ct_chest.candidates import (
+    CLASSICAL_WEIGHTS,
     Candidate,
     candidate_features,
+    classical_probability,
     generate_candidates,
 )
 from cad_node.pipelines.ct_chest.characterise import NoduleMeasurement, characterise_nodule
@@ -90,47 +92,6 @@ MIN_SLICES = 20
 MIN_Z_EXTENT_MM = 80.0
 #: CT Image Storage and Enhanced CT Image Storage SOP classes (PS3.4 B.5).
 CT_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1"}
-
-#: Classical score weights (prior knowledge, not fitted to any test case):
-#: a logistic function of blobness (sphere = 1, tube ~ 0), log diameter
-#: relative to 4 mm, fraction of lung around the blob and its core
-#: attenuation (clipped to +-1 around -500 HU), minus an elongation penalty
-#: (long/short axis above 1.5) once the nodule is measured.
-CLASSICAL_WEIGHTS = {
-    "intercept": -5.0,
-    "blobness": 10.0,
-    "log_diameter": 1.5,
-    "lung_fraction": 2.0,
-    "core_hu": 0.003,
-    "elongation": 1.5,
-}
-
-
-def classical_probability(
-    features: npt.NDArray[np.float64], diameters_mm: npt.NDArray[np.float64],
-    elongation: npt.NDArray[np.float64] | None = None,
-) -> npt.NDArray[np.float64]:
-    """Classical nodule probability from :func:`~.candidates.candidate_features`.
-
-    Parameters
-    ----------
-    features : ndarray (N, 3)
-        Blobness, lung fraction, core HU.
-    diameters_mm : ndarray (N,)
-        Candidate scale (mm).
-    elongation : ndarray (N,), optional
-        Long/short axis ratio of the measured nodule.
-    """
-    w = CLASSICAL_WEIGHTS
-    z = (w["intercept"] + w["blobness"] * features[:, 0]
-         + w["log_diameter"] * np.log(np.maximum(diameters_mm, 1.0) / 4.0)
-         + w["lung_fraction"] * features[:, 1]
-         + np.clip(w["core_hu"] * (features[:, 2] + 500.0), -1.0, 1.0))
-    if elongation is not None:
-        z = z - w["elongation"] * np.maximum(elongation - 1.5, 0.0)
-    out: npt.NDArray[np.float64] = 1.0 / (1.0 + np.exp(-z))
-    return out
-
 
 _AGE_RE = re.compile(r"^(\d{3})([DWMY])$")
 _AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
