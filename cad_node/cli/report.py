@@ -33,7 +33,7 @@ EXIT_INPUT_ERROR = 2
 
 
 def _read_source(folder: Path) -> list[pydicom.Dataset]:
-    out = []
+    out: list[pydicom.Dataset] = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         try:
             out.append(pydicom.dcmread(path))
@@ -64,7 +64,9 @@ def report(
         err.print(f"--objects: unknown kind(s) {bad}; choose from {', '.join(OBJECT_KINDS)}")
         raise typer.Exit(EXIT_INPUT_ERROR)
     try:
-        settings = load_config(config).results if config is not None else ResultsConfig()
+        settings = (
+            load_config(config).results if config is not None else ResultsConfig.model_validate({})
+        )
     except ConfigError as exc:
         err.print(str(exc), markup=False)
         raise typer.Exit(EXIT_INPUT_ERROR) from None

@@ -14,6 +14,7 @@ import datetime
 import enum
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -360,11 +361,11 @@ class BuildContext:
         finding = self.result.findings[index]
         return finding.tracking_uid or self.uids.uid("tracking", finding.tracking_id)
 
-    def common_kwargs(self) -> dict[str, object]:
+    def common_kwargs(self) -> dict[str, Any]:
         """Keyword arguments shared by highdicom SOP constructors."""
         date = self.when.date()
         time = self.when.time()
-        kw: dict[str, object] = {
+        kw: dict[str, Any] = {
             "content_date": date,
             "content_time": time,
             "series_date": date,

@@ -43,7 +43,7 @@ def _mask_polylines(finding: Finding, uid: str) -> list[np.ndarray]:
         return []
     padded = np.pad(frame, 1)
     out = []
-    for contour in measure.find_contours(padded, 0.5):
+    for contour in measure.find_contours(padded, 0.5):  # type: ignore[no-untyped-call]
         if len(contour) < _MIN_VERTICES:
             continue
         # (row, col) of the padded image -> (column, row) PIXEL coordinates.
@@ -56,13 +56,14 @@ def _graphics(
     ctx: BuildContext, finding: Finding, index: int, ds: Dataset
 ) -> tuple[list[hd.pr.GraphicObject], tuple[float, float] | None]:
     uid = str(ds.SOPInstanceUID)
-    tracking = {"tracking_id": finding.tracking_id, "tracking_uid": ctx.tracking_uid(index)}
+    tid, tuid = finding.tracking_id, ctx.tracking_uid(index)
     objects = [
         hd.pr.GraphicObject(
             graphic_type=hd.pr.GraphicTypeValues.POLYLINE,
             graphic_data=xy,
             units=hd.pr.AnnotationUnitsValues.PIXEL,
-            **tracking,
+            tracking_id=tid,
+            tracking_uid=tuid,
         )
         for xy in _mask_polylines(finding, uid)
     ]
@@ -72,7 +73,8 @@ def _graphics(
                 graphic_type=hd.pr.GraphicTypeValues.POLYLINE,
                 graphic_data=region_polyline(finding.region),
                 units=hd.pr.AnnotationUnitsValues.PIXEL,
-                **tracking,
+                tracking_id=tid,
+                tracking_uid=tuid,
             )
         )
     if not objects and finding.center_mm is not None and "ImageOrientationPatient" in ds:
@@ -83,7 +85,8 @@ def _graphics(
                 graphic_type=hd.pr.GraphicTypeValues.CIRCLE,
                 graphic_data=np.asarray([[cx, cy], [cx + radius, cy]], dtype=np.float32),
                 units=hd.pr.AnnotationUnitsValues.PIXEL,
-                **tracking,
+                tracking_id=tid,
+                tracking_uid=tuid,
             )
         )
     if not objects:

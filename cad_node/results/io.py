@@ -89,9 +89,10 @@ def load_result(json_path: Path) -> AnalysisResult:
         raw = json.loads(json_path.read_text())
         for finding in raw.get("findings", []) if isinstance(raw, dict) else []:
             if isinstance(finding, dict):
-                for key, enum_cls in (("finding_type", FindingType), ("site", FindingSite)):
-                    if finding.get(key) is not None:
-                        finding[key] = _coded(enum_cls, finding[key])
+                if finding.get("finding_type") is not None:
+                    finding["finding_type"] = _coded(FindingType, finding["finding_type"])
+                if finding.get("site") is not None:
+                    finding["site"] = _coded(FindingSite, finding["site"])
         result = AnalysisResult.model_validate(raw)
     except ValueError as exc:
         raise ValueError(f"{json_path}: not a valid AnalysisResult: {exc}") from None

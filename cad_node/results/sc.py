@@ -25,7 +25,7 @@ import highdicom as hd
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom import Dataset
-from pydicom.pixels import apply_modality_lut
+from pydicom.pixels.processing import apply_modality_lut
 from scipy import ndimage
 
 from cad_node.results._common import (
@@ -216,7 +216,7 @@ def _sc(
         series_description=f"CAD key images {ctx.model.name} {ctx.model.version}"[:64],
         manufacturer_model_name=ctx.model.name,
         software_versions=ctx.model.version,
-        **kwargs,  # type: ignore[arg-type]
+        **kwargs,
     )
     from cad_node.results._common import processing_equipment
 

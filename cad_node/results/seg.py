@@ -212,7 +212,9 @@ def build_seg(ctx: BuildContext) -> SegResult:
     # Segment-major memory layout, viewed as (frames, rows, cols, segments):
     # highdicom's overlap check sums over the last axis, which is ~4x faster
     # when each segment is a contiguous plane stack.
-    array = np.zeros((len(segs), len(keep), rows, cols), dtype=dtype).transpose(1, 2, 3, 0)
+    array: np.ndarray = np.zeros((len(segs), len(keep), rows, cols), dtype=dtype).transpose(
+        1, 2, 3, 0
+    )
     for s, frames in enumerate(touched):
         for i, frame in frames.items():
             array[new_index[i], :, :, s] = frame
@@ -246,8 +248,8 @@ def build_seg(ctx: BuildContext) -> SegResult:
         content_creator_name=None,
         **kwargs,
     )
-    dataset.ContentDate = ctx.when.strftime("%Y%m%d")
-    dataset.ContentTime = ctx.when.strftime("%H%M%S")
+    setattr(dataset, "ContentDate", ctx.when.strftime("%Y%m%d"))  # noqa: B010 (typed as DA)
+    setattr(dataset, "ContentTime", ctx.when.strftime("%H%M%S"))  # noqa: B010
     ctx.finalize(dataset, "seg")
     infos = tuple(
         SegmentInfo(

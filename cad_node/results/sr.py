@@ -34,6 +34,7 @@ source study and a new series; Contributing Equipment lists the algorithm.
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -276,7 +277,7 @@ def build_sr(ctx: BuildContext, seg: SegResult | None = None) -> hd.sr.Comprehen
             observer_type=codes.DCM.Device, observer_identifying_attributes=device
         )
     )
-    groups = (
+    groups: list[Any] = (
         [_group(ctx, i, f, seg) for i, f in enumerate(ctx.result.findings)]
         if ctx.result.status is AnalysisStatus.COMPLETED
         else []
@@ -331,7 +332,7 @@ def build_sr(ctx: BuildContext, seg: SegResult | None = None) -> hd.sr.Comprehen
         series_description=f"CAD SR {model.name} {model.version}"[:64],
         manufacturer_model_name=model.name,
         software_versions=model.version,
-        **kwargs,  # type: ignore[arg-type]
+        **kwargs,
     )
     ctx.finalize(sr, "sr")
     return sr
