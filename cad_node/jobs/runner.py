@@ -50,6 +50,7 @@ from cad_node.logs import job_logger
 __all__ = [
     "MANIFEST_NAME",
     "JobRunner",
+    "PipelineFailedError",
     "SendStep",
     "StageTimings",
     "resolve_device",
@@ -92,6 +93,10 @@ class StageTimings:
     def add(self, name: str, seconds: float) -> None:
         """Accumulate ``seconds`` under ``name``."""
         self.stages[name] = self.stages.get(name, 0.0) + seconds
+
+
+class PipelineFailedError(RuntimeError):
+    """A pipeline failed in a way that leaves nothing to report as DICOM."""
 
 
 class SendStep(enum.Enum):
@@ -227,6 +232,11 @@ class JobRunner:
         t0 = time.monotonic()
         result = run_pipeline(step.pipeline, loaded, device=self.device)
         timings.add("inference", time.monotonic() - t0)
+        if getattr(result, "model", None) is None:
+            # Without a model identity no conformant result object can be built
+            # (IHE AIR); a failed analysis is then reported in the job table only.
+            reason = getattr(result, "failure_reason", None) or "result names no model"
+            raise PipelineFailedError(f"pipeline {step.pipeline} failed: {reason}")
         t0 = time.monotonic()
         sources = [pydicom.dcmread(p) for p in step.paths]
         fingerprint = hashlib.sha256(

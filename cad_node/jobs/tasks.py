@@ -27,7 +27,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from cad_node.config import Settings, load_config
 from cad_node.jobs.celery_app import QUEUE_INFERENCE, QUEUE_IO, TASK_ANALYSE, TASK_SEND, app
-from cad_node.jobs.runner import JobRunner, SendStep
+from cad_node.jobs.runner import JobRunner, PipelineFailedError, SendStep
 from cad_node.jobs.states import JobState
 from cad_node.jobs.store import Delivery, JobStore
 from cad_node.logs import job_logger
@@ -154,6 +154,10 @@ def analyse_task(self: Any, job_id: int, token: str) -> None:
     except SoftTimeLimitExceeded:
         log.error("soft time limit exceeded")
         runner.store.transition(job_id, JobState.FAILED, error="soft time limit exceeded")
+        return
+    except PipelineFailedError as exc:
+        log.error("%s", exc)
+        runner.store.transition(job_id, JobState.FAILED, error=str(exc)[:2000])
         return
     except Exception as exc:
         log.exception("analysis failed")

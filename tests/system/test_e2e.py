@@ -310,7 +310,7 @@ def test_redis_two_workers_four_studies(
 ) -> None:
     receiver = Node(tmp_path / "node", orthanc.dicom_port, broker_url=redis_server.url,
                     no_worker=True)
-    studies = [sorted(phantom_study(tmp_path / f"p{i}", seed=30 + i, slices=30))
+    studies = [sorted(phantom_study(tmp_path / f"p{i}", seed=30 + i, slices=36))
                for i in range(4)]
     receiver.start()
     workers = [start_worker(receiver.config, name=f"gpu{i}") for i in range(2)]
