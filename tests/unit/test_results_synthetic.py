@@ -1,6 +1,6 @@
 """Result builders on small synthetic CT series (geometry and status edge cases).
 
-The series are generated here (a 16x16-pixel phantom, a few slices) so the
+The series are generated here (a 64x64-pixel phantom, a few slices) so the
 tests are fast and every expected value is set by the test, not by the code.
 """
 
@@ -30,14 +30,14 @@ from cad_node.results.findings import (
     ModelIdentity,
 )
 from cad_node.results.io import load_result, mask_sidecar_path, save_result
-from cad_node.results.sc import summary_lines
+from cad_node.results.sc import CONTOUR_RGB, summary_lines
 from cad_node.results.seg import build_seg
 from cad_node.results.uids import UidFactory, input_fingerprint
 from tests.conftest import dciodvfy
 
 MODEL = ModelIdentity(name="phantom-model", version="2.0.0", device_uid="2.25.31337")
 SETTINGS = ResultsConfig(use_dciodvfy=False)
-N, SIZE = 6, 16
+N, SIZE = 6, 64
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 SAGITTAL = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
 
@@ -165,7 +165,7 @@ def test_seg_rejects_inconsistent_geometry_and_unknown_uids() -> None:
         build_seg(BuildContext.create(_result(series, _ball_mask(series)), tilted, SETTINGS))
     small = copy.deepcopy(series)
     small[1].Rows = 8
-    with pytest.raises(ValueError, match="is 8x16"):
+    with pytest.raises(ValueError, match="is 8x64, not 64x64"):
         build_seg(BuildContext.create(_result(series, _ball_mask(series)), small, SETTINGS))
     with pytest.raises(ValueError, match="not received"):
         build_seg(BuildContext.create(_result(series, _ball_mask(series)), series[:3], SETTINGS))
@@ -315,3 +315,36 @@ def test_json_sidecar_round_trip(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="'finding:Nope' names no finding"):
         load_result(path)
+
+
+def test_key_image_circle_at_center_without_mask() -> None:
+    series = phantom()
+    result = _result(series, None)
+    finding = result.findings[0].model_copy(update={"center_mm": (0.0, 14.0, 1.0)})
+    result = result.model_copy(update={"findings": [finding]})
+    objs = build_results(result, series, settings=SETTINGS, objects=("sc",))
+    key = objs[0].dataset
+    # (0, 14, 1) mm lies on slice 3 (z = -5 + 2*3), column 16, row 30 of the phantom
+    # (origin -16 mm, 1 mm pixels).
+    assert key.SourceImageSequence[0].ReferencedSOPInstanceUID == series[3].SOPInstanceUID
+    rgb = key.pixel_array
+    rows, cols = np.nonzero(np.all(rgb == np.asarray(CONTOUR_RGB, np.uint8), axis=-1))
+    assert len(rows) > 10
+    assert abs(rows.mean() - 30) <= 1 and abs(cols.mean() - 16) <= 1
+    radius = np.hypot(rows - 30, cols - 16)
+    assert radius.min() >= 2 and radius.max() <= 6  # radius max(6 mm / 2, 4 px) = 4 px
+
+
+def test_gate_reports_dciodvfy_errors(tmp_path: Path) -> None:
+    series = phantom()
+    seg = build_results(_result(series, _ball_mask(series)), series, settings=SETTINGS)[0]
+    assert seg.kind == "seg"
+    report = validate(seg, series, use_dciodvfy=True)
+    if not report.dciodvfy_ran:
+        pytest.skip("dciodvfy is not installed")
+    assert report.ok, report.errors
+    broken = copy.deepcopy(seg.dataset)
+    del broken.SegmentSequence[0].SegmentAlgorithmType
+    bad = validate(broken, series, use_dciodvfy=True)
+    assert not bad.ok
+    assert any(e.startswith("dciodvfy: Error") and "SegmentAlgorithmType" in e for e in bad.errors)
