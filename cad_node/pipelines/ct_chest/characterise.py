@@ -9,7 +9,9 @@ opening detaches vessels; the component at the centre is the nodule.
 Measurements follow Lung-RADS v2022: long axis = longest diameter on the axial
 slice where it is largest, short axis = the longest diameter perpendicular to
 it on the same slice, mean diameter = their mean.  Type from the HU
-distribution: fraction of voxels at or above :data:`SOLID_HU`.
+distribution: solid when most voxels are at or above :data:`SOLID_HU`,
+part-solid when a solid component of at least :data:`MIN_SOLID_COMPONENT_MM`
+exists, else ground glass.
 """
 
 from __future__ import annotations
@@ -35,9 +37,13 @@ __all__ = [
 NODULE_HU = -650.0
 #: Solid component threshold (HU).
 SOLID_HU = -300.0
-#: Solid fraction at/above which a nodule is solid / at/below which it is ground glass.
+#: Solid fraction (voxels >= SOLID_HU) at/above which a nodule is solid ...
 SOLID_FRACTION = 0.6
-GGO_FRACTION = 0.15
+#: ... or whose solid component's mean axial diameter is this fraction of the whole's.
+SOLID_DIAMETER_RATIO = 0.8
+#: Smallest solid component (mean axial diameter, mm) that makes a nodule part-solid;
+#: below it the nodule is ground glass.
+MIN_SOLID_COMPONENT_MM = 3.0
 
 
 @dataclass(frozen=True)
@@ -171,18 +177,20 @@ def characterise_nodule(
     values = roi[mask]
     solid = mask & (roi >= SOLID_HU)
     solid_fraction = float(solid.sum()) / nvox
-    if solid_fraction >= SOLID_FRACTION:
-        ntype = NoduleType.SOLID
-    elif solid_fraction <= GGO_FRACTION:
-        ntype = NoduleType.GROUND_GLASS
-    else:
-        ntype = NoduleType.PART_SOLID
     best = (0.0, 0.0, 0)
     for k in np.nonzero(mask.any(axis=(1, 2)))[0]:
         la, sa = axial_diameters(mask[k], (spacing[1], spacing[2]))
         if la > best[0]:
             best = (la, sa, int(k))
-    la_s, sa_s = axial_diameters(solid[best[2]], (spacing[1], spacing[2]))
+    solid_d = max((sum(axial_diameters(solid[k], (spacing[1], spacing[2]))) / 2.0
+                   for k in np.nonzero(solid.any(axis=(1, 2)))[0]), default=0.0)
+    mean_d = (best[0] + best[1]) / 2.0
+    if solid_fraction >= SOLID_FRACTION or solid_d >= SOLID_DIAMETER_RATIO * mean_d:
+        ntype = NoduleType.SOLID
+    elif solid_d >= MIN_SOLID_COMPONENT_MM:
+        ntype = NoduleType.PART_SOLID
+    else:
+        ntype = NoduleType.GROUND_GLASS
     com = np.array(ndi.center_of_mass(mask)) + lo
     zs = np.nonzero(mask.any(axis=(1, 2)))[0]
     return NoduleMeasurement(
@@ -194,6 +202,6 @@ def characterise_nodule(
         volume_mm3=nvox * voxel_mm3,
         mean_hu=float(values.mean()),
         nodule_type=ntype,
-        solid_mean_diameter_mm=(la_s + sa_s) / 2.0,
+        solid_mean_diameter_mm=solid_d,
         solid_fraction=solid_fraction,
     )
