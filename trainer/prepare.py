@@ -239,21 +239,79 @@ def _resample(image: Any, spacing: tuple[float, float, float], *, labels: bool) 
     return f.Execute(image)
 
 
+def _resample_labels(label: np.ndarray, image: Any, grid: Any) -> np.ndarray:
+    """Nearest-neighbour resampling of a sparse label volume onto ``grid``.
+
+    Only the labels' bounding box (plus a voxel) is resampled: the rest of the
+    output is background, so the result equals resampling the whole volume.
+    """
+    import SimpleITK as sitk  # noqa: N813
+
+    gx, gy, gz = grid.GetSize()
+    out = np.zeros((gz, gy, gx), dtype=np.uint8)
+    nz = np.argwhere(label)
+    if len(nz) == 0:
+        return out
+    lo = np.maximum(nz.min(axis=0) - 1, 0)
+    hi = np.minimum(nz.max(axis=0) + 2, label.shape)
+    crop = sitk.GetImageFromArray(np.ascontiguousarray(label[lo[0]:hi[0], lo[1]:hi[1],
+                                                             lo[2]:hi[2]]))
+    crop.SetSpacing(image.GetSpacing())
+    crop.SetDirection(image.GetDirection())
+    crop.SetOrigin(image.TransformIndexToPhysicalPoint([int(lo[2]), int(lo[1]), int(lo[0])]))
+    corners = [
+        grid.TransformPhysicalPointToContinuousIndex(
+            image.TransformContinuousIndexToPhysicalPoint([float(x), float(y), float(z)]))
+        for z in (lo[0] - 0.5, hi[0] - 0.5) for y in (lo[1] - 0.5, hi[1] - 0.5)
+        for x in (lo[2] - 0.5, hi[2] - 0.5)
+    ]
+    c = np.asarray(corners)
+    size = np.asarray(grid.GetSize())
+    glo = np.clip(np.floor(c.min(axis=0)).astype(int), 0, size)
+    ghi = np.clip(np.ceil(c.max(axis=0)).astype(int) + 1, 0, size)
+    if np.any(ghi <= glo):
+        return out
+    f = sitk.ResampleImageFilter()
+    f.SetOutputSpacing(grid.GetSpacing())
+    f.SetOutputDirection(grid.GetDirection())
+    f.SetOutputOrigin(grid.TransformIndexToPhysicalPoint([int(v) for v in glo]))
+    f.SetSize([int(v) for v in ghi - glo])
+    f.SetInterpolator(sitk.sitkNearestNeighbor)
+    f.SetDefaultPixelValue(0)
+    part = sitk.GetArrayFromImage(f.Execute(crop))
+    out[glo[2]:ghi[2], glo[1]:ghi[1], glo[0]:ghi[0]] = part
+    return out
+
+
 def _prepare_lidc_case(series: LidcSeries, out: Path, spacing: tuple[float, float, float],
                        compress: bool) -> dict[str, Any]:
+    import pydicom
     import SimpleITK as sitk  # noqa: N813
 
     from cad_node.imaging.volume import load_series
 
-    headers = lidc.read_series_headers(series.series_dir)
-    annotation = _select_xml(series.series_dir, headers.series_instance_uid)
-    loaded = load_series(sorted(headers.files_by_sop_uid.values()))
+    files = sorted(series.series_dir.glob("*.dcm"))
+    try:
+        first = pydicom.dcmread(files[0], stop_before_pixels=True)
+        series_uid = str(first.SeriesInstanceUID)
+    except Exception as exc:  # pydicom raises many types on bad files
+        raise ValueError(f"{files[0]}: unreadable DICOM header ({exc})") from exc
+    # check the XML before decoding any pixel data
+    annotation = _select_xml(series.series_dir, series_uid)
+    loaded = load_series(files)
     if loaded.modality != "CT":
         raise ValueError(f"{series.series_dir}: modality {loaded.modality}, not CT")
+    if loaded.series_instance_uid != series_uid:
+        raise ValueError(f"{series.series_dir}: more than one series in the folder")
     z_of_sop = {uid: k for k, uid in enumerate(loaded.sop_instance_uids)}
-    positions = headers.positions_by_sop_uid
-    pixel_spacing = headers.pixel_spacing
-    rows, cols = headers.rows, headers.cols
+    positions = {
+        uid: (float(ds.ImagePositionPatient[0]), float(ds.ImagePositionPatient[1]),
+              float(ds.ImagePositionPatient[2]))
+        for uid, ds in zip(loaded.sop_instance_uids, loaded.datasets, strict=True)
+    }
+    ds0 = loaded.datasets[0]
+    pixel_spacing = (float(ds0.PixelSpacing[0]), float(ds0.PixelSpacing[1]))
+    rows, cols = int(ds0.Rows), int(ds0.Columns)
     nz = len(loaded.sop_instance_uids)
 
     clusters = lidc.cluster_nodules(annotation, positions, pixel_spacing, rows=rows, cols=cols)
@@ -320,16 +378,14 @@ def _prepare_lidc_case(series: LidcSeries, out: Path, spacing: tuple[float, floa
 
     # Outside-the-FOV padding (e.g. -2000) and anything below air become air.
     image = sitk.Clamp(loaded.image, lowerBound=HU_AIR, upperBound=HU_MAX)
-    label_img = sitk.GetImageFromArray(label)
-    label_img.CopyInformation(image)
     res_img = _resample(image, spacing, labels=False)
-    res_lab = _resample(label_img, spacing, labels=True)
+    lab_out = _resample_labels(label, image, res_img)
     vol_out = sitk.GetArrayFromImage(res_img)
     if vol_out.dtype != np.int16:
         vol_out = np.clip(np.rint(vol_out), -32768, 32767).astype(np.int16)
     arrays.update(
         volume_hu=vol_out,
-        consensus_label=sitk.GetArrayFromImage(res_lab).astype(np.uint8),
+        consensus_label=lab_out,
         spacing_zyx=np.asarray(spacing[::-1], dtype=float),
         origin_xyz=np.asarray(res_img.GetOrigin(), dtype=float),
         direction=np.asarray(res_img.GetDirection(), dtype=float),
@@ -348,8 +404,8 @@ def _prepare_lidc_case(series: LidcSeries, out: Path, spacing: tuple[float, floa
         "patient": series.patient,
         "series_dir": str(series.series_dir),
         "xml": annotation.path.name,
-        "series_instance_uid": headers.series_instance_uid,
-        "study_instance_uid": headers.study_instance_uid,
+        "series_instance_uid": loaded.series_instance_uid,
+        "study_instance_uid": loaded.study_instance_uid,
         "n_sessions": len(annotation.sessions),
         "n_slices": nz,
         "original_spacing_zyx": list(arrays["original_spacing_zyx"]),
