@@ -29,17 +29,21 @@ index row are durable.
 from __future__ import annotations
 
 import logging
+import queue
 import socket
 import threading
+import time
 import weakref
 from collections.abc import Callable
+from copy import deepcopy
 from dataclasses import dataclass
 from typing import Any
 
 from pynetdicom import AE, _config, evt
+from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
-from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from cad_node.config import Settings
 from cad_node.scp.contexts import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION_SOP_CLASS
@@ -69,6 +73,12 @@ log = logging.getLogger(__name__)
 #: Bytes an association may receive beyond its cap (while its C-STOREs are
 #: being refused) before it is aborted.
 ABORT_SLACK_BYTES = 64 * 1024**2
+
+#: Idle sleep of pynetdicom's DUL reactor loop (seconds); see _RequestHandler.
+DUL_IDLE_SLEEP_S = 0.0002
+#: Longest the association reactor blocks waiting for a DIMSE message before
+#: it checks for release, abort and the network timeout (seconds).
+REACTOR_WAIT_S = 0.005
 
 _SUPPORTED_STORAGE = frozenset(STORAGE_SOP_CLASSES.values())
 
@@ -177,14 +187,86 @@ class _AdmissionACSE(ACSE):
             ac.transfer_syntax = front + [ts for ts in ours if ts not in front]
 
 
+class _Association(Association):
+    """Acceptor association whose reactor waits on its message queue.
+
+    pynetdicom's acceptor reactor polls for a complete DIMSE message with a
+    1 ms ``sleep`` per loop; on a busy machine each sleep costs far more and
+    bounds C-STORE throughput.  This reactor blocks on the queue instead
+    (waking as soon as a message is decoded) and otherwise performs the same
+    checks, in the same order, as pynetdicom 3.0's ``_run_reactor``.
+    """
+
+    def _run_reactor(self) -> None:
+        self._is_paused = False
+        while not self._kill:
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+
+            try:
+                context_id, msg = self.dimse.msg_queue.get(timeout=REACTOR_WAIT_S)
+            except queue.Empty:
+                context_id, msg = None, None
+            if msg:
+                self._serve_request(msg, int(context_id))  # type: ignore[arg-type]
+
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+
+            if self.acse.is_aborted():
+                self.dul.receive_pdu(wait=False)
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+
+            if not self.dul.is_alive():
+                self.kill()
+                return
+
+            if self.dul.idle_timer_expired():
+                log.error("network timeout reached; aborting association")
+                self.abort()
+                self.kill()
+                return
+
+
 class _RequestHandler(RequestHandler):
-    """Create acceptor associations with the admission-checking ACSE."""
+    """Create acceptor associations with admission checks and a faster reactor."""
 
     def _create_association(self) -> Association:
-        assoc = super()._create_association()
         server = self.server
         assert isinstance(server, _Server)
+        assoc = _Association(self.ae, MODE_ACCEPTOR)
+        assoc._server = server
+        assoc.name = f"AcceptorThread@{time.strftime('%Y%m%d%H%M%S')}"
+        sock = AssociationSocket(assoc, client_socket=self.request)
+        assoc.set_socket(sock)
+        assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
+        assoc.acceptor.ae_title = server.ae_title
+        assoc.acceptor.address_info = self.local
+        assoc.acceptor.implementation_class_uid = self.ae.implementation_class_uid
+        assoc.acceptor.implementation_version_name = self.ae.implementation_version_name
+        assoc.acceptor.supported_contexts = deepcopy(server.contexts)
+        assoc.requestor.address_info = self.remote
+        for event, handlers in server._handlers.items():
+            if event.is_intervention and handlers:
+                assoc.bind(event, *handlers)
+            elif isinstance(event, evt.NotificationEvent):
+                for handler in handlers:
+                    assoc.bind(event, handler[0], handler[1])  # type: ignore[index]
         assoc.acse = _AdmissionACSE(assoc, server.admission)
+        # pynetdicom's DUL reactor sleeps this long whenever it finds nothing
+        # to do (default 1 ms): it is the latency before the first PDU of the
+        # next C-STORE is read and before our response is sent.
+        assoc.dul._run_loop_delay = DUL_IDLE_SLEEP_S
         return assoc
 
 

@@ -2,8 +2,10 @@
 
 Why SQLite in WAL mode
 ----------------------
-* One commit is one ``fsync`` of the write-ahead log (``synchronous=FULL``),
-  so "recorded in the index" survives power loss before Success is sent.
+* A commit is atomic and, with ``synchronous=FULL`` (the default here), one
+  ``fsync`` of the write-ahead log.  The spool opens it with
+  ``synchronous=NORMAL`` because it can rebuild lost rows from its fsynced
+  files (see :mod:`cad_node.storage.spool`).
 * Readers in other processes (the job worker) see a consistent snapshot while
   the SCP writes, without blocking it (PS: WAL readers never block the writer).
 * It ships with Python; nothing to run or administer.
@@ -188,8 +190,16 @@ class SpoolIndex:
     """
 
     def __init__(
-        self, db_path: str | Path, objects_dir: str | Path, *, readonly: bool = False
+        self,
+        db_path: str | Path,
+        objects_dir: str | Path,
+        *,
+        readonly: bool = False,
+        synchronous: str = "FULL",
     ) -> None:
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
+        self.synchronous = synchronous
         self.db_path = Path(db_path)
         self.objects_dir = Path(objects_dir).resolve()
         self.readonly = readonly
@@ -208,7 +218,7 @@ class SpoolIndex:
                 timeout=BUSY_TIMEOUT_MS / 1000,
             )
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(f"PRAGMA synchronous={self.synchronous}")
             self._db.execute("PRAGMA foreign_keys=ON")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, SCHEMA_VERSION):

@@ -24,8 +24,18 @@ Order of operations in :meth:`Spool.store` (the durability contract)
 4. Write File Meta Information + the received bytes (pixel data never
    decoded) to ``.<id>.tmp`` in the final directory (same filesystem),
    ``fsync`` it, ``rename`` it to ``<id>.dcm``, ``fsync`` the directory.
-5. Insert the index row (one SQLite transaction, WAL, ``synchronous=FULL``).
+5. Insert the index row (one SQLite transaction in WAL mode): committed and
+   visible to every reader before Success.
 6. Only then does :meth:`store` return; the caller answers Success.
+
+Why the index commit is not fsynced (``synchronous=NORMAL``)
+-------------------------------------------------------------
+The fsynced file is the durable record; the index is derived from it.  A
+commit survives a process crash (``kill -9``) either way; only a power loss
+can drop the last WAL commits, and then :meth:`Spool.open` finds the files
+that have no index row and indexes them again before the node accepts
+associations.  This saves one of three fsyncs per instance (a third of the
+durable-write cost) without weakening "acknowledged => durable".
 
 On any failure in 4-5 the temp/final file is removed and the error raised, so
 a failure status never leaves a file behind.  After a crash, :meth:`Spool.open`
@@ -41,16 +51,12 @@ import fcntl
 import hashlib
 import logging
 import os
+import struct
 import threading
 import time
 from dataclasses import dataclass
 from enum import Enum
-from io import BytesIO
 from pathlib import Path
-
-from pydicom.dataset import FileMetaDataset
-from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import UID
 
 from cad_node import __version__ as _node_version
 from cad_node.storage.index import DuplicateInstanceError, NewInstance, SpoolIndex
@@ -136,6 +142,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _meta_element(elem: int, vr: bytes, value: bytes) -> bytes:
+    """One Explicit VR Little Endian element of group 0002 (PS3.5 7.1.2)."""
+    if vr == b"OB":
+        return struct.pack("<HH2sHI", 0x0002, elem, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, elem, vr, len(value)) + value
+
+
+def _padded(text: str, pad: bytes) -> bytes:
+    raw = text.encode("ascii")
+    return raw + pad if len(raw) % 2 else raw
+
+
 def encode_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> bytes:
     """Encode the preamble, prefix and File Meta Information (PS3.10 7.1).
 
@@ -144,22 +162,30 @@ def encode_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_
     sop_class_uid, sop_instance_uid, transfer_syntax_uid : str
         Valid UIDs for (0002,0002), (0002,0003) and (0002,0010).
 
+    Returns
+    -------
+    bytes
+        128-byte preamble, ``DICM``, then group 0002 in Explicit VR Little
+        Endian: group length, version, the three UIDs above, Implementation
+        Class UID and Implementation Version Name.
+
     Notes
     -----
     The meta depends only on these UIDs, so the same data set always yields
     the same file bytes (and SHA-256), whoever sends it; the calling AE is
-    kept in the index instead.
+    kept in the index instead.  Hand-encoded: pydicom's writer costs about
+    half a millisecond per instance.
     """
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
-    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
-    meta.TransferSyntaxUID = UID(transfer_syntax_uid)
-    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    buf = BytesIO()
-    buf.write(_PREAMBLE)
-    write_file_meta_info(buf, meta, enforce_standard=True)  # type: ignore[arg-type]
-    return buf.getvalue()
+    body = b"".join((
+        _meta_element(0x0001, b"OB", b"\x00\x01"),  # File Meta Information Version
+        _meta_element(0x0002, b"UI", _padded(sop_class_uid, b"\x00")),
+        _meta_element(0x0003, b"UI", _padded(sop_instance_uid, b"\x00")),
+        _meta_element(0x0010, b"UI", _padded(transfer_syntax_uid, b"\x00")),
+        _meta_element(0x0012, b"UI", _padded(IMPLEMENTATION_CLASS_UID, b"\x00")),
+        _meta_element(0x0013, b"SH", _padded(IMPLEMENTATION_VERSION_NAME, b" ")),
+    ))
+    group_length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body))
+    return _PREAMBLE + group_length + body
 
 
 class Spool:
@@ -181,7 +207,7 @@ class Spool:
         self.objects_dir = root / "objects"
         self.min_free_bytes = min_free_bytes
         self._lock_fd = lock_fd
-        self.index = SpoolIndex(root / "index.sqlite3", self.objects_dir)
+        self.index = SpoolIndex(root / "index.sqlite3", self.objects_dir, synchronous="NORMAL")
         self._id_lock = threading.Lock()
         self._next_id = 1
         self._known_dirs: set[Path] = set()
