@@ -24,6 +24,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, start_http_server
 from prometheus_client.core import (
@@ -88,7 +89,14 @@ class JobTableCollector(Collector):
 
 
 def start_metrics_server(store: JobStore, host: str, port: int,
-                         registry: CollectorRegistry = REGISTRY) -> None:
-    """Register the job-table collector and serve ``/metrics`` on ``host:port``."""
+                         registry: CollectorRegistry = REGISTRY) -> Any:
+    """Register the job-table collector and serve ``/metrics`` on ``host:port``.
+
+    Returns
+    -------
+    server
+        The HTTP server (``server.shutdown()`` stops it); it runs in a daemon thread.
+    """
     registry.register(JobTableCollector(store))
-    start_http_server(port, addr=host, registry=registry)
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server
