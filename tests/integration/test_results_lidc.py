@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import random
 import re
 import subprocess
@@ -196,9 +197,16 @@ def test_dsrdump_prints_tid1500_tree(built: dict[str, list[tuple[ResultObject, P
     ).stdout
     assert '"Imaging Measurement Report"' in out
     assert '"Tracking Identifier")="Nodule 1"' in out
-    tracking_uid = obj.dataset.ContentSequence  # noqa: F841 - tree printed below must carry the UID
     m = re.search(r'"Tracking Unique Identifier"\)="([0-9.]+)"', out)
-    assert m and m.group(1).startswith("2.25.")
+    seg_obj = built["seg"][0][0]
+    seg_tracking = {
+        str(d.TrackingUID)
+        for d in seg_obj.dataset.SegmentSequence
+        if d.get("TrackingID") == "Nodule 1"
+    }
+    # The SR and the SEG segment share the finding's (derived) tracking UID.
+    assert m and m.group(1).startswith("2.25.") and {m.group(1)} == seg_tracking
+    assert obj.dataset.SOPInstanceUID != seg_obj.dataset.SOPInstanceUID
     assert re.search(r'"Long axis"\)="23\.1\d*" \(mm', out), out
     assert re.search(r'"Volume"\)="[0-9.]+" \(mm3', out)
     assert '"Referenced Segment"' in out
@@ -309,10 +317,6 @@ def test_same_input_same_bytes_new_model_new_uids(
     assert sorted(_uids(again)) == sorted(_uids(first))
     by_name = {o.filename: p.read_bytes() for items in built.values() for o, p in items}
     for obj in again:
-        path = Path(str(obj.filename))
-        del path
-        import io
-
         buf = io.BytesIO()
         obj.dataset.save_as(buf, enforce_file_format=True)
         assert buf.getvalue() == by_name[obj.filename], f"{obj.filename} differs on rebuild"
@@ -409,8 +413,6 @@ def test_shuffled_files_give_identical_seg(result: AnalysisResult, source: list[
     shuffled = list(reversed(source))
     random.Random(3).shuffle(shuffled)
     b = build_seg(BuildContext.create(res, shuffled, SETTINGS)).dataset
-    import io
-
     ba, bb = io.BytesIO(), io.BytesIO()
     a.save_as(ba, enforce_file_format=True)
     b.save_as(bb, enforce_file_format=True)
