@@ -86,8 +86,11 @@ def _read_full(info: SeriesInfo) -> list[pydicom.Dataset]:
 
 
 def _findings_table(result: AnalysisResult) -> Table:
-    table = Table("id", "p", "site", "type", "long x short mm", "volume mm3", "mean HU",
-                  "Brock", "centre LPS mm", title=f"{result.pipeline}: findings")
+    table = Table(title=f"{result.pipeline}: findings")
+    table.add_column("id", no_wrap=True)
+    for name in ("p", "site", "type", "long x short mm", "volume mm3", "mean HU", "Brock",
+                 "centre LPS mm"):
+        table.add_column(name)
     for f in result.findings:
         table.add_row(
             f.tracking_id,
@@ -147,8 +150,8 @@ def analyze(
                                            help="Run dciodvfy in the gate.")] = True,
 ) -> None:
     """Run the matching pipelines on DIRECTORY offline and print the findings."""
-    console = Console()
-    err = Console(stderr=True)
+    console = Console(soft_wrap=True)
+    err = Console(stderr=True, soft_wrap=True)
     if not directory.is_dir():
         err.print(f"{directory}: not a folder", markup=False)
         raise typer.Exit(EXIT_INPUT_ERROR)

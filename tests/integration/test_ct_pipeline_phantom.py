@@ -1,0 +1,149 @@
+"""Synthetic phantom suite: known nodules in a lung-like volume with noise and vessels.
+
+The phantom (``trainer.synthetic``) is written as a real CT DICOM series in a
+shuffled file order, loaded, analysed once per module, and checked for
+sensitivity, position error and size error.  The SEG built from the result is
+read back and must align with the source slices by SOP Instance UID.  The
+offline CLI runs on the same folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from typer.testing import CliRunner
+
+from cad_node.cli import app
+from cad_node.config import ResultsConfig
+from cad_node.imaging import load_series, lps_to_index
+from cad_node.pipelines.ct_chest.pipeline import CtChestPipeline
+from cad_node.results import build_results
+from cad_node.results.findings import AnalysisStatus, FindingSite, NoduleType
+from trainer.synthetic import NoduleSpec, make_phantom, random_nodule_specs, write_dicom_series
+
+SHAPE = (100, 192, 192)
+SPACING = (2.0, 1.5, 1.5)
+
+
+@pytest.fixture(scope="module")
+def phantom_case(tmp_path_factory: pytest.TempPathFactory):
+    specs = random_nodule_specs(SHAPE, SPACING, 6, seed=11, diameter_range_mm=(5.0, 20.0))
+    specs += [
+        NoduleSpec(diameter_mm=10.0, center_vox=(55, 96, 40), juxtapleural=True),
+        NoduleSpec(diameter_mm=12.0, center_vox=(45, 90, 150), juxtapleural=True,
+                   axes=(1.0, 1.3, 0.8)),
+    ]
+    ph = make_phantom(SHAPE, SPACING, nodules=specs, seed=5)
+    folder = tmp_path_factory.mktemp("phantom")
+    files = write_dicom_series(ph.volume_hu, ph.spacing, ph.origin, folder, seed=5,
+                               patient_age=67, patient_sex="F", shuffle_names=True)
+    series = load_series(files)
+    run = CtChestPipeline(use_scorer=False).run_detailed(series)
+    return ph, folder, series, run
+
+
+def _match(ph, result):
+    """For each truth nodule: (truth, nearest finding or None, distance)."""
+    out = []
+    for n in ph.nodules:
+        if not result.findings:
+            out.append((n, None, np.inf))
+            continue
+        d = [np.linalg.norm(np.array(f.center_mm) - n.center_mm) for f in result.findings]
+        i = int(np.argmin(d))
+        out.append((n, result.findings[i] if d[i] < n.diameter_mm / 2 else None, d[i]))
+    return out
+
+
+def test_lungs_match_truth(phantom_case) -> None:
+    ph, _, _, run = phantom_case
+    assert run.result.status is AnalysisStatus.COMPLETED, run.result.failure_reason
+    left = run.result.organ_masks[FindingSite.LEFT_LUNG].array
+    right = run.result.organ_masks[FindingSite.RIGHT_LUNG].array
+    for mask, label in ((left, 2), (right, 1)):  # phantom: 1 = right (low x), 2 = left
+        truth = ph.lung_labels == label
+        dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
+        assert dice > 0.95
+    # the phantom's trachea and main bronchi (air outside the lung labels) are excluded
+    airway = (ph.volume_hu < -900) & (ph.lung_labels == 0)
+    body = np.zeros_like(airway)
+    body[:, 20:-20, 20:-20] = True  # away from the outside air at the border
+    assert (airway & body).sum() > 100
+    assert ((left | right) & airway & body).sum() < 0.02 * (airway & body).sum()
+
+
+def test_sensitivity_position_and_size(phantom_case) -> None:
+    ph, _, _, run = phantom_case
+    res = run.result
+    threshold = res.measurements["operating_threshold"]
+    matches = _match(ph, res)
+    solid_like = [(n, f, d) for n, f, d in matches if n.kind != "ground-glass"]
+    found = [(n, f, d) for n, f, d in solid_like if f is not None and f.probability >= threshold]
+    assert len(found) >= 0.8 * len(solid_like), [(n.kind, n.diameter_mm, d)
+                                                  for n, f, d in matches]
+    errors = [d for _, _, d in found]
+    assert np.mean(errors) < 2.0
+    size_err = [abs((6 * f.volume_mm3 / np.pi) ** (1 / 3) - n.diameter_mm) / n.diameter_mm
+                for n, f, _ in found]
+    assert np.median(size_err) < 0.15
+    assert max(size_err) < 0.35
+    for n, f, _ in found:
+        if n.kind == "solid":
+            assert f.nodule_type is NoduleType.SOLID
+    # age and sex came from the DICOM header: Brock did not miss them
+    assert not any("patient age missing" in note for note in res.notes)
+    assert not any("patient sex missing" in note for note in res.notes)
+
+
+def test_masks_round_trip_through_seg(phantom_case) -> None:
+    _, folder, series, run = phantom_case
+    res = run.result
+    source = [pydicom.dcmread(p) for p in sorted(folder.iterdir())]
+    seg_obj = next(o for o in build_results(res, source, settings=ResultsConfig(),
+                                            objects=["seg"]) if o.kind == "seg")
+    seg = hd.seg.Segmentation.from_dataset(seg_obj.dataset)
+    uids = list(series.sop_instance_uids)
+    pixels = seg.get_pixels_by_source_instance(uids)  # (n, rows, cols, segments)
+    descs = {d.SegmentNumber: d for d in seg.SegmentSequence}
+    left_num = next(k for k, d in descs.items() if d.SegmentLabel == FindingSite.LEFT_LUNG.meaning)
+    col = sorted(descs).index(left_num)
+    assert np.array_equal(pixels[..., col] > 0,
+                          res.organ_masks[FindingSite.LEFT_LUNG].array)
+    # the first nodule's voxels in the SEG lie at its truth position
+    f = res.findings[0]
+    k = list(f.mask.sop_instance_uids)
+    frames = [uids.index(u) for u in k]
+    centre_idx = np.round(lps_to_index(series.image, f.center_mm)).astype(int)
+    assert centre_idx[0] in frames
+    assert series.datasets[centre_idx[0]].SOPInstanceUID in k
+
+
+def test_cli_analyze_writes_results(phantom_case, tmp_path: Path) -> None:
+    _, folder, series, _ = phantom_case
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["analyze", str(folder), "--out", str(out),
+                                      "--objects", "sr,seg"])
+    assert result.exit_code == 0, result.output
+    assert "Nodule 1" in result.output and "lung_rads:" in result.output
+    summary = json.loads((out / "summary.json").read_text())
+    (entry,) = summary["analyses"]
+    assert entry["status"] == "completed"
+    assert entry["series_instance_uid"] == series.series_instance_uid
+    assert entry["findings"] and entry["qualitative"]["lung_rads"]
+    kinds = {o["kind"] for o in entry["objects"] if o["verdict"] == "ok"}
+    assert kinds == {"sr", "seg"}
+    assert (out / "analysis_001" / "findings.json").is_file()
+
+
+def test_cli_analyze_refuses_unusable_folders(tmp_path: Path) -> None:
+    runner = CliRunner()
+    r = runner.invoke(app, ["analyze", str(tmp_path / "missing")])
+    assert r.exit_code == 2 and "not a folder" in r.output
+    (tmp_path / "notes.txt").write_text("not dicom")
+    r = runner.invoke(app, ["analyze", str(tmp_path)])
+    assert r.exit_code == 2 and "no DICOM series" in r.output
