@@ -18,11 +18,19 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
     "AnalysisResult",
@@ -135,6 +143,42 @@ class ImageMask:
         return bool(self.array.dtype == np.float32)
 
 
+_E = TypeVar("_E", FindingType, FindingSite)
+
+
+def _coded_parser(enum_cls: type[_E]) -> Any:
+    """Accept a member, its name, its code value or ``[code, meaning]`` (JSON forms)."""
+
+    def parse(value: object) -> object:
+        if isinstance(value, enum_cls):
+            return value
+        if isinstance(value, str):
+            for member in enum_cls:
+                if value in (member.name, member.code):
+                    return member
+        if isinstance(value, (list, tuple)) and len(value) == 2:
+            for member in enum_cls:
+                if tuple(value) == member.value:
+                    return member
+        return value  # pydantic then reports a clear enum error
+
+    return BeforeValidator(parse)
+
+
+def _by_name(member: enum.Enum) -> str:
+    return member.name
+
+
+#: JSON form of coded enums: the member name (e.g. ``"NODULE"``); parsed back
+#: from the name, the SNOMED code or ``[code, meaning]``.
+CodedFindingType = Annotated[
+    FindingType, _coded_parser(FindingType), PlainSerializer(_by_name, when_used="json")
+]
+CodedFindingSite = Annotated[
+    FindingSite, _coded_parser(FindingSite), PlainSerializer(_by_name, when_used="json")
+]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
@@ -182,8 +226,8 @@ class Finding(_Model):
     tracking_id: str = Field(min_length=1, max_length=64)
     #: Tracking UID; when None the builders derive one deterministically.
     tracking_uid: str | None = None
-    finding_type: FindingType
-    site: FindingSite | None = None
+    finding_type: CodedFindingType
+    site: CodedFindingSite | None = None
     #: Centre in patient coordinates (LPS, mm).
     center_mm: Point3D | None = None
     #: Optional closed planar outline in patient coordinates (e.g. the
