@@ -194,7 +194,8 @@ def report(rates: dict[tuple[str, int], list[float]], n_files: int) -> str:
     med = {k: statistics.median(v) for k, v in rates.items()}
     lines = [f"{n_files} CT instances (512x512), median of {len(next(iter(rates.values())))} "
              "rounds, instances/s:", "",
-             "| associations | cad-node | dcmtk storescp | Orthanc | node/storescp | node/Orthanc |",
+             "| associations | cad-node | dcmtk storescp | Orthanc "
+             "| node/storescp | node/Orthanc |",
              "|---|---|---|---|---|---|"]
     for parallel in (1, 4):
         node, scp, orth = (med[(n, parallel)] for n in ("cad-node", "storescp", "orthanc"))

@@ -30,19 +30,24 @@ from __future__ import annotations
 
 import logging
 import queue
+import select
 import socket
+import ssl
 import threading
 import time
 import weakref
 from collections.abc import Callable
 from copy import deepcopy
 from dataclasses import dataclass
-from typing import Any
+from io import BytesIO
+from typing import Any, cast
 
+from pydicom.uid import UID
 from pynetdicom import AE, _config, evt
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from cad_node.config import Settings
@@ -74,8 +79,9 @@ log = logging.getLogger(__name__)
 #: being refused) before it is aborted.
 ABORT_SLACK_BYTES = 64 * 1024**2
 
-#: Idle sleep of pynetdicom's DUL reactor loop (seconds); see _RequestHandler.
-DUL_IDLE_SLEEP_S = 0.0002
+#: Longest the DUL reactor waits in ``select`` for data or a wake-up before
+#: it checks its timers (seconds); see _EventSocket.
+DUL_IDLE_WAIT_S = 0.005
 #: Longest the association reactor blocks waiting for a DIMSE message before
 #: it checks for release, abort and the network timeout (seconds).
 REACTOR_WAIT_S = 0.005
@@ -184,7 +190,8 @@ class _AdmissionACSE(ACSE):
                 continue
             ours = [str(ts) for ts in ac.transfer_syntax]
             front = [ts for ts in dict.fromkeys(preferred) if ts in ours]
-            ac.transfer_syntax = front + [ts for ts in ours if ts not in front]
+            ordered: list[str | bytes | UID] = [*front, *(ts for ts in ours if ts not in front)]
+            ac.transfer_syntax = ordered
 
 
 class _Association(Association):
@@ -238,6 +245,71 @@ class _Association(Association):
                 return
 
 
+class _WakeQueue(queue.Queue):  # type: ignore[type-arg]
+    """The DUL's to-provider queue: every put() wakes the DUL reactor."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        super().__init__()
+        self._wake = wake
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._wake()
+
+
+class _EventSocket(AssociationSocket):
+    """Association socket whose ``ready`` blocks until data or a wake-up.
+
+    pynetdicom's DUL reactor polls ``ready`` (a zero-timeout ``select``) and
+    sleeps between polls, so a C-STORE waits for a sleep to end before its
+    first PDU is read and again before its response is sent.  Here ``ready``
+    waits in ``select`` on the peer socket *and* a socketpair that
+    :class:`_WakeQueue` writes to whenever the association queues a
+    primitive to send, for at most :data:`DUL_IDLE_WAIT_S`; the reactor's own
+    sleep is set to zero.  No polling, no added latency.
+    """
+
+    def __init__(self, assoc: Association, client_socket: socket.socket) -> None:
+        super().__init__(assoc, client_socket=client_socket)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+
+    def wake(self) -> None:
+        """Interrupt a waiting :attr:`ready`."""
+        try:
+            self._wake_w.send(b"\x00")
+        except OSError:  # buffer full (already woken) or closed
+            pass
+
+    @property
+    def ready(self) -> bool:
+        sock = self.socket
+        if sock is None or self._is_connected is False:
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        try:
+            readable, _, _ = select.select([sock, self._wake_r], [], [], DUL_IDLE_WAIT_S)
+        except (OSError, ValueError):
+            self.event_queue.put("Evt17")  # transport connection closed
+            return False
+        if self._wake_r in readable:
+            try:
+                self._wake_r.recv(4096)
+            except OSError:
+                pass
+        return sock in readable
+
+    def close(self) -> None:
+        super().close()
+        for s in (self._wake_r, self._wake_w):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
 class _RequestHandler(RequestHandler):
     """Create acceptor associations with admission checks and a faster reactor."""
 
@@ -247,8 +319,10 @@ class _RequestHandler(RequestHandler):
         assoc = _Association(self.ae, MODE_ACCEPTOR)
         assoc._server = server
         assoc.name = f"AcceptorThread@{time.strftime('%Y%m%d%H%M%S')}"
-        sock = AssociationSocket(assoc, client_socket=self.request)
+        sock = _EventSocket(assoc, self.request)
         assoc.set_socket(sock)
+        assoc.dul.to_provider_queue = _WakeQueue(sock.wake)
+        assoc.dul._run_loop_delay = 0.0
         assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
         assoc.acceptor.ae_title = server.ae_title
         assoc.acceptor.address_info = self.local
@@ -263,10 +337,6 @@ class _RequestHandler(RequestHandler):
                 for handler in handlers:
                     assoc.bind(event, handler[0], handler[1])  # type: ignore[index]
         assoc.acse = _AdmissionACSE(assoc, server.admission)
-        # pynetdicom's DUL reactor sleeps this long whenever it finds nothing
-        # to do (default 1 ms): it is the latency before the first PDU of the
-        # next C-STORE is read and before our response is sent.
-        assoc.dul._run_loop_delay = DUL_IDLE_SLEEP_S
         return assoc
 
 
@@ -376,7 +446,7 @@ class NodeServer:
                 self.spool.index, self.settings.study, self.on_study_complete
             )
             self._ae = self._make_ae()
-            handlers = [
+            handlers: list[evt.EventHandlerType] = [
                 (evt.EVT_C_ECHO, self._on_echo),
                 (evt.EVT_C_STORE, self._on_store),
                 (evt.EVT_DATA_RECV, self._on_data),
@@ -464,12 +534,14 @@ class NodeServer:
 
     def _store(self, event: evt.Event) -> Status:
         assoc = event.assoc
-        req = event.request
+        req = cast(C_STORE, event.request)
         calling = str(assoc.requestor.ae_title).strip()
         host = str(assoc.requestor.address)
         sop_class = str(req.AffectedSOPClassUID or "")
         sop_instance = str(req.AffectedSOPInstanceUID or "")
-        dataset: bytes = req.DataSet.getvalue() if req.DataSet is not None else b""
+        dataset: bytes = (
+            req.DataSet.getvalue() if isinstance(req.DataSet, BytesIO) else b""
+        )
         where = f"sop={sop_instance[:80]!r} from {calling}@{host}"
         if self._state(assoc).received > self.settings.node.max_bytes_per_association:
             log.warning("C-STORE refused (byte cap per association reached): %s", where)

@@ -353,7 +353,8 @@ class SpoolIndex:
 
     def max_instance_id(self) -> int:
         """Largest instance id in the index (0 when empty)."""
-        return int(self._query("SELECT COALESCE(MAX(id), 0) FROM instance")[0][0])  # type: ignore[call-overload]
+        value = self._query("SELECT COALESCE(MAX(id), 0) FROM instance")[0][0]
+        return int(value)  # type: ignore[call-overload,no-any-return]
 
     def instance_ids_between(self, low: int, high: int) -> set[int]:
         """Indexed instance ids in ``[low, high]``."""
