@@ -330,7 +330,7 @@ class DeepLesionSample:
     @property
     def key_hu(self) -> npt.NDArray[np.int16]:
         """The key slice."""
-        return self.image_hu[len(self.present) // 2]
+        return np.asarray(self.image_hu[len(self.present) // 2], dtype=np.int16)
 
 
 def load_sample(

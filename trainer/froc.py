@@ -306,8 +306,8 @@ def _froc_curve(is_nodule: npt.NDArray[np.bool_], prob: npt.NDArray[np.float64],
     return fps, sens, thresholds
 
 
-def _sens_at(fps: np.ndarray, sens: np.ndarray, rates: Sequence[float]) -> np.ndarray:
-    return np.interp(np.asarray(rates, dtype=float), fps, sens)
+def _sens_at(fps: np.ndarray, sens: np.ndarray, rates: npt.ArrayLike) -> np.ndarray:
+    return np.asarray(np.interp(np.asarray(rates, dtype=float), fps, sens), dtype=float)
 
 
 def _mean_ci(values: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -60,6 +60,7 @@ __all__ = [
     "LidcAnnotation",
     "LidcNodule",
     "LidcNonNodule",
+    "LidcNotCtReadingError",
     "LidcParseError",
     "LidcReadingSession",
     "LidcRoi",
@@ -91,6 +92,10 @@ _NS = {"l": LIDC_NAMESPACE}
 
 class LidcParseError(ValueError):
     """An LIDC XML file is unreadable or malformed (the message names the file)."""
+
+
+class LidcNotCtReadingError(LidcParseError):
+    """A well-formed LIDC XML that is not a CT reading (a radiograph's ``IdriReadMessage``)."""
 
 
 class LidcSeriesMismatchError(ValueError):
@@ -343,6 +348,10 @@ def parse_lidc_xml(path: str | Path, *, series_instance_uid: str | None = None) 
         raise LidcParseError(f"{path}: not well-formed LIDC XML ({exc})") from exc
     except OSError as exc:
         raise LidcParseError(f"{path}: cannot read LIDC XML ({exc})") from exc
+    if root.tag.rsplit("}", 1)[-1] == "IdriReadMessage":
+        raise LidcNotCtReadingError(
+            f"{path}: IdriReadMessage (chest radiograph reading), not a CT LidcReadMessage"
+        )
     if root.tag != f"{{{LIDC_NAMESPACE}}}LidcReadMessage":
         raise LidcParseError(
             f"{path}: root element is {root.tag!r}, expected LidcReadMessage in {LIDC_NAMESPACE}"

@@ -208,15 +208,24 @@ def discover_lidc(root: Path) -> list[LidcSeries]:
     return out
 
 
+class _NotApplicableError(Exception):
+    """A series that is not an annotated CT (skipped, not failed)."""
+
+
 def _select_xml(series_dir: Path, series_uid: str) -> lidc.LidcAnnotation:
     xmls = sorted(series_dir.glob("*.xml"))
     mismatches: list[str] = []
+    not_ct: list[str] = []
     for x in xmls:
         try:
             return lidc.parse_lidc_xml(x, series_instance_uid=series_uid)
         except lidc.LidcSeriesMismatchError as exc:
             mismatches.append(str(exc))
-        # LidcParseError (corrupt XML) propagates: it names the file
+        except lidc.LidcNotCtReadingError as exc:
+            not_ct.append(str(exc))
+        # any other LidcParseError (corrupt XML) propagates: it names the file
+    if not_ct and not mismatches:
+        raise _NotApplicableError("; ".join(not_ct))
     raise lidc.LidcSeriesMismatchError(
         "; ".join(mismatches) or f"{series_dir}: no LIDC XML for series {series_uid}"
     )
@@ -300,7 +309,7 @@ def _prepare_lidc_case(series: LidcSeries, out: Path, spacing: tuple[float, floa
     annotation = _select_xml(series.series_dir, series_uid)
     loaded = load_series(files)
     if loaded.modality != "CT":
-        raise ValueError(f"{series.series_dir}: modality {loaded.modality}, not CT")
+        raise _NotApplicableError(f"{series.series_dir}: modality {loaded.modality}, not CT")
     if loaded.series_instance_uid != series_uid:
         raise ValueError(f"{series.series_dir}: more than one series in the folder")
     z_of_sop = {uid: k for k, uid in enumerate(loaded.sop_instance_uids)}
@@ -510,6 +519,8 @@ def prepare_lidc(
                     n_nod = sum(c["kind"] == "nodule" for c in info["clusters"])
                     r = CaseResult(s.case_id, "done", f"{n_nod} nodule(s)",
                                    time.perf_counter() - t0)
+                except _NotApplicableError as exc:
+                    r = CaseResult(s.case_id, "skipped", str(exc), time.perf_counter() - t0)
                 except Exception as exc:  # one bad case must not stop the others
                     r = CaseResult(s.case_id, "failed", f"{s.series_dir}: {exc}",
                                    time.perf_counter() - t0)

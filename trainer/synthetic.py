@@ -476,7 +476,7 @@ def write_dicom_series(
         The written files, in slice order (index ``k`` is slice ``k``).
     """
     from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
+    from pydicom.uid import UID, ExplicitVRLittleEndian
 
     vol = np.asarray(volume_hu)
     if vol.ndim != 3:
@@ -505,8 +505,8 @@ def write_dicom_series(
     for k in range(nz):
         sop_uid = _uid("sop", series_uid, k)
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.MediaStorageSOPClassUID = UID(CT_IMAGE_STORAGE)
+        meta.MediaStorageSOPInstanceUID = UID(sop_uid)
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         path = out / names[k]
         ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)

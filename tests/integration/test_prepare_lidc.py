@@ -75,6 +75,8 @@ def _phantom_case(root: Path, patient: str, seed: int, *, xml: str) -> Path:
     elif xml == "foreign":
         text = _reader_xml("1.2.3.4.5", files, PHANTOM_NODULE_VOX, PHANTOM_DIAMETER / 2,
                            spacing[0], 3)
+    elif xml == "cxr":
+        text = '<?xml version="1.0"?><IdriReadMessage xmlns="http://www.nih.gov"/>'
     else:
         text = '<?xml version="1.0"?><LidcReadMessage xmlns="http://www.nih.gov"><Respo'
     (series_dir / "001.xml").write_text(text)
@@ -91,6 +93,7 @@ def prepared(lidc_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     _phantom_case(root, "LIDC-IDRI-9001", 1, xml="good")
     _phantom_case(root, "LIDC-IDRI-9002", 2, xml="corrupt")
     _phantom_case(root, "LIDC-IDRI-9003", 3, xml="foreign")
+    _phantom_case(root, "LIDC-IDRI-9004", 4, xml="cxr")
     out = tmp_path_factory.mktemp("prepared")
     results = prepare_lidc(root, out, spacing=1.0, progress=False)
     return root, out, results
@@ -106,6 +109,9 @@ def test_statuses_and_errors(prepared) -> None:
     assert "not well-formed" in corrupt.message
     foreign = status["LIDC-IDRI-9003"]
     assert foreign.status == "failed" and "1.2.3.4.5" in foreign.message
+    # a radiograph reading (IdriReadMessage) is not a CT annotation: skipped, not failed
+    assert status["LIDC-IDRI-9004"].status == "skipped"
+    assert "IdriReadMessage" in status["LIDC-IDRI-9004"].message
     errors = list(csv.DictReader((out / "errors.csv").open()))
     assert {e["case_id"] for e in errors} == {"LIDC-IDRI-9002", "LIDC-IDRI-9003"}
 

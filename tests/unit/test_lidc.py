@@ -188,3 +188,13 @@ def test_corrupt_and_foreign_xml(tmp_path: Path) -> None:
                                       "</unblindedReadNodule></readingSession>"))
     with pytest.raises(LidcParseError, match=r"nocoord\.xml.*yCoord"):
         parse_lidc_xml(no_coord)
+
+
+def test_radiograph_reading_is_recognised(tmp_path: Path) -> None:
+    from trainer.lidc import LidcNotCtReadingError
+
+    cxr = tmp_path / "cxr.xml"
+    cxr.write_text('<?xml version="1.0"?><IdriReadMessage xmlns="http://www.nih.gov">'
+                   "</IdriReadMessage>")
+    with pytest.raises(LidcNotCtReadingError, match=r"cxr\.xml.*IdriReadMessage"):
+        parse_lidc_xml(cxr)
