@@ -13,6 +13,9 @@ The LIDC XML (``LidcReadMessage``, namespace ``http://www.nih.gov``) holds one
 
 Edge-map convention
 -------------------
+ROIs are mapped to slices by ``imageSOP_UID``; :func:`remap_rois_by_z` maps
+those whose UID is not in the series by ``imageZposition`` instead.
+
 LIDC readers drew each outline *just outside* the nodule, so the contour pixels
 themselves are not part of the nodule.  :func:`rasterize_nodule` follows that
 convention (the same one ``pylidc.Annotation.boolean_mask`` uses by default,
@@ -77,6 +80,7 @@ __all__ = [
     "parse_lidc_xml",
     "rasterize_nodule",
     "read_series_headers",
+    "remap_rois_by_z",
     "slice_spacing_mm",
 ]
 
@@ -460,6 +464,71 @@ def read_series_headers(series_dir: Path) -> SeriesHeaders:
         raise ValueError(f"{series_dir}: {len(series)} series in one folder")
     assert spacing is not None
     return SeriesHeaders(series.pop(), study, by_sop, positions, spacing, rows, cols)
+
+
+#: Largest |imageZposition - slice z| (mm) for mapping an ROI to a slice by position.
+Z_MATCH_TOL_MM = 0.01
+
+
+def remap_rois_by_z(
+    annotation: LidcAnnotation,
+    positions_by_sop_uid: Mapping[str, tuple[float, float, float]],
+    *,
+    tol_mm: float = Z_MATCH_TOL_MM,
+) -> tuple[LidcAnnotation, int]:
+    """Map ROIs whose SOP Instance UID is not in the series to a slice by z position.
+
+    ROIs are matched by ``imageSOP_UID`` first.  An ROI whose UID is unknown
+    is moved to the one slice whose ImagePositionPatient z lies within
+    ``tol_mm`` of its ``imageZposition``; with no such slice (or several) it
+    is left unchanged and later ignored.
+
+    Returns
+    -------
+    annotation : LidcAnnotation
+        A copy with remapped ROIs (the same object when nothing changed).
+    n_remapped : int
+    """
+    zs = [(p[2], uid) for uid, p in positions_by_sop_uid.items()]
+    count = 0
+
+    def fix(roi: LidcRoi) -> LidcRoi:
+        nonlocal count
+        if roi.sop_instance_uid in positions_by_sop_uid:
+            return roi
+        near = [uid for z, uid in zs if abs(z - roi.z_position) <= tol_mm]
+        if len(near) != 1:
+            return roi
+        count += 1
+        return LidcRoi(near[0], roi.z_position, roi.inclusion, roi.edge_map)
+
+    def fix_nodule(n: LidcNodule) -> LidcNodule:
+        return LidcNodule(n.reader_index, n.nodule_id, tuple(fix(r) for r in n.rois),
+                          n.characteristics)
+
+    def fix_non(n: LidcNonNodule) -> LidcNonNodule:
+        if n.sop_instance_uid in positions_by_sop_uid:
+            return n
+        near = [uid for z, uid in zs if abs(z - n.z_position) <= tol_mm]
+        if len(near) != 1:
+            return n
+        nonlocal count
+        count += 1
+        return LidcNonNodule(n.reader_index, n.non_nodule_id, near[0], n.z_position, n.locus)
+
+    sessions = tuple(
+        LidcReadingSession(
+            s.index, s.servicing_radiologist_id,
+            tuple(fix_nodule(n) for n in s.nodules),
+            tuple(fix_nodule(n) for n in s.small_nodules),
+            tuple(fix_non(n) for n in s.non_nodules),
+        )
+        for s in annotation.sessions
+    )
+    if count == 0:
+        return annotation, 0
+    return LidcAnnotation(annotation.path, annotation.series_instance_uid,
+                          annotation.study_instance_uid, sessions), count
 
 
 # --------------------------------------------------------------------------- masks

@@ -7,7 +7,8 @@ the reader XML beside the DICOM files) or any folder below it.  For every CT
 series that has an LIDC XML:
 
 1. the XML is parsed (:mod:`trainer.lidc`) and checked against the series'
-   SeriesInstanceUID;
+   SeriesInstanceUID; ROIs are mapped to slices by SOP Instance UID, or by z
+   position when the UID is not in the series;
 2. the volume is loaded in LPS geometry (:func:`cad_node.imaging.volume.load_series`);
 3. every reader's >= 3 mm marks are rasterised (per-reader masks), clustered
    across readers and turned into LUNA16 consensus labels (>= 3 mm, >= 3 of 4
@@ -318,6 +319,7 @@ def _prepare_lidc_case(series: LidcSeries, out: Path, spacing: tuple[float, floa
               float(ds.ImagePositionPatient[2]))
         for uid, ds in zip(loaded.sop_instance_uids, loaded.datasets, strict=True)
     }
+    annotation, remapped = lidc.remap_rois_by_z(annotation, positions)
     ds0 = loaded.datasets[0]
     pixel_spacing = (float(ds0.PixelSpacing[0]), float(ds0.PixelSpacing[1]))
     rows, cols = int(ds0.Rows), int(ds0.Columns)
@@ -425,6 +427,7 @@ def _prepare_lidc_case(series: LidcSeries, out: Path, spacing: tuple[float, floa
         "irrelevant": irrelevant,
         "marks": marks,
         "rois_outside_series": skipped_rois,
+        "rois_mapped_by_z": remapped,
         "npz": npz.name,
     }
 

@@ -198,3 +198,21 @@ def test_radiograph_reading_is_recognised(tmp_path: Path) -> None:
                    "</IdriReadMessage>")
     with pytest.raises(LidcNotCtReadingError, match=r"cxr\.xml.*IdriReadMessage"):
         parse_lidc_xml(cxr)
+
+
+def test_rois_mapped_by_z_when_the_uid_is_unknown(tmp_path: Path) -> None:
+    from trainer.lidc import remap_rois_by_z
+
+    pos = {"s0": (0.0, 0.0, 0.0), "s1": (0.0, 0.0, 2.5)}
+    body = ("<readingSession>" + _nodule_xml("a", "stale-uid", 2.5, 10, 10, 10)
+            + _nodule_xml("b", "other-uid", 7.5, 10, 10, 10) + "</readingSession>")
+    path = tmp_path / "z.xml"
+    path.write_text(_xml("1.2.3", body))
+    ann, n = remap_rois_by_z(parse_lidc_xml(path), pos)
+    # "a" lies at z = 2.5 -> slice s1; "b" at z = 7.5 matches no slice and stays unknown
+    assert n == 1
+    a, b = ann.sessions[0].nodules
+    assert a.rois[0].sop_instance_uid == "s1"
+    assert b.rois[0].sop_instance_uid == "other-uid"
+    clusters = cluster_nodules(ann, pos, (1.0, 1.0), rows=64, cols=64)
+    assert len(clusters) == 1 and clusters[0].center_mm[2] == 2.5
