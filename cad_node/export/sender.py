@@ -29,7 +29,6 @@ import pydicom
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
-from pynetdicom.sop_class import Verification
 
 from cad_node.config import DestinationConfig
 from cad_node.export.status import SendOutcome, StoreStatus, classify_status
@@ -50,6 +49,8 @@ LOG = logging.getLogger(__name__)
 #: cut per-PDU overhead for multi-megabyte SEG objects.
 DEFAULT_MAX_PDU = 4 * 1024 * 1024
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+#: Verification SOP Class (PS3.4 A.4), used for C-ECHO.
+VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,7 @@ def send_objects(
     # contexts are all refused is still established and each object can be
     # reported as "SOP class not supported" (permanent) instead of an abort.
     contexts = [build_context(sop, tss) for sop, tss in syntaxes.items()]
-    contexts.append(build_context(Verification))
+    contexts.append(build_context(VERIFICATION_SOP_CLASS))
     flags: dict[str, bool] = {}
     ae = _make_ae(calling_ae, dest)
     try:
@@ -282,7 +283,7 @@ def echo(dest: DestinationConfig, *, calling_ae: str) -> EchoResult:
     t0 = time.monotonic()
     ae = _make_ae(calling_ae, dest)
     try:
-        assoc = _associate(ae, dest, [build_context(Verification)], DEFAULT_MAX_PDU, {})
+        assoc = _associate(ae, dest, [build_context(VERIFICATION_SOP_CLASS)], DEFAULT_MAX_PDU, {})
     except OSError as exc:
         ae.shutdown()
         return EchoResult(dest.name, False, None, time.monotonic() - t0, str(exc))

@@ -25,7 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from celery import Celery
-from kombu import Queue
+from kombu.entity import Queue
 
 from cad_node.config import Settings
 
@@ -95,7 +95,7 @@ def configure_app(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         task_soft_time_limit=jobs.soft_time_limit_s,
         task_time_limit=jobs.hard_time_limit_s,
-        task_queues=(Queue(QUEUE_INFERENCE), Queue(QUEUE_IO)),
+        task_queues=(Queue(QUEUE_INFERENCE), Queue(QUEUE_IO)),  # type: ignore[no-untyped-call]
         task_default_queue=QUEUE_IO,
         task_routes={TASK_ANALYSE: {"queue": QUEUE_INFERENCE}, TASK_SEND: {"queue": QUEUE_IO}},
         worker_hijack_root_logger=False,

@@ -223,9 +223,8 @@ class JobRunner:
         self, job: Job, n: int, step: RouteStep, out_dir: Path, timings: StageTimings
     ) -> tuple[list[dict[str, Any]], list[str]]:
         from cad_node.imaging import load_series
-        from cad_node.results import build_results, validate
+        from cad_node.results import build_results
 
-        log = job_logger(LOG, job)
         t0 = time.monotonic()
         loaded = load_series(step.paths)
         timings.add("load", time.monotonic() - t0)
@@ -239,37 +238,77 @@ class JobRunner:
             raise PipelineFailedError(f"pipeline {step.pipeline} failed: {reason}")
         t0 = time.monotonic()
         sources = [pydicom.dcmread(p) for p in step.paths]
+        # Result UIDs derive from this: the analysed instances *and* the study
+        # generation's content fingerprint, so a re-run of the same job (crash,
+        # redelivery) rebuilds identical objects while a reopened study whose
+        # files changed gets new ones.
         fingerprint = hashlib.sha256(
-            "\n".join(sorted(loaded.sop_instance_uids)).encode()).hexdigest()
+            "\n".join([job.fingerprint, *sorted(loaded.sop_instance_uids)]).encode()
+        ).hexdigest()
         objects = build_results(result, sources, settings=self.settings.results,
                                 objects=self._kinds(), input_fingerprint=fingerprint)
         timings.add("build", time.monotonic() - t0)
         t0 = time.monotonic()
+        entries, bad = self.gate_and_store(job, n, step.pipeline, objects, sources, out_dir)
+        timings.add("validate", time.monotonic() - t0)
+        return entries, bad
+
+    def gate_and_store(
+        self, job: Job, n: int, pipeline: str, objects: Sequence[Any],
+        sources: Sequence[pydicom.Dataset], out_dir: Path,
+    ) -> tuple[list[dict[str, Any]], list[str]]:
+        """Pass each object through the conformance gate; store or quarantine it.
+
+        Parameters
+        ----------
+        job : Job
+            The job (names the directories).
+        n : int
+            Routing step number (file-name prefix ``stepNN_``).
+        pipeline : str
+            Pipeline that produced the objects (recorded in the manifest).
+        objects : sequence of ResultObject
+            Objects built for this step.
+        sources : sequence of pydicom.Dataset
+            The analysed source instances.
+        out_dir : Path
+            The job's results directory.
+
+        Returns
+        -------
+        (list of dict, list of str)
+            Manifest entries of the stored objects, and one line per
+            quarantined object.
+        """
+        from cad_node.results import validate
+
+        log = job_logger(LOG, job)
         entries: list[dict[str, Any]] = []
         bad: list[str] = []
         for obj in objects:
             name = f"step{n:02d}_{obj.filename}"
             report = validate(obj, sources, others=objects,
                               use_dciodvfy=self.settings.results.use_dciodvfy)
-            data = _encode(obj.dataset)
             if not report.ok:
                 qdir = self.quarantine_dir(job)
                 qdir.mkdir(parents=True, exist_ok=True)
-                _atomic_write_bytes(qdir / name, data)
+                try:
+                    _atomic_write_bytes(qdir / name, _encode(obj.dataset))
+                except Exception as exc:  # an object may not even encode
+                    log.error("quarantined %s could not be written: %s", name, exc)
                 with open(qdir / QUARANTINE_REASON_NAME, "a", encoding="utf-8") as fh:
                     fh.write(f"{name}: " + " | ".join(report.errors) + "\n")
                 log.error("quarantined %s (%s): %s", name, obj.kind, "; ".join(report.errors))
                 bad.append(f"{name} quarantined: {report.errors[0] if report.errors else '?'}")
                 continue
-            _atomic_write_bytes(out_dir / name, data)
+            _atomic_write_bytes(out_dir / name, _encode(obj.dataset))
             entries.append({
-                "file": name, "kind": obj.kind, "step": n, "pipeline": step.pipeline,
+                "file": name, "kind": obj.kind, "step": n, "pipeline": pipeline,
                 "sop_class_uid": str(obj.dataset.SOPClassUID),
                 "sop_instance_uid": str(obj.dataset.SOPInstanceUID),
                 "transfer_syntax_uid": str(obj.dataset.file_meta.TransferSyntaxUID),
                 "role": obj.role,
             })
-        timings.add("validate", time.monotonic() - t0)
         return entries, bad
 
     def manifest(self, job: Job) -> list[dict[str, Any]]:
@@ -354,61 +393,13 @@ class JobRunner:
 
 
 def run_pipeline(name: str, series: Any, *, device: str) -> Any:
-    """Run the pipeline ``name`` on a loaded series.
-
-    Uses the pipeline registry :func:`cad_node.pipelines.get_pipeline`.  While
-    the registry is not available, ``ct-chest`` falls back to the first real
-    CT pipeline that exists, lung segmentation
-    (:func:`cad_node.pipelines.ct_chest.lungs.segment_lungs`), reported as
-    organ masks and lung volumes.
+    """Run the registered pipeline ``name`` (:func:`cad_node.pipelines.get_pipeline`).
 
     Raises
     ------
     KeyError
         No such pipeline.
     """
-    try:
-        from cad_node.pipelines import get_pipeline  # type: ignore[attr-defined]
-    except ImportError:
-        get_pipeline = None
-    if get_pipeline is not None:
-        return get_pipeline(name).run(series, device=device)
-    if name == "ct-chest":
-        return _lung_segmentation(series)
-    raise KeyError(f"no pipeline named {name!r}")
+    from cad_node.pipelines import get_pipeline
 
-
-#: Identity of the lung-segmentation fallback (rule-based, no weights).
-_LUNGS_MODEL = ("cad-node-lung-segmentation", "0.1.0")
-
-
-def _lung_segmentation(series: Any) -> Any:
-    import numpy as np
-
-    from cad_node.pipelines.ct_chest.lungs import LungSegmentationError, segment_lungs
-    from cad_node.results.findings import (
-        AnalysisResult,
-        AnalysisStatus,
-        FindingSite,
-        ImageMask,
-        ModelIdentity,
-    )
-
-    digest = hashlib.sha256("/".join(_LUNGS_MODEL).encode()).digest()
-    model = ModelIdentity(name=_LUNGS_MODEL[0], version=_LUNGS_MODEL[1],
-                          device_uid="2.25." + str(int.from_bytes(digest[:16], "big")))
-    try:
-        seg = segment_lungs(series.image)
-    except LungSegmentationError as exc:
-        return AnalysisResult(pipeline="ct-chest", status=AnalysisStatus.FAILED,
-                              failure_reason=str(exc),
-                              series_instance_uid=series.series_instance_uid, model=model)
-    uids = tuple(series.sop_instance_uids)
-    masks = {
-        FindingSite.LEFT_LUNG: ImageMask(np.ascontiguousarray(seg.left, dtype=bool), uids),
-        FindingSite.RIGHT_LUNG: ImageMask(np.ascontiguousarray(seg.right, dtype=bool), uids),
-    }
-    return AnalysisResult(pipeline="ct-chest", status=AnalysisStatus.COMPLETED,
-                          series_instance_uid=series.series_instance_uid,
-                          organ_masks=masks, measurements=dict(seg.volumes_ml),
-                          notes=list(seg.notes), model=model)
+    return get_pipeline(name).run(series, device=device)

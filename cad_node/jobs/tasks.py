@@ -61,7 +61,7 @@ def _runner() -> JobRunner:
     runner = _runtime.get("runner")
     if runner is None:  # a worker started by plain `celery -A`: read the config file
         runner = configure_worker(load_config(os.environ.get(CONFIG_ENV)))
-    return runner  # type: ignore[no-any-return]
+    return runner
 
 
 # -- publishing -------------------------------------------------------------
@@ -138,8 +138,8 @@ def _begin(runner: JobRunner, job_id: int, token: str) -> bool:
     return True
 
 
-@app.task(name=TASK_ANALYSE, bind=True, acks_late=True, reject_on_worker_lost=True,
-          ignore_result=True)
+@app.task(name=TASK_ANALYSE, bind=True, acks_late=True,  # type: ignore[untyped-decorator]
+          reject_on_worker_lost=True, ignore_result=True)
 def analyse_task(self: Any, job_id: int, token: str) -> None:
     """Route, run pipelines, build and gate results; then queue the send stage."""
     runner = _runner()
@@ -168,8 +168,8 @@ def analyse_task(self: Any, job_id: int, token: str) -> None:
         publish_send(runner.store, job_id)
 
 
-@app.task(name=TASK_SEND, bind=True, acks_late=True, reject_on_worker_lost=True,
-          ignore_result=True)
+@app.task(name=TASK_SEND, bind=True, acks_late=True,  # type: ignore[untyped-decorator]
+          reject_on_worker_lost=True, ignore_result=True)
 def send_task(self: Any, job_id: int, token: str) -> None:
     """Send a job's results; on a retryable failure queue a delayed retry."""
     runner = _runner()

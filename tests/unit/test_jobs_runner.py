@@ -125,3 +125,39 @@ def test_device_falls_back_to_cpu_without_cuda() -> None:
     assert resolve_device("auto") == "cpu"
     assert resolve_device("cuda:0") == "cpu"
     assert resolve_device("cpu") == "cpu"
+
+
+def test_objects_failing_the_gate_are_quarantined_not_sent(tmp_path: Path,
+                                                           lidc_dir: Path) -> None:
+    """A real SR with a Type 1 attribute removed fails the real gate and is quarantined."""
+    import copy
+
+    import pydicom
+
+    from cad_node.results import build_results
+    from cad_node.results.findings import AnalysisResult, AnalysisStatus, ModelIdentity
+
+    files = sorted(lidc_dir.glob("*.dcm"))
+    sources = [pydicom.dcmread(f) for f in files]
+    result = AnalysisResult(
+        pipeline="ct-chest", status=AnalysisStatus.COMPLETED,
+        series_instance_uid=str(sources[0].SeriesInstanceUID),
+        model=ModelIdentity(name="test-model", version="1",
+                            device_uid="1.2.826.0.1.3680043.8.498.5"))
+    runner = JobRunner(_settings(tmp_path, free_port()), device="cpu")
+    objects = build_results(result, sources, settings=runner.settings.results, objects=["sr"])
+    assert [o.kind for o in objects] == ["sr"]
+    good = objects[0]
+    broken = type(good)(good.kind, copy.deepcopy(good.dataset), 2, "broken copy")
+    del broken.dataset.CompletionFlag  # Type 1 in SR Document General (PS3.3 C.17.2)
+    job = _ready_job(runner, files[:1])
+    out = tmp_path / "out"
+    out.mkdir()
+    entries, bad = runner.gate_and_store(job, 1, "ct-chest", [good, broken], sources, out)
+    assert [e["file"] for e in entries] == ["step01_sr_001.dcm"]
+    assert (out / "step01_sr_001.dcm").exists() and not (out / "step01_sr_002.dcm").exists()
+    qdir = runner.quarantine_dir(job)
+    assert qdir.name == f"job-{job.job_id:08d}"  # named by node ids, never by UIDs
+    assert (qdir / "step01_sr_002.dcm").exists()
+    reasons = (qdir / "reasons.txt").read_text()
+    assert reasons.startswith("step01_sr_002.dcm: ") and len(bad) == 1
