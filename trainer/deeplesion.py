@@ -351,7 +351,10 @@ def load_sample(
             f"{record.where()}: key slice {record.key_slice_index:03d} of series "
             f"{record.series_dir_name} not found under {root / 'Images_png'}"
         )
-    key = read_png_hu(key_path)
+    try:
+        key = read_png_hu(key_path)
+    except DeepLesionError as exc:
+        raise DeepLesionError(f"{record.where()}: {exc}") from exc
     offsets = range(-context, context + 1)
     slices: dict[int, np.ndarray] = {0: key}
     for off in offsets:
@@ -363,7 +366,10 @@ def load_sample(
         p = find_slice(root, record, idx)
         if p is None:
             continue
-        img = read_png_hu(p)
+        try:
+            img = read_png_hu(p)
+        except DeepLesionError as exc:
+            raise DeepLesionError(f"{record.where()}: neighbour slice: {exc}") from exc
         if img.shape != key.shape:
             raise DeepLesionError(f"{p}: shape {img.shape} differs from key slice {key.shape}")
         slices[off] = img

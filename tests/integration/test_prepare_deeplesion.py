@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from tests.conftest import require_data
@@ -29,10 +30,14 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # one row whose key slice is missing on disk, one malformed row
     ghost = dict(rows[0], File_name="002648_01_01_062.png", Key_slice_index="62")
     broken = dict(rows[1], Bounding_boxes="1, 2")
+    # an 8-bit PNG where a 16-bit slice belongs
+    eight = dict(rows[0], File_name="002648_01_01_063.png", Key_slice_index="63")
+    Image.fromarray(np.zeros((512, 512), dtype=np.uint8)).save(
+        root / "Images_png" / "002648_01_01" / "063.png")
     with (root / "DL_info.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(REQUIRED_COLUMNS), extrasaction="ignore")
         w.writeheader()
-        w.writerows([*rows, ghost, broken])
+        w.writerows([*rows, ghost, broken, eight])
     return root
 
 
@@ -41,9 +46,13 @@ def test_prepare_deeplesion(root: Path, tmp_path: Path) -> None:
     results, problems = prepare_deeplesion(root, out, context=1, progress=False)
     # 23 real rows + ghost (row 25) + broken (row 26, rejected by the CSV reader)
     assert len(problems) == 1 and "row 26" in problems[0] and "Bounding_boxes" in problems[0]
-    failed = [r for r in results if r.status == "failed"]
-    assert len(failed) == 1 and "row 25" in failed[0].message
-    assert "002648_01_01_062.png" in failed[0].message
+    failed = {r.case_id: r.message for r in results if r.status == "failed"}
+    assert len(failed) == 2
+    assert "row 25" in failed["002648_01_01_062"]
+    assert "002648_01_01_062.png" in failed["002648_01_01_062"]
+    # wrong bit depth: the message names the row and the file
+    assert "row 27" in failed["002648_01_01_063"]
+    assert "063.png" in failed["002648_01_01_063"] and "not 16-bit" in failed["002648_01_01_063"]
     done = [r for r in results if r.status == "done"]
     assert len(done) == 23
     index = list(csv.DictReader((out / "index.csv").open()))
