@@ -69,6 +69,8 @@ CLASSICAL_WEIGHTS = {
     "core_hu": 0.003,
     "elongation": 1.5,
 }
+#: Gaussian kernels are cut at this many sigmas (the tail beyond 3 sigma is 0.3 %).
+GAUSS_TRUNCATE = 3.0
 #: Intensity window applied before filtering (HU).
 CLIP_HU = (-1000.0, 200.0)
 _SQRT3 = float(np.sqrt(3.0))
@@ -133,6 +135,7 @@ def generate_candidates(
     *,
     max_candidates: int = MAX_CANDIDATES,
     work_hu: npt.NDArray[np.float32] | None = None,
+    work_lung: npt.NDArray[np.bool_] | None = None,
 ) -> list[Candidate]:
     """Find blob-like nodule candidates of 3-30 mm inside the (dilated) lungs.
 
@@ -147,6 +150,8 @@ def generate_candidates(
     work_hu : numpy.ndarray, optional
         The image already downsampled onto ``WorkGrid.for_image(image)``
         (saves recomputing it).
+    work_lung : numpy.ndarray of bool, optional
+        ``lung_mask`` on that working grid (e.g. ``LungSegmentation.work_lungs``).
 
     Returns
     -------
@@ -161,7 +166,10 @@ def generate_candidates(
     spacing = grid.spacing_zyx
     if work_hu is None:
         work_hu = grid.downsample(sitk.GetArrayViewFromImage(image))
-    lung_w = grid.downsample(lung_mask) >= 0.5
+    if work_lung is not None and work_lung.shape == grid.shape:
+        lung_w = work_lung
+    else:
+        lung_w = grid.downsample(lung_mask) >= 0.5
     region = _dilate_mm(lung_w, spacing, LUNG_DILATION_MM)
     diameters, bounds = _scales()
     pad = tuple(int(np.ceil(3 * bounds[-1] / s)) for s in spacing)
@@ -174,9 +182,11 @@ def generate_candidates(
     norm = 1.0 / (float(bounds[1] / bounds[0]) - 1.0)
     best = np.full(vol.shape, -np.inf, dtype=np.float32)
     best_scale = np.zeros(vol.shape, dtype=np.int8)
-    prev = ndi.gaussian_filter(vol, [bounds[0] / s for s in spacing], mode="nearest")
+    prev = ndi.gaussian_filter(vol, [bounds[0] / s for s in spacing], mode="nearest",
+                               truncate=GAUSS_TRUNCATE)
     for i, sig in enumerate(bounds[1:]):
-        cur = ndi.gaussian_filter(vol, [sig / s for s in spacing], mode="nearest")
+        cur = ndi.gaussian_filter(vol, [sig / s for s in spacing], mode="nearest",
+                                  truncate=GAUSS_TRUNCATE)
         resp = (prev - cur) * norm
         better = resp > best
         best[better] = resp[better]

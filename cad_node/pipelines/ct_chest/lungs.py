@@ -86,7 +86,15 @@ class LungSegmentation:
     grid: WorkGrid
     work_left: npt.NDArray[np.bool_]
     work_right: npt.NDArray[np.bool_]
+    #: The CT on the working grid (block means, HU), reused by candidate search.
+    work_hu: npt.NDArray[np.float32] | None = field(default=None, repr=False)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def work_lungs(self) -> npt.NDArray[np.bool_]:
+        """Both lungs on the working grid."""
+        out: npt.NDArray[np.bool_] = self.work_left | self.work_right
+        return out
 
     @property
     def lungs(self) -> npt.NDArray[np.bool_]:
@@ -335,5 +343,6 @@ def segment_lungs(image: sitk.Image) -> LungSegmentation:
         grid=grid,
         work_left=left_w,
         work_right=right_w,
+        work_hu=hu,
         notes=notes,
     )

@@ -131,6 +131,8 @@ class CtChestRun:
     candidates: list[Candidate] = field(default_factory=list)
     probabilities: npt.NDArray[np.float64] | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
+    #: Process CPU seconds per stage (all threads), next to the wall times above.
+    cpu_s: dict[str, float] = field(default_factory=dict)
 
 
 class _FailedError(Exception):
@@ -197,7 +199,6 @@ class CtChestPipeline:
             return None
         try:
             from cad_node.models import load_bundle
-            from cad_node.models.scorer import CandidateScorer
         except ImportError as exc:  # models package not installed
             notes.append(f"candidate scorer unavailable ({exc}): classical score only")
             return None
@@ -206,6 +207,8 @@ class CtChestPipeline:
         except FileNotFoundError:
             notes.append(f"model bundle {SCORER_BUNDLE!r} not installed: classical score only")
             return None
+        from cad_node.models.scorer import CandidateScorer  # imports torch: only when needed
+
         return CandidateScorer(bundle, device=device)
 
     def run_detailed(
@@ -221,14 +224,16 @@ class CtChestPipeline:
                 progress(stage, frac)
 
         timings: dict[str, float] = {}
+        cpu: dict[str, float] = {}
         notes: list[str] = []
         t = time.perf_counter()
+        c = time.process_time()
 
         def lap(stage: str) -> None:
-            nonlocal t
-            now = time.perf_counter()
-            timings[stage] = now - t
-            t = now
+            nonlocal t, c
+            now, cnow = time.perf_counter(), time.process_time()
+            timings[stage], cpu[stage] = now - t, cnow - c
+            t, c = now, cnow
 
         try:
             report("checking input", 0.0)
@@ -242,10 +247,11 @@ class CtChestPipeline:
             lap("lungs")
             report("finding candidates", 0.35)
             lung_mask = lungs.lungs
-            cands = generate_candidates(series.image, lung_mask)
+            cands = generate_candidates(series.image, lung_mask, work_hu=lungs.work_hu,
+                                        work_lung=lungs.work_lungs)
             lap("candidates")
         except _FailedError as exc:
-            return CtChestRun(result=self._fail(series, str(exc)), timings_s=timings)
+            return CtChestRun(result=self._fail(series, str(exc)), timings_s=timings, cpu_s=cpu)
 
         report("scoring candidates", 0.55)
         diam = np.array([c.scale_mm for c in cands])
@@ -273,7 +279,7 @@ class CtChestPipeline:
         lap("assembly")
         report("done", 1.0)
         return CtChestRun(result=result, lungs=lungs, candidates=cands, probabilities=prob,
-                          timings_s=timings)
+                          timings_s=timings, cpu_s=cpu)
 
     def _characterise(
         self, series: LoadedSeries, lungs: LungSegmentation, cands: list[Candidate],
