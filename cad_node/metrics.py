@@ -1,15 +1,16 @@
 """Prometheus metrics of the node (prometheus-client).
 
-Counters incremented in-process:
+Counter incremented in-process (receiver):
 
-``cad_node_instances_received_total``
-    Instances stored by the SCP (the ingest side calls
-    ``INSTANCES_RECEIVED.inc()``).
 ``cad_node_jobs_created_total``
     Jobs created from "study complete" hand-offs.
 
-Metrics collected from the job table at scrape time (so they are right
-whichever process -- receiver or worker -- did the work):
+Metrics collected at scrape time from the spool index and the job table (so
+they are right whichever process -- receiver or worker -- did the work, and
+survive restarts):
+
+``cad_node_instances_received_total``
+    Instances durably stored by the SCP (spool index).
 
 ``cad_node_jobs``
     Jobs by ``state``.
@@ -22,7 +23,7 @@ whichever process -- receiver or worker -- did the work):
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,27 +40,39 @@ from cad_node.jobs.states import JobState
 from cad_node.jobs.store import JobStore
 
 __all__ = [
-    "INSTANCES_RECEIVED",
     "JOBS_CREATED",
     "TURNAROUND_BUCKETS_S",
     "JobTableCollector",
     "start_metrics_server",
 ]
 
-INSTANCES_RECEIVED = Counter("cad_node_instances_received", "Instances stored by the SCP.")
 JOBS_CREATED = Counter("cad_node_jobs_created", "Jobs created from study-complete hand-offs.")
 #: Turnaround histogram buckets (seconds).
 TURNAROUND_BUCKETS_S = (5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 
 
 class JobTableCollector(Collector):
-    """Collects job-state gauges, the turnaround histogram and send failures."""
+    """Collects instances received, job states, the turnaround histogram and send failures.
 
-    def __init__(self, store: JobStore) -> None:
+    Parameters
+    ----------
+    store : JobStore
+        The job table.
+    instances : callable, optional
+        Returns the number of instances stored by the SCP (the spool index).
+    """
+
+    def __init__(self, store: JobStore, instances: Callable[[], int] | None = None) -> None:
         self.store = store
+        self.instances = instances
 
     def collect(self) -> Iterator[Metric]:
-        """Yield the metric families (read from the job table)."""
+        """Yield the metric families (read from the spool index and the job table)."""
+        if self.instances is not None:
+            received = CounterMetricFamily("cad_node_instances_received",
+                                           "Instances durably stored by the SCP.")
+            received.add_metric([], float(self.instances()))
+            yield received
         gauge = GaugeMetricFamily("cad_node_jobs", "Jobs by state.", labels=["state"])
         for state, n in self.store.count_by_state().items():
             gauge.add_metric([state.value], n)
@@ -89,7 +102,8 @@ class JobTableCollector(Collector):
 
 
 def start_metrics_server(store: JobStore, host: str, port: int,
-                         registry: CollectorRegistry = REGISTRY) -> Any:
+                         registry: CollectorRegistry = REGISTRY,
+                         instances: Callable[[], int] | None = None) -> Any:
     """Register the job-table collector and serve ``/metrics`` on ``host:port``.
 
     Returns
@@ -97,6 +111,6 @@ def start_metrics_server(store: JobStore, host: str, port: int,
     server
         The HTTP server (``server.shutdown()`` stops it); it runs in a daemon thread.
     """
-    registry.register(JobTableCollector(store))
+    registry.register(JobTableCollector(store, instances))
     server, _thread = start_http_server(port, addr=host, registry=registry)
     return server

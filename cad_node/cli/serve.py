@@ -66,7 +66,7 @@ def serve(
     except (OSError, RuntimeError) as exc:
         err.print(f"cannot start the node: {exc}", markup=False, highlight=False)
         raise typer.Exit(EXIT_START_FAILED) from None
-    jobs.start()
+    jobs.start(server)
     err.print(
         f"cad-node {settings.node.ae_title} listening on {settings.node.host}:{server.port}, "
         f"storage {settings.node.storage_dir}",

@@ -234,14 +234,24 @@ class JobsRuntime:
         """The ``on_study_complete`` callback for :class:`cad_node.scp.NodeServer`."""
         self.service.on_study_complete(event)
 
-    def start(self) -> None:
-        """Start the metrics endpoint and the embedded worker (or reconcile only)."""
+    def start(self, server: Any = None) -> None:
+        """Start the metrics endpoint and the embedded worker (or reconcile only).
+
+        ``server`` is the running :class:`cad_node.scp.NodeServer`; its spool
+        index provides the instances-received metric.
+        """
         if self.settings.metrics.enabled:
             from cad_node.metrics import start_metrics_server
 
+            index = getattr(getattr(server, "spool", None), "index", None)
+
+            def _instances() -> int:
+                return int(index.counts()["instance"]) if index is not None else 0
+
             try:
                 start_metrics_server(self.service.store, self.settings.metrics.host,
-                                     self.settings.metrics.port)
+                                     self.settings.metrics.port,
+                                     instances=_instances if index is not None else None)
             except OSError as exc:
                 LOG.error("metrics endpoint %s:%d not started: %s", self.settings.metrics.host,
                           self.settings.metrics.port, exc)

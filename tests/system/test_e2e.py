@@ -17,6 +17,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,11 @@ class Node:
         self.port = free_port()
         self.config = write_config(workdir / "cad-node.yaml", workdir / "var", pacs_port,
                                    broker_url=broker_url, objects=OBJECTS)
+        self.metrics_port = free_port()
         text = self.config.read_text().replace("port: 11112", f"port: {self.port}")
+        text = text.replace("metrics:\n  enabled: false",
+                            f"metrics:\n  enabled: true\n  host: 127.0.0.1\n"
+                            f"  port: {self.metrics_port}")
         self.config.write_text(text)
         self.settings = load_config(self.config)
         self.store = JobStore.for_storage(self.settings.node.storage_dir)
@@ -191,6 +196,13 @@ def test_real_ct_results_arrive_in_source_study(
         assert report.ok, (ds.Modality, report.errors)
     timeline = [e.state.value for e in node.store.events(ct_job.job_id)]
     assert timeline[:3] == ["received", "complete", "queued"] and timeline[-1] == "sent"
+    # Prometheus metrics of the running node.
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.metrics_port}/metrics",
+                                timeout=10) as rsp:
+        metrics = set(rsp.read().decode().splitlines())
+    assert f"cad_node_instances_received_total {float(len(ct_files))}" in metrics
+    assert 'cad_node_jobs{state="sent"} 1.0' in metrics
+    assert "cad_node_turnaround_seconds_count 1.0" in metrics
 
 
 def test_same_study_twice_unchanged_gives_no_second_set(
