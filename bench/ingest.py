@@ -167,6 +167,30 @@ def send(port: int, aec: str, files: list[str], parallel: int) -> float:
     return elapsed
 
 
+def durable_ceiling(files: list[str], workdir: Path) -> float:
+    """Instances/s of the bare durable write alone (no network, no parsing).
+
+    Per file: write to a temp file, fsync, rename, fsync the directory - the
+    two fsyncs cad-node pays per instance.  Measured on the same filesystem
+    as the stores above; it is the ceiling for one association.
+    """
+    directory = workdir / "ceiling"
+    directory.mkdir()
+    blobs = [Path(f).read_bytes() for f in files]
+    start = time.perf_counter()
+    for i, blob in enumerate(blobs):
+        tmp, final = directory / f".{i}.tmp", directory / f"{i}.dcm"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        os.write(fd, blob)
+        os.fsync(fd)
+        os.close(fd)
+        os.rename(tmp, final)
+        dfd = os.open(directory, os.O_RDONLY)
+        os.fsync(dfd)
+        os.close(dfd)
+    return len(blobs) / (time.perf_counter() - start)
+
+
 def run(series: Path, rounds: int) -> dict[tuple[str, int], list[float]]:
     files = sorted(str(p) for p in series.glob("*.dcm"))
     for f in files:  # page cache
@@ -174,6 +198,11 @@ def run(series: Path, rounds: int) -> dict[tuple[str, int], list[float]]:
     rates: dict[tuple[str, int], list[float]] = {}
     peers: list[type[Peer]] = [NodePeer, StorescpPeer, OrthancPeer]
     for rnd in range(rounds):
+        with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+            rate = durable_ceiling(files, Path(tmp))
+        rates.setdefault(("fsync-ceiling", 1), []).append(rate)
+        print(f"round {rnd + 1}: bare write+fsync+rename+fsync(dir): {rate:7.1f} files/s",
+              flush=True)
         for parallel in (1, 4):
             for cls in peers:
                 with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
@@ -201,6 +230,10 @@ def report(rates: dict[tuple[str, int], list[float]], n_files: int) -> str:
         node, scp, orth = (med[(n, parallel)] for n in ("cad-node", "storescp", "orthanc"))
         lines.append(f"| {parallel} | {node:.0f} | {scp:.0f} | {orth:.0f} | "
                      f"{node / scp:.2f} | {node / orth:.1f} |")
+    ceiling = med[("fsync-ceiling", 1)]
+    lines += ["", f"Bare durable write (write, fsync, rename, fsync dir; no network) on the same "
+              f"filesystem: {ceiling:.0f} files/s; cad-node over 1 association reaches "
+              f"{med[('cad-node', 1)] / ceiling:.2f} of it."]
     return "\n".join(lines)
 
 

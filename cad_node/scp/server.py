@@ -6,6 +6,7 @@ A-ASSOCIATE-RJ, PS3.8 9.3.4):
 * the called AE title must equal ``node.ae_title`` (reason 7,
   called-AE-title-not-recognized);
 * the calling AE title **and** the source IP must match one ``peers`` entry
+  (a host name there is resolved once, at start)
   (reason 3, calling-AE-title-not-recognized, when the AE title is unknown;
   reason 1, no-reason-given, when it is known but the address is not its own),
   unless ``node.accept_any`` is true;
@@ -28,6 +29,7 @@ index row are durable.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import queue
 import select
@@ -114,6 +116,21 @@ class RejectReason:
         return cls(0x01, 0x01, 0x07)
 
 
+def _addresses(host: str) -> set[str]:
+    """IP addresses of a peer ``host`` (an IP address, or a name resolved once at start)."""
+    try:
+        ipaddress.ip_address(host)
+        return {host}
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError as exc:
+        log.warning("peer host %r does not resolve (%s); it cannot connect", host, exc)
+        return set()
+    return {str(info[4][0]) for info in infos}
+
+
 class Admission:
     """Decide whether an association request is admitted.
 
@@ -128,7 +145,7 @@ class Admission:
         self.accept_any = settings.node.accept_any
         self.peers: dict[str, set[str]] = {}
         for peer in settings.peers:
-            self.peers.setdefault(peer.ae_title, set()).add(peer.host)
+            self.peers.setdefault(peer.ae_title, set()).update(_addresses(peer.host))
 
     def check(self, calling_ae: str, called_ae: str, address: str) -> RejectReason | None:
         """Return why the request is rejected, or ``None`` to admit it."""

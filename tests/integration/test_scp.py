@@ -35,6 +35,7 @@ PEERS = [
     PeerConfig(ae_title="ECHOSCU", host="127.0.0.1"),
     PeerConfig(ae_title="PYSCU", host="127.0.0.1"),
     PeerConfig(ae_title="FARAWAY", host="10.1.2.3"),
+    PeerConfig(ae_title="BYNAME", host="localhost"),  # resolved once at start
 ]
 FAST_TIMERS = StudyConfig(series_quiet_s=0.5, study_quiet_s=1.0, force_complete_s=120,
                           poll_interval_s=0.1)
@@ -114,6 +115,7 @@ def test_echo_and_admission(make_node: Callable[..., Node]) -> None:
         assert rej.returncode != 0 and "Association Rejected" in out, out
         assert reason in out, out
     assert echoscu(node.port).returncode == 0  # still serving
+    assert echoscu(node.port, "BYNAME").returncode == 0
 
 
 def test_ct_series_lands_and_hands_off_once(make_node: Callable[..., Node], lidc_dir: Path) -> None:
