@@ -355,6 +355,11 @@ def load_sample(
         key = read_png_hu(key_path)
     except DeepLesionError as exc:
         raise DeepLesionError(f"{record.where()}: {exc}") from exc
+    if sorted(key.shape) != sorted(record.image_size):
+        raise DeepLesionError(
+            f"{record.where()}: {key_path} is {key.shape[1]} x {key.shape[0]} pixels, the CSV "
+            f"says Image_size {record.image_size[0]}, {record.image_size[1]}"
+        )
     offsets = range(-context, context + 1)
     slices: dict[int, np.ndarray] = {0: key}
     for off in offsets:

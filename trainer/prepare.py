@@ -64,7 +64,9 @@ from trainer import lidc
 __all__ = [
     "CaseResult",
     "LidcSeries",
+    "PreparedLidcCase",
     "discover_lidc",
+    "load_lidc_case",
     "prepare_deeplesion",
     "prepare_lidc",
     "register",
@@ -539,6 +541,66 @@ def prepare_lidc(
     failures = [[r.case_id, r.message] for r in results if r.status == "failed"]
     _atomic_write_text(out / "errors.csv", _csv_text(["case_id", "error"], failures))
     return results
+
+
+@dataclass
+class PreparedLidcCase:
+    """A case written by :func:`prepare_lidc`, loaded back.
+
+    Attributes
+    ----------
+    case_id : str
+    volume_hu : ndarray of int16, shape (z, y, x)
+        Resampled to :attr:`spacing_zyx`.
+    consensus_label : ndarray of uint8, shape (z, y, x)
+        0 background, k for reference nodule k (``clusters[i]["label"]``).
+    spacing_zyx : (float, float, float)
+    origin_xyz : (float, float, float)
+        LPS position of voxel [0, 0, 0].
+    info : dict
+        The case JSON (clusters with reader marks and characteristics,
+        irrelevant findings, UIDs).
+    """
+
+    case_id: str
+    volume_hu: npt.NDArray[np.int16]
+    consensus_label: npt.NDArray[np.uint8]
+    spacing_zyx: tuple[float, float, float]
+    origin_xyz: tuple[float, float, float]
+    info: dict[str, Any]
+
+    @property
+    def nodules(self) -> list[dict[str, Any]]:
+        """LUNA16 reference nodules (``center_mm`` LPS, ``diameter_mm``, readers ...)."""
+        return [c for c in self.info["clusters"] if c["kind"] == "nodule"]
+
+    @property
+    def irrelevant(self) -> list[dict[str, Any]]:
+        """Irrelevant findings (clusters below consensus, < 3 mm marks, non-nodules)."""
+        below = [c for c in self.info["clusters"] if c["kind"] != "nodule"]
+        return below + list(self.info["irrelevant"])
+
+
+def load_lidc_case(out: Path, case_id: str) -> PreparedLidcCase:
+    """Load ``out/cases/<case_id>.{json,npz}`` written by :func:`prepare_lidc`.
+
+    Raises
+    ------
+    FileNotFoundError
+        The case was not prepared (or did not finish).
+    ValueError
+        ``case_id`` is not a plain case name.
+    """
+    if not _SAFE_NAME.match(case_id):
+        raise ValueError(f"not a case name: {case_id!r}")
+    info = json.loads((out / "cases" / f"{case_id}.json").read_text(encoding="utf-8"))
+    with np.load(out / "cases" / f"{case_id}.npz") as data:
+        sp = data["spacing_zyx"]
+        o = data["origin_xyz"]
+        return PreparedLidcCase(
+            case_id, data["volume_hu"], data["consensus_label"],
+            (float(sp[0]), float(sp[1]), float(sp[2])), (float(o[0]), float(o[1]), float(o[2])),
+            info)
 
 
 # --------------------------------------------------------------------------- DeepLesion

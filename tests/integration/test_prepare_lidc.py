@@ -150,7 +150,17 @@ def test_real_case_consensus(prepared) -> None:
 
 
 def test_phantom_case_truth(prepared) -> None:
+    from trainer.prepare import load_lidc_case
+
     _, out, _ = prepared
+    case = load_lidc_case(out, "LIDC-IDRI-9001")
+    assert case.volume_hu.dtype == np.int16 and case.spacing_zyx == (1.0, 1.0, 1.0)
+    (nod,) = case.nodules
+    # the consensus label sits where the phantom drew the nodule (>= -300 HU, solid +30)
+    lab = case.consensus_label == nod["label"]
+    assert lab.sum() > 0 and np.median(case.volume_hu[lab]) > -300
+    with pytest.raises(ValueError, match="case name"):
+        load_lidc_case(out, "../etc")
     case = json.loads((out / "cases" / "LIDC-IDRI-9001.json").read_text())
     nodules = [c for c in case["clusters"] if c["kind"] == "nodule"]
     assert len(nodules) == 1 and nodules[0]["n_readers"] == 3
