@@ -383,15 +383,17 @@ def luna16_froc(
     per_scan = {u: _scan_entries(cap_candidates(by_scan_c[u], max_candidates), by_scan_r[u])
                 for u in uids}
 
+    arrays = {
+        u: (np.asarray(e.is_nodule, dtype=bool), np.asarray(e.prob, dtype=float),
+            np.asarray(e.excluded, dtype=bool))
+        for u, e in per_scan.items()
+    }
+    empty = (np.zeros(0, dtype=bool), np.zeros(0), np.zeros(0, dtype=bool))
+
     def vectors(scans: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        g: list[bool] = []
-        p: list[float] = []
-        x: list[bool] = []
-        for u in scans:
-            g += per_scan[u].is_nodule
-            p += per_scan[u].prob
-            x += per_scan[u].excluded
-        return np.asarray(g, dtype=bool), np.asarray(p, dtype=float), np.asarray(x, dtype=bool)
+        parts = [arrays[u] for u in scans] or [empty]
+        return (np.concatenate([a[0] for a in parts]), np.concatenate([a[1] for a in parts]),
+                np.concatenate([a[2] for a in parts]))
 
     g, p, x = vectors(uids)
     fps, sens, thr = _froc_curve(g, p, x, len(uids))
