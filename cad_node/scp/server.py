@@ -457,7 +457,11 @@ class NodeServer:
         # strictly (cad_node.uids), so such a request gets 0xC101 instead.
         _config.VALIDATORS["UI"] = _decode_any_uid
         node = self.settings.node
-        self.spool = Spool.open(node.storage_dir, node.min_free_bytes)
+        self.spool = Spool.open(
+            node.storage_dir,
+            node.min_free_bytes,
+            own_manufacturers=frozenset({self.settings.results.manufacturer}),
+        )
         try:
             self.assembler = StudyAssembler(
                 self.spool.index, self.settings.study, self.on_study_complete

@@ -17,7 +17,8 @@ Contract
   through ``SpoolIndex(path, readonly=True)``.
 * A row in ``instance`` exists only for a file that was fsynced, renamed and
   whose directory was fsynced.  Files are immutable once indexed.
-* ``study.revision`` counts the new (non-duplicate) instances of a study;
+* ``study.revision`` counts the new (non-duplicate) instances of a study,
+  except the node's own result objects echoed back by a PACS (``own_result``);
   ``study.handed_revision`` is the revision included in the last hand-off.
   A study is *pending* (needs a hand-off) while ``revision > handed_revision``.
 """
@@ -43,7 +44,7 @@ __all__ = [
 ]
 
 #: Version of the schema below, kept in ``PRAGMA user_version``.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: How long a connection waits for a lock held by another one (ms).
 BUSY_TIMEOUT_MS = 30_000
 
@@ -89,7 +90,8 @@ CREATE TABLE IF NOT EXISTS instance (
     sha256 TEXT NOT NULL,
     received_at REAL NOT NULL,
     calling_ae TEXT,
-    peer_host TEXT
+    peer_host TEXT,
+    own_result INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS instance_study ON instance(study_pk);
 CREATE INDEX IF NOT EXISTS series_study ON series(study_pk);
@@ -120,6 +122,8 @@ class NewInstance:
     received_at: float
     calling_ae: str | None = None
     peer_host: str | None = None
+    #: One of the node's own result objects echoed back (does not reopen the study).
+    own_result: bool = False
 
 
 @dataclass(frozen=True)
@@ -221,9 +225,13 @@ class SpoolIndex:
             self._db.execute(f"PRAGMA synchronous={self.synchronous}")
             self._db.execute("PRAGMA foreign_keys=ON")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
+            if version not in (0, 1, SCHEMA_VERSION):
                 raise RuntimeError(
                     f"spool index {self.db_path} has schema {version}, expected {SCHEMA_VERSION}"
+                )
+            if version == 1:  # 1 -> 2: own_result column
+                self._db.execute(
+                    "ALTER TABLE instance ADD COLUMN own_result INTEGER NOT NULL DEFAULT 0"
                 )
             self._db.executescript(_SCHEMA)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -288,14 +296,16 @@ class SpoolIndex:
                     (rec.study_instance_uid,),
                 ).fetchone()[0]
                 # opened_at restarts when the study was fully handed on before
-                # this instance (SET expressions see the old row values).
-                db.execute(
-                    "UPDATE study SET revision = revision + 1, "
-                    "last_received = MAX(last_received, ?), "
-                    "opened_at = CASE WHEN revision = handed_revision THEN ? ELSE opened_at END "
-                    "WHERE id = ?",
-                    (rec.received_at, rec.received_at, study_pk),
-                )
+                # this instance (SET expressions see the old row values).  The
+                # node's own results echoed back never reopen a study.
+                if not rec.own_result:
+                    db.execute(
+                        "UPDATE study SET revision = revision + 1, "
+                        "last_received = MAX(last_received, ?), "
+                        "opened_at = CASE WHEN revision = handed_revision THEN ? "
+                        "ELSE opened_at END WHERE id = ?",
+                        (rec.received_at, rec.received_at, study_pk),
+                    )
                 db.execute(
                     "INSERT INTO series(study_pk, series_instance_uid, modality, first_received, "
                     "last_received) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
@@ -314,11 +324,12 @@ class SpoolIndex:
                 db.execute(
                     "INSERT INTO instance(id, sop_instance_uid, series_pk, study_pk, "
                     "sop_class_uid, transfer_syntax_uid, modality, relpath, size, sha256, "
-                    "received_at, calling_ae, peer_host) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "received_at, calling_ae, peer_host, own_result) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (rec.instance_id, rec.sop_instance_uid, series_pk, study_pk,
                      rec.sop_class_uid, rec.transfer_syntax_uid, rec.modality, rec.relpath,
-                     rec.size, rec.sha256, rec.received_at, rec.calling_ae, rec.peer_host),
+                     rec.size, rec.sha256, rec.received_at, rec.calling_ae, rec.peer_host,
+                     int(rec.own_result)),
                 )
         except sqlite3.IntegrityError as exc:
             if "instance.sop_instance_uid" in str(exc):
@@ -404,14 +415,14 @@ class SpoolIndex:
         )
         return [self._to_instance(r) for r in rows]
 
-    def instance_hashes(self, study_id: int) -> list[tuple[StoredInstance, str]]:
-        """``(instance, file sha256)`` for every instance of a study (by node id)."""
+    def instance_hashes(self, study_id: int) -> list[tuple[StoredInstance, str, bool]]:
+        """``(instance, file sha256, own result)`` for every instance of a study (by node id)."""
         rows = self._query(
-            f"SELECT {_INSTANCE_COLUMNS}, i.sha256 {_INSTANCE_FROM} WHERE i.study_pk = ? "
-            "ORDER BY i.series_pk, i.id",
+            f"SELECT {_INSTANCE_COLUMNS}, i.sha256, i.own_result {_INSTANCE_FROM} "
+            "WHERE i.study_pk = ? ORDER BY i.series_pk, i.id",
             (study_id,),
         )
-        return [(self._to_instance(r), str(r[9])) for r in rows]
+        return [(self._to_instance(r), str(r[9]), bool(r[10])) for r in rows]
 
     def _to_study(self, row: tuple[object, ...]) -> StudyState:
         return StudyState(

@@ -16,7 +16,7 @@ A.4 encapsulation):
   and then satisfies the rules above.
 
 While walking, the values of a few top-level attributes are captured (UIDs,
-Modality, Patient ID, Accession Number) so the index can be filled without a
+Modality, Manufacturer, Patient ID, Accession Number) so the index can be filled without a
 second parse.  The module depends on nothing but the standard library.
 """
 
@@ -78,12 +78,13 @@ _SOP_CLASS_UID = 0x00080016
 _SOP_INSTANCE_UID = 0x00080018
 _ACCESSION_NUMBER = 0x00080050
 _MODALITY = 0x00080060
+_MANUFACTURER = 0x00080070
 _PATIENT_ID = 0x00100020
 _STUDY_INSTANCE_UID = 0x0020000D
 _SERIES_INSTANCE_UID = 0x0020000E
 _WANTED = frozenset(
-    {_SOP_CLASS_UID, _SOP_INSTANCE_UID, _ACCESSION_NUMBER, _MODALITY, _PATIENT_ID,
-     _STUDY_INSTANCE_UID, _SERIES_INSTANCE_UID}
+    {_SOP_CLASS_UID, _SOP_INSTANCE_UID, _ACCESSION_NUMBER, _MODALITY, _MANUFACTURER,
+     _PATIENT_ID, _STUDY_INSTANCE_UID, _SERIES_INSTANCE_UID}
 )
 
 
@@ -113,6 +114,7 @@ class DatasetHeader:
     modality: str | None
     patient_id: str
     accession_number: str | None
+    manufacturer: str | None = None
 
 
 class _Walker:
@@ -289,6 +291,7 @@ def inspect_dataset(raw: bytes, transfer_syntax_uid: str) -> DatasetHeader:
         modality=_text(values.get(_MODALITY)),
         patient_id=_text(values.get(_PATIENT_ID)) or "",
         accession_number=_text(values.get(_ACCESSION_NUMBER)),
+        manufacturer=_text(values.get(_MANUFACTURER)),
     )
 
 

@@ -200,10 +200,23 @@ class Spool:
     min_free_bytes : int
         Free-disk watermark: a store that would leave less free space fails
         with :class:`InsufficientStorageError`.
+    own_manufacturers : frozenset of str
+        Manufacturer (0008,0070) values of the node's own result objects.  A
+        PACS that auto-routes a study back to the node also sends our SR/SEG/
+        SC results; they are stored and listed like any instance but do not
+        reopen the study, which would otherwise re-run the analysis on every
+        round trip (a feedback loop).
     """
 
-    def __init__(self, root: Path, min_free_bytes: int, lock_fd: int) -> None:
+    def __init__(
+        self,
+        root: Path,
+        min_free_bytes: int,
+        lock_fd: int,
+        own_manufacturers: frozenset[str] = frozenset(),
+    ) -> None:
         self.root = root
+        self.own_manufacturers = own_manufacturers
         self.objects_dir = root / "objects"
         self.min_free_bytes = min_free_bytes
         self._lock_fd = lock_fd
@@ -214,7 +227,12 @@ class Spool:
 
     # -- life cycle ---------------------------------------------------------
     @classmethod
-    def open(cls, storage_dir: str | Path, min_free_bytes: int = 0) -> Spool:
+    def open(
+        cls,
+        storage_dir: str | Path,
+        min_free_bytes: int = 0,
+        own_manufacturers: frozenset[str] = frozenset(),
+    ) -> Spool:
         """Open (creating if needed) the spool below ``storage_dir`` and recover.
 
         Raises
@@ -230,7 +248,7 @@ class Spool:
         except BlockingIOError:
             os.close(lock_fd)
             raise SpoolLockedError(f"spool {root} is in use by another process") from None
-        spool = cls(root, min_free_bytes, lock_fd)
+        spool = cls(root, min_free_bytes, lock_fd, own_manufacturers)
         try:
             spool._recover()
         except BaseException:
@@ -310,6 +328,7 @@ class Spool:
                     size=len(raw),
                     sha256=hashlib.sha256(raw).hexdigest(),
                     received_at=path.stat().st_mtime,
+                    own_result=header.manufacturer in self.own_manufacturers,
                 )
             )
             log.warning("spool recovery: indexed complete but unindexed file %s", path)
@@ -459,6 +478,7 @@ class Spool:
                     received_at=time.time(),
                     calling_ae=calling_ae,
                     peer_host=peer_host,
+                    own_result=header.manufacturer in self.own_manufacturers,
                 )
             )
         except DuplicateInstanceError:

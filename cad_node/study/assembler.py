@@ -24,6 +24,9 @@ Across crashes delivery is therefore *at-least-once*: consumers de-duplicate on
 
 * A study re-sent unchanged (only duplicates) creates no new generation:
   duplicates are not indexed, so the study never becomes pending again.
+* The node's own result objects, echoed back by a PACS (Manufacturer equal
+  to ``results.manufacturer``), are listed in later hand-offs but never
+  reopen a study on their own (no analysis feedback loop).
 * A new instance after a hand-off reopens the study; when it completes again
   it is handed on as ``generation + 1`` with all its instances and a new
   fingerprint.  The later generation supersedes the earlier one.
@@ -128,11 +131,12 @@ class StudyAssembler:
                     continue
                 rows = self.index.instance_hashes(study.study_id)
                 fingerprint = study_fingerprint(
-                    (inst.sop_instance_uid, sha) for inst, sha in rows
+                    (inst.sop_instance_uid, sha) for inst, sha, _ in rows
                 )
-                # The index never deletes instances and counts only new ones, so
-                # the snapshot's revision is its number of instances.
-                revision = len(rows)
+                # The index never deletes instances and its revision counts the
+                # new ones except the node's own echoed results, so that count
+                # is the snapshot's revision.
+                revision = sum(1 for *_, own in rows if not own)
                 if fingerprint == study.handed_fingerprint:
                     self.index.mark_handed(
                         study.study_id, study.generation, fingerprint, revision, now
@@ -142,7 +146,7 @@ class StudyAssembler:
                     study_id=study.study_id,
                     study_instance_uid=study.study_instance_uid,
                     generation=study.generation + 1,
-                    instances=tuple(inst for inst, _ in rows),
+                    instances=tuple(inst for inst, *_ in rows),
                     fingerprint=fingerprint,
                 )
                 try:

@@ -133,3 +133,31 @@ def test_background_thread_hands_off(tmp_path: Path, ct_files: list[Path]) -> No
         finally:
             asm.stop()
         assert len(events) == 1 and len(events[0].instances) == 5
+
+
+def test_own_results_echoed_back_do_not_reopen(tmp_path: Path, ct_files: list[Path]) -> None:
+    events: list[StudyComplete] = []
+    cfg = StudyConfig(series_quiet_s=1, study_quiet_s=1, force_complete_s=600)
+    # a result object of ours as a PACS would route it back: same study, new
+    # series and instance, Manufacturer = results.manufacturer
+    ds = dcmread(ct_files[0])
+    ds.SOPInstanceUID = "1.2.826.0.1.3680043.10.511.9.1"
+    ds.SeriesInstanceUID = "1.2.826.0.1.3680043.10.511.9.2"
+    ds.Manufacturer = "cad-node"
+    echoed = tmp_path / "echoed.dcm"
+    ds.save_as(echoed, enforce_file_format=True)
+    with Spool.open(tmp_path / "s", own_manufacturers=frozenset({"cad-node"})) as spool:
+        asm = StudyAssembler(spool.index, cfg, events.append)
+        for f in ct_files[:3]:
+            store(spool, f)
+        assert len(asm.poll(time.time() + 5)) == 1
+        assert store(spool, echoed).status is StoreStatus.STORED
+        study = spool.index.studies()[0]
+        assert not study.pending and study.num_instances == 4
+        assert asm.poll(time.time() + 50) == []
+        # a real new instance reopens it; the echoed result is listed too
+        store(spool, ct_files[3])
+        second = asm.poll(time.time() + 100)
+        assert len(second) == 1 and second[0].generation == 2
+        assert len(second[0].instances) == 5
+        assert ds.SOPInstanceUID in {i.sop_instance_uid for i in second[0].instances}
