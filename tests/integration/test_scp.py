@@ -342,3 +342,22 @@ def test_spool_lock_refuses_a_second_node(make_node: Callable[..., Node]) -> Non
     with pytest.raises(RuntimeError, match="in use"):
         second.start()
     assert echoscu(node.port).returncode == 0
+
+
+def test_max_associations_is_enforced(make_node: Callable[..., Node]) -> None:
+    node = make_node(max_associations=1)
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    held = ae.associate("127.0.0.1", node.port, ae_title="CADNODE")
+    assert held.is_established
+    try:
+        rej = echoscu(node.port)
+        out = rej.stdout + rej.stderr
+        assert rej.returncode != 0 and "Association Rejected" in out, out
+        assert "Local Limit Exceeded" in out, out
+    finally:
+        held.release()
+    deadline = time.monotonic() + 10
+    while echoscu(node.port).returncode != 0:
+        assert time.monotonic() < deadline, "slot not freed after release"
+        time.sleep(0.1)
