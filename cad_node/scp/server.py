@@ -5,11 +5,11 @@ A-ASSOCIATE-RJ, PS3.8 9.3.4):
 
 * the called AE title must equal ``node.ae_title`` (reason 7,
   called-AE-title-not-recognized);
-* the calling AE title **and** the source IP must match one ``peers`` entry
-  (a host name there is resolved once, at start)
-  (reason 3, calling-AE-title-not-recognized, when the AE title is unknown;
-  reason 1, no-reason-given, when it is known but the address is not its own),
-  unless ``node.accept_any`` is true;
+* the calling AE title **and** the source IP must match one ``peers`` entry,
+  a host name there being resolved once at start (reason 3,
+  calling-AE-title-not-recognized, when the AE title is unknown; reason 1,
+  no-reason-given, when it is known but the address is not its own), unless
+  ``node.accept_any`` is true;
 * at most ``node.max_associations`` at once (transient, local-limit-exceeded;
   done by pynetdicom).
 
@@ -23,8 +23,13 @@ watermark (0xA700).
 Handler contract (``EVT_C_STORE``): the handler never decodes the data set
 with pydicom and never lets an exception escape - every outcome is a
 :class:`~cad_node.scp.status.Status`.  It answers Success only after
-:meth:`cad_node.storage.Spool.store` returned, i.e. after the file and its
-index row are durable.
+:meth:`cad_node.storage.Spool.store` returned, i.e. after the file is durable
+and its index row committed.
+
+Throughput: pynetdicom's acceptor polls with 1 ms sleeps in two threads; the
+private ``_Association``/``_EventSocket`` below replace that polling with
+blocking waits (written against pynetdicom 3.0; the dependency is pinned
+below 4).  See docs/benchmarks.md "Ingest".
 """
 
 from __future__ import annotations
@@ -99,7 +104,6 @@ class RejectReason:
     source: int
     diagnostic: int
 
-    #: rejected-permanent / DICOM UL service-user / no-reason-given
     @classmethod
     def no_reason(cls) -> RejectReason:
         """Rejected-permanent, service-user, no-reason-given (1, 1, 1)."""
