@@ -14,6 +14,9 @@ Contract of each task
   objects are deterministic and acknowledged objects are never resent.
 * The job table is always written *before* a message is published; a crash
   between the two is repaired by :func:`reconcile`.
+* Time limits: a soft limit ends the job ``failed`` from inside the task; a
+  hard limit kills the pool process and :class:`JobTask` records ``failed``
+  from the worker's main process.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import os
 import time
 from typing import Any
 
-from celery.exceptions import SoftTimeLimitExceeded
+from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
 from cad_node.config import Settings, load_config
 from cad_node.jobs.celery_app import QUEUE_INFERENCE, QUEUE_IO, TASK_ANALYSE, TASK_SEND, app
@@ -126,6 +130,33 @@ def reconcile(store: JobStore, *, include_in_flight: bool) -> list[int]:
 
 
 # -- tasks ------------------------------------------------------------------
+class JobTask(Task):  # type: ignore[misc]
+    """Base class of job tasks: a hard time limit ends the job in ``failed``.
+
+    A task killed by the hard time limit never returns, so the job row would
+    stay ``running``; Celery calls :meth:`on_failure` in the worker's main
+    process instead, and it records the failure (only if the killed message
+    still holds the job's current token).
+    """
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
+                   einfo: Any) -> None:
+        """Record a hard time limit (or another uncaught failure) in the job table."""
+        if not isinstance(exc, TimeLimitExceeded) or len(args) != 2:
+            return
+        job_id, token = int(args[0]), str(args[1])
+        try:
+            store = _runner().store
+            job = store.get(job_id)
+            if job.token == token and job.state in (JobState.QUEUED, JobState.RUNNING,
+                                                    JobState.RESULTS_READY):
+                store.transition(job_id, JobState.FAILED,
+                                 error=f"hard time limit exceeded ({exc})")
+                job_logger(LOG, job).error("hard time limit exceeded: job failed")
+        except Exception:  # the worker must survive whatever happens here
+            LOG.exception("could not record the time limit of job %s", job_id)
+
+
 def _begin(runner: JobRunner, job_id: int, token: str) -> bool:
     decision, job = runner.store.begin_delivery(job_id, token, runner.settings.jobs.max_deliveries)
     log = job_logger(LOG, job)
@@ -139,7 +170,7 @@ def _begin(runner: JobRunner, job_id: int, token: str) -> bool:
 
 
 @app.task(name=TASK_ANALYSE, bind=True, acks_late=True,  # type: ignore[untyped-decorator]
-          reject_on_worker_lost=True, ignore_result=True)
+          reject_on_worker_lost=True, ignore_result=True, base=JobTask)
 def analyse_task(self: Any, job_id: int, token: str) -> None:
     """Route, run pipelines, build and gate results; then queue the send stage."""
     runner = _runner()
@@ -169,7 +200,7 @@ def analyse_task(self: Any, job_id: int, token: str) -> None:
 
 
 @app.task(name=TASK_SEND, bind=True, acks_late=True,  # type: ignore[untyped-decorator]
-          reject_on_worker_lost=True, ignore_result=True)
+          reject_on_worker_lost=True, ignore_result=True, base=JobTask)
 def send_task(self: Any, job_id: int, token: str) -> None:
     """Send a job's results; on a retryable failure queue a delayed retry."""
     runner = _runner()

@@ -185,3 +185,29 @@ def test_embedded_broker_job_survives_restart_and_is_sent(
     assert states[:2] == ["received", "complete"] and states[-1] == "sent"
     assert "running" in states and "results-ready" in states
     assert any(w["device"] == "cpu" for w in store.workers())
+
+
+def test_time_limits_end_the_job(tmp_path: Path, pacs: OrthancServer) -> None:
+    """A job longer than the time limits ends failed or dead -- never stuck in running."""
+    config = write_config(tmp_path / "c.yaml", tmp_path / "var", pacs.dicom_port)
+    text = config.read_text()
+    text = text.replace("soft_time_limit_s: 300", "soft_time_limit_s: 0.3")
+    text = text.replace("hard_time_limit_s: 360", "hard_time_limit_s: 0.6")
+    config.write_text(text)
+    settings = load_config(config)
+    assert settings.jobs.hard_time_limit_s == 0.6
+    configure_app(settings)
+    store = JobStore.for_storage(settings.node.storage_dir)
+    records = instance_records(phantom_study(tmp_path / "study", seed=12))
+    job, _ = store.record_study_complete(
+        study_id="1", study_instance_uid=str(records[0]["study_instance_uid"]), generation=1,
+        fingerprint="fp-12", instances=records)
+    publish_analyse(store, job.job_id)
+    worker = start_worker(config)
+    try:
+        state = wait_state(store, job.job_id, {JobState.SENT, JobState.FAILED, JobState.DEAD}, 120)
+    finally:
+        stop_worker(worker)
+    job = store.get(job.job_id)
+    assert state in {JobState.FAILED, JobState.DEAD}, store.events(job.job_id)
+    assert "time limit" in (job.error or ""), job.error
