@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import MutableMapping
 from typing import Any
 
-__all__ = ["JobLogAdapter", "StructuredFormatter", "job_logger", "setup_logging"]
+__all__ = [
+    "LOG_FORMAT_ENV",
+    "JobLogAdapter",
+    "StructuredFormatter",
+    "job_logger",
+    "setup_logging",
+]
 
 _CONTEXT_FIELDS = ("study_uid", "job_id")
 
@@ -77,8 +84,17 @@ class StructuredFormatter(logging.Formatter):
         return line
 
 
-def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
-    """Install the structured formatter on the root logger (stderr)."""
+#: Set to ``json`` to log JSON lines (for log shippers) instead of readable lines.
+LOG_FORMAT_ENV = "CAD_NODE_LOG_FORMAT"
+
+
+def setup_logging(level: str = "INFO", json_lines: bool | None = None) -> None:
+    """Install the structured formatter on the root logger (stderr).
+
+    ``json_lines`` defaults to ``CAD_NODE_LOG_FORMAT=json`` in the environment.
+    """
+    if json_lines is None:
+        json_lines = os.environ.get(LOG_FORMAT_ENV, "").lower() == "json"
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(StructuredFormatter(json_lines))
     root = logging.getLogger()

@@ -45,8 +45,9 @@ def list_jobs(
     config: ConfigOpt = DEFAULT_CONFIG_PATH,
     state: Annotated[list[str] | None, typer.Option(help="Only jobs in this state.")] = None,
     limit: Annotated[int, typer.Option(help="At most this many jobs.")] = 50,
+    study: Annotated[str | None, typer.Option(help="Only jobs of this Study Instance UID.")] = None,
 ) -> None:
-    """List jobs, newest first."""
+    """List jobs, newest first (all generations of a study with --study)."""
     from cad_node.jobs.states import JobState
 
     settings = _settings(config)
@@ -59,7 +60,8 @@ def list_jobs(
     table = Table(title="jobs")
     for col in ("job", "study UID", "gen", "state", "since", "attempts", "turnaround", "error"):
         table.add_column(col)
-    for job in _store(settings).list_jobs(states=states, limit=limit):
+    for job in _store(settings).list_jobs(states=states, limit=limit,
+                                          study_instance_uid=study):
         ta = f"{job.turnaround_s:.1f} s" if job.turnaround_s is not None else "-"
         sup = f" (superseded by {job.superseded_by})" if job.superseded_by else ""
         table.add_row(str(job.job_id), job.study_instance_uid, str(job.generation),

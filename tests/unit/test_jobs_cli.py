@@ -66,6 +66,11 @@ def test_jobs_list_show_retry_resend(tmp_path: Path) -> None:
     listed = runner.invoke(app, ["jobs", "list", "--config", str(cfg), "--state", "failed"])
     assert listed.exit_code == 0, listed.output
     assert "LungSegmentationError" in listed.output
+    by_study = runner.invoke(app, ["jobs", "list", "--config", str(cfg), "--study",
+                                   "1.2.826.0.1.3680043.8.498.7"])
+    assert by_study.exit_code == 0 and "LungSegmentationError" in by_study.output
+    other = runner.invoke(app, ["jobs", "list", "--config", str(cfg), "--study", "1.2.3"])
+    assert other.exit_code == 0 and "LungSegmentationError" not in other.output
     shown = runner.invoke(app, ["jobs", "show", str(a), "--config", str(cfg)])
     assert shown.exit_code == 0
     for word in ("received", "complete", "queued", "running", "failed"):
