@@ -37,7 +37,7 @@ PEERS = [
     PeerConfig(ae_title="FARAWAY", host="10.1.2.3"),
     PeerConfig(ae_title="BYNAME", host="localhost"),  # resolved once at start
 ]
-FAST_TIMERS = StudyConfig(series_quiet_s=0.5, study_quiet_s=1.0, force_complete_s=120,
+FAST_TIMERS = StudyConfig(series_quiet_s=1.0, study_quiet_s=2.0, force_complete_s=120,
                           poll_interval_s=0.1)
 
 
