@@ -15,9 +15,12 @@ Method (all on the ~1.4 mm working grid, :mod:`.grid`):
    left) is the left lung.
 5. Vessels and small nodules are brought inside by filling holes slice by
    slice and a 2-D closing of :data:`CLOSING_RADIUS_MM` per lung.
+6. Juxtapleural nodules: dense tissue in bays of the outline (what a per-slice
+   closing with :data:`BAY_RADIUS_MM` adds) is included when it is compact
+   (nodule-sized, see :data:`BAY_MAX_EXTENT_MM`); long structures (heart,
+   aorta, hilum) are not.
 
-Juxtapleural nodules larger than the closing radius may stay partly outside;
-candidate search therefore uses a dilated lung mask (see :mod:`.candidates`).
+Candidate search still uses a dilated lung mask (see :mod:`.candidates`).
 """
 
 from __future__ import annotations
@@ -47,6 +50,15 @@ MIN_COMPONENT_FRACTION = 0.1
 MIN_LUNG_ML = 150.0
 #: Radius of the per-slice closing that brings vessels/juxtapleural nodules inside.
 CLOSING_RADIUS_MM = 6.0
+#: Juxtapleural inclusion: bays of the lung outline that a disk of this radius
+#: cannot enter are candidates for a pleura-attached nodule ...
+BAY_RADIUS_MM = 16.0
+#: ... and are added when their dense part (> BAY_DENSE_HU) is compact: at most
+#: this extent (mm) along every axis and this volume (mL), i.e. nodule-sized,
+#: not the heart, aorta or hilum.
+BAY_DENSE_HU = -500.0
+BAY_MAX_EXTENT_MM = 36.0
+BAY_MAX_ML = 20.0
 #: Airway growing thresholds (HU), tried in order; growth stops at a leak.
 AIRWAY_THRESHOLDS_HU = (-980.0, -960.0, -940.0, -920.0, -900.0)
 #: A threshold step whose airway volume grows by more than this factor leaked into the lung.
@@ -246,6 +258,44 @@ def _close_slices(mask: npt.NDArray[np.bool_], radius_px: float) -> npt.NDArray[
     return out
 
 
+def _juxtapleural_bays(
+    part: npt.NDArray[np.bool_], hu: npt.NDArray[np.float32], grid: WorkGrid
+) -> npt.NDArray[np.bool_]:
+    """Compact dense regions in bays of one lung's outline (pleura-attached nodules)."""
+    sz, sy, sx = grid.spacing_zyx
+    box = _bbox(part, 0)
+    # the envelope is found on a 2x coarser in-plane grid (a block is "lung" if any
+    # voxel is), which is ample for a 16 mm disk and 4x cheaper
+    crop = part[box]
+    ny, nx = crop.shape[1:]
+    coarse = np.pad(crop, ((0, 0), (0, ny % 2), (0, nx % 2)))
+    coarse = coarse.reshape(crop.shape[0], coarse.shape[1] // 2, 2, coarse.shape[2] // 2, 2)
+    coarse = coarse.any(axis=(2, 4))
+    pad = int(np.ceil(BAY_RADIUS_MM / (2 * min(sy, sx)))) + 1
+    coarse = np.pad(coarse, ((0, 0), (pad, pad), (pad, pad)))
+    samp = (1e4, 2 * sy, 2 * sx)  # per-slice distances (no coupling between slices)
+    dil = ndi.distance_transform_edt(~coarse, sampling=samp) <= BAY_RADIUS_MM
+    closed = (ndi.distance_transform_edt(dil, sampling=samp) > BAY_RADIUS_MM)[:, pad:-pad,
+                                                                               pad:-pad]
+    closed = np.repeat(np.repeat(closed, 2, axis=1), 2, axis=2)[:, :ny, :nx]
+    added = np.zeros_like(part)
+    added[box] = closed & ~crop
+    added &= hu > BAY_DENSE_HU
+    lab, n = ndi.label(added)
+    if n == 0:
+        return added
+    keep = np.zeros(n + 1, dtype=bool)
+    max_vox = BAY_MAX_ML / grid.voxel_ml
+    sizes = _sizes(lab, n)
+    for i, sl in enumerate(ndi.find_objects(lab), start=1):
+        if sl is None or sizes[i - 1] > max_vox:
+            continue
+        extent = [(s.stop - s.start) * d for s, d in zip(sl, (sz, sy, sx), strict=True)]
+        keep[i] = max(extent) <= BAY_MAX_EXTENT_MM
+    out: npt.NDArray[np.bool_] = keep[lab]
+    return out
+
+
 def segment_lungs(image: sitk.Image) -> LungSegmentation:
     """Segment the left and right lungs of a chest CT.
 
@@ -315,7 +365,8 @@ def segment_lungs(image: sitk.Image) -> LungSegmentation:
     if len(parts) != 2:
         raise LungSegmentationError("only one lung found (could not separate left and right)")
     radius_px = CLOSING_RADIUS_MM / grid.spacing_zyx[2]
-    parts = [_close_slices(p, radius_px) & ~airway for p in parts]
+    parts = [_close_slices(p, radius_px) for p in parts]
+    parts = [(p | _juxtapleural_bays(p, hu, grid)) & ~airway for p in parts]
     overlap = parts[0] & parts[1]
     parts[1] &= ~overlap
     direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
