@@ -147,3 +147,41 @@ def test_cli_analyze_refuses_unusable_folders(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("not dicom")
     r = runner.invoke(app, ["analyze", str(tmp_path)])
     assert r.exit_code == 2 and "no DICOM series" in r.output
+
+
+def test_cnn_scorer_bundle_is_used_and_combined(phantom_case, tmp_path: Path) -> None:
+    """With a scorer bundle installed the pipeline uses it: identity, threshold, combination.
+
+    The bundle is a real one written by the trainer's exporter, with untrained
+    (seeded) weights: this checks the plumbing, not accuracy.
+    """
+    torch = pytest.importorskip("torch")
+    from cad_node.models import load_bundle
+    from cad_node.models.network import DEFAULT_ARCHITECTURE, build_network
+    from cad_node.models.scorer import CandidateScorer
+    from cad_node.pipelines.ct_chest.candidates import candidate_features, classical_probability
+    from cad_node.pipelines.ct_chest.pipeline import SCORER_BUNDLE
+    from trainer.export import write_bundle
+
+    torch.manual_seed(0)
+    net = build_network(DEFAULT_ARCHITECTURE)
+    write_bundle(tmp_path, name=SCORER_BUNDLE, version="0.0.1", state_dict=net.state_dict(),
+                 task="test bundle", architecture=DEFAULT_ARCHITECTURE,
+                 input_spec={"spacing_mm": [1.5, 1.5, 1.5], "patch_size": [24, 24, 24],
+                             "hu_window": [-1000.0, 400.0], "batch_size": 64},
+                 output_spec={"threshold": 0.42},
+                 training_data={"description": "none (untrained test weights)"})
+    _, _, series, _ = phantom_case
+    run = CtChestPipeline(models_dir=tmp_path).run_detailed(series)
+    res = run.result
+    bundle = load_bundle(SCORER_BUNDLE, tmp_path)
+    assert res.model == bundle.identity
+    assert res.measurements["operating_threshold"] == pytest.approx(0.42)
+    assert any("classical x CNN" in n for n in res.notes)
+    cands = run.candidates
+    centres = np.array([c.center_mm for c in cands])
+    cnn = CandidateScorer(bundle).score(series.image, centres)
+    lungs = run.lungs.lungs
+    classical = classical_probability(candidate_features(series.image, lungs, cands),
+                                      np.array([c.scale_mm for c in cands]))
+    assert np.allclose(run.probabilities, np.sqrt(classical * cnn), atol=1e-6)
