@@ -47,6 +47,7 @@ CAD_NODE = str(Path(sys.executable).with_name("cad-node"))
 #: dcmtk reads this variable and then sets TCP_NODELAY on its sockets.
 DCMTK_ENV = {"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"}
 PDU = 131072  # the largest PDU dcmtk storescu sends (it announces Max Send PDV 131060)
+TMPFS = "/dev/shm"
 
 
 def free_port() -> int:
@@ -127,6 +128,26 @@ class NodePeer(Peer):
         return [CAD_NODE, "serve", "--config", str(cfg)], None
 
 
+class NodeTmpfsPeer(NodePeer):
+    """cad-node with its storage on tmpfs (fsync is free): the SCP's own ceiling."""
+
+    name = "cad-node-tmpfs"
+
+    def start(self) -> None:
+        self.shm = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=TMPFS))
+        super().start()
+
+    def command(self) -> tuple[list[str], dict[str, str] | None]:
+        cmd, env = super().command()
+        cfg = self.workdir / "cad-node.yaml"
+        cfg.write_text(cfg.read_text().replace(str(self.workdir / "storage"), str(self.shm)))
+        return cmd, env
+
+    def stop(self) -> None:
+        super().stop()
+        shutil.rmtree(self.shm, ignore_errors=True)
+
+
 class StorescpPeer(Peer):
     name, aec = "storescp", "STORESCP"
 
@@ -197,6 +218,8 @@ def run(series: Path, rounds: int) -> dict[tuple[str, int], list[float]]:
         Path(f).read_bytes()
     rates: dict[tuple[str, int], list[float]] = {}
     peers: list[type[Peer]] = [NodePeer, StorescpPeer, OrthancPeer]
+    if os.access(TMPFS, os.W_OK):
+        peers.append(NodeTmpfsPeer)
     for rnd in range(rounds):
         with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
             rate = durable_ceiling(files, Path(tmp))
@@ -230,6 +253,10 @@ def report(rates: dict[tuple[str, int], list[float]], n_files: int) -> str:
         node, scp, orth = (med[(n, parallel)] for n in ("cad-node", "storescp", "orthanc"))
         lines.append(f"| {parallel} | {node:.0f} | {scp:.0f} | {orth:.0f} | "
                      f"{node / scp:.2f} | {node / orth:.1f} |")
+    if ("cad-node-tmpfs", 1) in med:
+        lines += ["", "cad-node with its storage on tmpfs (fsync free; the SCP's own ceiling): "
+                  + ", ".join(f"{med[('cad-node-tmpfs', p)]:.0f} instances/s over {p}"
+                              for p in (1, 4)) + "."]
     ceiling = med[("fsync-ceiling", 1)]
     lines += ["", f"Bare durable write (write, fsync, rename, fsync dir; no network) on the same "
               f"filesystem: {ceiling:.0f} files/s; cad-node over 1 association reaches "
@@ -237,8 +264,12 @@ def report(rates: dict[tuple[str, int], list[float]], n_files: int) -> str:
     return "\n".join(lines)
 
 
-def profile(series: Path) -> None:
-    """Run cad-node in-process, cProfile every thread, send one association."""
+def profile(series: Path, storage_root: str | None = None) -> None:
+    """Run cad-node in-process, cProfile every thread, send one association.
+
+    ``storage_root`` (e.g. ``/dev/shm``) puts the spool elsewhere, to profile
+    the SCP without the cost of fsync.
+    """
     from cad_node.config import NodeConfig, PeerConfig, Settings, StudyConfig
     from cad_node.scp import NodeServer
 
@@ -251,7 +282,7 @@ def profile(series: Path) -> None:
         prof.enable()
 
     files = sorted(str(p) for p in series.glob("*.dcm"))
-    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-", dir=storage_root) as tmp:
         settings = Settings(
             node=NodeConfig(host="127.0.0.1", port=free_port(), storage_dir=tmp,
                             min_free_bytes=0),
@@ -276,13 +307,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--series", type=Path, default=None, help="folder of a CT series")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="profile cad-node instead")
+    parser.add_argument("--profile-storage", default=None,
+                        help="spool location for --profile (e.g. /dev/shm: no fsync cost)")
     args = parser.parse_args(argv)
     for exe in (STORESCU, ECHOSCU, STORESCP, ORTHANC):
         if not os.access(exe, os.X_OK):
             raise SystemExit(f"{exe} is missing (make peers)")
     series = args.series or default_series()
     if args.profile:
-        profile(series)
+        profile(series, args.profile_storage)
         return
     rates = run(series, args.rounds)
     print()
