@@ -62,8 +62,8 @@ def orientation_of(iop: Sequence[float] | None) -> Orientation | None:
     """
     if iop is None or len(iop) != 6:
         return None
-    row = np.asarray(iop[:3], dtype=float)
-    col = np.asarray(iop[3:], dtype=float)
+    row = np.asarray(iop[:3], dtype=np.float64)
+    col = np.asarray(iop[3:], dtype=np.float64)
     normal = np.cross(row, col)
     norm = float(np.linalg.norm(normal))
     if norm < 1e-6:
@@ -72,7 +72,7 @@ def orientation_of(iop: Sequence[float] | None) -> Orientation | None:
     axis = int(np.argmax(np.abs(normal)))
     if abs(normal[axis]) < _ORIENTATION_COS_MIN:
         return "oblique"
-    return ("sagittal", "coronal", "axial")[axis]  # type: ignore[return-value]
+    return ("sagittal", "coronal", "axial")[axis]
 
 
 @dataclass

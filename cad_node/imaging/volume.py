@@ -1,3 +1,4 @@
+# mypy: disallow-untyped-calls=False
 """Load one DICOM series into a SimpleITK volume with exact LPS geometry.
 
 Geometry (PS3.3 C.7.6.2.1.1): Image Orientation (Patient) gives the row
@@ -27,7 +28,7 @@ import numpy.typing as npt
 import pydicom
 import SimpleITK as sitk  # noqa: N813 - conventional alias
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut
+from pydicom.pixels.processing import apply_modality_lut
 
 from cad_node.imaging.series import LOCALIZER_IMAGE_TYPE, SeriesInfo, Source
 
@@ -98,7 +99,7 @@ class LoadedSeries:
 
 
 def _direction(image: sitk.Image) -> npt.NDArray[np.float64]:
-    return np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    return np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
 
 
 def index_to_lps(image: sitk.Image, index_zyx: npt.ArrayLike) -> npt.NDArray[np.float64]:
@@ -114,15 +115,15 @@ def index_to_lps(image: sitk.Image, index_zyx: npt.ArrayLike) -> npt.NDArray[np.
     numpy.ndarray, shape (..., 3)
         ``(x, y, z)`` patient coordinates in mm.
     """
-    idx = np.asarray(index_zyx, dtype=float)[..., ::-1]
-    scaled = idx * np.asarray(image.GetSpacing(), dtype=float)
-    return np.asarray(image.GetOrigin(), dtype=float) + scaled @ _direction(image).T
+    idx = np.asarray(index_zyx, dtype=np.float64)[..., ::-1]
+    scaled = idx * np.asarray(image.GetSpacing(), dtype=np.float64)
+    return np.asarray(image.GetOrigin(), dtype=np.float64) + scaled @ _direction(image).T
 
 
 def lps_to_index(image: sitk.Image, points_mm: npt.ArrayLike) -> npt.NDArray[np.float64]:
     """Inverse of :func:`index_to_lps`: LPS mm ``(..., 3)`` to continuous ``(z, y, x)``."""
-    pts = np.asarray(points_mm, dtype=float) - np.asarray(image.GetOrigin(), dtype=float)
-    ijk = (pts @ _direction(image)) / np.asarray(image.GetSpacing(), dtype=float)
+    pts = np.asarray(points_mm, dtype=np.float64) - np.asarray(image.GetOrigin(), dtype=np.float64)
+    ijk = (pts @ _direction(image)) / np.asarray(image.GetSpacing(), dtype=np.float64)
     return np.asarray(ijk[..., ::-1])
 
 
@@ -138,7 +139,7 @@ def _floats(ds: Dataset, keyword: str, n: int, source: Source) -> npt.NDArray[np
     if value is None or len(value) != n:
         raise SeriesError(f"{_name(source)}: {keyword} missing or malformed")
     try:
-        return np.asarray([float(v) for v in value], dtype=float)
+        return np.asarray([float(v) for v in value], dtype=np.float64)
     except (TypeError, ValueError):
         raise SeriesError(f"{_name(source)}: {keyword} is not numeric") from None
 

@@ -86,7 +86,7 @@ def test_candidates_find_every_nodule(phantom) -> None:
 
 def test_no_lungs_is_an_error() -> None:
     water = np.full(SHAPE, -1000, dtype=np.int16)
-    zz, yy, xx = np.mgrid[:SHAPE[0], :SHAPE[1], :SHAPE[2]]
+    _, yy, xx = np.mgrid[:SHAPE[0], :SHAPE[1], :SHAPE[2]]
     water[((yy - 64) ** 2 + (xx - 64) ** 2) < 50**2] = 0
     with pytest.raises(LungSegmentationError, match="not a chest CT"):
         segment_lungs(_image(water))

@@ -1,3 +1,4 @@
+# mypy: disallow-untyped-calls=False
 """Nodule candidates: multi-scale blob enhancement inside the dilated lung mask.
 
 Method
@@ -205,7 +206,7 @@ def generate_candidates(
     diam = diameters[best_scale[peaks][order]]
     kept = _nms(pts * np.asarray(spacing), diam, max_candidates)
 
-    offset = np.array([b.start for b in box], dtype=float)
+    offset = np.array([b.start for b in box], dtype=np.float64)
     src_idx = grid.to_source_index(pts[kept] + offset)
     src_idx = np.clip(np.round(src_idx), 0, np.asarray(grid.source_shape) - 1)
     centers = index_to_lps(image, src_idx)

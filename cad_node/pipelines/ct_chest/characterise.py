@@ -138,7 +138,7 @@ def characterise_nodule(
     NoduleMeasurement or None
         None when no nodule-like tissue is found at the centre.
     """
-    spacing = np.asarray(spacing_zyx, dtype=float)
+    spacing = np.asarray(spacing_zyx, dtype=np.float64)
     reach = max(0.8 * diameter_mm + 2.0, 6.0)
     half = np.ceil(reach / spacing).astype(int) + 1
     c = np.asarray(center_index)

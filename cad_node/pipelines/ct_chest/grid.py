@@ -1,3 +1,4 @@
+# mypy: disallow-untyped-calls=False
 """A coarser working grid for whole-volume CT steps (segmentation, blob search).
 
 Whole-volume filters run on a grid downsampled by integer factors (block
@@ -37,7 +38,7 @@ class WorkGrid:
         sx, sy, sz = image.GetSpacing()
         nx, ny, nz = image.GetSize()
         factors = tuple(max(1, round(target_mm / s)) for s in (sz, sy, sx))
-        return cls((nz, ny, nx), (sz, sy, sx), factors)  # type: ignore[arg-type]
+        return cls((nz, ny, nx), (sz, sy, sx), factors)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -81,10 +82,10 @@ class WorkGrid:
 
     def to_source_index(self, index_zyx: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """Continuous working index -> continuous source index (voxel centres)."""
-        f = np.asarray(self.factors, dtype=float)
-        return np.asarray(index_zyx, dtype=float) * f + (f - 1.0) / 2.0
+        f = np.asarray(self.factors, dtype=np.float64)
+        return np.asarray(index_zyx, dtype=np.float64) * f + (f - 1.0) / 2.0
 
     def to_work_index(self, index_zyx: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """Continuous source index -> continuous working index."""
-        f = np.asarray(self.factors, dtype=float)
-        return (np.asarray(index_zyx, dtype=float) - (f - 1.0) / 2.0) / f
+        f = np.asarray(self.factors, dtype=np.float64)
+        return (np.asarray(index_zyx, dtype=np.float64) - (f - 1.0) / 2.0) / f

@@ -1,3 +1,4 @@
+# mypy: disallow-untyped-calls=False
 """HU-based lung segmentation for chest CT (no training data needed).
 
 Method (all on the ~1.4 mm working grid, :mod:`.grid`):
@@ -125,7 +126,7 @@ def _border_components(labels: npt.NDArray[np.int32]) -> set[int]:
 
 def _superior_sign(image: sitk.Image) -> float:
     """+1 when array index z increases towards the head (LPS +z), else -1."""
-    d = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    d = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
     return 1.0 if d[2, 2] >= 0 else -1.0
 
 
@@ -268,9 +269,9 @@ def _juxtapleural_bays(
     # voxel is), which is ample for a 16 mm disk and 4x cheaper
     crop = part[box]
     ny, nx = crop.shape[1:]
-    coarse = np.pad(crop, ((0, 0), (0, ny % 2), (0, nx % 2)))
-    coarse = coarse.reshape(crop.shape[0], coarse.shape[1] // 2, 2, coarse.shape[2] // 2, 2)
-    coarse = coarse.any(axis=(2, 4))
+    even = np.pad(crop, ((0, 0), (0, ny % 2), (0, nx % 2)))
+    coarse = np.asarray(even.reshape(crop.shape[0], even.shape[1] // 2, 2, even.shape[2] // 2,
+                                     2).any(axis=(2, 4)), dtype=bool)
     pad = int(np.ceil(BAY_RADIUS_MM / (2 * min(sy, sx)))) + 1
     coarse = np.pad(coarse, ((0, 0), (pad, pad), (pad, pad)))
     samp = (1e4, 2 * sy, 2 * sx)  # per-slice distances (no coupling between slices)
@@ -333,7 +334,7 @@ def segment_lungs(image: sitk.Image) -> LungSegmentation:
     del lab
     body = ~air | candidates
     sup = _superior_sign(image)
-    xs = np.arange(body.shape[2], dtype=float)
+    xs = np.arange(body.shape[2], dtype=np.float64)
     counts = body.sum(axis=(1,))  # (z, x)
     with np.errstate(invalid="ignore", divide="ignore"):
         body_x = (counts * xs).sum(axis=1) / counts.sum(axis=1)
@@ -369,7 +370,7 @@ def segment_lungs(image: sitk.Image) -> LungSegmentation:
     parts = [(p | _juxtapleural_bays(p, hu, grid)) & ~airway for p in parts]
     overlap = parts[0] & parts[1]
     parts[1] &= ~overlap
-    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
     phys_x = []
     for p in parts:
         c = np.array(ndi.center_of_mass(p))  # (z, y, x) working index

@@ -1,3 +1,4 @@
+# mypy: disallow-untyped-calls=False
 """The ``ct-chest`` pipeline: lungs, nodule candidates, scoring, characterisation.
 
 Stages (each reported through ``progress``):
