@@ -303,6 +303,8 @@ def candidate_features(
         feats[n, 1] = float(lung[shell].mean()) if shell.any() else 0.0
         core = dist <= max(r / 2, float(spacing.max()))
         feats[n, 2] = float(patch[core].mean())
+        if min(patch.shape) < 3:  # at the edge of a very thin volume: no curvature
+            continue
         sigma = r / _SQRT3
         sm = ndi.gaussian_filter(patch, sigma / spacing, mode="nearest")
         cc = np.clip(c - lo, 1, np.asarray(sm.shape) - 2)
