@@ -17,8 +17,9 @@ Limits: finite ACSE, DIMSE and network timeouts; a large maximum PDU; every
 accepted socket gets ``TCP_NODELAY``; a per-association byte cap (a C-STORE
 whose data set would take the association past ``max_bytes_per_association``
 is refused with 0xA700, and an association that keeps sending more than
-:data:`ABORT_SLACK_BYTES` beyond the cap is aborted); the spool's free-disk
-watermark (0xA700).
+:data:`ABORT_SLACK_BYTES` beyond the cap, or a single message larger than
+the cap or :data:`MAX_DATA_SET_BYTES`, is aborted, bounding the memory a peer
+can make the node buffer); the spool's free-disk watermark (0xA700).
 
 Handler contract (``EVT_C_STORE``): the handler never decodes the data set
 with pydicom and never lets an exception escape - every outcome is a
@@ -75,6 +76,7 @@ from cad_node.uids import InvalidUIDError
 
 __all__ = [
     "ABORT_SLACK_BYTES",
+    "MAX_DATA_SET_BYTES",
     "Admission",
     "NodeServer",
     "RejectReason",
@@ -85,6 +87,9 @@ log = logging.getLogger(__name__)
 #: Bytes an association may receive beyond its cap (while its C-STOREs are
 #: being refused) before it is aborted.
 ABORT_SLACK_BYTES = 64 * 1024**2
+#: Largest single C-STORE message accepted (pynetdicom holds a data set in
+#: memory until it is complete): a bigger one aborts the association.
+MAX_DATA_SET_BYTES = 4 * 1024**3
 
 #: Longest the DUL reactor waits in ``select`` for data or a wake-up before
 #: it checks its timers (seconds); see _EventSocket.
@@ -375,6 +380,9 @@ class _Server(ThreadedAssociationServer):
 @dataclass
 class _AssocState:
     received: int = 0
+    #: Bytes received since the last C-STORE reached the handler (the data
+    #: set being received is buffered in memory by pynetdicom).
+    pending: int = 0
     aborting: bool = False
 
 
@@ -539,13 +547,17 @@ class NodeServer:
         """Count received bytes; abort an association far beyond its byte cap."""
         state = self._state(event.assoc)
         state.received += len(event.data)
+        state.pending += len(event.data)
         cap = self.settings.node.max_bytes_per_association
-        if state.received > cap + ABORT_SLACK_BYTES and not state.aborting:
+        too_much = state.received > cap + ABORT_SLACK_BYTES
+        too_big = state.pending > min(cap, MAX_DATA_SET_BYTES) + ABORT_SLACK_BYTES
+        if (too_much or too_big) and not state.aborting:
             state.aborting = True
             log.warning(
-                "aborting association from %s (%s): %d bytes received, cap %d",
+                "aborting association from %s (%s): %d bytes received (%d in the current "
+                "message), cap %d per association, %d per data set",
                 event.assoc.requestor.ae_title, event.assoc.requestor.address,
-                state.received, cap,
+                state.received, state.pending, cap, MAX_DATA_SET_BYTES,
             )
             threading.Thread(target=event.assoc.abort, daemon=True).start()
 
@@ -568,7 +580,9 @@ class NodeServer:
             req.DataSet.getvalue() if isinstance(req.DataSet, BytesIO) else b""
         )
         where = f"sop={sop_instance[:80]!r} from {calling}@{host}"
-        if self._state(assoc).received > self.settings.node.max_bytes_per_association:
+        state = self._state(assoc)
+        state.pending = 0
+        if state.received > self.settings.node.max_bytes_per_association:
             log.warning("C-STORE refused (byte cap per association reached): %s", where)
             return Status.OUT_OF_RESOURCES
         if sop_class.rstrip("\x00 ") not in _SUPPORTED_STORAGE:

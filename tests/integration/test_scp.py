@@ -361,3 +361,31 @@ def test_max_associations_is_enforced(make_node: Callable[..., Node]) -> None:
     while echoscu(node.port).returncode != 0:
         assert time.monotonic() < deadline, "slot not freed after release"
         time.sleep(0.1)
+
+
+def test_association_far_beyond_its_byte_cap_is_aborted(
+    make_node: Callable[..., Node], lidc_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cad_node.scp.server as server_module
+
+    monkeypatch.setattr(server_module, "ABORT_SLACK_BYTES", 1024**2)
+    files = sorted(lidc_dir.glob("*.dcm"))[:8]
+    size = files[0].stat().st_size
+    node = make_node(max_bytes_per_association=int(size * 2.5))
+    ae = AE(ae_title="PYSCU")
+    meta = read_file_meta_info(files[0])
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="CADNODE")
+    assert assoc.is_established
+    statuses: list[int | None] = []
+    for f in files:
+        rsp = assoc.send_c_store(f)
+        statuses.append(int(rsp.Status) if "Status" in rsp else None)
+        if statuses[-1] is None:  # no response: the node aborted the association
+            break
+    assoc.abort()
+    assert statuses[:2] == [Status.SUCCESS, Status.SUCCESS]
+    assert Status.OUT_OF_RESOURCES in statuses
+    assert statuses[-1] is None, f"the association should have been aborted: {statuses}"
+    assert node.index.counts()["instance"] == 2
+    assert echoscu(node.port).returncode == 0
