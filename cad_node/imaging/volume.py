@@ -177,7 +177,8 @@ def _read_headers(sources: Sequence[Source]) -> list[Dataset]:
             out.append(src)
             continue
         try:
-            out.append(pydicom.dcmread(os.fspath(src), stop_before_pixels=True))
+            # one read per file: pixel data stays encoded until it is decoded below
+            out.append(pydicom.dcmread(os.fspath(src)))
         except Exception as exc:
             raise SeriesError(f"{_name(src)}: cannot read DICOM header: {exc}") from None
     return out
@@ -298,7 +299,7 @@ def load_series(sources: Iterable[Source] | SeriesInfo) -> LoadedSeries:
         and names the file or instance where possible.
     """
     items = list(sources.sources if isinstance(sources, SeriesInfo) else sources)
-    headers = _read_headers(items)
+    headers = _read_headers(items)  # files are read once, with their (encoded) pixel data
     _check_headers(headers, items)
     items, headers, notes = _dedupe(items, headers)
     order, direction, spacing, geo_notes = _geometry(headers, items)
@@ -310,7 +311,7 @@ def load_series(sources: Iterable[Source] | SeriesInfo) -> LoadedSeries:
     for k, i in enumerate(order):
         src = items[i]
         try:
-            ds = src if isinstance(src, Dataset) else pydicom.dcmread(os.fspath(src))
+            ds = headers[i]
             raw = ds.pixel_array
         except Exception as exc:
             raise SeriesError(f"{_name(src)}: cannot decode pixel data: {exc}") from None
