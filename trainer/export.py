@@ -11,6 +11,7 @@ with the weights' sha256 and the Device UID derived from it, and
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -298,8 +299,9 @@ def export_checkpoint(
     """
     try:
         ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise ValueError(f"{checkpoint}: not a readable checkpoint: {exc}") from None
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"{checkpoint}: not a readable checkpoint: {first}") from None
     required = {"model", "bundle", "training_data"}
     if not isinstance(ckpt, dict) or not required <= set(ckpt):
         raise ValueError(

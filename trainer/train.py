@@ -84,6 +84,8 @@ _console = Console(stderr=True)
 
 #: Models ``cad-train train`` knows how to train.
 MODELS = ("ct-nodule-scorer",)
+#: Smoothed HU above which an in-lung voxel counts as a dense structure (vessel).
+DENSE_HU = -550.0
 #: LUNA16 evaluation cap on candidates per scan.
 MAX_CANDIDATES_PER_SCAN = 100
 
@@ -290,12 +292,16 @@ def dense_structure_points(
     max_points: int,
     rng: np.random.Generator,
     z_range_mm: Sequence[float] | None = None,
+    spacing_mm: float = 5.0,
+    min_pleura_mm: float = 0.0,
 ) -> npt.NDArray[np.float64]:
-    """Local maxima of smoothed HU inside the lung above -600 HU (vessels etc.).
+    """Random points on dense in-lung structures (vessels, bifurcations, fissures).
 
-    Hard negatives that do not depend on any candidate generator: vessel
-    cross-sections, bifurcations, fissure and pleural thickenings.  With
-    ``z_range_mm`` only slices whose centre lies in that range are searched.
+    Hard negatives that do not depend on any candidate generator: voxels of
+    the lung mask whose smoothed HU exceeds :data:`DENSE_HU`, shuffled and
+    thinned to at most one per ``spacing_mm`` cube.  With ``z_range_mm`` only
+    slices whose centre lies in that range are used; ``min_pleura_mm`` > 0
+    keeps only points that far inside the lung (vessels rather than pleura).
     """
     sx, sy, sz = bg.geometry.spacing
     ks = np.arange(hu.shape[0])
@@ -306,16 +312,22 @@ def dense_structure_points(
             return np.zeros((0, 3))
     k0, k1 = int(ks.min()), int(ks.max()) + 1
     m0, m1 = max(k0 - 4, 0), min(k1 + 4, hu.shape[0])
-    sm = ndimage.gaussian_filter(hu[m0:m1], (1.5 / sz, 1.5 / sy, 1.5 / sx))
-    mx = ndimage.maximum_filter(sm, size=(3, 7, 7))
-    peaks = (sm == mx) & (sm > -600) & bg.lung[m0:m1]
-    peaks[: k0 - m0] = False
-    peaks[k1 - m0 :] = False
-    idx = np.argwhere(peaks)
+    sm = ndimage.gaussian_filter(hu[m0:m1], (1.0 / sz, 1.0 / sy, 1.0 / sx))
+    dense = (sm > DENSE_HU) & bg.lung[m0:m1]
+    if min_pleura_mm > 0:
+        dense &= bg.dist_to_pleura_mm[m0:m1] > min_pleura_mm
+    dense[: k0 - m0] = False
+    dense[k1 - m0 :] = False
+    idx = np.argwhere(dense)
+    if idx.shape[0] == 0:
+        return np.zeros((0, 3))
     idx[:, 0] += m0
-    if idx.shape[0] > max_points:
-        idx = idx[rng.choice(idx.shape[0], size=max_points, replace=False)]
-    return bg.geometry.index_to_physical(idx[:, ::-1].astype(np.float64))
+    idx = idx[rng.permutation(idx.shape[0])]
+    pts = bg.geometry.index_to_physical(idx[:, ::-1].astype(np.float64))
+    cells = np.floor(pts / spacing_mm).astype(np.int64)
+    _, first = np.unique(cells, axis=0, return_index=True)
+    pts = pts[np.sort(first)]
+    return pts[:max_points]
 
 
 def _in_z(points: npt.NDArray[np.float64], z_range: Sequence[float]) -> npt.NDArray[np.bool_]:
@@ -556,12 +568,20 @@ def train(
     device: str = "auto",
     config_dir: Path | None = None,
     evaluate_heldout: bool = True,
+    stop_after_epochs: int | None = None,
 ) -> Path:
     """Train the CT nodule-candidate scorer; return the final checkpoint path.
 
     Writes ``out_dir/data.npz`` (patch cache), ``last.pt`` every epoch,
     ``final.pt``, ``metrics.json`` and ``MODEL_CARD.md`` (with the held-out
     evaluation when ``evaluate_heldout``).
+
+    ``stop_after_epochs`` stops this invocation after that many epochs
+    (a time-boxed run, or a simulated interruption) and returns ``last.pt``;
+    ``resume=True`` later continues exactly where it stopped: data order,
+    augmentation and dropout are seeded per epoch, and the optimiser,
+    scheduler and torch RNG states are restored, so an interrupted and
+    resumed run ends with the same weights as an uninterrupted one.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.optim.threads > 0:
@@ -619,11 +639,14 @@ def train(
             history = list(ck["history"])
             torch.set_rng_state(ck["torch_rng"])
             _console.print(f"resumed from {last} at epoch {start_epoch}")
-        augment = _augmenter(cfg.optim.augment, cfg.seed + 7919 * rank)
         ep_task = progress.add_task("epochs", total=cfg.optim.epochs, completed=start_epoch)
         seen = 0
         t_train = time.perf_counter()
-        for epoch in range(start_epoch, cfg.optim.epochs):
+        end_epoch = cfg.optim.epochs
+        if stop_after_epochs is not None:
+            end_epoch = min(end_epoch, start_epoch + stop_after_epochs)
+        for epoch in range(start_epoch, end_epoch):
+            augment = _augmenter(cfg.optim.augment, cfg.seed + 7919 * rank + 104729 * epoch)
             g = np.random.default_rng(cfg.seed + 1000 * epoch)
             order = g.permutation(n)[rank::world]
             model.train()
@@ -667,6 +690,8 @@ def train(
         train_s = time.perf_counter() - t_train
         if world > 1:
             torch.distributed.barrier()
+        if end_epoch < cfg.optim.epochs:
+            return last
         if not is_main:
             return out_dir / "final.pt"
 
@@ -690,15 +715,19 @@ def train(
             "wall_time_s": round(time.perf_counter() - t_start, 1),
             "torch": torch.__version__,
         }
+        metrics = _plain(metrics)
+        training_data = _plain(training_data)
+        provenance = _plain(provenance)
         final = out_dir / "final.pt"
+        # Plain Python types only, so export can load it with weights_only=True.
         torch.save(
             {
                 "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-                "bundle": _bundle_meta(cfg),
+                "bundle": _plain(_bundle_meta(cfg)),
                 "training_data": training_data,
                 "metrics": metrics,
                 "provenance": provenance,
-                "history": history,
+                "history": _plain(history),
             },
             final,
         )
@@ -709,6 +738,20 @@ def train(
             render_model_card(cfg, training_data, metrics, provenance), encoding="utf-8"
         )
         return final
+
+
+def _plain(value: Any) -> Any:
+    """JSON round-trip: numpy scalars become floats/ints, tuples lists."""
+    def default(o: Any) -> Any:
+        if isinstance(o, np.integer):
+            return int(o)
+        if isinstance(o, np.floating):
+            return float(o)
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+    return json.loads(json.dumps(value, default=default))
 
 
 def _background(cfg: TrainConfig, config_dir: Path | None, progress: Progress) -> LungBackground:
@@ -816,7 +859,7 @@ def evaluate_heldout_set(
         neg = lab == 0
         all_scores += [nod_scores, cand_scores[neg]]
         all_labels += [np.ones(len(nod_scores)), np.zeros(int(neg.sum()))]
-        dense = dense_structure_points(bg, hu, 200, rng, d.heldout_z_mm)
+        dense = dense_structure_points(bg, hu, 600, rng, d.heldout_z_mm, min_pleura_mm=3.0)
         dense = dense[label_points(dense, truth, excl, d.negative_margin_mm) == 0]
         vessel_scores.append(score_points(net, hu, bg, dense, cfg.input, dev))
         nodule_scores.append(nod_scores)
