@@ -244,7 +244,6 @@ def _close_slices(mask: npt.NDArray[np.bool_], radius_px: float) -> npt.NDArray[
     """Per-slice 2-D closing (disk of ``radius_px``) and hole filling."""
     r = round(radius_px)
     box = _bbox(mask, 0)
-    box = (box[0], *(slice(0, n) for n in mask.shape[1:]))
     crop = np.pad(mask[box], ((0, 0), (r + 1, r + 1), (r + 1, r + 1))).astype(np.uint8)
     # octagonal disk: alternate 4- and 8-connected unit steps (separable, fast)
     steps = [_IN_PLANE if i % 2 == 0 else _IN_PLANE_8 for i in range(r)]
