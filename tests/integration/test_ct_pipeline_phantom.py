@@ -176,7 +176,10 @@ def test_cnn_scorer_bundle_is_used_and_combined(phantom_case, tmp_path: Path) ->
     res = run.result
     bundle = load_bundle(SCORER_BUNDLE, tmp_path)
     assert res.model == bundle.identity
-    assert res.measurements["operating_threshold"] == pytest.approx(0.42)
+    from cad_node.pipelines.ct_chest.pipeline import CLASSICAL_OPERATING_THRESHOLD
+
+    assert res.measurements["operating_threshold"] == pytest.approx(
+        np.sqrt(0.42 * CLASSICAL_OPERATING_THRESHOLD))
     assert any("classical x CNN" in n for n in res.notes)
     cands = run.candidates
     centres = np.array([c.center_mm for c in cands])

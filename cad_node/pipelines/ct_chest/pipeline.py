@@ -8,7 +8,8 @@ Stages (each reported through ``progress``):
 3. :func:`~.candidates.generate_candidates`;
 4. scoring: a documented classical score from blob shape features
    (:func:`classical_probability`), combined (geometric mean) with the
-   ``ct-nodule-scorer`` CNN bundle when it is installed;
+   ``ct-nodule-scorer`` CNN bundle when it is installed; the operating
+   threshold is then the geometric mean of the two operating thresholds;
 5. characterisation of the best :data:`CHARACTERISE_TOP` candidates, an
    elongation penalty, distance NMS, ranking;
 6. Brock (McWilliams 2013) per finding and the study's Lung-RADS v2022
@@ -263,7 +264,9 @@ class CtChestPipeline:
         threshold = CLASSICAL_OPERATING_THRESHOLD
         if scorer is not None:
             identity = scorer.identity  # type: ignore[attr-defined]
-            threshold = float(scorer.threshold)  # type: ignore[attr-defined]
+            # a candidate exactly at both operating points lands exactly on this one
+            threshold = float(np.sqrt(CLASSICAL_OPERATING_THRESHOLD
+                                      * float(scorer.threshold)))  # type: ignore[attr-defined]
             if cands:
                 cnn = scorer.score(series.image,  # type: ignore[attr-defined]
                                    np.array([c.center_mm for c in cands]))
