@@ -199,8 +199,12 @@ def analyze(
                 def progress(stage: str, frac: float, _task: Any = task) -> None:
                     bar.update(_task, completed=frac, stage=stage)
 
-                result = get_pipeline(rule.pipeline).run(loaded, device=device,
-                                                         progress=progress)
+                try:
+                    pipeline = get_pipeline(rule.pipeline)
+                except KeyError as exc:
+                    result = _failed(rule.pipeline, info, str(exc).strip("'\""))
+                else:
+                    result = pipeline.run(loaded, device=device, progress=progress)
             bar.update(task, completed=1.0, stage=result.status.value)
         elapsed = time.perf_counter() - t0
         entry: dict[str, Any] = {

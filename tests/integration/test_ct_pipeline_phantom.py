@@ -188,3 +188,13 @@ def test_cnn_scorer_bundle_is_used_and_combined(phantom_case, tmp_path: Path) ->
     classical = classical_probability(candidate_features(series.image, lungs, cands),
                                       np.array([c.scale_mm for c in cands]))
     assert np.allclose(run.probabilities, np.sqrt(classical * cnn), atol=1e-6)
+
+
+def test_cli_analyze_unknown_pipeline_is_a_clear_failure(phantom_case, tmp_path: Path) -> None:
+    _, folder, _, _ = phantom_case
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text("routing:\n  rules:\n    - {name: r, pipeline: no-such-pipeline, "
+                   "match: {modality: [CT]}}\n")
+    r = CliRunner().invoke(app, ["analyze", str(folder), "--config", str(cfg)])
+    assert r.exit_code == 1
+    assert "no pipeline named 'no-such-pipeline'" in r.output
