@@ -389,3 +389,24 @@ def test_association_far_beyond_its_byte_cap_is_aborted(
     assert statuses[-1] is None, f"the association should have been aborted: {statuses}"
     assert node.index.counts()["instance"] == 2
     assert echoscu(node.port).returncode == 0
+
+
+@pytest.mark.parametrize("status", [0x0000, 0xA700, 0xC101])
+@pytest.mark.parametrize("sop_instance", ["1.2.3.4", "1.2.840.113619.2.55.3.604688119.9"])
+def test_fast_c_store_rsp_encoding_matches_pynetdicom(status: int, sop_instance: str) -> None:
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+
+    from cad_node.scp.server import encode_c_store_rsp
+
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = 517
+    rsp.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    rsp.AffectedSOPInstanceUID = sop_instance
+    rsp.Status = status
+    msg = C_STORE_RSP()
+    msg.primitive_to_message(rsp)
+    (pdata,) = list(msg.encode_msg(1, 131072))
+    expected = pdata.presentation_data_value_list[0][1]
+    assert b"\x03" + encode_c_store_rsp(
+        "1.2.840.10008.5.1.4.1.1.2", sop_instance, 517, status) == expected
