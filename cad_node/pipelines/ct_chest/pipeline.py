@@ -37,7 +37,6 @@ from cad_node.imaging.volume import index_to_lps
 from cad_node.pipelines import register_pipeline
 from cad_node.pipelines.ct_chest.brock import BrockInputs, brock_probability
 from cad_node.pipelines.ct_chest.candidates import (
-    CLASSICAL_WEIGHTS,
     Candidate,
     candidate_features,
     classical_probability,
@@ -115,10 +114,25 @@ def parse_age(ds: Dataset) -> float | None:
     return years if 0 <= years < 130 else None
 
 
+def _classical_parameters() -> dict[str, object]:
+    """Every upper-case numeric constant of the ct-chest modules (the "weights")."""
+    import sys
+
+    from cad_node.pipelines.ct_chest import candidates, characterise, grid, lungs
+
+    params: dict[str, object] = {}
+    for mod in (candidates, characterise, grid, lungs, sys.modules[__name__]):
+        for key, value in vars(mod).items():
+            if key.isupper() and isinstance(value, int | float | tuple | dict):
+                params[f"{mod.__name__.rsplit('.', 1)[-1]}.{key}"] = value
+    return params
+
+
 def _classical_identity() -> ModelIdentity:
+    """Identity of the classical detector: changes whenever one of its parameters does."""
     from cad_node.models import device_uid_from_sha256
 
-    desc = repr(sorted(CLASSICAL_WEIGHTS.items())).encode()
+    desc = repr(sorted(_classical_parameters().items())).encode()
     sha = hashlib.sha256(desc).hexdigest()
     return ModelIdentity(name="ct-chest-classical", version="1.0.0",
                          device_uid=device_uid_from_sha256(sha), weights_sha256=sha)
