@@ -47,3 +47,28 @@ def test_invalid_inputs() -> None:
         brock_probability(BrockInputs(0.0, NoduleType.SOLID, 1))
     with pytest.raises(ValueError, match="count"):
         brock_probability(BrockInputs(5.0, NoduleType.SOLID, 0))
+
+
+@pytest.mark.parametrize(
+    ("attrs", "expected"),
+    [
+        ({"PatientAge": "065Y"}, 65.0),
+        ({"PatientAge": "018M"}, 1.5),
+        ({"PatientAge": "", "PatientBirthDate": "19500101", "StudyDate": "20100101"}, 60.0),
+        ({"PatientAge": "65"}, None),  # not a valid AS value, and no dates
+        ({}, None),
+    ],
+)
+def test_patient_age_for_brock(attrs: dict[str, str], expected: float | None) -> None:
+    from pydicom.dataset import Dataset
+
+    from cad_node.pipelines.ct_chest.pipeline import parse_age
+
+    ds = Dataset()
+    for k, v in attrs.items():
+        setattr(ds, k, v)
+    age = parse_age(ds)
+    if expected is None:
+        assert age is None
+    else:
+        assert age == pytest.approx(expected, abs=0.02)
