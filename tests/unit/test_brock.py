@@ -59,6 +59,7 @@ def test_invalid_inputs() -> None:
         ({}, None),
     ],
 )
+@pytest.mark.filterwarnings("ignore:Invalid value for VR AS")
 def test_patient_age_for_brock(attrs: dict[str, str], expected: float | None) -> None:
     from pydicom.dataset import Dataset
 
