@@ -206,3 +206,23 @@ def test_best_series_is_thinnest(stack12) -> None:
     assert "thinner" in chosen.rejected[thick[0].SeriesInstanceUID]
     rule_all = RoutingRule(name="r", pipeline="ct-chest", series="all")
     assert len(select_series(group_series([*thick, *thin]), rule_all)) == 2
+
+
+def test_mirrored_orientation_maps_to_the_same_patient_points(stack12) -> None:
+    """Rows running right-to-left (normal pointing feet-wards): same voxels, same LPS points."""
+    ref = load_series(_copy(stack12))
+    dss = _copy(stack12)
+    for d in dss:
+        ps = float(d.PixelSpacing[1])
+        ipp = [float(v) for v in d.ImagePositionPatient]
+        d.ImageOrientationPatient = [-1, 0, 0, 0, 1, 0]
+        d.ImagePositionPatient = [ipp[0] + (int(d.Columns) - 1) * ps, ipp[1], ipp[2]]
+        d.PixelData = d.pixel_array[:, ::-1].copy().tobytes()
+    flipped = load_series(dss)
+    # the slice normal now points to the feet: volume order is reversed
+    assert flipped.sop_instance_uids == ref.sop_instance_uids[::-1]
+    rng = np.random.default_rng(0)
+    idx = np.stack([rng.integers(0, n, 50) for n in ref.shape], axis=1)
+    points = index_to_lps(ref.image, idx)
+    back = np.round(lps_to_index(flipped.image, points)).astype(int)
+    assert np.array_equal(flipped.array[tuple(back.T)], ref.array[tuple(idx.T)])
