@@ -7,6 +7,9 @@ synthetic insertions (about a minute on 2 CPU threads).
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,7 @@ from typer.testing import CliRunner
 
 from cad_node.models import load_bundle
 from cad_node.models.scorer import CandidateScorer
+from tests.conftest import free_port
 from trainer.cli import app
 from trainer.insertion import ExclusionZone, LungBackground, insert_nodules
 from trainer.train import (
@@ -123,3 +127,30 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(trained: Path, tmp_pa
     assert len(resumed["history"]) == cfg.optim.epochs
     for key, value in full["model"].items():
         torch.testing.assert_close(resumed["model"][key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_ddp_two_cpu_processes_with_gloo(trained: Path, tmp_path: Path) -> None:
+    """The torchrun/DDP code path, exercised with 2 CPU processes (gloo)."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cad_train = Path(sys.executable).parent / "cad-train"
+    if not torchrun.is_file() or not cad_train.is_file():
+        pytest.skip("torchrun / cad-train console scripts are not installed")
+    run = tmp_path / "ddp"
+    run.mkdir()
+    for name in ("data.npz", "data_counts.json"):
+        (run / name).write_bytes((trained / name).read_bytes())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    proc = subprocess.run(
+        [
+            str(torchrun), "--nnodes=1", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+            f"--master-port={free_port()}", str(cad_train), "train", "ct-nodule-scorer",
+            str(CI_CONFIG), "--out", str(run), "--device", "cpu", "--no-evaluate",
+        ],
+        capture_output=True, text=True, timeout=300, env=env, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ck = torch.load(run / "final.pt", weights_only=True)
+    assert ck["provenance"]["world_size"] == 2
+    losses = [h["loss"] for h in ck["history"]]
+    assert len(losses) == load_train_config(CI_CONFIG).optim.epochs
+    assert losses[-1] < losses[0]
