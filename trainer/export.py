@@ -16,9 +16,8 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import typer
 from rich.console import Console
 
@@ -31,6 +30,9 @@ from cad_node.models.bundle import (
     load_bundle,
     sha256_file,
 )
+
+if TYPE_CHECKING:  # pragma: no cover - torch is imported lazily (fast CLI start-up)
+    import torch
 
 __all__ = [
     "DEFAULT_INTENDED_USE",
@@ -218,6 +220,8 @@ def write_bundle(
     ValueError
         Invalid name, version or manifest content.
     """
+    import torch
+
     SemVer.parse(version)
     target = models_dir / name / version
     if target.exists() and not force:
@@ -297,6 +301,8 @@ def export_checkpoint(
     ValueError
         The checkpoint is not a trainer checkpoint (the message names it).
     """
+    import torch
+
     try:
         ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:

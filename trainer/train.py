@@ -42,12 +42,11 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import numpy.typing as npt
 import SimpleITK as sitk  # noqa: N813
-import torch
 import typer
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -62,7 +61,6 @@ from rich.progress import (
 )
 from scipy import ndimage
 
-from cad_node.models.network import DEFAULT_ARCHITECTURE, build_network, count_parameters
 from cad_node.models.patches import extract_patches_array, normalize_hu
 from trainer.insertion import (
     ExclusionZone,
@@ -70,6 +68,9 @@ from trainer.insertion import (
     LungBackground,
     insert_nodules,
 )
+
+if TYPE_CHECKING:  # pragma: no cover - torch is imported lazily (fast CLI start-up)
+    import torch
 
 __all__ = [
     "MODELS",
@@ -167,6 +168,12 @@ class BundleConfig(_Strict):
     threshold: float = Field(0.5, ge=0, le=1)
 
 
+def _default_architecture() -> dict[str, Any]:
+    from cad_node.models.network import DEFAULT_ARCHITECTURE
+
+    return dict(DEFAULT_ARCHITECTURE)
+
+
 class TrainConfig(_Strict):
     """A training configuration (``trainer/configs/*.yaml``)."""
 
@@ -175,7 +182,7 @@ class TrainConfig(_Strict):
     bundle: BundleConfig
     data: DataConfig
     input: InputConfig = InputConfig()
-    architecture: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_ARCHITECTURE))
+    architecture: dict[str, Any] = Field(default_factory=lambda: _default_architecture())
     optim: OptimConfig = OptimConfig()
 
 
@@ -495,6 +502,7 @@ def _distributed() -> Iterator[tuple[int, int]]:
     if world <= 1:
         yield 0, 1
         return
+    import torch
     import torch.distributed as dist
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -506,6 +514,7 @@ def _distributed() -> Iterator[tuple[int, int]]:
 
 
 def _augmenter(cfg: AugmentConfig, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    import torch
     from monai.transforms import (
         Compose,
         RandAxisFlip,
@@ -553,6 +562,7 @@ def _bundle_meta(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _seed_all(seed: int) -> None:
+    import torch
     from monai.utils import set_determinism
 
     set_determinism(seed=seed)
@@ -583,6 +593,10 @@ def train(
     scheduler and torch RNG states are restored, so an interrupted and
     resumed run ends with the same weights as an uninterrupted one.
     """
+    import torch
+
+    from cad_node.models.network import build_network, count_parameters
+
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.optim.threads > 0:
         torch.set_num_threads(cfg.optim.threads)
@@ -798,6 +812,8 @@ def score_points(
     dev: torch.device,
 ) -> npt.NDArray[np.float64]:
     """Probabilities of ``net`` at ``points`` of a HU array (same path as the scorer)."""
+    import torch
+
     out = np.empty(points.shape[0], dtype=np.float64)
     with torch.inference_mode():
         for s in range(0, points.shape[0], spec.batch_size):

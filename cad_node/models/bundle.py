@@ -38,10 +38,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cad_node.results.findings import ModelIdentity
-
-if TYPE_CHECKING:  # pragma: no cover
+if TYPE_CHECKING:  # pragma: no cover - imported lazily (cheap CLI start-up)
     import torch
+
+    from cad_node.results.findings import ModelIdentity
 
 __all__ = [
     "BUNDLE_NAME_PATTERN",
@@ -247,6 +247,8 @@ class BundleManifest(_Strict):
     @property
     def identity(self) -> ModelIdentity:
         """The IHE AIR model identity of this bundle."""
+        from cad_node.results.findings import ModelIdentity
+
         return ModelIdentity(
             name=self.name,
             version=self.version,

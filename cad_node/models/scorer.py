@@ -14,6 +14,8 @@ Contract
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import numpy.typing as npt
 import SimpleITK as sitk  # noqa: N813
@@ -21,7 +23,9 @@ import torch
 
 from cad_node.models.bundle import ModelBundle
 from cad_node.models.patches import extract_patches
-from cad_node.results.findings import ModelIdentity
+
+if TYPE_CHECKING:  # pragma: no cover
+    from cad_node.results.findings import ModelIdentity
 
 __all__ = ["CandidateScorer", "resolve_device"]
 
