@@ -1,0 +1,23 @@
+"""Outbound DICOM: C-STORE of result objects to destinations, statuses, retry policy.
+
+* :func:`~cad_node.export.sender.send_objects` / :func:`~cad_node.export.sender.echo`
+* :class:`~cad_node.export.status.StoreStatus`, :func:`~cad_node.export.status.classify_status`
+  (PS3.4 Annex B)
+* :class:`~cad_node.export.retry.RetryPolicy` (exponential backoff with jitter over a horizon)
+"""
+
+from cad_node.export.retry import RetryPolicy
+from cad_node.export.sender import EchoResult, OutboundObject, SendReport, echo, send_objects
+from cad_node.export.status import SendOutcome, StoreStatus, classify_status
+
+__all__ = [
+    "EchoResult",
+    "OutboundObject",
+    "RetryPolicy",
+    "SendOutcome",
+    "SendReport",
+    "StoreStatus",
+    "classify_status",
+    "echo",
+    "send_objects",
+]

@@ -81,6 +81,16 @@ def configure_app(settings: Settings) -> Celery:
         transport_options = {"connect_args": {"timeout": 30.0}}
     else:
         transport_options = {"visibility_timeout": jobs.visibility_timeout_s}
+    # Drop connection and producer pools made for an earlier configuration, so
+    # a process that configures the app again publishes to the new broker.
+    if app.conf.broker_url not in (None, url):
+        if app._pool is not None:
+            app._pool.force_close_all()
+        app._pool = None
+        producers = app.amqp._producer_pool
+        if producers is not None:
+            producers.force_close_all()
+        app.amqp._producer_pool = None
     app.conf.update(
         broker_url=url,
         broker_connection_retry_on_startup=True,

@@ -211,3 +211,21 @@ def test_time_limits_end_the_job(tmp_path: Path, pacs: OrthancServer) -> None:
     job = store.get(job.job_id)
     assert state in {JobState.FAILED, JobState.DEAD}, store.events(job.job_id)
     assert "time limit" in (job.error or ""), job.error
+
+
+def test_reconfiguring_publishes_to_the_new_broker(tmp_path: Path) -> None:
+    """A process that configures the app twice (CLI, tests) must not reuse the old broker."""
+    import sqlite3
+
+    for name in ("a", "b"):
+        cfg = load_config(write_config(tmp_path / f"{name}.yaml", tmp_path / name, 4242))
+        configure_app(cfg)
+        store = JobStore.for_storage(cfg.node.storage_dir)
+        job, _ = store.record_study_complete(
+            study_id="1", study_instance_uid="1.2.826.0.1.3680043.8.498.3", generation=1,
+            fingerprint=name, instances=[{"series_instance_uid": "1.2", "sop_instance_uid": "1.3",
+                                          "path": "/x", "received_at": 0.0}])
+        publish_analyse(store, job.job_id)
+    for name in ("a", "b"):
+        with sqlite3.connect(tmp_path / name / "broker.sqlite") as db:
+            assert db.execute("SELECT COUNT(*) FROM kombu_message").fetchone()[0] == 1
