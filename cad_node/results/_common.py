@@ -37,13 +37,17 @@ __all__ = [
     "processing_equipment",
 ]
 
-#: IHE AIR (Rad TF-3 6.5.3, "Contributing Equipment Sequence"): the algorithm
-#: that produced a result is recorded with Purpose of Reference "Processing
-#: Algorithm".  DICOM has not (yet) assigned a DCM code with that meaning (DCM
-#: 109103 is "Modifying Equipment", 109102 "Processing Equipment"), so we use the
-#: standard CID 7005 concept for processing equipment with AIR's code meaning
-#: kept in the Contribution Description.  See :func:`processing_equipment`.
-PURPOSE_PROCESSING_ALGORITHM = Code("109102", "DCM", "Processing Equipment")
+#: IHE AIR (RAD TF Suppl. AI Results, "Contributing Equipment Sequence"): the
+#: algorithm that produced a result is the Contributing Equipment item whose
+#: Purpose of Reference is AIR's ``(Newcode1, 99IHE, "Processing Algorithm")``.
+#: DICOM has not (yet) added that concept to CID 7005 "Contributing Equipment
+#: Purposes of Reference" (Baseline, so other codes are allowed); DCM 109102
+#: "Processing Equipment" would not tell the algorithm from highdicom's own
+#: library item, which uses it.  See :func:`processing_equipment`.
+PURPOSE_PROCESSING_ALGORITHM = Code("Newcode1", "99IHE", "Processing Algorithm")
+#: CID 7005 concept highdicom accepts when building the item; replaced by
+#: :data:`PURPOSE_PROCESSING_ALGORITHM` afterwards.
+_PURPOSE_PROCESSING_EQUIPMENT = Code("109102", "DCM", "Processing Equipment")
 
 #: CID 7162 "Surface Processing Algorithm Families": artificial intelligence.
 ALGORITHM_FAMILY = Code("123110", "DCM", "Artificial Intelligence")
@@ -230,17 +234,26 @@ def deterministic_datetime(source: SourceSeries) -> datetime.datetime:
 def processing_equipment(model: ModelIdentity, when: datetime.datetime) -> hd.ContributingEquipment:
     """Contributing Equipment item for the algorithm (IHE AIR).
 
-    Manufacturer, Manufacturer's Model Name (model name), Software Versions
-    (model version) and Device UID (0018,1002) = ``model.device_uid``.
+    Purpose of Reference :data:`PURPOSE_PROCESSING_ALGORITHM`, Manufacturer,
+    Manufacturer's Model Name (model name), Software Versions (model version)
+    and Device UID (0018,1002) = ``model.device_uid``.
     """
+    # highdicom only accepts CID 7005 codes; build with one, then set AIR's.
     item = hd.ContributingEquipment(
         manufacturer=model.manufacturer,
-        purpose_of_reference=PURPOSE_PROCESSING_ALGORITHM,
+        purpose_of_reference=_PURPOSE_PROCESSING_EQUIPMENT,
         manufacturer_model_name=model.name,
         software_versions=model.version,
         contribution_datetime=when,
         contribution_description=ALGORITHM_CONTRIBUTION,
     )
+    item.PurposeOfReferenceCodeSequence = [
+        hd.sr.CodedConcept(
+            PURPOSE_PROCESSING_ALGORITHM.value,
+            PURPOSE_PROCESSING_ALGORITHM.scheme_designator,
+            PURPOSE_PROCESSING_ALGORITHM.meaning,
+        )
+    ]
     item.DeviceUID = model.device_uid
     return item
 

@@ -348,3 +348,31 @@ def test_gate_reports_dciodvfy_errors(tmp_path: Path) -> None:
     bad = validate(broken, series, use_dciodvfy=True)
     assert not bad.ok
     assert any(e.startswith("dciodvfy: Error") and "SegmentAlgorithmType" in e for e in bad.errors)
+
+
+def test_algorithm_equipment_uses_ihe_air_processing_algorithm_purpose() -> None:
+    # IHE AIR: the algorithm is the Contributing Equipment item whose Purpose of
+    # Reference is (Newcode1, 99IHE, "Processing Algorithm") and which carries the
+    # model's Device UID; highdicom's own library item must not look like it.
+    series = phantom()
+    objs = build_results(
+        _result(series, _ball_mask(series)), series, settings=SETTINGS, objects=OBJECT_KINDS
+    )
+    assert {o.kind for o in objs} == set(OBJECT_KINDS)
+    for obj in objs:
+        algo = [
+            item
+            for item in obj.dataset.ContributingEquipmentSequence
+            if [
+                (c.CodeValue, c.CodingSchemeDesignator, c.CodeMeaning)
+                for c in item.PurposeOfReferenceCodeSequence
+            ]
+            == [("Newcode1", "99IHE", "Processing Algorithm")]
+        ]
+        assert len(algo) == 1, obj.filename
+        assert algo[0].DeviceUID == "2.25.31337"
+        assert algo[0].ManufacturerModelName == "phantom-model"
+        assert algo[0].SoftwareVersions == "2.0.0"
+        others = [i for i in obj.dataset.ContributingEquipmentSequence if i is not algo[0]]
+        assert all("DeviceUID" not in i for i in others)
+        assert validate(obj, series, others=objs, use_dciodvfy=False).ok, obj.filename
