@@ -376,3 +376,51 @@ def test_algorithm_equipment_uses_ihe_air_processing_algorithm_purpose() -> None
         others = [i for i in obj.dataset.ContributingEquipmentSequence if i is not algo[0]]
         assert all("DeviceUID" not in i for i in others)
         assert validate(obj, series, others=objs, use_dciodvfy=False).ok, obj.filename
+
+
+def _elements(ds: Dataset, path: str = "") -> list[tuple[str, str, str]]:
+    out = []
+    for elem in ds:
+        if elem.VR == "SQ":
+            for i, item in enumerate(elem.value):
+                out += _elements(item, f"{path}{elem.keyword}[{i}].")
+        else:
+            value = "" if elem.value is None else str(elem.value)
+            out.append((f"{path}{elem.keyword}", elem.VR, value))
+    return out
+
+
+@pytest.mark.parametrize("status", ["completed", "failed"])
+def test_no_wall_clock_time_or_random_uid_in_any_object(status: str) -> None:
+    # Two builds within the same second would hide a wall-clock timestamp, so
+    # instead every date/time must be the source study's (2024-01-02 10:11:12,
+    # set in phantom()), and no UID may come from highdicom's or pydicom's
+    # random generators (roots 1.2.826.0.1.3680043.10.511. and .8.498.).
+    series = phantom()
+    if status == "failed":
+        result = AnalysisResult(
+            pipeline="phantom",
+            status=AnalysisStatus.FAILED,
+            failure_reason="timeout",
+            series_instance_uid=str(series[0].SeriesInstanceUID),
+            model=MODEL,
+        )
+    else:
+        result = _result(series, _ball_mask(series))
+    source_uids = {
+        str(d[kw].value)
+        for d in series
+        for kw in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID")
+    }
+    for obj in build_results(result, series, settings=SETTINGS, objects=OBJECT_KINDS):
+        for path, vr, value in _elements(obj.dataset):
+            if vr == "DA" and value:
+                assert value == "20240102", (obj.filename, path, value)
+            elif vr == "TM" and value:
+                assert value.startswith("101112"), (obj.filename, path, value)
+            elif vr == "DT" and value:
+                assert value.startswith("20240102101112"), (obj.filename, path, value)
+            elif vr == "UI" and value not in source_uids:
+                assert not value.startswith(
+                    ("1.2.826.0.1.3680043.10.511.", "1.2.826.0.1.3680043.8.498.")
+                ), (obj.filename, path, value)
