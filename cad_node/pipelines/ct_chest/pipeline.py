@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -69,6 +70,9 @@ __all__ = [
     "classical_probability",
     "parse_age",
 ]
+
+if TYPE_CHECKING:  # torch is imported only when a scorer bundle is installed
+    from cad_node.models.scorer import CandidateScorer
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +214,7 @@ class CtChestPipeline:
         if abs(d[2, 2]) < 0.9:
             raise _FailedError("not an axial series (slice normal is not head-foot)")
 
-    def _scorer(self, device: str, notes: list[str]) -> object | None:
+    def _scorer(self, device: str, notes: list[str]) -> CandidateScorer | None:
         if not self.use_scorer:
             return None
         try:
@@ -277,13 +281,11 @@ class CtChestPipeline:
         identity = _classical_identity()
         threshold = CLASSICAL_OPERATING_THRESHOLD
         if scorer is not None:
-            identity = scorer.identity  # type: ignore[attr-defined]
+            identity = scorer.identity
             # a candidate exactly at both operating points lands exactly on this one
-            threshold = float(np.sqrt(CLASSICAL_OPERATING_THRESHOLD
-                                      * float(scorer.threshold)))  # type: ignore[attr-defined]
+            threshold = float(np.sqrt(CLASSICAL_OPERATING_THRESHOLD * float(scorer.threshold)))
             if cands:
-                cnn = scorer.score(series.image,  # type: ignore[attr-defined]
-                                   np.array([c.center_mm for c in cands]))
+                cnn = scorer.score(series.image, np.array([c.center_mm for c in cands]))
                 prob = np.sqrt(prob * np.clip(cnn, 0.0, 1.0))
         notes.append(f"operating threshold {threshold:g} "
                      f"({'classical x CNN' if scorer is not None else 'classical score'})")
