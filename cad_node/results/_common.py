@@ -19,6 +19,7 @@ from typing import Any
 import highdicom as hd
 import numpy as np
 from pydicom import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.coding import Code
 from pydicom.uid import PYDICOM_ROOT_UID
 
@@ -74,6 +75,9 @@ class SeriesNumber(enum.IntEnum):
 
 #: Tolerance for "same slice position" along the slice normal, mm.
 POSITION_TOLERANCE_MM = 1e-3
+#: Smallest |row x column| of a usable Image Orientation (Patient) (unit vectors
+#: at right angles give 1; parallel or zero vectors give 0).
+_MIN_NORMAL_LENGTH = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,9 +120,15 @@ class SourceSeries:
         if not source:
             raise ValueError("no source instances given")
         by_uid: dict[str, Dataset] = {}
-        for ds in source:
-            if series_instance_uid is not None and ds.SeriesInstanceUID != series_instance_uid:
+        for number, ds in enumerate(source, start=1):
+            if not isinstance(ds, Dataset):
+                raise TypeError(f"source item {number} is a {type(ds).__name__}, not a Dataset")
+            if (
+                series_instance_uid is not None
+                and ds.get("SeriesInstanceUID") != series_instance_uid
+            ):
                 continue
+            _check_instance(ds, number)
             uid = str(ds.SOPInstanceUID)
             prev = by_uid.get(uid)
             if prev is not None:
@@ -162,6 +172,59 @@ class SourceSeries:
     def has_geometry(self) -> bool:
         """True when every image has Image Position/Orientation (Patient)."""
         return all(_position(d) is not None for d in self.images)
+
+
+#: Attributes every source instance must carry (SOP Common, General Study,
+#: General Series and Image Pixel modules, PS3.3 C.12.1, C.7.2.1, C.7.3.1, C.7.6.3).
+_REQUIRED_SOURCE_ATTRIBUTES = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Rows",
+    "Columns",
+)
+
+
+def _numbers(ds: Dataset, keyword: str, count: int) -> list[float] | None:
+    value = ds.get(keyword)
+    if value is None:
+        return None
+    values = list(value) if isinstance(value, MultiValue | list | tuple) else [value]
+    try:
+        out = [float(v) for v in values]
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == count and all(np.isfinite(out)) else None
+
+
+def _check_instance(ds: Dataset, number: int) -> None:
+    """Raise ValueError naming the instance when it cannot be used as a source.
+
+    Required: :data:`_REQUIRED_SOURCE_ATTRIBUTES`; an instance with Image
+    Position (Patient) also needs a usable Image Orientation (Patient) (six
+    numbers, non-parallel unit row/column directions, PS3.3 C.7.6.2.1.1) and
+    Pixel Spacing (two positive numbers), which SEG, SR and SC geometry use.
+    """
+    name = str(ds.get("SOPInstanceUID") or f"#{number}")
+    missing = [kw for kw in _REQUIRED_SOURCE_ATTRIBUTES if not ds.get(kw)]
+    if missing:
+        raise ValueError(f"source instance {name} lacks {', '.join(missing)}")
+    if ds.get("ImagePositionPatient") is None:
+        return
+    if _numbers(ds, "ImagePositionPatient", 3) is None:
+        raise ValueError(f"source instance {name} has an invalid Image Position (Patient)")
+    iop = _numbers(ds, "ImageOrientationPatient", 6)
+    if iop is None or np.linalg.norm(np.cross(iop[:3], iop[3:])) < _MIN_NORMAL_LENGTH:
+        raise ValueError(
+            f"source instance {name} has Image Position (Patient) but no usable "
+            "Image Orientation (Patient)"
+        )
+    spacing = _numbers(ds, "PixelSpacing", 2)
+    if spacing is None or min(spacing) <= 0:
+        raise ValueError(
+            f"source instance {name} has Image Position (Patient) but no usable Pixel Spacing"
+        )
 
 
 def _position(ds: Dataset) -> tuple[float, float, float] | None:

@@ -424,3 +424,52 @@ def test_no_wall_clock_time_or_random_uid_in_any_object(status: str) -> None:
                 assert not value.startswith(
                     ("1.2.826.0.1.3680043.10.511.", "1.2.826.0.1.3680043.8.498.")
                 ), (obj.filename, path, value)
+
+
+def _drop(*keywords: str, index: int = 3) -> object:
+    def mutate(series: list[Dataset]) -> None:
+        for kw in keywords:
+            delattr(series[index], kw)
+
+    return mutate
+
+
+def _set(keyword: str, value: object, index: int = 3) -> object:
+    def mutate(series: list[Dataset]) -> None:
+        setattr(series[index], keyword, value)
+
+    return mutate
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (_drop("SOPInstanceUID"), "source instance #4 lacks SOPInstanceUID"),
+        (_drop("StudyInstanceUID"), r"498\.7\.4 lacks StudyInstanceUID"),
+        (_drop("SOPClassUID"), r"498\.7\.4 lacks SOPClassUID"),
+        (_drop("Rows"), r"498\.7\.4 lacks Rows"),
+        (_drop("ImageOrientationPatient"), r"498\.7\.4 .*no usable Image Orientation"),
+        (_set("ImageOrientationPatient", [0, 0, 0, 0, 0, 0]), r"no usable Image Orientation"),
+        (_drop("PixelSpacing"), r"498\.7\.4 .*no usable Pixel Spacing"),
+        (_set("ImagePositionPatient", [1.0, 2.0]), r"498\.7\.4 has an invalid Image Position"),
+    ],
+    ids=["sop-uid", "study-uid", "sop-class", "rows", "no-iop", "zero-iop", "spacing", "ipp"],
+)
+def test_incomplete_source_headers_are_clear_errors(mutate: object, message: str) -> None:
+    # Before: AttributeError escaped from the builders (the report CLI and the
+    # jobs engine expect ValueError/TypeError naming the instance).
+    series = copy.deepcopy(phantom())
+    mutate(series)  # type: ignore[operator]
+    with pytest.raises(ValueError, match=message):
+        build_results(
+            _result(phantom(), _ball_mask(phantom())), series, settings=SETTINGS,
+            objects=OBJECT_KINDS,
+        )
+
+
+def test_non_dataset_source_is_a_type_error() -> None:
+    series = phantom()
+    with pytest.raises(TypeError, match="source item 2 is a str"):
+        build_results(
+            _result(series, None), [series[0], "x.dcm"], settings=SETTINGS  # type: ignore[list-item]
+        )
