@@ -21,6 +21,8 @@ key that names no finding, or an array without its UID list, is a
 from __future__ import annotations
 
 import json
+import zipfile
+import zlib
 from pathlib import Path
 from typing import TypeVar
 
@@ -102,7 +104,11 @@ def load_result(json_path: Path) -> AnalysisResult:
     findings = {f.tracking_id: f for f in result.findings}
     new_findings = dict(findings)
     organs: dict[FindingSite, ImageMask] = {}
-    with np.load(sidecar, allow_pickle=False) as npz:
+    try:
+        npz = np.load(sidecar, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{sidecar}: not a readable mask sidecar (.npz): {exc}") from None
+    with npz:
         keys = [k for k in npz.files if not k.endswith(_UIDS)]
         for key in keys:
             if key + _UIDS not in npz.files:
@@ -111,6 +117,8 @@ def load_result(json_path: Path) -> AnalysisResult:
                 mask = ImageMask(npz[key], tuple(str(u) for u in npz[key + _UIDS]))
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"{sidecar}: mask {key!r}: {exc}") from None
+            except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+                raise ValueError(f"{sidecar}: mask {key!r} cannot be read: {exc}") from None
             kind, _, name = key.partition(":")
             if kind == "finding" and name in findings:
                 new_findings[name] = findings[name].model_copy(update={"mask": mask})

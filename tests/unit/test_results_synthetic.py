@@ -473,3 +473,20 @@ def test_non_dataset_source_is_a_type_error() -> None:
         build_results(
             _result(series, None), [series[0], "x.dcm"], settings=SETTINGS  # type: ignore[list-item]
         )
+
+
+def test_corrupt_mask_sidecar_is_a_clear_error(tmp_path: Path) -> None:
+    series = phantom()
+    path = tmp_path / "F.json"
+    save_result(_result(series, _ball_mask(series)), path)
+    sidecar = mask_sidecar_path(path)
+    good = sidecar.read_bytes()
+    # Truncated download, a file that is no zip at all, and a damaged member.
+    middle = len(good) // 2
+    damaged = good[:middle] + bytes(b ^ 0xFF for b in good[middle : middle + 64]) + good[
+        middle + 64 :
+    ]
+    for data in (good[:100], b"not a zip", damaged):
+        sidecar.write_bytes(data)
+        with pytest.raises(ValueError, match=r"F\.masks\.npz"):
+            load_result(path)
