@@ -63,7 +63,8 @@ MAX_CANDIDATES = 300
 #: Classical score weights (prior knowledge, not fitted to any data set): a
 #: logistic function of blobness (sphere = 1, tube ~ 0), log diameter relative
 #: to 4 mm, fraction of lung around the blob and its core attenuation (clipped
-#: to +-1 around -500 HU), minus an elongation penalty (long/short axis above
+#: to +-1 around -500 HU), minus a penalty for dense tissue in the surrounding
+#: lung (vessels continuing through), minus an elongation penalty (long/short axis above
 #: 1.5) once the nodule has been measured.
 CLASSICAL_WEIGHTS = {
     "intercept": -5.0,
@@ -71,8 +72,11 @@ CLASSICAL_WEIGHTS = {
     "log_diameter": 1.5,
     "lung_fraction": 2.0,
     "core_hu": 0.003,
+    "isolation": -4.0,
     "elongation": 1.5,
 }
+#: Soft tissue / vessel attenuation for the isolation feature (HU).
+DENSE_HU = -500.0
 #: Up to this fraction of the candidates is reserved for faint round blobs (ground
 #: glass): scale >= GGO_MIN_DIAMETER_MM and centre attenuation within GGO_HU_RANGE.
 GGO_QUOTA_FRACTION = 0.2
@@ -255,8 +259,9 @@ def classical_probability(
 
     Parameters
     ----------
-    features : ndarray (N, 3)
-        From :func:`candidate_features`: blobness, lung fraction, core HU.
+    features : ndarray (N, 4)
+        From :func:`candidate_features`: blobness, lung fraction, core HU,
+        dense fraction of the surrounding lung.
     diameters_mm : ndarray (N,)
         Candidate scale (mm).
     elongation : ndarray (N,), optional
@@ -266,7 +271,8 @@ def classical_probability(
     z = (w["intercept"] + w["blobness"] * features[:, 0]
          + w["log_diameter"] * np.log(np.maximum(diameters_mm, 1.0) / 4.0)
          + w["lung_fraction"] * features[:, 1]
-         + np.clip(w["core_hu"] * (features[:, 2] + 500.0), -1.0, 1.0))
+         + np.clip(w["core_hu"] * (features[:, 2] + 500.0), -1.0, 1.0)
+         + w["isolation"] * features[:, 3])
     if elongation is not None:
         z = z - w["elongation"] * np.maximum(elongation - 1.5, 0.0)
     out: npt.NDArray[np.float64] = 1.0 / (1.0 + np.exp(-z))
@@ -303,16 +309,19 @@ def candidate_features(
 ) -> npt.NDArray[np.float64]:
     """Shape/context features per candidate, for classical scoring.
 
-    Returns ``(N, 3)``: blobness in ``[0, 1]`` (smallest/largest magnitude of
+    Returns ``(N, 4)``: blobness in ``[0, 1]`` (smallest/largest magnitude of
     the Hessian eigenvalues at the candidate's scale; 1 for a sphere, ~0 for a
     tube or sheet, 0 when not all three curvatures are negative), the fraction
     of lung in a shell of 1-2 radii around the centre (low for chest wall and
-    mediastinum), and the mean HU in a sphere of half the radius.
+    mediastinum), the mean HU in a sphere of half the radius, and the dense
+    fraction (> :data:`DENSE_HU`) of the lung in a shell of 1.5-2.5 radii (an
+    isolated nodule is surrounded by aerated lung; a vessel branching continues
+    through that shell).
     """
     arr = sitk.GetArrayViewFromImage(image)
     sz_, sy_, sx_ = image.GetSpacing()[::-1]
     spacing = np.array([sz_, sy_, sx_])
-    feats = np.zeros((len(candidates), 3))
+    feats = np.zeros((len(candidates), 4))
     for n, cand in enumerate(candidates):
         r = max(cand.scale_mm / 2.0, 1.5)
         half = np.ceil(np.maximum(2.5 * r, 3 * spacing) / spacing).astype(int)
@@ -327,6 +336,8 @@ def candidate_features(
         dist = np.sqrt(sum(g**2 for g in grids))
         shell = (dist >= r) & (dist <= 2 * r)
         feats[n, 1] = float(lung[shell].mean()) if shell.any() else 0.0
+        outer = (dist >= 1.5 * r) & (dist <= 2.5 * r) & lung
+        feats[n, 3] = float((patch[outer] > DENSE_HU).mean()) if outer.any() else 1.0
         core = dist <= max(r / 2, float(spacing.max()))
         feats[n, 2] = float(patch[core].mean())
         if min(patch.shape) < 3:  # at the edge of a very thin volume: no curvature
