@@ -11,9 +11,9 @@ two arrays per mask:
 * ``organ:<FindingSite name>`` (e.g. ``organ:LEFT_LUNG``) and
   ``organ:<FindingSite name>:uids`` for organ masks.
 
-In ``F.json`` a finding type or site may be given as ``[code, meaning]`` (what
-``model_dump_json`` writes), as the SNOMED code, or as the enum name
-(``"NODULE"``, ``"LEFT_LUNG"``).  A missing sidecar means "no masks".  A mask
+In ``F.json`` a finding type or site may be given as the enum name (what
+``model_dump_json`` writes, e.g. ``"NODULE"``, ``"LEFT_LUNG"``), the SNOMED
+code, or ``[code, meaning]``.  A missing sidecar means "no masks".  A mask
 key that names no finding, or an array without its UID list, is a
 :class:`ValueError` naming the key.
 """
@@ -24,11 +24,10 @@ import json
 import zipfile
 import zlib
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 
-from cad_node.results.findings import AnalysisResult, FindingSite, FindingType, ImageMask
+from cad_node.results.findings import AnalysisResult, FindingSite, ImageMask
 
 __all__ = ["load_result", "mask_sidecar_path", "save_result"]
 
@@ -60,25 +59,6 @@ def save_result(result: AnalysisResult, json_path: Path) -> None:
         sidecar.unlink()
 
 
-_E = TypeVar("_E", FindingType, FindingSite)
-
-
-def _coded(enum_cls: type[_E], value: object) -> _E | object:
-    """JSON value of a coded enum -> member: ``[code, meaning]``, a code or a member name.
-
-    ``AnalysisResult.model_dump_json()`` writes the tuple values of
-    :class:`FindingType`/:class:`FindingSite` as JSON arrays, which pydantic
-    does not map back onto the enum; we do.  Unknown values pass through so
-    pydantic reports them with the field name.
-    """
-    for member in enum_cls:
-        if isinstance(value, list | tuple) and tuple(value) == member.value:
-            return member
-        if isinstance(value, str) and value in (member.name, member.code):
-            return member
-    return value
-
-
 def load_result(json_path: Path) -> AnalysisResult:
     """Read ``F.json`` and its optional ``F.masks.npz`` sidecar.
 
@@ -88,14 +68,9 @@ def load_result(json_path: Path) -> AnalysisResult:
         Invalid JSON/result, or an inconsistent sidecar (message names the file and key).
     """
     try:
-        raw = json.loads(json_path.read_text())
-        for finding in raw.get("findings", []) if isinstance(raw, dict) else []:
-            if isinstance(finding, dict):
-                if finding.get("finding_type") is not None:
-                    finding["finding_type"] = _coded(FindingType, finding["finding_type"])
-                if finding.get("site") is not None:
-                    finding["site"] = _coded(FindingSite, finding["site"])
-        result = AnalysisResult.model_validate(raw)
+        # Coded values (name, SNOMED code or [code, meaning]) are parsed by the
+        # model itself (cad_node.results.findings._coded_parser).
+        result = AnalysisResult.model_validate(json.loads(json_path.read_text()))
     except ValueError as exc:
         raise ValueError(f"{json_path}: not a valid AnalysisResult: {exc}") from None
     sidecar = mask_sidecar_path(json_path)

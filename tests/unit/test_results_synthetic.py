@@ -490,3 +490,24 @@ def test_corrupt_mask_sidecar_is_a_clear_error(tmp_path: Path) -> None:
         sidecar.write_bytes(data)
         with pytest.raises(ValueError, match=r"F\.masks\.npz"):
             load_result(path)
+
+
+def test_json_accepts_coded_forms(tmp_path: Path) -> None:
+    series = phantom()
+    path = tmp_path / "F.json"
+    save_result(_result(series, None), path)
+    raw = path.read_text()
+    assert '"finding_type": "LESION"' in raw and '"site": "RIGHT_UPPER_LOBE"' in raw
+    for finding_type, site in (
+        ('"52988006"', '["45653009", "Upper lobe of right lung"]'),
+        ('["52988006", "Lesion"]', '"45653009"'),
+    ):
+        path.write_text(
+            raw.replace('"LESION"', finding_type).replace('"RIGHT_UPPER_LOBE"', site)
+        )
+        back = load_result(path).findings[0]
+        assert back.finding_type is FindingType.LESION
+        assert back.site is FindingSite.RIGHT_UPPER_LOBE
+    path.write_text(raw.replace('"LESION"', '"99999"'))
+    with pytest.raises(ValueError, match=r"F\.json: not a valid AnalysisResult"):
+        load_result(path)
