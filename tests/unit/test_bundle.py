@@ -129,3 +129,19 @@ def test_existing_version_is_not_overwritten(tmp_path: Path) -> None:
     _write(tmp_path, "1.0.0")
     with pytest.raises(FileExistsError):
         _write(tmp_path, "1.0.0", seed=3)
+
+
+def test_default_models_dir_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cad_node.models import default_models_dir
+
+    repo = Path(__file__).resolve().parents[2]
+    monkeypatch.delenv("CAD_NODE_MODELS__DIR", raising=False)
+    monkeypatch.chdir(tmp_path)  # no models/ here: falls back to the checkout's models/
+    if (repo / "models").is_dir():
+        assert default_models_dir() == repo / "models"
+    (tmp_path / "models").mkdir()
+    assert default_models_dir() == tmp_path / "models"  # the working directory wins
+    _write(tmp_path / "elsewhere", "1.0.0")
+    monkeypatch.setenv("CAD_NODE_MODELS__DIR", str(tmp_path / "elsewhere"))
+    assert default_models_dir() == tmp_path / "elsewhere"
+    assert load_bundle("toy-scorer").version == "1.0.0"
