@@ -92,3 +92,12 @@ def test_no_lungs_is_an_error() -> None:
         segment_lungs(_image(water))
     empty = generate_candidates(_image(water), np.zeros(SHAPE, bool))
     assert empty == []
+
+
+def test_cut_lungs_are_noted(phantom) -> None:
+    ph, _, seg = phantom
+    assert not any("partial" in n for n in seg.notes)
+    lung_slices = np.nonzero(ph.lung_mask.any(axis=(1, 2)))[0]
+    mid = (lung_slices[0] + lung_slices[-1]) // 2
+    cut = segment_lungs(_image(ph.volume_hu[mid - 15:], origin=ph.origin))
+    assert any("beyond the first slice" in n and "partial" in n for n in cut.notes)

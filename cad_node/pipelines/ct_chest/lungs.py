@@ -49,6 +49,8 @@ AIR_HU = -400.0
 MIN_COMPONENT_FRACTION = 0.1
 #: Smallest plausible single-lung volume (mL); below it the segmentation failed.
 MIN_LUNG_ML = 150.0
+#: More lung than this (cm^2) on the first or last slice means the scan cut the lungs.
+CUT_LUNG_AREA_CM2 = 10.0
 #: Radius of the per-slice closing that brings vessels/juxtapleural nodules inside.
 CLOSING_RADIUS_MM = 6.0
 #: Juxtapleural inclusion: bays of the lung outline that a disk of this radius
@@ -386,6 +388,13 @@ def segment_lungs(image: sitk.Image) -> LungSegmentation:
             raise LungSegmentationError(
                 f"{side} lung only {vols[f'{side}_lung_volume_ml']:.0f} mL: not a chest CT?"
             )
+    both = left_w | right_w
+    edge_mm2 = grid.spacing_zyx[1] * grid.spacing_zyx[2]
+    for k, where in ((0, "first"), (both.shape[0] - 1, "last")):
+        area_cm2 = float(both[k].sum()) * edge_mm2 / 100.0
+        if area_cm2 > CUT_LUNG_AREA_CM2:
+            notes.append(f"lungs continue beyond the {where} slice ({area_cm2:.0f} cm2 of lung "
+                         "there): lung volumes are partial")
     return LungSegmentation(
         left=grid.upsample(left_w),
         right=grid.upsample(right_w),
