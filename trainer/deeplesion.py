@@ -241,23 +241,29 @@ def read_dl_info(csv_path: str | Path) -> tuple[list[DeepLesionRecord], list[str
         handle = csv_path.open(newline="", encoding="utf-8")
     except OSError as exc:
         raise DeepLesionError(f"{csv_path}: cannot read DL_info CSV ({exc})") from exc
-    with handle:
-        reader = csv.DictReader(handle)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        missing = [c for c in REQUIRED_COLUMNS if c not in header]
-        if missing:
-            raise DeepLesionError(f"{csv_path}: missing DL_info column(s): {', '.join(missing)}")
-        reader.fieldnames = header
-        records: list[DeepLesionRecord] = []
-        problems: list[str] = []
-        for i, row in enumerate(reader):
-            line = i + 2
-            try:
-                records.append(_record(row, csv_path, line))
-            except DeepLesionError as exc:
-                problems.append(str(exc))
-            except (KeyError, TypeError, AttributeError):
-                problems.append(f"{csv_path}, row {line}: incomplete row")
+    records: list[DeepLesionRecord] = []
+    problems: list[str] = []
+    try:
+        with handle:
+            reader = csv.DictReader(handle)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            missing = [c for c in REQUIRED_COLUMNS if c not in header]
+            if missing:
+                raise DeepLesionError(
+                    f"{csv_path}: missing DL_info column(s): {', '.join(missing)}"
+                )
+            reader.fieldnames = header
+            for i, row in enumerate(reader):
+                line = i + 2
+                try:
+                    records.append(_record(row, csv_path, line))
+                except DeepLesionError as exc:
+                    problems.append(str(exc))
+                except (KeyError, TypeError, AttributeError):
+                    problems.append(f"{csv_path}, row {line}: incomplete row")
+    except (UnicodeDecodeError, csv.Error) as exc:
+        # A binary or non-UTF-8 file (decoding is buffered, so no row number).
+        raise DeepLesionError(f"{csv_path}: not a UTF-8 CSV text file ({exc})") from None
     return records, problems
 
 

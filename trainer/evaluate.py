@@ -49,14 +49,17 @@ def _rows(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, st
         handle = path.open(newline="", encoding="utf-8")
     except OSError as exc:
         raise EvaluationInputError(f"{path}: cannot read ({exc})") from exc
-    with handle:
-        reader = csv.DictReader(handle)
-        header = [h.strip() for h in reader.fieldnames or []]
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise EvaluationInputError(f"{path}: missing column(s) {', '.join(missing)}")
-        reader.fieldnames = header
-        return [(i + 2, row) for i, row in enumerate(reader)]
+    try:
+        with handle:
+            reader = csv.DictReader(handle)
+            header = [h.strip() for h in reader.fieldnames or []]
+            missing = [c for c in required if c not in header]
+            if missing:
+                raise EvaluationInputError(f"{path}: missing column(s) {', '.join(missing)}")
+            reader.fieldnames = header
+            return [(i + 2, row) for i, row in enumerate(reader)]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise EvaluationInputError(f"{path}: not a UTF-8 CSV text file ({exc})") from None
 
 
 def _xyz(row: dict[str, str], path: Path, line: int) -> tuple[float, float, float]:
@@ -93,10 +96,15 @@ def read_luna16_candidates(path: Path) -> list[froc.Candidate]:
 
 def _series_list(path: Path) -> list[str]:
     uids: list[str] = []
-    with path.open(newline="", encoding="utf-8") as f:
-        for row in csv.reader(f):
-            if row and row[0].strip() and row[0].strip() != _SERIES:
-                uids.append(row[0].strip())
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            for row in csv.reader(f):
+                if row and row[0].strip() and row[0].strip() != _SERIES:
+                    uids.append(row[0].strip())
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise EvaluationInputError(f"{path}: not a UTF-8 CSV text file ({exc})") from None
+    except OSError as exc:
+        raise EvaluationInputError(f"{path}: cannot read ({exc})") from exc
     return uids
 
 

@@ -160,3 +160,17 @@ def test_missing_columns_and_bad_rows(samples: Path, tmp_path: Path) -> None:
     assert [r.row_number for r in records] == [2, 4]
     assert len(problems) == 1 and "row 3" in problems[0]
     assert "Measurement_coordinates" in problems[0]
+
+
+def test_non_utf8_csv_is_a_named_error(tmp_path: Path) -> None:
+    # A Latin-1 export or a binary file given as DL_info.csv used to escape as a
+    # bare UnicodeDecodeError (no file named; the prepare CLI crashed).
+    header = ",".join(REQUIRED_COLUMNS)
+    for name, data in (
+        ("latin1.csv", (header + "\ncaf\xe9.png,1\n").encode("latin-1")),
+        ("binary.csv", b"\x89PNG\r\n\x1a\n\x00\x00"),
+    ):
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(DeepLesionError, match=rf"{name}: not a UTF-8 CSV"):
+            read_dl_info(path)

@@ -83,3 +83,21 @@ def test_evaluate_deeplesion_and_dice_cli(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["evaluate", "dice", str(tmp_path / "a.npy"),
                                    str(tmp_path / "b.npz")])
     assert res.exit_code == 0 and res.output.strip() == "0.800000"
+
+
+def test_evaluate_non_utf8_inputs_exit_2_naming_the_file(tmp_path: Path) -> None:
+    ann = _write(tmp_path / "annotations.csv",
+                 "seriesuid,coordX,coordY,coordZ,diameter_mm\nA,0,0,0,10\n")
+    latin = tmp_path / "cands.csv"
+    latin.write_bytes("seriesuid,coordX,coordY,coordZ,probability\nA\xe9,0,0,0,0.5\n"
+                      .encode("latin-1"))
+    good = _write(tmp_path / "good.csv",
+                  "seriesuid,coordX,coordY,coordZ,probability\nA,0,0,0,0.5\n")
+    series = tmp_path / "series.csv"
+    series.write_bytes(b"\xff\xfe\x00A")
+    for args, name in (([str(ann), str(latin), str(tmp_path / "o1")], "cands.csv"),
+                       ([str(ann), str(good), str(tmp_path / "o2"), "--series", str(series)],
+                        "series.csv")):
+        res = CliRunner().invoke(app, ["evaluate", "luna16", *args, "--bootstrap", "0"])
+        assert res.exit_code == 2, res.output
+        assert name in res.output and "not a UTF-8 CSV" in res.output
