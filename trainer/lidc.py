@@ -56,6 +56,7 @@ import numpy as np
 from skimage.draw import polygon as draw_polygon
 
 __all__ = [
+    "AXIAL_ORIENTATION",
     "LIDC_NAMESPACE",
     "LUNA16_MIN_DIAMETER_MM",
     "LUNA16_MIN_READERS",
@@ -70,6 +71,7 @@ __all__ = [
     "LidcSeriesMismatchError",
     "NoduleCluster",
     "SeriesHeaders",
+    "check_axial_orientation",
     "cluster_nodules",
     "equivalent_sphere_diameter_mm",
     "find_lidc_xml",
@@ -426,6 +428,34 @@ class SeriesHeaders:
     cols: int
 
 
+#: ImageOrientationPatient of the axial LIDC-IDRI CTs (PS3.3 C.7.6.2.1.1): rows
+#: along +x (patient left), columns along +y (posterior).  The pixel -> LPS
+#: mapping of this module (:func:`_pixel_to_lps`) assumes it.
+AXIAL_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+#: Largest per-component deviation from :data:`AXIAL_ORIENTATION` accepted.
+ORIENTATION_TOL = 1e-3
+
+
+def check_axial_orientation(iop: Iterable[object] | None, where: object) -> None:
+    """Raise ValueError naming ``where`` unless ``iop`` is :data:`AXIAL_ORIENTATION`.
+
+    Edge-map pixels are mapped to patient coordinates as ``IPP + (x * column
+    spacing, y * row spacing, 0)``, which is right only for this orientation;
+    any other series would give silently wrong centres.
+    """
+    try:
+        values = [float(v) for v in iop] if iop is not None else []  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        values = []
+    if len(values) != len(AXIAL_ORIENTATION) or any(
+        abs(a - b) > ORIENTATION_TOL for a, b in zip(values, AXIAL_ORIENTATION, strict=True)
+    ):
+        raise ValueError(
+            f"{where}: ImageOrientationPatient {values or iop} is not the axial "
+            f"{list(AXIAL_ORIENTATION)} that LIDC annotations are mapped with"
+        )
+
+
 def read_series_headers(series_dir: Path) -> SeriesHeaders:
     """Read the headers of every ``*.dcm`` in ``series_dir`` (``stop_before_pixels``).
 
@@ -450,6 +480,7 @@ def read_series_headers(series_dir: Path) -> SeriesHeaders:
         try:
             ds = pydicom.dcmread(f, stop_before_pixels=True)
             sop = str(ds.SOPInstanceUID)
+            check_axial_orientation(ds.get("ImageOrientationPatient"), f)
             ipp = ds.ImagePositionPatient
             positions[sop] = (float(ipp[0]), float(ipp[1]), float(ipp[2]))
             if spacing is None:
@@ -457,6 +488,10 @@ def read_series_headers(series_dir: Path) -> SeriesHeaders:
                 rows, cols = int(ds.Rows), int(ds.Columns)
                 study = str(ds.StudyInstanceUID)
             series.add(str(ds.SeriesInstanceUID))
+        except ValueError as exc:
+            if str(f) in str(exc):
+                raise
+            raise ValueError(f"{f}: unreadable CT header ({exc})") from exc
         except Exception as exc:  # pydicom raises many types on bad files
             raise ValueError(f"{f}: unreadable CT header ({exc})") from exc
         by_sop[sop] = f
@@ -589,7 +624,8 @@ def rasterize_nodule(nodule: LidcNodule, rows: int, cols: int) -> dict[str, np.n
 def _pixel_to_lps(
     x: np.ndarray, y: np.ndarray, position: tuple[float, float, float], spacing: tuple[float, float]
 ) -> np.ndarray:
-    """Axial slices (ImageOrientationPatient [1,0,0,0,1,0]): column -> +x, row -> +y."""
+    """Axial slices (:data:`AXIAL_ORIENTATION`, checked by :func:`check_axial_orientation`):
+    column -> +x, row -> +y."""
     row_spacing, col_spacing = spacing
     return np.stack(
         [

@@ -315,6 +315,9 @@ def _prepare_lidc_case(series: LidcSeries, out: Path, spacing: tuple[float, floa
         raise _NotApplicableError(f"{series.series_dir}: modality {loaded.modality}, not CT")
     if loaded.series_instance_uid != series_uid:
         raise ValueError(f"{series.series_dir}: more than one series in the folder")
+    for ds in loaded.datasets:
+        lidc.check_axial_orientation(ds.get("ImageOrientationPatient"),
+                                     f"{series.series_dir} (SOP Instance {ds.SOPInstanceUID})")
     z_of_sop = {uid: k for k, uid in enumerate(loaded.sop_instance_uids)}
     positions = {
         uid: (float(ds.ImagePositionPatient[0]), float(ds.ImagePositionPatient[1]),

@@ -216,3 +216,26 @@ def test_rois_mapped_by_z_when_the_uid_is_unknown(tmp_path: Path) -> None:
     assert b.rois[0].sop_instance_uid == "other-uid"
     clusters = cluster_nodules(ann, pos, (1.0, 1.0), rows=64, cols=64)
     assert len(clusters) == 1 and clusters[0].center_mm[2] == 2.5
+
+
+def test_non_axial_series_is_refused(tmp_path: Path) -> None:
+    # Edge-map pixels map to LPS as IPP + (x * col spacing, y * row spacing):
+    # right only for IOP [1,0,0,0,1,0].  A flipped series used to give centres
+    # mirrored about the first pixel without any error.
+    import pydicom
+
+    from trainer.lidc import check_axial_orientation
+    from trainer.synthetic import make_phantom, write_dicom_series
+
+    ph = make_phantom((8, 16, 16), (2.0, 1.0, 1.0), seed=0, vessels=False, noise_hu=0)
+    files = write_dicom_series(ph.volume_hu, ph.spacing, ph.origin, tmp_path / "s")
+    assert len(read_series_headers(tmp_path / "s").positions_by_sop_uid) == 8
+    ds = pydicom.dcmread(files[3])
+    ds.ImageOrientationPatient = [-1, 0, 0, 0, -1, 0]
+    ds.save_as(files[3])
+    with pytest.raises(ValueError, match=r"0004\.dcm: ImageOrientationPatient .* not the axial"):
+        read_series_headers(tmp_path / "s")
+    check_axial_orientation(["1", "0", "0.0000001", "0", "1", "0"], "ok")
+    for bad in (None, [1, 0, 0], [0, 1, 0, 0, 0, -1], ["a"] * 6):
+        with pytest.raises(ValueError, match="where"):
+            check_axial_orientation(bad, "where")
