@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -62,21 +63,27 @@ def _rows(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, st
         raise EvaluationInputError(f"{path}: not a UTF-8 CSV text file ({exc})") from None
 
 
-def _xyz(row: dict[str, str], path: Path, line: int) -> tuple[float, float, float]:
+def _number(row: dict[str, str], column: str, path: Path, line: int) -> float:
+    """A finite number from ``row[column]`` (NaN/inf would corrupt the FROC ranking)."""
     try:
-        return (float(row["coordX"]), float(row["coordY"]), float(row["coordZ"]))
+        value = float(row[column])
     except (TypeError, ValueError):
-        raise EvaluationInputError(f"{path}, row {line}: coordinates are not numbers") from None
+        raise EvaluationInputError(f"{path}, row {line}: {column} is not a number") from None
+    if not math.isfinite(value):
+        raise EvaluationInputError(f"{path}, row {line}: {column} is {row[column]!r}, not finite")
+    return value
+
+
+def _xyz(row: dict[str, str], path: Path, line: int) -> tuple[float, float, float]:
+    return (_number(row, "coordX", path, line), _number(row, "coordY", path, line),
+            _number(row, "coordZ", path, line))
 
 
 def read_luna16_references(path: Path, *, irrelevant: bool = False) -> list[froc.ReferenceNodule]:
     """Read ``annotations.csv`` (or ``annotations_excluded.csv`` with ``irrelevant``)."""
     out: list[froc.ReferenceNodule] = []
     for line, row in _rows(path, (_SERIES, *_XYZ, "diameter_mm")):
-        try:
-            d = float(row["diameter_mm"])
-        except (TypeError, ValueError):
-            raise EvaluationInputError(f"{path}, row {line}: diameter_mm is not a number") from None
+        d = _number(row, "diameter_mm", path, line)
         out.append(froc.ReferenceNodule(row[_SERIES].strip(), _xyz(row, path, line), d,
                                         irrelevant=irrelevant))
     return out
@@ -86,10 +93,7 @@ def read_luna16_candidates(path: Path) -> list[froc.Candidate]:
     """Read a LUNA16 submission (``seriesuid,coordX,coordY,coordZ,probability``)."""
     out: list[froc.Candidate] = []
     for line, row in _rows(path, (_SERIES, *_XYZ, "probability")):
-        try:
-            p = float(row["probability"])
-        except (TypeError, ValueError):
-            raise EvaluationInputError(f"{path}, row {line}: probability is not a number") from None
+        p = _number(row, "probability", path, line)
         out.append(froc.Candidate(row[_SERIES].strip(), _xyz(row, path, line), p))
     return out
 
@@ -156,10 +160,8 @@ def _deeplesion_inputs(
         key = row["File_name"].strip()
         if key not in dets:
             continue  # detections on images outside the evaluated set
-        try:
-            dets[key].append(tuple(float(row[c]) for c in ("x1", "y1", "x2", "y2", "score")))
-        except (TypeError, ValueError):
-            raise EvaluationInputError(f"{detections}, row {line}: box is not numeric") from None
+        dets[key].append(tuple(_number(row, c, detections, line)
+                               for c in ("x1", "y1", "x2", "y2", "score")))
     names = sorted(gts)
     return (names, [np.asarray(dets[n], dtype=float).reshape(-1, 5) for n in names],
             [np.asarray(gts[n], dtype=float).reshape(-1, 4) for n in names])

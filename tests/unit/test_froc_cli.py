@@ -101,3 +101,18 @@ def test_evaluate_non_utf8_inputs_exit_2_naming_the_file(tmp_path: Path) -> None
         res = CliRunner().invoke(app, ["evaluate", "luna16", *args, "--bootstrap", "0"])
         assert res.exit_code == 2, res.output
         assert name in res.output and "not a UTF-8 CSV" in res.output
+
+
+def test_evaluate_rejects_non_finite_values_naming_the_row(tmp_path: Path) -> None:
+    # float() accepts "nan"/"inf"; a NaN probability silently broke the ranking.
+    ann = _write(tmp_path / "annotations.csv",
+                 "seriesuid,coordX,coordY,coordZ,diameter_mm\nA,0,0,0,10\n")
+    for text, message in (
+        ("A,0,0,0,0.5\nA,1,0,0,nan\n", "row 3: probability is 'nan', not finite"),
+        ("A,0,inf,0,0.5\n", "row 2: coordY is 'inf', not finite"),
+        ("A,0,0,x,0.5\n", "row 2: coordZ is not a number"),
+    ):
+        cands = _write(tmp_path / "c.csv", "seriesuid,coordX,coordY,coordZ,probability\n" + text)
+        res = CliRunner().invoke(app, ["evaluate", "luna16", str(ann), str(cands),
+                                       str(tmp_path / "o"), "--bootstrap", "0"])
+        assert res.exit_code == 2 and "c.csv" in res.output and message in res.output, res.output
