@@ -69,16 +69,25 @@ class WorkGrid:
             pz = (k1 - k0) * fz - block.shape[0]
             if pz or py or px:
                 block = np.pad(block, ((0, pz), (0, py), (0, px)), mode="edge")
-            out[k0:k1] = block.reshape(k1 - k0, fz, ny, fy, nx, fx).mean(axis=(1, 3, 5))
+            # strided sums: one pass over the data (much faster than a 3-axis mean)
+            acc = np.zeros((k1 - k0, ny, nx), dtype=np.float32)
+            for a in range(fz):
+                for b in range(fy):
+                    for c in range(fx):
+                        acc += block[a::fz, b::fy, c::fx]
+            out[k0:k1] = acc / float(fz * fy * fx)
         return out
 
     def upsample(self, mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
         """Nearest-neighbour map a working-grid mask back to the source grid."""
         out: npt.NDArray[np.bool_] = mask
-        for axis, f in enumerate(self.factors):
-            if f > 1:
-                out = np.repeat(out, f, axis=axis)
-        return out[: self.source_shape[0], : self.source_shape[1], : self.source_shape[2]]
+        for axis in (2, 1, 0):  # innermost first: fastest order for np.repeat
+            if self.factors[axis] > 1:
+                out = np.repeat(out, self.factors[axis], axis=axis)
+        if out.shape != self.source_shape:
+            out = np.ascontiguousarray(
+                out[: self.source_shape[0], : self.source_shape[1], : self.source_shape[2]])
+        return out
 
     def to_source_index(self, index_zyx: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """Continuous working index -> continuous source index (voxel centres)."""

@@ -26,6 +26,7 @@ Candidate search still uses a dilated lung mask (see :mod:`.candidates`).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -105,13 +106,13 @@ class LungSegmentation:
     work_hu: npt.NDArray[np.float32] | None = field(default=None, repr=False)
     notes: list[str] = field(default_factory=list)
 
-    @property
+    @functools.cached_property
     def work_lungs(self) -> npt.NDArray[np.bool_]:
         """Both lungs on the working grid."""
         out: npt.NDArray[np.bool_] = self.work_left | self.work_right
         return out
 
-    @property
+    @functools.cached_property
     def lungs(self) -> npt.NDArray[np.bool_]:
         """Both lungs (source grid)."""
         out: npt.NDArray[np.bool_] = self.left | self.right
