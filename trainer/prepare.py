@@ -80,8 +80,6 @@ CONSENSUS_AGREEMENT = 0.5
 HU_AIR, HU_MAX = -1024, 3071
 #: Folder names usable as case names.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-#: CT Image Storage SOP Class UID (PS3.4 B.5).
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 
 # --------------------------------------------------------------------------- atomic files

@@ -36,6 +36,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import highdicom as hd
 import pydicom
 from pydicom import Dataset
+from pydicom.sr.codedict import codes
 from pydicom.uid import UID
 
 from cad_node.results._common import PURPOSE_PROCESSING_ALGORITHM
@@ -61,6 +62,10 @@ SC_STORAGE_UIDS = frozenset(
 
 #: VerificationFlag (0040,A493) enumerated value, PS3.3 C.17.2.
 UNVERIFIED = "UNVERIFIED"
+#: TID 1500 row 4 concept name: (121058, DCM, "Procedure reported").
+PROCEDURE_REPORTED = codes.DCM.ProcedureReported
+#: TID 1004 row 1 concept name: (121012, DCM, "Device Observer UID").
+DEVICE_OBSERVER_UID = codes.DCM.DeviceObserverUID
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,10 +171,12 @@ def _check_air(ds: Dataset, source: Sequence[Dataset], errors: list[str]) -> Non
         if ds.get("VerificationFlag") != UNVERIFIED:
             errors.append(f"SR VerificationFlag is {ds.get('VerificationFlag')!r}, not UNVERIFIED")
         names = _content_names(ds)
-        if ("121058", "DCM") not in names:
-            errors.append("SR has no Procedure Reported (TID 1500 row 4)")
-        if ("121012", "DCM") not in names:
-            errors.append("SR has no Device Observer UID (TID 1004)")
+        for concept, what in (
+            (PROCEDURE_REPORTED, "Procedure Reported (TID 1500 row 4)"),
+            (DEVICE_OBSERVER_UID, "Device Observer UID (TID 1004 row 1)"),
+        ):
+            if (concept.value, concept.scheme_designator) not in names:
+                errors.append(f"SR has no {what}")
 
 
 def _content_names(ds: Dataset) -> set[tuple[str, str]]:

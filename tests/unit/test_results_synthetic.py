@@ -511,3 +511,17 @@ def test_json_accepts_coded_forms(tmp_path: Path) -> None:
     path.write_text(raw.replace('"LESION"', '"99999"'))
     with pytest.raises(ValueError, match=r"F\.json: not a valid AnalysisResult"):
         load_result(path)
+
+
+def test_validate_rejects_sr_without_procedure_or_device_observer() -> None:
+    series = phantom()
+    (sr,) = build_results(_result(series, None), series, settings=SETTINGS, objects=("sr",))
+    for code, what in (("121058", "Procedure Reported"), ("121012", "Device Observer UID")):
+        tampered = copy.deepcopy(sr.dataset)
+        tampered.ContentSequence = [
+            item
+            for item in tampered.ContentSequence
+            if item.ConceptNameCodeSequence[0].CodeValue != code
+        ]
+        errors = validate(tampered, series, use_dciodvfy=False).errors
+        assert any(f"SR has no {what}" in e for e in errors), errors
