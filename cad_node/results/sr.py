@@ -24,8 +24,9 @@ Failed analysis (IHE AIR: the consumer must be able to tell "no result" from
 "negative result"): an SR is still produced, with no Measurement Group, the
 summary code 111245 "No algorithms succeeded; without findings" and the
 failure reason as a comment.  "No findings" is 111241 and the comment "No
-findings.".  Both omit the Imaging Measurements container (TID 1500 needs one
-of rows 6/8/10; row 10, Qualitative Evaluations, is present).
+findings.".  Both omit the Imaging Measurements container: TID 1500 needs at
+least one of row 6 (Imaging Measurements), row 10 (Derived Imaging
+Measurements) and row 12 (Qualitative Evaluations), and row 12 is present.
 
 The document is COMPLETE, UNVERIFIED (VerificationFlag, PS3.3 C.17.2), in the
 source study and a new series; Contributing Equipment lists the algorithm.
@@ -285,8 +286,8 @@ def build_sr(ctx: BuildContext, seg: SegResult | None = None) -> hd.sr.Comprehen
     procedure = ProcedureReported.CT_CHEST if ctx.source.is_ct else ProcedureReported.CHEST_XRAY
     placeholder = not groups
     if placeholder:
-        # highdicom insists on one measurement group; TID 1500 row 6 does not
-        # (rows 6, 8 and 10 are "at least one of").  Build with a throw-away
+        # highdicom insists on one measurement group; TID 1500 does not (rows
+        # 6, 10 and 12 are "at least one of").  Build with a throw-away
         # TID 1501 group and drop the Imaging Measurements container below:
         # the Qualitative Evaluations container carries the statement.
         groups = [
