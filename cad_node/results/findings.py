@@ -45,7 +45,21 @@ __all__ = [
 ]
 
 
-class FindingType(enum.Enum):
+class _SnomedConcept(enum.Enum):
+    """Base of enums whose values are SNOMED CT ``(code value, code meaning)`` pairs."""
+
+    @property
+    def code(self) -> str:
+        """SNOMED CT code value."""
+        return str(self.value[0])
+
+    @property
+    def meaning(self) -> str:
+        """Code meaning."""
+        return str(self.value[1])
+
+
+class FindingType(_SnomedConcept):
     """Finding types as SNOMED CT concepts ``(code value, code meaning)``."""
 
     NODULE = ("27925004", "Nodule")
@@ -54,18 +68,8 @@ class FindingType(enum.Enum):
     #: Qualitative "abnormal" for whole-image chest X-ray classification.
     ABNORMAL = ("263654008", "Abnormal")
 
-    @property
-    def code(self) -> str:
-        """SNOMED CT code value."""
-        return self.value[0]
 
-    @property
-    def meaning(self) -> str:
-        """Code meaning."""
-        return self.value[1]
-
-
-class FindingSite(enum.Enum):
+class FindingSite(_SnomedConcept):
     """Anatomic sites (SNOMED CT) a finding or organ segment may lie in."""
 
     LUNG = ("39607008", "Lung")
@@ -76,16 +80,6 @@ class FindingSite(enum.Enum):
     RIGHT_LOWER_LOBE = ("266005", "Lower lobe of right lung")
     LEFT_UPPER_LOBE = ("44714003", "Upper lobe of left lung")
     LEFT_LOWER_LOBE = ("41224006", "Lower lobe of left lung")
-
-    @property
-    def code(self) -> str:
-        """SNOMED CT code value."""
-        return self.value[0]
-
-    @property
-    def meaning(self) -> str:
-        """Code meaning."""
-        return self.value[1]
 
 
 class NoduleType(enum.Enum):
