@@ -10,6 +10,7 @@ A worker asked for a CUDA device on a host without CUDA falls back to CPU.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
 import time
@@ -25,6 +26,8 @@ from cad_node.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
 EXIT_USAGE = 2
 #: Seconds between worker heartbeats written to the job table.
 HEARTBEAT_INTERVAL_S = 5.0
+#: Seconds between checks that the owning ``serve`` is still alive (embedded worker).
+PARENT_POLL_S = 1.0
 _QUEUES = ("inference", "io")
 
 
@@ -40,6 +43,15 @@ def _heartbeat(storage_dir: str, hostname: str, queues: list[str], device: str) 
         except Exception:  # a locked or missing table must not kill the worker
             pass
         time.sleep(HEARTBEAT_INTERVAL_S)
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Warm-shut this worker down when the ``serve`` that started it is gone."""
+    while True:
+        if os.getppid() != parent_pid:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        time.sleep(PARENT_POLL_S)
 
 
 def worker(
@@ -77,6 +89,11 @@ def worker(
     name = (hostname or f"cad-node-{os.getpid()}@%h").replace("%h", socket.gethostname())
     threading.Thread(target=_heartbeat, args=(settings.node.storage_dir, name, wanted,
                                               runner.device), daemon=True).start()
+    from cad_node.jobs.service import PARENT_PID_ENV
+
+    parent = os.environ.get(PARENT_PID_ENV)
+    if parent and parent.isdigit():
+        threading.Thread(target=_watch_parent, args=(int(parent),), daemon=True).start()
     err.print(f"worker {name}: queues {','.join(wanted)}, device {runner.device}, "
               f"broker {app.conf.broker_url.split('@')[-1]}", highlight=False)
     app.worker_main([

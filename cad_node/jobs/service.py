@@ -48,6 +48,28 @@ _SUPERVISE_INTERVAL_S = 0.5
 _RESTART_BACKOFF_S = 2.0
 
 
+#: Environment variable telling a worker child the pid of the ``serve`` that owns it.
+PARENT_PID_ENV = "CAD_NODE_PARENT_PID"
+#: ``prctl`` option: signal to receive when the parent dies (Linux, prctl(2)).
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM (warm shutdown) when ``serve`` dies.
+
+    Without it a ``kill -9`` of ``serve`` would leave the worker, which runs in
+    its own session, orphaned.  ``cad-node worker`` also polls its parent pid
+    (:data:`PARENT_PID_ENV`) where prctl is not available.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 class JobService:
     """Creates and publishes jobs for complete studies.
 
@@ -139,7 +161,9 @@ class EmbeddedWorker:
         ids = self.service.reconcile(include_in_flight=True)
         if ids:
             LOG.info("re-published in-flight job(s) %s before starting the worker", ids)
-        self.proc = subprocess.Popen(self.command(), start_new_session=True)
+        env = dict(os.environ, **{PARENT_PID_ENV: str(os.getpid())})
+        self.proc = subprocess.Popen(self.command(), start_new_session=True, env=env,
+                                     preexec_fn=_die_with_parent)
         LOG.info("embedded worker started (pid %d)", self.proc.pid)
 
     def start(self) -> None:

@@ -141,6 +141,15 @@ def _sop_uids(files: list[Path]) -> set[str]:
     return {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
 
 
+def _alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _running_count(store: JobStore, job_id: int) -> int:
     return sum(1 for e in store.events(job_id) if e.state is JobState.RUNNING)
 
@@ -309,12 +318,26 @@ def test_embedded_restart_with_queued_job(
     assert waiting == 1 and receiver.store.get(job.job_id).state is JobState.QUEUED
     restarted = Node(tmp_path / "node", orthanc.dicom_port)
     restarted.start()
+    worker_pid = None
     try:
         done = restarted.wait_job(study_uid, _DONE)
+        assert restarted.proc is not None
+        mine = f"embedded-{restarted.proc.pid}@"
+        worker_pid = next(int(w["pid"]) for w in restarted.store.workers()
+                          if w["hostname"].startswith(mine))
+        # kill -9 of serve itself: its embedded worker must not live on as an orphan.
+        os.kill(restarted.proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and _alive(worker_pid):
+            time.sleep(0.2)
+        orphan = _alive(worker_pid)
     finally:
         restarted.stop()
+        if worker_pid is not None and _alive(worker_pid):
+            os.killpg(worker_pid, signal.SIGKILL)
     assert done.job_id == job.job_id and done.state is JobState.SENT, done.error
     assert _running_count(restarted.store, job.job_id) == 1
+    assert not orphan, "the embedded worker outlived serve"
 
 
 def test_redis_two_workers_four_studies(
