@@ -1,38 +1,28 @@
 """``cad-node serve``: run the receiving node (C-ECHO/C-STORE SCP + study assembly).
 
 The node runs until SIGINT/SIGTERM.  A bad configuration exits with status 2
-before any port is bound.  Completed studies are handed to the callable
-returned by :func:`make_hand_off` (the job pipeline plugs in there).
+before any port is bound.  Completed studies are handed to
+:class:`cad_node.jobs.service.JobsRuntime`, which records a job, runs the
+embedded worker (unless ``--no-worker`` or ``jobs.embedded_worker: false``) and
+serves the Prometheus metrics.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from cad_node.config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_config
-from cad_node.study import StudyComplete
+from cad_node.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
 
 #: Exit status for an invalid configuration (as ``cad-node config check``).
 EXIT_CONFIG_ERROR = 2
 #: Exit status when the node cannot start (port in use, spool locked...).
 EXIT_START_FAILED = 1
-
-
-def make_hand_off(settings: Settings) -> Callable[[StudyComplete], None] | None:
-    """Return the consumer of "study complete" events (``None``: log them only).
-
-    Contract: see :class:`cad_node.study.StudyAssembler` (called once per
-    generation, at-least-once across crashes, must be idempotent on
-    ``(study_instance_uid, fingerprint)``; raising makes it retry).
-    """
-    return None
 
 
 def serve(
