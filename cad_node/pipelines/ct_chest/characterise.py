@@ -112,6 +112,15 @@ def _close_local(lung: npt.NDArray[np.bool_], radius_mm: float,
     return out
 
 
+def _dilate(mask: npt.NDArray[np.bool_], radius_mm: float,
+            sampling: tuple[float, ...]) -> npt.NDArray[np.bool_]:
+    """Dilation by a Euclidean ball of ``radius_mm`` (anisotropic voxels)."""
+    if not mask.any():
+        return mask.copy()
+    out: npt.NDArray[np.bool_] = ndi.distance_transform_edt(~mask, sampling=sampling) <= radius_mm
+    return out
+
+
 def characterise_nodule(
     hu: npt.NDArray[np.generic],
     lungs: npt.NDArray[np.bool_],
@@ -152,11 +161,11 @@ def characterise_nodule(
     dist = np.sqrt(sum(g**2 for g in grids))
     fg = (roi >= NODULE_HU) & lung_roi & (dist <= reach)
     # detach vessels and pleural contact: opening with a ball of half the radius
+    # (Euclidean ball in mm via distance maps: cost independent of the radius)
     r_open = max(diameter_mm / 4.0, float(spacing[1:].max()))
-    ball = np.sqrt(sum(g**2 for g in np.meshgrid(
-        *[np.arange(-int(r_open / s), int(r_open / s) + 1) * s for s in spacing],
-        indexing="ij"))) <= r_open
-    opened = ndi.binary_opening(fg, structure=ball) if ball.sum() > 1 else fg
+    samp = tuple(float(v) for v in spacing)
+    eroded = ndi.distance_transform_edt(np.pad(fg, 1), sampling=samp)[1:-1, 1:-1, 1:-1] > r_open
+    opened = _dilate(eroded, r_open, samp) & fg
     cl = tuple(c - lo)
     lab, _ = ndi.label(opened)
     seed = lab[cl]
@@ -169,7 +178,7 @@ def characterise_nodule(
         seed = lab[np.unravel_index(int(np.argmin(d_near)), d_near.shape)]
     mask = lab == seed
     # restore the rim the opening removed (voxels of fg adjacent to the component)
-    mask = ndi.binary_dilation(mask, structure=ball) & fg if ball.sum() > 1 else mask
+    mask = _dilate(mask, r_open, samp) & fg
     nvox = int(mask.sum())
     if nvox == 0:
         return None
