@@ -143,9 +143,11 @@ class SourceSeries:
         studies = {str(ds.StudyInstanceUID) for ds in by_uid.values()}
         if len(studies) != 1:
             raise ValueError(f"source instances span {len(studies)} studies: {sorted(studies)}")
-        images = list(by_uid.values())
+        images = sorted(by_uid.values(), key=lambda d: str(d.SOPInstanceUID))
         if all(_position(ds) is not None for ds in images):
-            normal = _normal(images[0])
+            # The sort axis must not depend on file order: it is the normal of
+            # the most common orientation (ties: the one of the lowest UID).
+            normal = _normal(_reference_image(images))
             images.sort(
                 key=lambda d: (float(np.dot(normal, _position(d))), str(d.SOPInstanceUID))  # type: ignore[arg-type]
             )
@@ -232,6 +234,20 @@ def _position(ds: Dataset) -> tuple[float, float, float] | None:
     if ipp is None or len(ipp) != 3:
         return None
     return (float(ipp[0]), float(ipp[1]), float(ipp[2]))
+
+
+def _reference_image(images: Sequence[Dataset]) -> Dataset:
+    """First image (by SOP Instance UID) of the most common orientation.
+
+    ``images`` must be sorted by SOP Instance UID, so the choice depends only on
+    the set of images, never on the order the files arrived in.
+    """
+    groups: dict[tuple[float, ...], list[Dataset]] = {}
+    for ds in images:
+        key = tuple(round(float(v), 4) for v in ds.ImageOrientationPatient)
+        groups.setdefault(key, []).append(ds)
+    # max() keeps the first of equal-sized groups: the one holding the lowest UID.
+    return max(groups.values(), key=len)[0]
 
 
 def _normal(ds: Dataset) -> np.ndarray:

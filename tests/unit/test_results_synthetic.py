@@ -7,6 +7,7 @@ tests are fast and every expected value is set by the test, not by the code.
 from __future__ import annotations
 
 import copy
+from io import BytesIO
 from pathlib import Path
 
 import highdicom as hd
@@ -525,3 +526,28 @@ def test_validate_rejects_sr_without_procedure_or_device_observer() -> None:
         ]
         errors = validate(tampered, series, use_dciodvfy=False).errors
         assert any(f"SR has no {what}" in e for e in errors), errors
+
+
+def test_file_order_never_changes_an_object_with_a_stray_orientation() -> None:
+    # One instance of the series is tilted (e.g. a localizer stored in it).  The
+    # sort axis used to be the normal of whichever file came first, so the same
+    # UIDs could carry different content (evidence order, key slice) per run.
+    series = phantom()
+    series[2].ImageOrientationPatient = list(SAGITTAL)
+    series[2].ImagePositionPatient = [30.0, -16.0, 20.0]
+    result = _result(series, None)
+
+    def encoded(order: list[int]) -> list[bytes]:
+        out = []
+        objs = build_results(
+            result, [series[k] for k in order], settings=SETTINGS, objects=("sr", "sc", "kos")
+        )
+        for obj in objs:
+            buf = BytesIO()
+            obj.dataset.save_as(buf, enforce_file_format=True)
+            out.append(buf.getvalue())
+        return out
+
+    reference = encoded([0, 1, 2, 3, 4, 5])
+    for order in ([2, 0, 1, 3, 4, 5], [5, 4, 3, 2, 1, 0], [2, 5, 1, 4, 0, 3]):
+        assert encoded(order) == reference, order
