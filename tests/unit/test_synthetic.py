@@ -11,7 +11,6 @@ import pytest
 
 from tests.conftest import dciodvfy
 from trainer.synthetic import (
-    CT_IMAGE_STORAGE,
     GGO_HU,
     LUNG_HU,
     SOLID_NODULE_HU,
@@ -130,7 +129,7 @@ def test_dicom_series_roundtrip(clean, tmp_path: Path) -> None:
     sz, sy, sx = SPACING
     for k in (0, 17):
         ds = pydicom.dcmread(paths[k])
-        assert ds.SOPClassUID == CT_IMAGE_STORAGE
+        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage, PS3.4 B.5
         assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
         assert ds.InstanceNumber == k + 1
         assert [float(v) for v in ds.PixelSpacing] == [sy, sx]  # row, column spacing
