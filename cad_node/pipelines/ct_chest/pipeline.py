@@ -63,7 +63,7 @@ from cad_node.results.findings import (
 __all__ = [
     "CHARACTERISE_TOP",
     "MAX_FINDINGS",
-    "OPERATING_THRESHOLD",
+    "CLASSICAL_OPERATING_THRESHOLD",
     "SCORER_BUNDLE",
     "CtChestPipeline",
     "CtChestRun",
@@ -79,12 +79,11 @@ log = logging.getLogger(__name__)
 PIPELINE_NAME = "ct-chest"
 #: Name of the candidate-scorer bundle (``cad_node.models``).
 SCORER_BUNDLE = "ct-nodule-scorer"
-#: Findings at or above this probability are "nodules" (Lung-RADS, Brock count)
-#: when the CNN scorer runs (its bundle may suggest another threshold).
-OPERATING_THRESHOLD = 0.5
-#: Operating threshold of the classical score alone.  The classical score is
-#: not calibrated; this point was chosen by inspecting ONE case (LIDC-IDRI-0001:
+#: Operating threshold of the classical score alone: findings at or above it are
+#: "nodules" (Lung-RADS, Brock nodule count).  The classical score is not
+#: calibrated; this point was chosen by inspecting ONE case (LIDC-IDRI-0001:
 #: vessel branchings with blobness < ~0.35 fall below it) and is not validated.
+#: With the CNN scorer the threshold is sqrt(this x the bundle's threshold).
 CLASSICAL_OPERATING_THRESHOLD = 0.9
 #: At most this many findings are reported, most probable first.
 MAX_FINDINGS = 10
