@@ -62,8 +62,8 @@ from cad_node.results.findings import (
 
 __all__ = [
     "CHARACTERISE_TOP",
-    "MAX_FINDINGS",
     "CLASSICAL_OPERATING_THRESHOLD",
+    "MAX_FINDINGS",
     "SCORER_BUNDLE",
     "CtChestPipeline",
     "CtChestRun",
