@@ -68,6 +68,8 @@ class SummaryCode(enum.Enum):
     FAILED = codes.DCM.NoAlgorithmsSucceededWithoutFindings
 
 
+#: Value Type (0040,A040) of a 3-D spatial coordinate content item (PS3.3 C.17.3.2.1).
+SCOORD3D_VALUE_TYPE = "SCOORD3D"
 #: TID 1500 row 12 container.
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 #: Measurement concepts.
@@ -184,9 +186,13 @@ def _group(
             referenced_segment=ref,
             **common,  # type: ignore[arg-type]
         )
-        # TID 1411 allows the volume surface next to the referenced segment;
-        # it carries the finding centre as SCOORD3D for viewers without SEG.
-        group[0].ContentSequence.extend(surface)
+        # The finding centre as SCOORD3D, for viewers without SEG.  Only the
+        # SCOORD3D item: its "Source Series for Segmentation" sibling must not
+        # sit next to the segment's "Source Image for Segmentation" items (TID
+        # 1411 takes one or the other; readers such as highdicom reject both).
+        group[0].ContentSequence.extend(
+            item for item in surface if item.ValueType == SCOORD3D_VALUE_TYPE
+        )
         return group
     if finding.region is None:
         raise ValueError(

@@ -66,6 +66,8 @@ UNVERIFIED = "UNVERIFIED"
 PROCEDURE_REPORTED = codes.DCM.ProcedureReported
 #: TID 1004 row 1 concept name: (121012, DCM, "Device Observer UID").
 DEVICE_OBSERVER_UID = codes.DCM.DeviceObserverUID
+#: TID 1411 row 7 concept name: (121191, DCM, "Referenced Segment").
+REFERENCED_SEGMENT = codes.DCM.ReferencedSegment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +121,7 @@ def _reread(data: bytes, errors: list[str]) -> Dataset | None:
         if sop_class == SEG_STORAGE:
             hd.seg.Segmentation.from_dataset(ds)
         elif sop_class == COMPREHENSIVE_3D_SR_STORAGE:
-            hd.sr.Comprehensive3DSR.from_dataset(ds)
+            _parse_measurement_groups(hd.sr.Comprehensive3DSR.from_dataset(ds))
         elif sop_class == GSPS_STORAGE:
             # highdicom 0.28 has no GSPS reader; check what a viewer needs.
             for ann in ds.GraphicAnnotationSequence:
@@ -134,6 +136,29 @@ def _reread(data: bytes, errors: list[str]) -> Dataset | None:
     except Exception as exc:  # highdicom raises ValueError/AttributeError/...
         errors.append(f"highdicom cannot parse the re-read {sop_class.name or sop_class}: {exc}")
     return ds
+
+
+def _parse_measurement_groups(sr: hd.sr.Comprehensive3DSR) -> None:
+    """Read every TID 1410/1411 group's ROI reference and measurements back.
+
+    What a consumer does with the report; raises (highdicom's errors) when a
+    group's references contradict the template, e.g. both "Source Image for
+    Segmentation" and "Source Series for Segmentation" next to a segment.
+    """
+    content = sr.content
+    if not isinstance(content, hd.sr.MeasurementReport):
+        raise ValueError("the SR content is not a TID 1500 Measurement Report")
+    groups = [
+        *content.get_planar_roi_measurement_groups(),
+        *content.get_volumetric_roi_measurement_groups(),
+    ]
+    for group in groups:
+        if group.reference_type == REFERENCED_SEGMENT:
+            if group.referenced_segment is None:
+                raise ValueError("a measurement group's Referenced Segment cannot be read")
+        elif group.roi is None:
+            raise ValueError("a measurement group's region cannot be read")
+        group.get_measurements()
 
 
 def _has_code(seq: Iterable[Dataset], value: str, scheme: str) -> bool:

@@ -551,3 +551,41 @@ def test_file_order_never_changes_an_object_with_a_stray_orientation() -> None:
     reference = encoded([0, 1, 2, 3, 4, 5])
     for order in ([2, 0, 1, 3, 4, 5], [5, 4, 3, 2, 1, 0], [2, 5, 1, 4, 0, 3]):
         assert encoded(order) == reference, order
+
+
+def test_segmented_finding_reads_back_with_highdicom_and_gate_parses_groups() -> None:
+    # The SR used to put "Source Series for Segmentation" (from the appended
+    # volume surface) next to the segment's "Source Image for Segmentation"
+    # items; highdicom then refused to read the Referenced Segment back.
+    series = phantom()
+    objs = build_results(_result(series, _ball_mask(series)), series, settings=SETTINGS)
+    seg = next(o for o in objs if o.kind == "seg").dataset
+    sr = next(o for o in objs if o.kind == "sr").dataset
+    buf = BytesIO()
+    sr.save_as(buf, enforce_file_format=True)
+    read = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(BytesIO(buf.getvalue())))
+    (group,) = read.content.get_volumetric_roi_measurement_groups()
+    ref = group.referenced_segment
+    assert ref is not None
+    item = ref[0].ReferencedSOPSequence[0]
+    assert item.ReferencedSOPInstanceUID == seg.SOPInstanceUID
+    assert item.ReferencedSegmentNumber == 1
+    # _ball_mask draws on series[2] and series[3]; its frame on series[4] is empty.
+    sources = [
+        i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for i in ref[1:]
+        if i.ConceptNameCodeSequence[0].CodeMeaning == "Source Image for Segmentation"
+    ]
+    assert sorted(sources) == [
+        str(series[2].SOPInstanceUID),
+        str(series[3].SOPInstanceUID),
+    ]
+    assert validate(sr, series, others=[seg], use_dciodvfy=False).ok
+    # The gate now reads the groups as a consumer would: the old layout fails it.
+    broken = copy.deepcopy(sr)
+    groups = broken.ContentSequence[-2].ContentSequence  # Imaging Measurements
+    groups[0].ContentSequence.append(
+        hd.sr.SourceSeriesForSegmentation(str(series[0].SeriesInstanceUID))
+    )
+    report = validate(broken, series, others=[seg], use_dciodvfy=False)
+    assert not report.ok and "cannot parse" in report.errors[0], report.errors
