@@ -50,7 +50,7 @@ from cad_node.results._common import (
 from cad_node.results.findings import AnalysisStatus, Finding, Region2D
 from cad_node.results.seg import SegResult
 
-__all__ = ["ProcedureReported", "SummaryCode", "build_sr", "region_polyline"]
+__all__ = ["ProcedureReported", "SummaryCode", "build_sr", "procedure_reported", "region_polyline"]
 
 
 class ProcedureReported:
@@ -58,6 +58,31 @@ class ProcedureReported:
 
     CT_CHEST = Code("169069000", "SCT", "Computed tomography of chest")
     CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
+
+
+#: Modality (0008,0060) defined terms (PS3.3 C.7.3.1.1.1) -> Procedure Reported.
+_PROCEDURE_BY_MODALITY = {
+    "CT": ProcedureReported.CT_CHEST,
+    "CR": ProcedureReported.CHEST_XRAY,
+    "DX": ProcedureReported.CHEST_XRAY,
+}
+
+
+def procedure_reported(modality: str) -> Code:
+    """TID 1500 row 4 Procedure Reported for the source ``modality``.
+
+    Raises
+    ------
+    ValueError
+        A modality the node does not analyse (no chest procedure to report).
+    """
+    try:
+        return _PROCEDURE_BY_MODALITY[modality]
+    except KeyError:
+        raise ValueError(
+            f"no Procedure Reported for source Modality {modality!r}; "
+            f"expected one of {sorted(_PROCEDURE_BY_MODALITY)}"
+        ) from None
 
 
 class SummaryCode(enum.Enum):
@@ -289,7 +314,7 @@ def build_sr(ctx: BuildContext, seg: SegResult | None = None) -> hd.sr.Comprehen
         if ctx.result.status is AnalysisStatus.COMPLETED
         else []
     )
-    procedure = ProcedureReported.CT_CHEST if ctx.source.is_ct else ProcedureReported.CHEST_XRAY
+    procedure = procedure_reported(str(ctx.source.first.get("Modality", "")))
     placeholder = not groups
     if placeholder:
         # highdicom insists on one measurement group; TID 1500 does not (rows

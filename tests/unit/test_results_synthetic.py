@@ -589,3 +589,37 @@ def test_segmented_finding_reads_back_with_highdicom_and_gate_parses_groups() ->
     )
     report = validate(broken, series, others=[seg], use_dciodvfy=False)
     assert not report.ok and "cannot parse" in report.errors[0], report.errors
+
+
+def _procedure_code(sr: Dataset) -> str:
+    (code,) = [
+        i.ConceptCodeSequence[0].CodeValue
+        for i in sr.ContentSequence
+        if i.ConceptNameCodeSequence[0].CodeValue == "121058"
+    ]
+    return str(code)
+
+
+def test_procedure_reported_follows_the_source_modality() -> None:
+    # Procedure Reported is the imaging procedure (TID 1500 row 4).  A CT series
+    # without Image Position (Patient) used to be reported as a chest radiograph.
+    series = phantom()
+    for ds in series:
+        del ds.ImagePositionPatient
+    failed = AnalysisResult(
+        pipeline="phantom",
+        status=AnalysisStatus.FAILED,
+        failure_reason="no geometry",
+        series_instance_uid=str(series[0].SeriesInstanceUID),
+        model=MODEL,
+    )
+    (sr,) = build_results(failed, series, settings=SETTINGS, objects=("sr",))
+    assert _procedure_code(sr.dataset) == "169069000"  # SCT Computed tomography of chest
+    for ds in series:
+        ds.Modality = "DX"
+    (sr,) = build_results(failed, series, settings=SETTINGS, objects=("sr",))
+    assert _procedure_code(sr.dataset) == "399208008"  # SCT Plain chest X-ray
+    for ds in series:
+        ds.Modality = "MR"
+    with pytest.raises(ValueError, match="Modality 'MR'"):
+        build_results(failed, series, settings=SETTINGS, objects=("sr",))
