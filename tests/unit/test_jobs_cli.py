@@ -101,3 +101,13 @@ def test_status_shows_queues_workers_and_jobs(tmp_path: Path) -> None:
     assert out.exit_code == 0, out.output
     for word in ("inference", "io", "w1@host", "complete", str(a)):
         assert word in out.output
+
+
+def test_worker_rejects_unknown_queues(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "var", free_port())
+    out = runner.invoke(app, ["worker", "--config", str(cfg), "--queues", "inference,gpu"])
+    assert out.exit_code == 2 and "unknown queue(s) ['gpu']" in out.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("jobs: {device: tpu}\n")
+    out = runner.invoke(app, ["worker", "--config", str(bad)])
+    assert out.exit_code == 2 and "jobs.device" in out.output
