@@ -173,6 +173,11 @@ CodedFindingSite = Annotated[
 ]
 
 
+#: A DICOM UID (PS3.5 9.1): dot-separated numeric components without leading
+#: zeros, at most 64 characters (checked by the fields using it).
+UID_PATTERN = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$"
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
@@ -219,7 +224,7 @@ class Finding(_Model):
     #: Human-readable tracking identifier, unique within a result (e.g. "Nodule 1").
     tracking_id: str = Field(min_length=1, max_length=64)
     #: Tracking UID; when None the builders derive one deterministically.
-    tracking_uid: str | None = None
+    tracking_uid: str | None = Field(None, max_length=64, pattern=UID_PATTERN)
     finding_type: CodedFindingType
     site: CodedFindingSite | None = None
     #: Centre in patient coordinates (LPS, mm).

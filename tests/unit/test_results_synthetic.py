@@ -623,3 +623,20 @@ def test_procedure_reported_follows_the_source_modality() -> None:
         ds.Modality = "MR"
     with pytest.raises(ValueError, match="Modality 'MR'"):
         build_results(failed, series, settings=SETTINGS, objects=("sr",))
+
+
+def test_invalid_tracking_uid_is_rejected_by_the_model() -> None:
+    # It used to pass into SR/SEG/GSPS and only fail dciodvfy in the gate.
+    import pydantic
+
+    for bad in ("abc", "1.02.3", "1.2.", "1." + "2" * 70):
+        with pytest.raises(pydantic.ValidationError, match="tracking_uid"):
+            Finding(
+                tracking_id="x", tracking_uid=bad, finding_type=FindingType.NODULE,
+                center_mm=(0.0, 0.0, 0.0),
+            )
+    ok = Finding(
+        tracking_id="x", tracking_uid="2.25.7", finding_type=FindingType.NODULE,
+        center_mm=(0.0, 0.0, 0.0),
+    )
+    assert ok.tracking_uid == "2.25.7"
