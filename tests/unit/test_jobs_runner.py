@@ -161,3 +161,22 @@ def test_objects_failing_the_gate_are_quarantined_not_sent(tmp_path: Path,
     assert (qdir / "step01_sr_002.dcm").exists()
     reasons = (qdir / "reasons.txt").read_text()
     assert reasons.startswith("step01_sr_002.dcm: ") and len(bad) == 1
+
+
+def test_resend_sends_every_object_again(tmp_path: Path, ct_files: list[Path]) -> None:
+    """``jobs resend``: acknowledgements forgotten, the stored results go out again."""
+    scp = _StatusSCP([])
+    try:
+        runner = JobRunner(_settings(tmp_path, scp.port), device="cpu")
+        job = _ready_job(runner, ct_files)
+        assert runner.send(job.job_id).step is SendStep.SENT
+        assert runner.store.forget_sent(job.job_id) == 2
+        runner.store.enqueue(job.job_id, state=JobState.RESULTS_READY, reset_attempts=True,
+                             detail="jobs resend")
+        assert runner.send(job.job_id).step is SendStep.SENT
+    finally:
+        scp.close()
+    uids = [OutboundObject.from_file(f, "seg").sop_instance_uid for f in ct_files]
+    assert scp.received == uids + uids
+    details = [e.detail for e in runner.store.events(job.job_id)]
+    assert "jobs resend" in details
