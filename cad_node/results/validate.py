@@ -221,12 +221,23 @@ def _run_dciodvfy(data: bytes, errors: list[str], warnings: list[str]) -> bool:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        # dciodvfy echoes attribute values in the objects' own character set
+        # (e.g. ISO_IR 100 Patient's Name "M\xfcller"): never decode strictly.
         proc = subprocess.run(
-            [exe, path], capture_output=True, text=True, timeout=DCIODVFY_TIMEOUT_S, check=False
+            [exe, path],
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=DCIODVFY_TIMEOUT_S,
+            check=False,
         )
     except subprocess.TimeoutExpired:
         errors.append(f"dciodvfy did not finish within {DCIODVFY_TIMEOUT_S} s")
         return True
+    except OSError as exc:
+        # Installed but not runnable: fail closed (an unchecked object is not sent).
+        errors.append(f"dciodvfy ({exe}) could not be run: {exc}")
+        return False
     finally:
         os.unlink(path)
     for line in (proc.stdout + proc.stderr).splitlines():

@@ -640,3 +640,36 @@ def test_invalid_tracking_uid_is_rejected_by_the_model() -> None:
         center_mm=(0.0, 0.0, 0.0),
     )
     assert ok.tracking_uid == "2.25.7"
+
+
+@pytest.mark.filterwarnings("ignore:The string .* unlikely to represent")  # on purpose
+def test_gate_survives_non_utf8_dciodvfy_output() -> None:
+    # dciodvfy echoes values in the object's character set: an ISO_IR 100
+    # Patient's Name "Müller" made the gate crash with UnicodeDecodeError.
+    from tests.conftest import DCIODVFY, require_program
+
+    require_program(DCIODVFY)
+    series = phantom()
+    for ds in series:
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.PatientName = "M\u00fcller"
+    (sr,) = build_results(_result(series, None), series, settings=SETTINGS, objects=("sr",))
+    report = validate(sr, series, use_dciodvfy=True)
+    assert report.dciodvfy_ran and report.ok, report.errors
+    assert any("Patient's Name" in w and "ller" in w for w in report.warnings), report.warnings
+
+
+def test_gate_fails_closed_when_dciodvfy_cannot_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    gate = importlib.import_module("cad_node.results.validate")  # the package exports validate()
+    broken = tmp_path / "dciodvfy"
+    broken.write_bytes(b"\x00not an executable format")
+    broken.chmod(0o755)
+    monkeypatch.setattr(gate, "DCIODVFY", str(broken))
+    series = phantom()
+    (sr,) = build_results(_result(series, None), series, settings=SETTINGS, objects=("sr",))
+    report = validate(sr, series, use_dciodvfy=True)
+    assert not report.ok and "could not be run" in report.errors[0], report.errors
