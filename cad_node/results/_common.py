@@ -13,7 +13,7 @@ import dataclasses
 import datetime
 import enum
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import highdicom as hd
@@ -34,6 +34,7 @@ __all__ = [
     "SeriesNumber",
     "SourceSeries",
     "deterministic_datetime",
+    "ensure_character_set",
     "make_deterministic",
     "processing_equipment",
 ]
@@ -360,6 +361,50 @@ def _remap_random_uids(
                 elem.value = mapping[value]
 
 
+#: Specific Character Set (0008,0005) defined terms (PS3.3 C.12.1.1.2) we decide
+#: between: the default repertoire (absent / ISO_IR 6), Latin-1 and UTF-8.
+CHARSET_DEFAULT = "ISO_IR 6"
+CHARSET_LATIN1 = "ISO_IR 100"
+CHARSET_UTF8 = "ISO_IR 192"
+#: Python codecs of the single-byte sets above.
+_CODEC = {CHARSET_DEFAULT: "ascii", CHARSET_LATIN1: "latin-1"}
+#: Value Representations whose values use the Specific Character Set (PS3.5 6.1.2.3).
+_TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "PN"})
+
+
+def _texts(ds: Dataset) -> Iterator[str]:
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                yield from _texts(item)
+        elif elem.VR in _TEXT_VRS and elem.value is not None:
+            values = elem.value if isinstance(elem.value, MultiValue | list) else [elem.value]
+            yield from (str(v) for v in values)
+
+
+def ensure_character_set(ds: Dataset) -> None:
+    """Declare UTF-8 when the object's text does not fit its Specific Character Set.
+
+    Tracking IDs, the configured disclaimer, failure reasons and notes may hold
+    any character; copied from a source without Specific Character Set (default
+    repertoire) or with Latin-1, they would make the object invalid (PS3.5
+    6.1.2.2).  Other declared sets (ISO 2022 code extensions, UTF-8) are kept.
+    """
+    declared = ds.get("SpecificCharacterSet") or []
+    terms = [str(declared)] if isinstance(declared, str) else [str(v) for v in declared]
+    if len(terms) > 1:
+        return  # ISO 2022 code extensions: kept as the source declared them
+    codec = _CODEC.get((terms[0] if terms else "") or CHARSET_DEFAULT)
+    if codec is None:
+        return
+    for text in _texts(ds):
+        try:
+            text.encode(codec)
+        except UnicodeEncodeError:
+            ds.SpecificCharacterSet = CHARSET_UTF8
+            return
+
+
 def make_deterministic(
     ds: Dataset,
     when: datetime.datetime,
@@ -377,6 +422,7 @@ def make_deterministic(
     Organization UID) that is not in ``keep`` (the source's UIDs) is replaced
     by a derived one, in order of appearance.
     """
+    ensure_character_set(ds)
     if uids is not None:
         _remap_random_uids(ds, uids, kind, keep or set(), {})
     age = ds.get("PatientAge")

@@ -31,6 +31,7 @@ from scipy import ndimage
 from cad_node.results._common import (
     BuildContext,
     SeriesNumber,
+    ensure_character_set,
     normal,
     position,
 )
@@ -265,6 +266,7 @@ def build_key_images(ctx: BuildContext) -> list[tuple[str, hd.sc.SCImage]]:
         sc.DerivationDescription = f"{finding.tracking_id} outline burned in by {ctx.model.name}"[
             :1024
         ]
+        ensure_character_set(sc)
         out.append((finding.tracking_id, sc))
     return out
 
@@ -336,4 +338,5 @@ def build_summary_page(ctx: BuildContext, index: int) -> hd.sc.SCImage:
     draw.text((16, rows - 2 * _FONT_PX), ctx.settings.disclaimer, fill=(255, 64, 64), font=font)
     sc = _sc(ctx, np.asarray(image), ctx.source.first, index, spacing=False)
     sc.DerivationDescription = "CAD summary page"
+    ensure_character_set(sc)
     return sc

@@ -673,3 +673,46 @@ def test_gate_fails_closed_when_dciodvfy_cannot_run(
     (sr,) = build_results(_result(series, None), series, settings=SETTINGS, objects=("sr",))
     report = validate(sr, series, use_dciodvfy=True)
     assert not report.ok and "could not be run" in report.errors[0], report.errors
+
+
+@pytest.mark.filterwarnings("ignore:The string .* unlikely to represent")  # on purpose
+def test_non_ascii_text_gets_a_character_set_that_holds_it() -> None:
+    # A tracking ID, a configured disclaimer or a note outside the source's
+    # character repertoire used to give objects dciodvfy rejects (all quarantined).
+    from tests.conftest import DCIODVFY, require_program
+
+    require_program(DCIODVFY)
+    settings = ResultsConfig(use_dciodvfy=False, disclaimer="Nicht f\u00fcr die Diagnose")
+    series = phantom()  # no Specific Character Set: default repertoire
+    result = _result(series, _ball_mask(series))
+    finding = result.findings[0].model_copy(update={"tracking_id": "Kn\u00f6tchen 1"})
+    result = result.model_copy(update={"findings": [finding], "notes": ["\u2265 6 mm"]})
+    objs = build_results(result, series, settings=settings, objects=OBJECT_KINDS)
+    for obj in objs:
+        report = validate(obj, series, others=objs, use_dciodvfy=True)
+        assert report.ok, (obj.filename, report.errors)
+    sr = pydicom.dcmread(BytesIO(_encode(next(o for o in objs if o.kind == "sr").dataset)))
+    assert sr.SpecificCharacterSet == "ISO_IR 192"
+    texts = {i.TextValue for e in sr.ContentSequence for i in e.get("ContentSequence", [])
+             if i.ValueType == "TEXT"}
+    assert {"\u2265 6 mm", "Nicht f\u00fcr die Diagnose"} <= texts
+    # A Latin-1 source keeps its patient name intact when UTF-8 is needed.
+    latin = phantom()
+    for ds in latin:
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.PatientName = "M\u00fcller"
+    (sr_obj,) = build_results(
+        result.model_copy(update={"findings": []}), latin, settings=settings, objects=("sr",)
+    )
+    back = pydicom.dcmread(BytesIO(_encode(sr_obj.dataset)))
+    assert back.SpecificCharacterSet == "ISO_IR 192" and str(back.PatientName) == "M\u00fcller"
+    assert validate(sr_obj, latin, use_dciodvfy=True).ok
+    # Pure ASCII content keeps the source's (absent) declaration.
+    (plain,) = build_results(_result(series, None), series, settings=SETTINGS, objects=("sr",))
+    assert "SpecificCharacterSet" not in plain.dataset
+
+
+def _encode(ds: Dataset) -> bytes:
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
