@@ -203,10 +203,13 @@ class JobRunner:
         out_dir.mkdir(parents=True, exist_ok=True)
         manifest: list[dict[str, Any]] = []
         quarantined: list[str] = []
+        failures: list[str] = []
         for n, step in enumerate(plan.steps, start=1):
-            entries, bad = self._analyse_step(job, n, step, out_dir, timings)
+            entries, bad, failure = self._analyse_step(job, n, step, out_dir, timings)
             manifest.extend(entries)
             quarantined.extend(bad)
+            if failure is not None:
+                failures.append(failure)
         _atomic_write_bytes(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
         detail = f"{len(manifest)} object(s) built in {sum(timings.stages.values()):.1f} s " + \
             ", ".join(f"{k} {v:.2f}s" for k, v in timings.stages.items())
@@ -216,14 +219,17 @@ class JobRunner:
                 error="every result object failed the conformance gate: " + "; ".join(quarantined),
             )
         log.info("results ready: %s", detail)
+        # A failed analysis still yields objects that report the failure (SR +
+        # summary page); the job records the reason so operators see it.
         return self.store.transition(job_id, JobState.RESULTS_READY, detail=detail,
-                                     error="; ".join(quarantined) or None)
+                                     error="; ".join([*failures, *quarantined]) or None)
 
     def _analyse_step(
         self, job: Job, n: int, step: RouteStep, out_dir: Path, timings: StageTimings
-    ) -> tuple[list[dict[str, Any]], list[str]]:
+    ) -> tuple[list[dict[str, Any]], list[str], str | None]:
         from cad_node.imaging import load_series
         from cad_node.results import build_results
+        from cad_node.results.findings import AnalysisStatus
 
         t0 = time.monotonic()
         loaded = load_series(step.paths)
@@ -251,7 +257,12 @@ class JobRunner:
         t0 = time.monotonic()
         entries, bad = self.gate_and_store(job, n, step.pipeline, objects, sources, out_dir)
         timings.add("validate", time.monotonic() - t0)
-        return entries, bad
+        failure = None
+        if result.status is AnalysisStatus.FAILED:
+            failure = f"analysis failed ({step.pipeline}): {result.failure_reason}"
+            log_failed = job_logger(LOG, job)
+            log_failed.warning("%s; reporting the failure to the destinations", failure)
+        return entries, bad, failure
 
     def gate_and_store(
         self, job: Job, n: int, pipeline: str, objects: Sequence[Any],

@@ -190,9 +190,12 @@ class CtChestPipeline:
     def _fail(self, series: LoadedSeries, reason: str) -> AnalysisResult:
         log.warning("ct-chest failed for study %s series %s: %s",
                     series.study_instance_uid, series.series_instance_uid, reason)
+        # The identity is kept on a failure so that the failure itself can be
+        # reported to the PACS (an SR stating it, IHE AIR), never as "no findings".
         return AnalysisResult(pipeline=self.name, status=AnalysisStatus.FAILED,
                               failure_reason=reason,
-                              series_instance_uid=series.series_instance_uid or "unknown")
+                              series_instance_uid=series.series_instance_uid or "unknown",
+                              model=_classical_identity())
 
     def _check_input(self, series: LoadedSeries) -> None:
         ds0 = series.datasets[0]
