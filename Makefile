@@ -47,9 +47,14 @@ lint:
 typecheck:
 	$(VENV)/bin/mypy --strict cad_node
 
+# Figures go to docs/benchmarks.md by hand, with the command that made them.
 bench: venv peers
-	$(PY) bench/ingest.py
+	$(PY) bench/ingest.py --rounds 3
 	$(PY) bench/ct_pipeline.py
+	$(PY) bench/results_build.py --repeats 5
+	$(PY) bench/turnaround.py --repeat 2
+	$(PY) bench/prepare_lidc.py --repeat 3
+	$(PY) bench/train_throughput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
