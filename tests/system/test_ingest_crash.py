@@ -79,6 +79,9 @@ def node(tmp_path: Path) -> Iterator[ServeProcess]:
         f"storage_dir: {tmp_path / 'storage'}, min_free_bytes: 0}}\n"
         "peers: [{ae_title: STORESCU, host: 127.0.0.1}]\n"
         "study: {series_quiet_s: 600, study_quiet_s: 600, force_complete_s: 3600}\n"
+        # Ingest alone: no embedded worker (its own tests cover it), no metrics port.
+        "jobs: {embedded_worker: false}\n"
+        "metrics: {enabled: false}\n"
         "log_level: WARNING\n"
     )
     proc = ServeProcess(config, port, tmp_path / "serve.log")
