@@ -100,6 +100,12 @@ def render_model_card(
         for e in excl
     ) or "none"
     real = metrics.get("real_nodule_probability")
+    gen_sens = metrics.get("generator_sensitivity") or {}
+    fpr = metrics.get("froc_fp_reduction") or {}
+    fpr_rows = ", ".join(
+        f"{s:.2f} @ {r:g}"
+        for r, s in zip(fpr.get("fp_rates") or [], fpr.get("sensitivity_at") or [], strict=False)
+    ) or "n/a"
     return f"""# Model card: {cfg.bundle.name} {cfg.bundle.version}
 
 **Not for diagnostic use.** Research and engineering model; outputs must not be
@@ -151,11 +157,20 @@ a separate slab z = {tuple(training_data.get("heldout_z_mm", []))} mm of the sam
 {froc_rows or "| n/a | n/a | n/a |"}
 
   **CPM {_fmt(froc.get("cpm"))}** (CI {cpm_ci if cpm_ci else "n/a"}); the candidate
-  generator alone reaches sensitivity {_fmt(froc.get("max_sensitivity"))}, an upper bound
-  for any scorer.
+  generator alone reaches sensitivity {_fmt(froc.get("max_sensitivity"))} (all its
+  candidates kept), an upper bound for any scorer.
+* The FROC above is limited by the candidate generator, which found
+  {_fmt(froc.get("max_sensitivity"))} of the held-out nodules (by placement:
+  {gen_sens.get("placement", "n/a")}; by type: {gen_sens.get("kind", "n/a")}).
+  To measure the scorer itself, the LUNA16 false-positive-reduction-track style
+  evaluation adds one candidate (within 2 mm of the centre) for every nodule the
+  generator missed: sensitivity at {fpr_rows} FPs/scan,
+  **CPM {_fmt(fpr.get("cpm"))}** (CI {fpr.get("cpm_ci", "n/a")}).
 * Score at the (excluded) real LIDC-IDRI-0001 nodule centre: {real if real else "n/a"}.
 * Final training loss {_fmt(metrics.get("final_training_loss"))}; training throughput
-  {_fmt(metrics.get("training_patches_per_s"), 1)} patches/s on {provenance.get("device")}.
+  during this run {_fmt(metrics.get("training_patches_per_s"), 1)} patches/s on
+  {provenance.get("device")} (a shared, loaded 2-core machine; see
+  `docs/benchmarks.md` for a benchmark).
 
 These numbers are measured on synthetic insertions into the **same patient's**
 CT; they say the model separates inserted nodules from that scan's vessels and
@@ -169,10 +184,13 @@ in other patients, scanners or protocols.
   spiculated, cavitating or calcified nodules are not modelled.
 * Juxtapleural and juxtavascular placements are approximations.
 * The probability is not calibrated to real-world nodule prevalence.
-* **A retrain on the full LIDC-IDRI** (`cad-train prepare lidc` +
-  `cad-train train ct-nodule-scorer CONFIG` with real annotations) **is the path
-  to clinical-grade accuracy**; this bundle only makes the pipeline work end to
-  end out of the box.
+* The reported FROC depends on the candidate generator of the node version
+  it was measured with; it missed juxtapleural held-out nodules most often.
+* **A retrain on the full LIDC-IDRI** (1,018 CTs with 4-reader annotations,
+  prepared by `cad-train prepare lidc`) **is the path to clinical-grade
+  accuracy**. This trainer version trains from insertions only; feeding the
+  prepared LIDC consensus nodules in as positives is the next step. This bundle
+  only makes the pipeline work end to end out of the box.
 
 ## Intended use
 {DEFAULT_INTENDED_USE}
@@ -228,6 +246,7 @@ def write_bundle(
         raise FileExistsError(f"{target} exists; bump the version or pass --force")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is readable by the node's user
     try:
         weights = tmp / "weights.pt"
         cpu_state = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}

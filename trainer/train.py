@@ -754,6 +754,50 @@ def train(
         return final
 
 
+def reevaluate(
+    cfg: TrainConfig, out_dir: Path, *, device: str = "auto", config_dir: Path | None = None
+) -> Path:
+    """Re-run the held-out evaluation of a finished run (``final.pt``).
+
+    The held-out set is regenerated from the config's seed (identical to the
+    one of the run), the metrics in ``final.pt``, ``metrics.json`` and
+    ``MODEL_CARD.md`` are replaced; the weights are not touched.
+    """
+    import torch
+
+    from cad_node.models.network import build_network
+
+    final = out_dir / "final.pt"
+    if not final.is_file():
+        raise FileNotFoundError(f"{final}: no finished run to evaluate")
+    ck = torch.load(final, map_location="cpu", weights_only=True)
+    if cfg.optim.threads > 0:
+        torch.set_num_threads(cfg.optim.threads)
+    dev = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    )
+    net = build_network(ck["bundle"]["architecture"])
+    net.load_state_dict(ck["model"])
+    net.to(dev).eval()
+    with _progress() as progress:
+        bg = _background(cfg, config_dir, progress)
+        heldout = evaluate_heldout_set(cfg, bg, net, dev, progress)
+    metrics = {k: v for k, v in ck["metrics"].items() if k in {
+        "final_training_loss", "training_patches_per_s"}}
+    metrics.update(heldout)
+    ck["metrics"] = _plain(metrics)
+    torch.save(ck, out_dir / "final.tmp")
+    (out_dir / "final.tmp").replace(final)
+    (out_dir / "metrics.json").write_text(json.dumps(ck["metrics"], indent=2), encoding="utf-8")
+    from trainer.export import render_model_card
+
+    (out_dir / "MODEL_CARD.md").write_text(
+        render_model_card(cfg, ck["training_data"], ck["metrics"], ck["provenance"]),
+        encoding="utf-8",
+    )
+    return final
+
+
 def _plain(value: Any) -> Any:
     """JSON round-trip: numpy scalars become floats/ints, tuples lists."""
     def default(o: Any) -> Any:
@@ -854,6 +898,10 @@ def evaluate_heldout_set(
     scans: list[dict[str, Any]] = []
     vessel_scores: list[npt.NDArray[np.float64]] = []
     nodule_scores: list[npt.NDArray[np.float64]] = []
+    fpr_scans: list[dict[str, Any]] = []
+    # Separate generator: the held-out set itself does not depend on these draws.
+    rng_fpr = np.random.default_rng(cfg.seed + 15485863)
+    gen_hits: dict[str, dict[str, list[int]]] = {"placement": {}, "kind": {}}
     for r in range(d.heldout_rounds):
         hu, truth = insert_nodules(
             bg,
@@ -887,6 +935,40 @@ def evaluate_heldout_set(
                 "scores": cand_scores,
             }
         )
+        # Which nodules the candidate generator found (by placement and type).
+        found = [
+            bool(cand.size)
+            and bool(
+                (np.linalg.norm(cand - np.asarray(n.center_mm), axis=1) < n.diameter_mm / 2).any()
+            )
+            for n in truth
+        ]
+        for n, f in zip(truth, found, strict=True):
+            for key, val in (("placement", n.placement.value), ("kind", n.kind.value)):
+                cell = gen_hits[key].setdefault(val, [0, 0])
+                cell[0] += int(f)
+                cell[1] += 1
+        # LUNA16 false-positive-reduction-track style: the candidate list also
+        # holds a (jittered) candidate for every nodule the generator missed.
+        missed = [n for n, f in zip(truth, found, strict=True) if not f]
+        extra = np.zeros((0, 3))
+        if missed:
+            extra = _jittered(
+                np.asarray([n.center_mm for n in missed], dtype=np.float64),
+                np.asarray([n.diameter_mm / 2 for n in missed], dtype=np.float64),
+                d.positive_jitter_mm,
+                rng_fpr,
+            )
+        fpr_scans.append(
+            {
+                "scan_id": f"heldout-{r}",
+                "nodules": truth,
+                "candidates": np.concatenate([cand, extra]),
+                "scores": np.concatenate(
+                    [cand_scores, score_points(net, hu, bg, extra, cfg.input, dev)]
+                ),
+            }
+        )
         if progress is not None and task is not None:
             progress.advance(task)
     scores = np.concatenate(all_scores)
@@ -907,6 +989,11 @@ def evaluate_heldout_set(
         "candidate_source": "cad_node.pipelines.ct_chest.candidates" if gen else "dense_structures",
     }
     result["froc"] = _froc(scans)
+    result["froc_fp_reduction"] = _froc(fpr_scans)
+    result["generator_sensitivity"] = {
+        key: {val: f"{h}/{t}" for val, (h, t) in sorted(cells.items())}
+        for key, cells in gen_hits.items()
+    }
     # The excluded real nodule(s), scored where the reference places them.
     real = np.asarray([e.center_mm for e in d.exclusions], dtype=np.float64).reshape(-1, 3)
     if real.size:
@@ -968,6 +1055,10 @@ def register(app: typer.Typer) -> None:
         evaluate: Annotated[
             bool, typer.Option(help="Evaluate on the held-out insertion set.")
         ] = True,
+        evaluate_only: Annotated[
+            bool,
+            typer.Option(help="Only re-run the held-out evaluation of out/final.pt."),
+        ] = False,
     ) -> None:
         """Train MODEL with CONFIG; writes checkpoints, metrics and a model card."""
         try:
@@ -975,6 +1066,10 @@ def register(app: typer.Typer) -> None:
             if cfg.model != model:
                 raise ValueError(f"{config}: config is for {cfg.model!r}, not {model!r}")
             run_dir = out or Path("runs") / model
+            if evaluate_only:
+                final = reevaluate(cfg, run_dir, device=device, config_dir=config.parent)
+                _console.print(f"re-evaluated: {final}")
+                return
             final = train(
                 cfg,
                 run_dir,
