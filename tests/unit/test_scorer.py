@@ -54,6 +54,8 @@ def _expected(center: np.ndarray) -> np.ndarray:
         (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
         # x axis flipped and y/z swapped: a coronal-like, left-right flipped grid.
         (-1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0),
+        # Oblique (rotated 10 degrees about z): the general gather path.
+        (0.984807753, -0.173648178, 0.0, 0.173648178, 0.984807753, 0.0, 0.0, 0.0, 1.0),
     ],
 )
 def test_patches_sample_the_right_patient_points(direction: tuple[float, ...]) -> None:
@@ -66,6 +68,31 @@ def test_patches_sample_the_right_patient_points(direction: tuple[float, ...]) -
     assert patches.shape == (2, *SIZE)
     for p, c in zip(patches, centers, strict=True):
         np.testing.assert_allclose(p, _expected(c), atol=1e-3)
+
+
+def test_separable_path_matches_the_general_gather() -> None:
+    """Axis-aligned grids take a separable fast path; it must equal map_coordinates."""
+    from scipy import ndimage
+
+    from cad_node.models.patches import VolumeGeometry, extract_patches_array
+
+    rng = np.random.default_rng(1)
+    vol = rng.normal(-500, 300, size=(20, 30, 40)).astype(np.float32)
+    geom = VolumeGeometry((-10.0, 5.0, -60.0), (0.8, 0.7, 2.5), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    centers = geom.index_to_physical(np.array([[20.3, 14.8, 9.6], [18.0, 16.2, 11.1]]))
+    fast = extract_patches_array(vol, geom, centers, SIZE, SPACING)
+    d, h, w = SIZE
+    sx, sy, sz = SPACING
+    for p, c in zip(fast, centers, strict=True):
+        zz, yy, xx = np.meshgrid(
+            (np.arange(d) - (d - 1) / 2) * sz + c[2],
+            (np.arange(h) - (h - 1) / 2) * sy + c[1],
+            (np.arange(w) - (w - 1) / 2) * sx + c[0],
+            indexing="ij",
+        )
+        idx = geom.physical_to_index(np.stack([xx.ravel(), yy.ravel(), zz.ravel()], axis=1))
+        ref = ndimage.map_coordinates(vol, idx[:, ::-1].T, order=1).reshape(SIZE)
+        np.testing.assert_allclose(p, ref, rtol=1e-4, atol=1e-2)
 
 
 def test_outside_voxels_get_air_and_window_normalises() -> None:
