@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
 
+    load0 = os.getloadavg()[0]
     image = load_ct(args.ct)
     lung = lung_mask_of(image)
     bundle = load_bundle("ct-nodule-scorer")
@@ -150,7 +151,8 @@ def main() -> None:
     print(f"Bundle {bundle.name} {bundle.version}, {bundle.manifest.architecture['channels']} "
           f"channels, patch {tuple(spec.patch_size)} @ {tuple(spec.spacing_mm)} mm; "
           f"candidates: {source}; CPU: {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores; torch {torch.__version__}")
+          f"{os.cpu_count()} cores; torch {torch.__version__}; load average at start "
+          f"{load0:.2f}, at end {os.getloadavg()[0]:.2f}")
     print()
     print("| measurement | value |")
     print("|---|---|")

@@ -9,7 +9,8 @@ Contract
   manifest's batch size.
 * The result is deterministic for a given image, centres, bundle and device:
   the network runs in eval mode under :func:`torch.inference_mode`.
-* The scorer never changes global torch settings (threads, determinism).
+* The scorer leaves global torch settings as it found them (``threads``
+  applies only while :meth:`CandidateScorer.score` runs).
 """
 
 from __future__ import annotations
@@ -55,10 +56,20 @@ class CandidateScorer:
         A verified bundle (:func:`cad_node.models.load_bundle`).
     device : str
         ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
+    threads : int, optional
+        torch intra-op threads to use *during* :meth:`score` on CPU (restored
+        afterwards).  ``None`` leaves torch's setting alone.  On a shared,
+        loaded machine 1 thread can be several times faster than 2 (see
+        ``docs/benchmarks.md``).
     """
 
-    def __init__(self, bundle: ModelBundle, device: str = "cpu") -> None:
+    def __init__(
+        self, bundle: ModelBundle, device: str = "cpu", threads: int | None = None
+    ) -> None:
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1, not {threads}")
         self.bundle = bundle
+        self.threads = threads
         self.device = resolve_device(device)
         self.spec = bundle.manifest.input
         self.network = bundle.build_network(self.device)
@@ -107,10 +118,18 @@ class CandidateScorer:
             raise ValueError(f"centers_mm must have shape (N, 3), got {centers.shape}")
         bs = self.spec.batch_size
         out = np.empty((centers.shape[0],), dtype=np.float64)
-        with torch.inference_mode():
-            for start in range(0, centers.shape[0], bs):
-                batch = self.patches(image, centers[start : start + bs])
-                x = torch.from_numpy(batch).to(self.device)
-                logits = self.network(x).float()
-                out[start : start + bs] = torch.sigmoid(logits).cpu().numpy()
+        previous = torch.get_num_threads()
+        scoped = self.threads is not None and self.device.type == "cpu"
+        if scoped:
+            torch.set_num_threads(int(self.threads))  # type: ignore[arg-type]
+        try:
+            with torch.inference_mode():
+                for start in range(0, centers.shape[0], bs):
+                    batch = self.patches(image, centers[start : start + bs])
+                    x = torch.from_numpy(batch).to(self.device)
+                    logits = self.network(x).float()
+                    out[start : start + bs] = torch.sigmoid(logits).cpu().numpy()
+        finally:
+            if scoped:
+                torch.set_num_threads(previous)
         return np.clip(out, 0.0, 1.0)

@@ -154,6 +154,13 @@ def test_scorer_contract(toy_bundle: Path) -> None:
     with pytest.raises(ValueError, match="shape"):
         scorer.score(img, np.zeros((4, 2)))
     assert scorer.identity == bundle.identity
+    # A scoped thread count gives the same scores and restores torch's setting.
+    before = torch.get_num_threads()
+    one = CandidateScorer(bundle, device="cpu", threads=1)
+    np.testing.assert_allclose(one.score(img, centers), p1, rtol=1e-5)
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads"):
+        CandidateScorer(bundle, threads=0)
 
 
 def test_scorer_refuses_unavailable_cuda(toy_bundle: Path) -> None:
