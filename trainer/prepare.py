@@ -190,7 +190,13 @@ def discover_lidc(root: Path) -> list[LidcSeries]:
     """
     root = root.resolve()
     found: list[Path] = []
+    visited: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in visited:  # a symlink loop or a second link to the same folder
+            dirnames.clear()
+            continue
+        visited.add(real)
         dirnames.sort()
         if any(f.lower().endswith(".dcm") for f in filenames) and any(
             f.lower().endswith(".xml") for f in filenames

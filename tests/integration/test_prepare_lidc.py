@@ -193,3 +193,18 @@ def test_cli_exit_status(prepared) -> None:
     assert "LIDC-IDRI-9002" in res.output and "001.xml" in res.output
     res = CliRunner().invoke(app, ["prepare", "lidc", str(root / "nope"), str(out)])
     assert res.exit_code != 0
+
+
+def test_discovery_follows_each_folder_once(tmp_path: Path) -> None:
+    # os.walk(followlinks=True) went round a symlink loop, listing the same
+    # series again and again (as LIDC-IDRI-0005_2, _3 ...) until paths got too long.
+    from trainer.prepare import discover_lidc
+
+    series = tmp_path / "LIDC-IDRI-0005" / "study" / "series"
+    series.mkdir(parents=True)
+    (series / "000001.dcm").write_bytes(b"")
+    (series / "001.xml").write_text("<x/>")
+    (series / "loop").symlink_to(tmp_path, target_is_directory=True)
+    (tmp_path / "again").symlink_to(series, target_is_directory=True)
+    found = discover_lidc(tmp_path)
+    assert [(s.case_id, s.series_dir.name) for s in found] == [("LIDC-IDRI-0005", "series")]
