@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from monai.networks.blocks import Convolution, ResidualUnit
+from monai.networks.blocks.convolutions import Convolution, ResidualUnit
 from torch import nn
 
 __all__ = ["DEFAULT_ARCHITECTURE", "ResidualScorer3D", "build_network", "count_parameters"]
@@ -99,7 +99,8 @@ class ResidualScorer3D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return one logit per patch, shape ``(N,)``."""
         h = self.pool(self.features(x)).flatten(1)
-        return self.head(self.dropout(h)).squeeze(1)
+        logits: torch.Tensor = self.head(self.dropout(h)).squeeze(1)
+        return logits
 
 
 def build_network(architecture: Mapping[str, Any]) -> nn.Module:

@@ -1,3 +1,4 @@
+# mypy: disallow-untyped-calls=False
 """Patch extraction: sample isotropic patches around candidate centres.
 
 Patches are sampled directly from the source volume with trilinear
@@ -175,7 +176,8 @@ def _axis_permutation(geometry: VolumeGeometry) -> npt.NDArray[np.int64] | None:
     tol = 1e-6 * mag.max()
     if not np.all((mag > tol).sum(axis=0) == 1) or not np.all((mag > tol).sum(axis=1) == 1):
         return None
-    return np.argmax(mag, axis=0)  # index axis (0=i/x, 1=j/y, 2=k/z) of patient x, y, z
+    # Index axis (0 = i/x, 1 = j/y, 2 = k/z) of patient x, y, z.
+    return np.asarray(np.argmax(mag, axis=0), dtype=np.int64)
 
 
 def _linear_weights(
