@@ -492,6 +492,11 @@ class BuildContext:
             ):
                 if kw in src:
                     keep.add(str(src[kw].value))
+        # UIDs the caller chose (a pipeline's tracking UIDs, the bundle's Device
+        # UID) are kept even under a random-UID root: every object must carry
+        # the same value, so they are never remapped per object.
+        keep.add(self.model.device_uid)
+        keep.update(self.tracking_uid(i) for i in range(len(self.result.findings)))
         make_deterministic(ds, self.when, self.uids, kind, keep)
 
     def tracking_uid(self, index: int) -> str:

@@ -716,3 +716,29 @@ def _encode(ds: Dataset) -> bytes:
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def test_caller_chosen_uids_under_a_generator_root_are_kept_everywhere() -> None:
+    # A pipeline's tracking UID or a bundle's Device UID made with
+    # pydicom.uid.generate_uid() (root 1.2.826.0.1.3680043.8.498.) used to be
+    # "de-randomised" per object: SEG, SR and GSPS then disagreed with each
+    # other and with the bundle.
+    tracking = "1.2.826.0.1.3680043.8.498.4242"
+    device = "1.2.826.0.1.3680043.8.498.777"
+    series = phantom()
+    result = _result(series, _ball_mask(series))
+    finding = result.findings[0].model_copy(update={"tracking_uid": tracking})
+    model = MODEL.model_copy(update={"device_uid": device})
+    result = result.model_copy(update={"findings": [finding], "model": model})
+    objs = build_results(result, series, settings=SETTINGS, objects=OBJECT_KINDS)
+    by_kind = {o.kind: o.dataset for o in objs}
+    tracking_uids = {
+        kind: {v for path, vr, v in _elements(ds) if path.endswith(("TrackingUID", "].UID"))}
+        for kind, ds in by_kind.items()
+        if kind in ("seg", "sr", "gsps")
+    }
+    assert tracking_uids["seg"] == {tracking}
+    assert tracking in tracking_uids["sr"] and tracking_uids["gsps"] == {tracking}
+    for obj in objs:
+        equipment = obj.dataset.ContributingEquipmentSequence
+        assert device in {item.get("DeviceUID") for item in equipment}, obj.filename
