@@ -9,12 +9,15 @@ empty) is a pure function of
 * the model bundle identity (name, version, Device UID), and
 * the object kind plus a local index (e.g. ``("sc", 3)``).
 
-The UID is ``2.25.<decimal integer of the first 128 bits of sha256>`` of those
-parts, the "UUID derived" root of PS3.5 B.2 (ISO/IEC 9834-8), which needs no
-registered organisation root and is at most 44 characters long (PS3.5 9.1
-limits UIDs to 64).  Re-running the same input through the same model therefore
-yields identical UIDs, so a retry never creates duplicates in the PACS, while a
-changed input set or new model weights (new Device UID) yields new ones.
+The UID is ``2.25.<decimal integer of a UUID>`` (the "UUID derived" root of
+PS3.5 B.2, ISO/IEC 9834-8), which needs no registered organisation root and
+is at most 44 characters long (PS3.5 9.1 limits UIDs to 64).  The UUID is the
+first 128 bits of the sha256 of those parts with the RFC 4122 variant and the
+version 8 ("custom", RFC 9562 5.8, whose example is exactly a SHA-256 name
+hash) bits set, so it is a well-formed UUID as B.2 requires.  Re-running the
+same input through the same model therefore yields identical UIDs, so a retry
+never creates duplicates in the PACS, while a changed input set or new model
+weights (new Device UID) yields new ones.
 """
 
 from __future__ import annotations
@@ -31,6 +34,19 @@ UID_ROOT = "2.25."
 
 #: Separator between hashed parts (a byte that never occurs in a UID or version).
 _SEP = b"\x1f"
+
+
+#: RFC 4122 / RFC 9562 field masks of a 128-bit UUID integer: version (bits
+#: 76-79) and variant (bits 62-63, ``0b10``).
+_VERSION_MASK = 0xF << 76
+_VERSION_8 = 0x8 << 76
+_VARIANT_MASK = 0b11 << 62
+_VARIANT_RFC4122 = 0b10 << 62
+
+
+def _as_uuid_v8(value: int) -> int:
+    """Set the version (8) and variant (RFC 4122) fields of a 128-bit integer."""
+    return (value & ~_VERSION_MASK & ~_VARIANT_MASK) | _VERSION_8 | _VARIANT_RFC4122
 
 
 def input_fingerprint(sop_instance_uids: Iterable[str]) -> str:
@@ -101,4 +117,4 @@ class UidFactory:
         for item in items:
             h.update(item.encode("utf-8"))
             h.update(_SEP)
-        return UID_ROOT + str(int.from_bytes(h.digest()[:16], "big"))
+        return UID_ROOT + str(_as_uuid_v8(int.from_bytes(h.digest()[:16], "big")))

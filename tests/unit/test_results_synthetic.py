@@ -742,3 +742,15 @@ def test_caller_chosen_uids_under_a_generator_root_are_kept_everywhere() -> None
     for obj in objs:
         equipment = obj.dataset.ContributingEquipmentSequence
         assert device in {item.get("DeviceUID") for item in equipment}, obj.filename
+
+
+def test_derived_uids_are_well_formed_uuids() -> None:
+    # PS3.5 B.2: a 2.25 UID is the integer of a UUID (ISO/IEC 9834-8); raw hash
+    # bits had arbitrary version/variant fields.
+    import uuid
+
+    factory = UidFactory("1.2.9", input_fingerprint(["1.2.3"]), MODEL)
+    for kind in ("sr.instance", "seg.series", "tracking", "sc.instance"):
+        value = int(factory.uid(kind, 1).removeprefix("2.25."))
+        u = uuid.UUID(int=value)
+        assert u.variant == uuid.RFC_4122 and (value >> 76) & 0xF == 8, kind
