@@ -148,17 +148,17 @@ def _parse_measurement_groups(sr: hd.sr.Comprehensive3DSR) -> None:
     content = sr.content
     if not isinstance(content, hd.sr.MeasurementReport):
         raise ValueError("the SR content is not a TID 1500 Measurement Report")
-    groups = [
-        *content.get_planar_roi_measurement_groups(),
-        *content.get_volumetric_roi_measurement_groups(),
-    ]
-    for group in groups:
-        if group.reference_type == REFERENCED_SEGMENT:
-            if group.referenced_segment is None:
+    for planar in content.get_planar_roi_measurement_groups():
+        if planar.roi is None and planar.referenced_segmentation_frame is None:
+            raise ValueError("a planar measurement group's region cannot be read")
+        planar.get_measurements()
+    for volumetric in content.get_volumetric_roi_measurement_groups():
+        if volumetric.reference_type == REFERENCED_SEGMENT:
+            if volumetric.referenced_segment is None:
                 raise ValueError("a measurement group's Referenced Segment cannot be read")
-        elif group.roi is None:
-            raise ValueError("a measurement group's region cannot be read")
-        group.get_measurements()
+        elif volumetric.roi is None:
+            raise ValueError("a volumetric measurement group's region cannot be read")
+        volumetric.get_measurements()
 
 
 def _has_code(seq: Iterable[Dataset], value: str, scheme: str) -> bool:
