@@ -100,6 +100,15 @@ def render_model_card(
         for e in excl
     ) or "none"
     real = metrics.get("real_nodule_probability")
+    lidc = training_data.get("lidc") or {}
+    lidc_txt = (
+        f"* Real annotated scans (`cad-train prepare lidc` output `{lidc.get('folder')}`): "
+        f"{lidc.get('cases')} scans, {lidc.get('nodules')} LUNA16 consensus nodules, "
+        f"{lidc.get('positive_patches')} positive and {lidc.get('negative_patches')} "
+        "negative patches.\n"
+        if lidc
+        else "* No real annotated nodules were used.\n"
+    )
     gen_sens = metrics.get("generator_sensitivity") or {}
     fpr = metrics.get("froc_fp_reduction") or {}
     fpr_rows = ", ".join(
@@ -134,7 +143,7 @@ This is a **small model trained on very little real data**:
 * Negatives: {training_data.get("negative_patches", "n/a")} patches of real structures of
   the same volumes (sources: {training_data.get("negative_sources", {})}; candidate
   generator: `{training_data.get("candidate_generator", "n/a")}`).
-* **Excluded** from positives and negatives: {excl_txt}. This is the real
+{lidc_txt}* **Excluded** from positives and negatives: {excl_txt}. This is the real
   LIDC-IDRI-0001 nodule, so the CT pipeline finding it is generalisation from
   synthetic nodules, not memorisation.
 
@@ -188,9 +197,11 @@ in other patients, scanners or protocols.
   it was measured with; it missed juxtapleural held-out nodules most often.
 * **A retrain on the full LIDC-IDRI** (1,018 CTs with 4-reader annotations,
   prepared by `cad-train prepare lidc`) **is the path to clinical-grade
-  accuracy**. This trainer version trains from insertions only; feeding the
-  prepared LIDC consensus nodules in as positives is the next step. This bundle
-  only makes the pipeline work end to end out of the box.
+  accuracy**: `data.lidc_prepared` in a training config mixes the prepared scans
+  in (consensus nodules as positives, the node's candidates and vessels of the
+  same scans as negatives, irrelevant findings as neither). The full set cannot
+  be downloaded here, so this bundle only makes the pipeline work end to end out
+  of the box.
 
 ## Intended use
 {DEFAULT_INTENDED_USE}

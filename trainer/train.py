@@ -125,6 +125,17 @@ class DataConfig(_Strict):
     heldout_nodules_per_round: int = Field(8, ge=1)
     #: Margin (mm) beyond a nodule's radius inside which no negative is taken.
     negative_margin_mm: float = Field(4.0, ge=0)
+    #: Optional real annotated data: the OUT folder of ``cad-train prepare lidc``.
+    #: Its LUNA16 consensus nodules become positives, the node's candidates and
+    #: dense structures of the same scans negatives (irrelevant findings are
+    #: neither).  Relative paths are resolved like ``ct``.
+    lidc_prepared: str | None = None
+    #: Case names to use from ``lidc_prepared`` (default: every prepared case).
+    lidc_cases: list[str] | None = None
+    #: Jittered copies of each real nodule.
+    lidc_positive_copies: int = Field(4, ge=1)
+    #: Negatives per real scan.
+    lidc_negatives_per_case: int = Field(150, ge=1)
 
 
 class InputConfig(_Strict):
@@ -349,9 +360,17 @@ def _dist_to(
     return np.linalg.norm(points[:, None, :] - centers[None, :, :], axis=2)
 
 
+@dataclass(frozen=True)
+class RealNodule:
+    """A reference nodule of a real annotated scan (LUNA16 consensus)."""
+
+    center_mm: tuple[float, float, float]
+    diameter_mm: float
+
+
 def label_points(
     points: npt.NDArray[np.float64],
-    nodules: Sequence[InsertedNodule],
+    nodules: Sequence[InsertedNodule | RealNodule],
     exclusions: Sequence[ExclusionZone],
     margin_mm: float,
     exclusion_margin_mm: float | None = None,
@@ -408,9 +427,15 @@ def _exclusions(cfg: TrainConfig) -> list[ExclusionZone]:
 
 
 def prepare_data(
-    cfg: TrainConfig, bg: LungBackground, progress: Progress | None = None
+    cfg: TrainConfig,
+    bg: LungBackground,
+    progress: Progress | None = None,
+    config_dir: Path | None = None,
 ) -> PatchSet:
-    """Insert nodules round by round and cut labelled training patches."""
+    """Insert nodules round by round and cut labelled training patches.
+
+    With ``data.lidc_prepared`` the real annotated scans are added too.
+    """
     rng = np.random.default_rng(cfg.seed)
     gen = _generator()
     excl = _exclusions(cfg)
@@ -489,7 +514,104 @@ def prepare_data(
         counts["negative_patches"] += len(neg_pts)
         if progress is not None and task is not None:
             progress.advance(task)
+    if d.lidc_prepared is not None:
+        lx, ly, lcounts = _lidc_patches(cfg, rng, config_dir, progress)
+        xs += lx
+        ys += ly
+        counts["lidc"] = lcounts
     return PatchSet(x=np.concatenate(xs), y=np.concatenate(ys), counts=counts)
+
+
+def _lidc_patches(
+    cfg: TrainConfig,
+    rng: np.random.Generator,
+    config_dir: Path | None,
+    progress: Progress | None,
+) -> tuple[list[npt.NDArray[np.float16]], list[npt.NDArray[np.float32]], dict[str, Any]]:
+    """Labelled patches from scans prepared by ``cad-train prepare lidc``."""
+    import csv
+
+    from trainer.prepare import load_lidc_case
+
+    d = cfg.data
+    spec = cfg.input
+    assert d.lidc_prepared is not None
+    root = resolve_ct_dir(d.lidc_prepared, config_dir)
+    index = root / "index.csv"
+    if not index.is_file():
+        raise FileNotFoundError(f"{index}: not a 'cad-train prepare lidc' output folder")
+    with index.open(encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or "case_id" not in rows[0]:
+        raise ValueError(f"{index}: no case_id column / no cases")
+    cases = d.lidc_cases or [r["case_id"] for r in rows]
+    gen = _generator()
+    xs: list[npt.NDArray[np.float16]] = []
+    ys: list[npt.NDArray[np.float32]] = []
+    counts: dict[str, Any] = {
+        "folder": d.lidc_prepared,
+        "cases": 0,
+        "nodules": 0,
+        "positive_patches": 0,
+        "negative_patches": 0,
+    }
+    task = progress.add_task("real LIDC cases", total=len(cases)) if progress else None
+    for case_id in cases:
+        case = load_lidc_case(root, case_id)
+        with np.load(root / "cases" / f"{case_id}.npz") as npz:
+            direction = (
+                tuple(float(v) for v in npz["direction"])
+                if "direction" in npz.files
+                else (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+            )
+        image = sitk.GetImageFromArray(case.volume_hu)
+        image.SetSpacing(tuple(float(v) for v in case.spacing_zyx[::-1]))
+        image.SetOrigin(case.origin_xyz)
+        image.SetDirection(direction)
+        bg = LungBackground.from_image(image, lung_mask_of(image))
+        nodules = [
+            RealNodule(tuple(float(v) for v in n["center_mm"]), float(n["diameter_mm"]))
+            for n in case.nodules
+        ]
+        irrelevant = [
+            ExclusionZone(
+                tuple(float(v) for v in f["center_mm"]),
+                max(float(f.get("diameter_mm") or 0.0) / 2, 5.0),
+            )
+            for f in case.irrelevant
+            if f.get("center_mm") is not None
+        ]
+        centers = np.asarray([n.center_mm for n in nodules], dtype=np.float64).reshape(-1, 3)
+        radii = np.asarray([n.diameter_mm / 2 for n in nodules], dtype=np.float64)
+        pos = [
+            _jittered(centers, radii, d.positive_jitter_mm, rng)
+            for _ in range(d.lidc_positive_copies)
+        ]
+        negs: list[npt.NDArray[np.float64]] = []
+        if gen is not None:
+            cand = gen(image, bg.lung)
+            lab = label_points(cand, nodules, irrelevant, d.negative_margin_mm)
+            pos.append(cand[lab == 1])
+            negs.append(cand[lab == 0][: d.lidc_negatives_per_case // 2])
+        dense = dense_structure_points(bg, bg.hu, 2 * d.lidc_negatives_per_case, rng)
+        dense = dense[label_points(dense, nodules, irrelevant, d.negative_margin_mm) == 0]
+        room = d.lidc_negatives_per_case - sum(len(n) for n in negs)
+        negs.append(dense[: max(room, 0)])
+        pos_pts = np.concatenate(pos)
+        neg_pts = np.concatenate(negs)
+        pts = np.concatenate([pos_pts, neg_pts])
+        patches = extract_patches_array(bg.hu, bg.geometry, pts, spec.patch_size, spec.spacing_mm)
+        xs.append(normalize_hu(patches, spec.hu_window).astype(np.float16))
+        ys.append(
+            np.concatenate([np.ones(len(pos_pts)), np.zeros(len(neg_pts))]).astype(np.float32)
+        )
+        counts["cases"] += 1
+        counts["nodules"] += len(nodules)
+        counts["positive_patches"] += len(pos_pts)
+        counts["negative_patches"] += len(neg_pts)
+        if progress is not None and task is not None:
+            progress.advance(task)
+    return xs, ys, counts
 
 
 # --------------------------------------------------------------------------- training
@@ -614,7 +736,7 @@ def train(
         bg: LungBackground | None = None
         if is_main and not (cache.is_file() and counts_file.is_file()):
             bg = _background(cfg, config_dir, progress)
-            data = prepare_data(cfg, bg, progress)
+            data = prepare_data(cfg, bg, progress, config_dir)
             np.savez(cache, x=data.x, y=data.y)
             counts_file.write_text(json.dumps(data.counts, indent=2), encoding="utf-8")
         if world > 1:

@@ -154,3 +154,37 @@ def test_ddp_two_cpu_processes_with_gloo(trained: Path, tmp_path: Path) -> None:
     losses = [h["loss"] for h in ck["history"]]
     assert len(losses) == load_train_config(CI_CONFIG).optim.epochs
     assert losses[-1] < losses[0]
+
+
+def test_training_mixes_in_prepared_lidc_cases(lidc_dir: Path, tmp_path: Path) -> None:
+    """Real annotated data path: `cad-train prepare lidc` output as extra training data."""
+    from trainer.prepare import prepare_lidc
+
+    prepared = tmp_path / "lidc"
+    results = prepare_lidc(lidc_dir.parent.parent.parent, prepared, progress=False)
+    assert [r.status for r in results] == ["done"]
+    cfg = load_train_config(CI_CONFIG)
+    mixed = cfg.model_copy(
+        update={
+            "data": cfg.data.model_copy(
+                update={"train_rounds": 1, "nodules_per_round": 4, "negatives_per_round": 20,
+                        "lidc_prepared": str(prepared), "lidc_positive_copies": 3,
+                        "lidc_negatives_per_case": 30}
+            ),
+            "optim": cfg.optim.model_copy(update={"epochs": 1}),
+        }
+    )
+    run = tmp_path / "run"
+    final = train(mixed, run, device="cpu", evaluate_heldout=False)
+    ck = torch.load(final, weights_only=True)
+    lidc = ck["training_data"]["lidc"]
+    # LIDC-IDRI-0001 has one consensus nodule (>= 3 of 4 readers, >= 3 mm).
+    assert lidc["cases"] == 1 and lidc["nodules"] == 1
+    assert lidc["positive_patches"] >= 3
+    assert 0 < lidc["negative_patches"] <= 30
+    counts = json.loads((run / "data_counts.json").read_text())
+    with np.load(run / "data.npz") as npz:
+        y = npz["y"]
+    assert y.sum() == counts["positive_patches"] + lidc["positive_patches"]
+    card = (run / "MODEL_CARD.md").read_text()
+    assert "Real annotated scans" in card and "1 scans, 1 LUNA16 consensus nodules" in card
