@@ -30,6 +30,19 @@ checkpoints every epoch (``last.pt``) and ``--resume``, mixed precision on CUDA
 only, MONAI augmentations (flips, 90-degree rotations, intensity jitter) and
 DDP when launched by ``torchrun`` (``WORLD_SIZE > 1``: ``gloo`` on CPU,
 ``nccl`` on GPU; rank 0 builds the data cache and writes checkpoints).
+
+Usage::
+
+    cad-train train ct-nodule-scorer trainer/configs/ct-nodule-scorer.yaml --out runs/scorer
+    cad-train train ct-nodule-scorer CONFIG --out runs/scorer --resume     # after an interruption
+    cad-train train ct-nodule-scorer CONFIG --out runs/scorer --evaluate-only
+    torchrun --nproc-per-node=4 "$(which cad-train)" train ct-nodule-scorer CONFIG --out runs/ddp
+    cad-train export runs/scorer/final.pt --models-dir models
+
+Each DDP process sees a disjoint shard of every epoch's permutation; the
+per-process batch size is ``optim.batch_size`` (the effective batch is
+``world_size`` times larger).  The tests exercise this path with two CPU
+processes and ``gloo``.
 """
 
 from __future__ import annotations
