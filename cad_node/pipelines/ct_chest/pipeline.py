@@ -231,7 +231,10 @@ class CtChestPipeline:
             return None
         from cad_node.models.scorer import CandidateScorer  # imports torch: only when needed
 
-        return CandidateScorer(bundle, device=device)
+        # One intra-op thread on CPU: scoring ~300 patches takes ~0.3 s on one
+        # thread, while two threads competing with the SCP and the other stages
+        # on a 2-core host measured 5-10x slower (docs/benchmarks.md, Training).
+        return CandidateScorer(bundle, device=device, threads=1 if device == "cpu" else None)
 
     def run_detailed(
         self,
