@@ -163,6 +163,11 @@ class PeerConfig(_Strict):
         return _validate_host(v)
 
 
+def _default_objects() -> list[ObjectKind]:
+    """Default output profile: SR + SEG + SC."""
+    return ["sr", "seg", "sc"]
+
+
 class DestinationConfig(_Strict):
     """A C-STORE SCP that receives results, with its output profile."""
 
@@ -171,7 +176,7 @@ class DestinationConfig(_Strict):
     host: str
     port: int = Field(ge=1, le=65535)
     #: Result object kinds this destination receives (output profile).
-    objects: list[ObjectKind] = Field(default_factory=lambda: ["sr", "seg", "sc"], min_length=1)
+    objects: list[ObjectKind] = Field(default_factory=_default_objects, min_length=1)
     #: Association/DIMSE timeout towards this destination, seconds.
     timeout_s: float = Field(30.0, gt=0, le=3600)
 
