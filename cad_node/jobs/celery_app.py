@@ -25,7 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from celery import Celery
-from kombu.entity import Queue
+from kombu.entity import Exchange, Queue
 
 from cad_node.config import Settings
 
@@ -62,6 +62,11 @@ def broker_url_for(settings: Settings) -> str:
     path = (Path(settings.node.storage_dir) / BROKER_FILENAME).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqla+sqlite:///{path}"
+
+
+def _queue(name: str) -> Queue:
+    """A durable queue bound to its own direct exchange with routing key ``name``."""
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)  # type: ignore[no-untyped-call]
 
 
 def configure_app(settings: Settings) -> Celery:
@@ -105,7 +110,10 @@ def configure_app(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         task_soft_time_limit=jobs.soft_time_limit_s,
         task_time_limit=jobs.hard_time_limit_s,
-        task_queues=(Queue(QUEUE_INFERENCE), Queue(QUEUE_IO)),  # type: ignore[no-untyped-call]
+        # Each queue has its own direct exchange and routing key, so where a
+        # task lands never depends on Celery's default-exchange rules (GPU
+        # workers listen on ``inference`` alone; tested on both brokers).
+        task_queues=(_queue(QUEUE_INFERENCE), _queue(QUEUE_IO)),
         task_default_queue=QUEUE_IO,
         task_routes={TASK_ANALYSE: {"queue": QUEUE_INFERENCE}, TASK_SEND: {"queue": QUEUE_IO}},
         worker_hijack_root_logger=False,

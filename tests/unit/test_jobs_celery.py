@@ -229,3 +229,66 @@ def test_reconfiguring_publishes_to_the_new_broker(tmp_path: Path) -> None:
     for name in ("a", "b"):
         with sqlite3.connect(tmp_path / name / "broker.sqlite") as db:
             assert db.execute("SELECT COUNT(*) FROM kombu_message").fetchone()[0] == 1
+
+
+def test_tasks_land_in_their_own_queues(tmp_path: Path) -> None:
+    """analyse -> ``inference`` and send -> ``io``, in the real embedded broker.
+
+    GPU hosts run ``cad-node worker --queues inference``; a task routed by a
+    default exchange into ``io`` would never reach them.
+    """
+    import sqlite3
+
+    from cad_node.jobs.tasks import publish_send
+
+    cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "var", 4242))
+    configure_app(cfg)
+    store = JobStore.for_storage(cfg.node.storage_dir)
+    job, _ = store.record_study_complete(
+        study_id="1", study_instance_uid="1.2.826.0.1.3680043.8.498.4", generation=1,
+        fingerprint="q", instances=[{"series_instance_uid": "1.2", "sop_instance_uid": "1.3",
+                                     "path": "/x", "received_at": 0.0}])
+    publish_analyse(store, job.job_id)
+    store.transition(job.job_id, JobState.RUNNING)  # as a worker would, before send
+    publish_send(store, job.job_id)
+    with sqlite3.connect(tmp_path / "var" / "broker.sqlite") as db:
+        rows = db.execute(
+            "SELECT q.name, m.payload FROM kombu_message m JOIN kombu_queue q ON m.queue_id = q.id"
+        ).fetchall()
+    by_queue: dict[str, list[str]] = {}
+    for queue, payload in rows:
+        task = TASK_ANALYSE if TASK_ANALYSE in payload else TASK_SEND
+        by_queue.setdefault(queue, []).append(task)
+    assert by_queue == {QUEUE_INFERENCE: [TASK_ANALYSE], QUEUE_IO: [TASK_SEND]}
+
+
+def test_tasks_land_in_their_own_queues_on_redis(tmp_path: Path) -> None:
+    """The same on a real redis-server (scale-out mode): one message per list."""
+    import redis
+
+    from cad_node.jobs.tasks import publish_send
+    from tests.system.conftest import RedisServer
+
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "var", 4242,
+                                       broker_url=server.url))
+        configure_app(cfg)
+        store = JobStore.for_storage(cfg.node.storage_dir)
+        job, _ = store.record_study_complete(
+            study_id="1", study_instance_uid="1.2.826.0.1.3680043.8.498.5", generation=1,
+            fingerprint="r", instances=[{"series_instance_uid": "1.2",
+                                         "sop_instance_uid": "1.3", "path": "/x",
+                                         "received_at": 0.0}])
+        publish_analyse(store, job.job_id)
+        store.transition(job.job_id, JobState.RUNNING)
+        publish_send(store, job.job_id)
+        client = redis.Redis(host="127.0.0.1", port=server.port)
+        inference = [m.decode() for m in client.lrange(QUEUE_INFERENCE, 0, -1)]
+        io = [m.decode() for m in client.lrange(QUEUE_IO, 0, -1)]
+        assert len(inference) == 1 and TASK_ANALYSE in inference[0]
+        assert len(io) == 1 and TASK_SEND in io[0]
+    finally:
+        configure_app(load_config(write_config(tmp_path / "d.yaml", tmp_path / "d", 4242)))
+        server.stop()
