@@ -17,7 +17,8 @@ prints where the time goes for one association.
 
 Usage::
 
-    .venv/bin/python bench/ingest.py [--rounds 3] [--series DIR] [--profile]
+    .venv/bin/python bench/ingest.py [--rounds 3] [--associations 1,4] [--series DIR]
+                                     [--profile [--profile-storage /dev/shm]]
 """
 
 from __future__ import annotations
@@ -212,7 +213,14 @@ def durable_ceiling(files: list[str], workdir: Path) -> float:
     return len(blobs) / (time.perf_counter() - start)
 
 
-def run(series: Path, rounds: int) -> dict[tuple[str, int], list[float]]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by process ``pid`` (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run(series: Path, rounds: int, associations: tuple[int, ...] = (1, 4)
+        ) -> dict[tuple[str, int], list[float]]:
     files = sorted(str(p) for p in series.glob("*.dcm"))
     for f in files:  # page cache
         Path(f).read_bytes()
@@ -226,37 +234,49 @@ def run(series: Path, rounds: int) -> dict[tuple[str, int], list[float]]:
         rates.setdefault(("fsync-ceiling", 1), []).append(rate)
         print(f"round {rnd + 1}: bare write+fsync+rename+fsync(dir): {rate:7.1f} files/s",
               flush=True)
-        for parallel in (1, 4):
+        for parallel in associations:
             for cls in peers:
                 with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
                     peer = cls(Path(tmp))
                     peer.start()
                     try:
+                        assert peer.proc is not None
+                        cpu0 = cpu_seconds(peer.proc.pid)
                         seconds = send(peer.port, peer.aec, files, parallel)
+                        cpu = cpu_seconds(peer.proc.pid) - cpu0
                     finally:
                         peer.stop()
                 rate = len(files) / seconds
                 rates.setdefault((cls.name, parallel), []).append(rate)
-                print(f"round {rnd + 1}: {cls.name:9s} x{parallel}: {rate:7.1f} instances/s",
+                rates.setdefault((cls.name + " cpu-ms", parallel), []).append(
+                    1000 * cpu / len(files))
+                print(f"round {rnd + 1}: {cls.name:14s} x{parallel}: {rate:7.1f} instances/s, "
+                      f"{1000 * cpu / len(files):5.2f} ms CPU per instance in the SCP process",
                       flush=True)
     return rates
 
 
-def report(rates: dict[tuple[str, int], list[float]], n_files: int) -> str:
+def report(rates: dict[tuple[str, int], list[float]], n_files: int,
+           associations: tuple[int, ...] = (1, 4)) -> str:
     med = {k: statistics.median(v) for k, v in rates.items()}
     lines = [f"{n_files} CT instances (512x512), median of {len(next(iter(rates.values())))} "
              "rounds, instances/s:", "",
              "| associations | cad-node | dcmtk storescp | Orthanc "
              "| node/storescp | node/Orthanc |",
              "|---|---|---|---|---|---|"]
-    for parallel in (1, 4):
+    for parallel in associations:
         node, scp, orth = (med[(n, parallel)] for n in ("cad-node", "storescp", "orthanc"))
         lines.append(f"| {parallel} | {node:.0f} | {scp:.0f} | {orth:.0f} | "
                      f"{node / scp:.2f} | {node / orth:.1f} |")
-    if ("cad-node-tmpfs", 1) in med:
+    if ("cad-node-tmpfs", associations[0]) in med:
         lines += ["", "cad-node with its storage on tmpfs (fsync free; the SCP's own ceiling): "
                   + ", ".join(f"{med[('cad-node-tmpfs', p)]:.0f} instances/s over {p}"
-                              for p in (1, 4)) + "."]
+                              for p in associations) + "."]
+    lines += ["", "CPU per instance in the SCP process (ms, user+system, /proc/PID/stat): "
+              + "; ".join(f"{name} x{p}: {med[(name + ' cpu-ms', p)]:.2f}"
+                          for p in associations
+                          for name in ("cad-node", "cad-node-tmpfs", "storescp", "orthanc")
+                          if (name + " cpu-ms", p) in med) + "."]
     ceiling = med[("fsync-ceiling", 1)]
     lines += ["", f"Bare durable write (write, fsync, rename, fsync dir; no network) on the same "
               f"filesystem: {ceiling:.0f} files/s; cad-node over 1 association reaches "
@@ -307,6 +327,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--series", type=Path, default=None, help="folder of a CT series")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="profile cad-node instead")
+    parser.add_argument("--associations", default="1,4",
+                        help="comma-separated numbers of parallel associations (default 1,4)")
     parser.add_argument("--profile-storage", default=None,
                         help="spool location for --profile (e.g. /dev/shm: no fsync cost)")
     args = parser.parse_args(argv)
@@ -317,9 +339,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.profile:
         profile(series, args.profile_storage)
         return
-    rates = run(series, args.rounds)
+    associations = tuple(int(n) for n in args.associations.split(","))
+    rates = run(series, args.rounds, associations)
     print()
-    print(report(rates, len(list(series.glob("*.dcm")))))
+    print(report(rates, len(list(series.glob("*.dcm"))), associations))
+    print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"\nOrthanc: {subprocess.run([ORTHANC, '--version'], capture_output=True, text=True).stdout.splitlines()[0]}")  # noqa: E501
     shutil.rmtree(REPO / "bench" / "__pycache__", ignore_errors=True)
 
