@@ -410,3 +410,42 @@ def test_fast_c_store_rsp_encoding_matches_pynetdicom(status: int, sop_instance:
     expected = pdata.presentation_data_value_list[0][1]
     assert b"\x03" + encode_c_store_rsp(
         "1.2.840.10008.5.1.4.1.1.2", sop_instance, 517, status) == expected
+
+
+@pytest.mark.parametrize("sop_instance", ["1.2.3.4", "1.2.3.45", "1.2.3.4.5.6.7.8.9"])
+def test_c_store_rq_decoded_without_pydicom(sop_instance: str) -> None:
+    """The fast C-STORE-RQ decoder reads what pynetdicom's encoder writes."""
+    from io import BytesIO
+
+    from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+
+    from cad_node.scp.server import decode_c_store_rq
+
+    req = C_STORE()
+    req.MessageID = 4321
+    req.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    req.AffectedSOPInstanceUID = sop_instance
+    req.Priority = 2
+    req.MoveOriginatorApplicationEntityTitle = "MOVER"
+    req.MoveOriginatorMessageID = 7
+    req.DataSet = BytesIO(b"\x08\x00\x18\x00\x02\x00\x00\x001\x00")  # a data set follows
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    command = msg.encode_msg(1, 131072)
+    pdv = next(command).presentation_data_value_list[0][1]
+    assert pdv[0] == 0x03  # command, last fragment
+    decoded = decode_c_store_rq(pdv[1:])
+    assert decoded is not None
+    assert decoded.message_id == 4321
+    assert decoded.sop_class_uid.rstrip("\x00") == "1.2.840.10008.5.1.4.1.1.2"
+    assert decoded.sop_instance_uid.rstrip("\x00") == sop_instance
+    # a truncated command and any other command go to pynetdicom
+    assert decode_c_store_rq(pdv[1:-3]) is None
+    echo = C_ECHO()
+    echo.MessageID = 1
+    echo.AffectedSOPClassUID = "1.2.840.10008.1.1"
+    echo_msg = C_ECHO_RQ()
+    echo_msg.primitive_to_message(echo)
+    echo_pdv = next(echo_msg.encode_msg(1, 131072)).presentation_data_value_list[0][1]
+    assert decode_c_store_rq(echo_pdv[1:]) is None
