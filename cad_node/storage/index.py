@@ -17,6 +17,12 @@ Contract
   through ``SpoolIndex(path, readonly=True)``.
 * A row in ``instance`` exists only for a file that was fsynced, renamed and
   whose directory was fsynced.  Files are immutable once indexed.
+* ``instance.sha256`` is the hex SHA-256 of the file, or :data:`SHA256_PENDING`
+  (empty) when the spool has not hashed it yet: hashing is off the C-STORE
+  critical path.  Readers that need it (:meth:`SpoolIndex.instance_hashes`,
+  :meth:`SpoolIndex.file_sha256`) hash the immutable file on demand, and a
+  writable index records the result; a crash leaves pending rows pending,
+  which changes nothing since the file, not the row, is the truth.
 * ``study.revision`` counts the new (non-duplicate) instances of a study,
   except the node's own result objects echoed back by a PACS (``own_result``);
   ``study.handed_revision`` is the revision included in the last hand-off.
@@ -25,6 +31,7 @@ Contract
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -36,6 +43,7 @@ from cad_node.storage.records import StoredInstance
 
 __all__ = [
     "SCHEMA_VERSION",
+    "SHA256_PENDING",
     "DuplicateInstanceError",
     "NewInstance",
     "SeriesState",
@@ -45,6 +53,10 @@ __all__ = [
 
 #: Version of the schema below, kept in ``PRAGMA user_version``.
 SCHEMA_VERSION = 2
+#: ``instance.sha256`` of a file not hashed yet (see the module docstring).
+SHA256_PENDING = ""
+#: Read size when hashing a stored file.
+_HASH_CHUNK = 1024**2
 #: How long a connection waits for a lock held by another one (ms).
 BUSY_TIMEOUT_MS = 30_000
 
@@ -355,12 +367,46 @@ class SpoolIndex:
         with self._lock:
             return list(self._db.execute(sql, args).fetchall())
 
-    def find_instance(self, sop_instance_uid: str) -> tuple[int, str] | None:
-        """Return ``(instance_id, sha256)`` of an indexed SOP Instance UID, or None."""
+    def find_instance(self, sop_instance_uid: str) -> int | None:
+        """Return the instance id of an indexed SOP Instance UID, or None."""
         rows = self._query(
-            "SELECT id, sha256 FROM instance WHERE sop_instance_uid = ?", (sop_instance_uid,)
+            "SELECT id FROM instance WHERE sop_instance_uid = ?", (sop_instance_uid,)
         )
-        return (int(rows[0][0]), str(rows[0][1])) if rows else None  # type: ignore[call-overload]
+        return int(rows[0][0]) if rows else None  # type: ignore[call-overload]
+
+    def _hash_file(self, relpath: str) -> str:
+        digest = hashlib.sha256()
+        with open(self.objects_dir / relpath, "rb") as f:
+            while chunk := f.read(_HASH_CHUNK):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    def _complete_hashes(self, pending: dict[int, str]) -> dict[int, str]:
+        """Hash the files of ``{instance_id: relpath}``; record them when writable."""
+        hashes = {instance_id: self._hash_file(relpath) for instance_id, relpath in pending.items()}
+        if hashes and not self.readonly:
+            with self._write() as db:
+                db.executemany(
+                    "UPDATE instance SET sha256 = ? WHERE id = ? AND sha256 = ?",
+                    [(sha, instance_id, SHA256_PENDING) for instance_id, sha in hashes.items()],
+                )
+        return hashes
+
+    def file_sha256(self, instance_id: int) -> str:
+        """Hex SHA-256 of an indexed instance's file (hashed now if still pending).
+
+        Raises
+        ------
+        KeyError
+            ``instance_id`` is not indexed.
+        """
+        rows = self._query("SELECT sha256, relpath FROM instance WHERE id = ?", (instance_id,))
+        if not rows:
+            raise KeyError(instance_id)
+        sha, relpath = str(rows[0][0]), str(rows[0][1])
+        if sha != SHA256_PENDING:
+            return sha
+        return self._complete_hashes({instance_id: relpath})[instance_id]
 
     def max_instance_id(self) -> int:
         """Largest instance id in the index (0 when empty)."""
@@ -416,13 +462,23 @@ class SpoolIndex:
         return [self._to_instance(r) for r in rows]
 
     def instance_hashes(self, study_id: int) -> list[tuple[StoredInstance, str, bool]]:
-        """``(instance, file sha256, own result)`` for every instance of a study (by node id)."""
+        """``(instance, file sha256, own result)`` for every instance of a study (by node id).
+
+        Files whose hash is still pending are hashed now (and the hashes
+        recorded when the index is writable).
+        """
         rows = self._query(
-            f"SELECT {_INSTANCE_COLUMNS}, i.sha256, i.own_result {_INSTANCE_FROM} "
+            f"SELECT {_INSTANCE_COLUMNS}, i.sha256, i.own_result, i.relpath {_INSTANCE_FROM} "
             "WHERE i.study_pk = ? ORDER BY i.series_pk, i.id",
             (study_id,),
         )
-        return [(self._to_instance(r), str(r[9]), bool(r[10])) for r in rows]
+        hashes = self._complete_hashes({
+            int(r[0]): str(r[11]) for r in rows if r[9] == SHA256_PENDING  # type: ignore[call-overload]
+        })
+        return [
+            (self._to_instance(r), hashes.get(int(r[0]), str(r[9])), bool(r[10]))  # type: ignore[call-overload]
+            for r in rows
+        ]
 
     def _to_study(self, row: tuple[object, ...]) -> StudyState:
         return StudyState(

@@ -17,7 +17,8 @@ Order of operations in :meth:`Spool.store` (the durability contract)
    and Instance UIDs must equal the command's.  Nothing is written on failure.
 2. Duplicate check: an already indexed SOP Instance UID is *not* written
    again.  Policy: keep the first copy, answer Success, log it (a warning when
-   the bytes differ).  Duplicates never reopen a study.
+   the bytes differ, comparing SHA-256 of the file the duplicate would have
+   been and of the stored first copy).  Duplicates never reopen a study.
 3. Free-space check: if storing would leave less than ``min_free_bytes`` free
    on the spool filesystem, refuse (-> 0xA700).  Stored data is never deleted
    to make room.
@@ -25,7 +26,11 @@ Order of operations in :meth:`Spool.store` (the durability contract)
    decoded) to ``.<id>.tmp`` in the final directory (same filesystem),
    ``fsync`` it, ``rename`` it to ``<id>.dcm``, ``fsync`` the directory.
 5. Insert the index row (one SQLite transaction in WAL mode): committed and
-   visible to every reader before Success.
+   visible to every reader before Success.  The row's SHA-256 is left
+   pending: nothing before Success needs it, and the stored file is
+   immutable, so :class:`~cad_node.storage.index.SpoolIndex` hashes it when
+   a reader first asks (the study fingerprint at completion, a duplicate's
+   comparison), also after a crash.
 6. Only then does :meth:`store` return; the caller answers Success.
 
 Why the index commit is not fsynced (``synchronous=NORMAL``)
@@ -59,7 +64,12 @@ from enum import Enum
 from pathlib import Path
 
 from cad_node import __version__ as _node_version
-from cad_node.storage.index import DuplicateInstanceError, NewInstance, SpoolIndex
+from cad_node.storage.index import (
+    SHA256_PENDING,
+    DuplicateInstanceError,
+    NewInstance,
+    SpoolIndex,
+)
 from cad_node.storage.parse import DatasetHeader, inspect_dataset, split_part10
 from cad_node.uids import validate_uid
 
@@ -425,16 +435,12 @@ class Spool:
                 f"command's {sop_instance_uid}",
                 sop_class=False,
             )
-        digest = hashlib.sha256()
         meta = encode_file_meta(sop_class_uid, sop_instance_uid, transfer_syntax_uid)
-        digest.update(meta)
-        digest.update(dataset)
-        sha = digest.hexdigest()
         size = len(meta) + len(dataset)
 
         existing = self.index.find_instance(sop_instance_uid)
         if existing is not None:
-            return self._duplicate(existing, sha, header, size, calling_ae)
+            return self._duplicate(existing, meta, dataset, header, size, calling_ae)
 
         self.check_free_space(size)
         instance_id = self._allocate()
@@ -474,7 +480,7 @@ class Spool:
                     modality=header.modality,
                     relpath=str(final.relative_to(self.objects_dir)),
                     size=size,
-                    sha256=sha,
+                    sha256=SHA256_PENDING,
                     received_at=time.time(),
                     calling_ae=calling_ae,
                     peer_host=peer_host,
@@ -488,7 +494,7 @@ class Spool:
             existing = self.index.find_instance(sop_instance_uid)
             if existing is None:  # pragma: no cover - UNIQUE violation implies a row
                 raise
-            return self._duplicate(existing, sha, header, size, calling_ae)
+            return self._duplicate(existing, meta, dataset, header, size, calling_ae)
         except BaseException:
             final.unlink(missing_ok=True)
             raise
@@ -500,14 +506,16 @@ class Spool:
 
     def _duplicate(
         self,
-        existing: tuple[int, str],
-        sha: str,
+        instance_id: int,
+        meta: bytes,
+        dataset: bytes,
         header: DatasetHeader,
         size: int,
         calling_ae: str | None,
     ) -> StoreResult:
-        instance_id, first_sha = existing
-        if first_sha == sha:
+        digest = hashlib.sha256(meta)
+        digest.update(dataset)
+        if self.index.file_sha256(instance_id) == digest.hexdigest():
             log.info(
                 "duplicate instance sop=%s study=%s from %s: identical to instance %d, kept first",
                 header.sop_instance_uid, header.study_instance_uid, calling_ae, instance_id,

@@ -216,3 +216,54 @@ def test_lock_recovery_and_reader_in_another_process(tmp_path: Path, lidc_dir: P
         new = store(sp, sorted(lidc_dir.glob("*.dcm"))[3])
         assert new.instance_id == 8  # ids never reused
     assert os.listdir(tmp_path / "spool") != []
+
+
+def test_file_hash_is_off_the_store_path_and_correct_after_reopen(tmp_path: Path) -> None:
+    """SHA-256 is not computed before Success; readers get the file's true hash."""
+    import sqlite3
+
+    from cad_node.storage.index import SHA256_PENDING
+
+    paths = [require_data("pydicom-test-files", name) for name in ("CT_small.dcm", "MR_small.dcm")]
+    with Spool.open(tmp_path) as sp:
+        for p in paths:
+            store(sp, p)
+    # the process is gone (as after kill -9 right after Success): rows still pending
+    db = sqlite3.connect(Spool.index_path(tmp_path))
+    assert {r[0] for r in db.execute("SELECT sha256 FROM instance")} == {SHA256_PENDING}
+    ro = Spool.open_index_readonly(tmp_path)
+    try:
+        for study in ro.studies():
+            for inst, sha, _own in ro.instance_hashes(study.study_id):
+                assert sha == hashlib.sha256(inst.path.read_bytes()).hexdigest()
+    finally:
+        ro.close()
+    assert {r[0] for r in db.execute("SELECT sha256 FROM instance")} == {SHA256_PENDING}
+    with Spool.open(tmp_path) as sp:
+        for study in sp.index.studies():
+            for inst, sha, _own in sp.index.instance_hashes(study.study_id):
+                assert sha == hashlib.sha256(inst.path.read_bytes()).hexdigest()
+    recorded = dict(db.execute("SELECT relpath, sha256 FROM instance"))
+    db.close()
+    objects = tmp_path.resolve() / "spool" / "objects"
+    assert recorded == {
+        rel: hashlib.sha256((objects / rel).read_bytes()).hexdigest() for rel in recorded
+    }
+
+
+def test_duplicate_log_compares_file_hashes(
+    spool: Spool, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = require_data("pydicom-test-files", "CT_small.dcm")
+    store(spool, path)
+    with caplog.at_level("INFO", logger="cad_node.storage.spool"):
+        store(spool, path)
+    assert "identical to instance" in caplog.text and "DIFFERENT" not in caplog.text
+    caplog.clear()
+    ds = dcmread(path)
+    ds.PatientName = "Someone^Else"
+    other = tmp_path / "other.dcm"
+    ds.save_as(other)
+    with caplog.at_level("INFO", logger="cad_node.storage.spool"):
+        store(spool, other)
+    assert "DIFFERENT bytes" in caplog.text
