@@ -31,6 +31,8 @@ __all__ = [
 UID_MAX_LENGTH = 64
 
 _COMPONENT = re.compile(r"0|[1-9][0-9]*")
+#: A whole valid UID (PS3.5 9.1) apart from the length limit; ASCII digits only.
+_UID = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
 
 
 class InvalidUIDError(ValueError):
@@ -122,6 +124,8 @@ def validate_uid(value: str, what: str = "UID") -> str:
     if not isinstance(value, str):
         raise TypeError(f"{what} must be a str, not {type(value).__name__}")
     normalized = normalize_uid(value)
+    if len(normalized) <= UID_MAX_LENGTH and _UID.fullmatch(normalized):
+        return normalized  # the common case: one regex match instead of a walk
     problem = uid_problem(normalized)
     if problem is not None:
         shown = normalized if len(normalized) <= 80 else normalized[:77] + "..."

@@ -126,6 +126,8 @@ class _Walker:
         self.prefix = "<" if little else ">"
         self.tag_len = struct.Struct(self.prefix + "HHI")
         self.tag_vr = struct.Struct(self.prefix + "HH2s")
+        #: explicit VR header with a 16-bit length (PS3.5 Table 7.1-2)
+        self.tag_vr_len = struct.Struct(self.prefix + "HH2sH")
         self.u16 = struct.Struct(self.prefix + "H")
         self.u32 = struct.Struct(self.prefix + "I")
         self.values: dict[int, bytes] = {}
@@ -136,27 +138,35 @@ class _Walker:
     def dataset(self, pos: int, end: int, depth: int, in_item: bool, explicit: bool) -> int:
         """Parse elements from ``pos``; return the position after the data set."""
         buf = self.buf
+        # bound methods and constants as locals: this loop runs once per element
+        tag_len = self.tag_len.unpack_from
+        tag_vr_len = self.tag_vr_len.unpack_from
+        u32 = self.u32.unpack_from
+        long_vrs, short_vrs, wanted = _LONG_VRS, _SHORT_VRS, _WANTED
+        top = depth == 0
+        values = self.values
         while pos < end:
             if pos + 8 > end:
                 raise self._fail(pos, "truncated data element header")
-            group, elem, length = self.tag_len.unpack_from(buf, pos)
-            tag = (group << 16) | elem
-            if tag == _ITEM_DELIMITER:
-                if not in_item:
-                    raise self._fail(pos, "item delimiter outside an item")
-                return pos + 8
-            if group == 0xFFFE:
-                raise self._fail(pos, f"unexpected delimiter tag ({group:04X},{elem:04X})")
-            vr = b""
             if explicit:
-                vr = self.tag_vr.unpack_from(buf, pos)[2]
-                if vr in _LONG_VRS:
+                group, elem, vr, length = tag_vr_len(buf, pos)
+            else:
+                group, elem, length = tag_len(buf, pos)
+                vr = b""
+            tag = (group << 16) | elem
+            if group == 0xFFFE:
+                if tag == _ITEM_DELIMITER:
+                    if not in_item:
+                        raise self._fail(pos, "item delimiter outside an item")
+                    return pos + 8
+                raise self._fail(pos, f"unexpected delimiter tag ({group:04X},{elem:04X})")
+            if explicit:
+                if vr in long_vrs:
                     if pos + 12 > end:
                         raise self._fail(pos, "truncated data element header")
-                    length = self.u32.unpack_from(buf, pos + 8)[0]
+                    length = u32(buf, pos + 8)[0]
                     pos += 12
-                elif vr in _SHORT_VRS:
-                    length = self.u16.unpack_from(buf, pos + 6)[0]
+                elif vr in short_vrs:
                     pos += 8
                 else:
                     raise self._fail(pos, f"invalid VR {vr!r} for ({group:04X},{elem:04X})")
@@ -169,13 +179,13 @@ class _Walker:
                     raise self._fail(pos, "sequences nested too deeply")
                 # UN of undefined length is encoded as Implicit VR LE (PS3.5 6.2.2).
                 nested_explicit = explicit and vr != b"UN"
-                encapsulated = tag == _PIXEL_DATA and depth == 0
+                encapsulated = tag == _PIXEL_DATA and top
                 pos = self.sequence(pos, end, depth + 1, nested_explicit, encapsulated)
             else:
                 if pos + length > end:
                     raise self._fail(pos, f"value of ({group:04X},{elem:04X}) is truncated")
-                if depth == 0 and tag in _WANTED:
-                    self.values[tag] = buf[pos : pos + length]
+                if top and tag in wanted:
+                    values[tag] = buf[pos : pos + length]
                 pos += length
         if in_item:
             raise self._fail(pos, "item without item delimiter")

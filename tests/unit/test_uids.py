@@ -9,6 +9,7 @@ from cad_node.uids import (
     InvalidUIDError,
     is_valid_uid,
     normalize_uid,
+    uid_problem,
     validate_uid,
 )
 
@@ -65,3 +66,19 @@ def test_message_names_the_attribute_and_type_is_checked() -> None:
     with pytest.raises(TypeError):
         validate_uid(123, "x")  # type: ignore[arg-type]
     assert UID_MAX_LENGTH == 64
+
+
+@pytest.mark.parametrize(
+    ("value", "valid"),
+    [("1.2.3", True), ("0.1", True), ("1.20.0", True), ("1.02", False), ("1..2", False),
+     (".1", False), ("1.", False), ("1.2\n", False), ("\u0661.\u0662", False), ("1.2 3", False),
+     ("1." + "2" * 62, True), ("1." + "2" * 63, False), ("", False)],
+)
+def test_fast_path_agrees_with_the_rules(value: str, valid: bool) -> None:
+    """validate_uid's one-regex fast path accepts exactly what uid_problem accepts."""
+    assert (uid_problem(value) is None) is valid
+    if valid:
+        assert validate_uid(value + "\x00") == value
+    else:
+        with pytest.raises(InvalidUIDError):
+            validate_uid(value)
