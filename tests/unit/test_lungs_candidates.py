@@ -9,6 +9,7 @@ import SimpleITK as sitk  # noqa: N813
 from cad_node.pipelines.ct_chest.candidates import (
     LUNG_DILATION_MM,
     MAX_CANDIDATES,
+    PLEURA_QUOTA_FRACTION,
     generate_candidates,
 )
 from cad_node.pipelines.ct_chest.lungs import LungSegmentationError, segment_lungs
@@ -82,6 +83,30 @@ def test_candidates_find_every_nodule(phantom) -> None:
     assert np.allclose(img.TransformIndexToPhysicalPoint(tuple(int(v) for v in
                                                                c.center_index[::-1])),
                        c.center_mm)
+
+
+def test_pleural_quota_keeps_juxtapleural_nodule(phantom) -> None:
+    """The chest wall damps a juxtapleural nodule's blob response below that of
+    many vessel peaks; the pleural quota keeps it in a short candidate list."""
+    ph, img, seg = phantom
+    jp = ph.nodules[3]  # the fixture's NoduleSpec(..., juxtapleural=True)
+    assert len(ph.nodules) == 4 and jp.diameter_mm == 10.0
+    full = generate_candidates(img, seg.lungs)
+    pts = np.array([c.center_mm for c in full])
+    hit = np.linalg.norm(pts - np.array(jp.center_mm), axis=1) < jp.diameter_mm / 2
+    assert hit.any()
+    its_response = max(c.response for c, h in zip(full, hit, strict=True) if h)
+    stronger = sum(c.response > its_response for c in full)
+    limit = 20
+    assert stronger >= 5 * limit  # a pure strongest-first list of 20 would miss it
+    assert round(PLEURA_QUOTA_FRACTION * limit) >= 1
+    short = generate_candidates(img, seg.lungs, max_candidates=limit)
+    assert len(short) <= limit
+    pts = np.array([c.center_mm for c in short])
+    assert (np.linalg.norm(pts - np.array(jp.center_mm), axis=1) < jp.diameter_mm / 2).any()
+    # the quota does not cost the strongest nodules their place
+    for n in ph.nodules[:2]:
+        assert (np.linalg.norm(pts - np.array(n.center_mm), axis=1) < n.diameter_mm / 2).any()
 
 
 def test_no_lungs_is_an_error() -> None:
