@@ -9,10 +9,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cad_node.config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_config
+from cad_node.cli._common import EXIT_USAGE, load_settings_or_exit
+from cad_node.config import DEFAULT_CONFIG_PATH
 
 #: Exit status for an invalid configuration or unknown destination.
-EXIT_USAGE = 2
 #: Exit status when the destination does not answer C-ECHO with Success.
 EXIT_ECHO_FAILED = 1
 
@@ -20,18 +20,10 @@ destinations_app = typer.Typer(help="Result destinations.", no_args_is_help=True
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Configuration file.")]
 
 
-def _settings(config: Path) -> Settings:
-    try:
-        return load_config(config)
-    except ConfigError as exc:
-        Console(stderr=True).print(str(exc), markup=False, highlight=False)
-        raise typer.Exit(EXIT_USAGE) from None
-
-
 @destinations_app.command("list")
 def list_destinations(config: ConfigOpt = DEFAULT_CONFIG_PATH) -> None:
     """List the configured destinations and their output profiles."""
-    settings = _settings(config)
+    settings = load_settings_or_exit(config)
     table = Table(title="destinations")
     for col in ("name", "AE title", "address", "objects", "timeout"):
         table.add_column(col)
@@ -49,7 +41,7 @@ def echo(
     """C-ECHO destination NAME; exit 1 unless it answers Success."""
     from cad_node.export.sender import echo as c_echo
 
-    settings = _settings(config)
+    settings = load_settings_or_exit(config)
     try:
         dest = settings.destination(name)
     except KeyError:

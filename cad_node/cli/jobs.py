@@ -10,22 +10,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cad_node.config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_config
-
-#: Exit status for an invalid configuration, unknown job or refused action.
-EXIT_USAGE = 2
+from cad_node.cli._common import EXIT_USAGE, load_settings_or_exit
+from cad_node.config import DEFAULT_CONFIG_PATH, Settings
 
 jobs_app = typer.Typer(help="Inspect and act on jobs.", no_args_is_help=True)
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Configuration file.")]
-
-
-def _settings(config: Path) -> Settings:
-    try:
-        return load_config(config)
-    except ConfigError as exc:
-        Console(stderr=True).print(str(exc), markup=False, highlight=False)
-        raise typer.Exit(EXIT_USAGE) from None
 
 
 def _ts(value: float | None) -> str:
@@ -50,7 +40,7 @@ def list_jobs(
     """List jobs, newest first (all generations of a study with --study)."""
     from cad_node.jobs.states import JobState
 
-    settings = _settings(config)
+    settings = load_settings_or_exit(config)
     try:
         states = [JobState(s) for s in state] if state else None
     except ValueError:
@@ -75,7 +65,7 @@ def show(job_id: int, config: ConfigOpt = DEFAULT_CONFIG_PATH) -> None:
     """Show one job with its timeline and the objects each destination acknowledged."""
     from cad_node.jobs.store import JobNotFoundError
 
-    settings = _settings(config)
+    settings = load_settings_or_exit(config)
     store = _store(settings)
     try:
         job = store.get(job_id)
@@ -119,7 +109,7 @@ def _act(job_id: int, config: Path, resend: bool) -> None:
     from cad_node.jobs.store import InvalidTransitionError, JobNotFoundError
     from cad_node.jobs.tasks import publish_analyse, publish_send
 
-    settings = _settings(config)
+    settings = load_settings_or_exit(config)
     store = _store(settings)
     err = Console(stderr=True)
     try:

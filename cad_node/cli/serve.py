@@ -17,10 +17,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from cad_node.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from cad_node.cli._common import EXIT_USAGE, load_settings_or_exit
+from cad_node.config import DEFAULT_CONFIG_PATH
 
-#: Exit status for an invalid configuration (as ``cad-node config check``).
-EXIT_CONFIG_ERROR = 2
+#: Exit status for an invalid configuration (nothing bound yet).
+EXIT_CONFIG_ERROR = EXIT_USAGE
 #: Exit status when the node cannot start (port in use, spool locked...).
 EXIT_START_FAILED = 1
 
@@ -33,11 +34,7 @@ def serve(
 ) -> None:
     """Receive studies: DICOM SCP, durable spool, study assembly and jobs."""
     err = Console(stderr=True)
-    try:
-        settings = load_config(config)
-    except ConfigError as exc:
-        err.print(str(exc), markup=False, highlight=False)
-        raise typer.Exit(EXIT_CONFIG_ERROR) from None
+    settings = load_settings_or_exit(config)
     from cad_node.logs import setup_logging
     from cad_node.scp import NodeServer
 

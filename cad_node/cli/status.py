@@ -12,10 +12,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cad_node.config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_config
+from cad_node.cli._common import load_settings_or_exit
+from cad_node.config import DEFAULT_CONFIG_PATH, Settings
 
-#: Exit status for an invalid configuration.
-EXIT_USAGE = 2
 #: A worker whose last heartbeat is older than this is shown as gone (seconds).
 WORKER_STALE_S = 20.0
 
@@ -58,11 +57,7 @@ def status(
     limit: Annotated[int, typer.Option(help="Recent jobs to show.")] = 10,
 ) -> None:
     """Show queues, workers and recent jobs with their turnaround."""
-    try:
-        settings = load_config(config)
-    except ConfigError as exc:
-        Console(stderr=True).print(str(exc), markup=False, highlight=False)
-        raise typer.Exit(EXIT_USAGE) from None
+    settings = load_settings_or_exit(config)
     from cad_node.jobs.store import JobStore
 
     store = JobStore.for_storage(settings.node.storage_dir)

@@ -20,10 +20,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from cad_node.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from cad_node.cli._common import EXIT_USAGE, load_settings_or_exit
+from cad_node.config import DEFAULT_CONFIG_PATH
 
-#: Exit status for an invalid configuration or option.
-EXIT_USAGE = 2
 #: Seconds between worker heartbeats written to the job table.
 HEARTBEAT_INTERVAL_S = 5.0
 #: Seconds between checks that the owning ``serve`` is still alive (embedded worker).
@@ -67,11 +66,7 @@ def worker(
 ) -> None:
     """Run a worker consuming QUEUES with the configured broker."""
     err = Console(stderr=True)
-    try:
-        settings = load_config(config)
-    except ConfigError as exc:
-        err.print(str(exc), markup=False, highlight=False)
-        raise typer.Exit(EXIT_USAGE) from None
+    settings = load_settings_or_exit(config)
     wanted = [q.strip() for q in queues.split(",") if q.strip()]
     unknown = [q for q in wanted if q not in _QUEUES]
     if not wanted or unknown:
