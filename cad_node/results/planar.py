@@ -57,6 +57,8 @@ from scipy.spatial import ConvexHull, QhullError
 
 __all__ = [
     "CORNERSTONE_3D_TAG",
+    "LONG_AXIS",
+    "SHORT_AXIS",
     "Bidirectional",
     "LinearMeasurement",
     "PlanarRegion",
@@ -67,6 +69,11 @@ __all__ = [
     "tracking_text",
 ]
 
+#: CID 7470 "Linear Measurements" concepts with PS3.16's code meanings: OHIF's
+#: Bidirectional tool finds its NUMs by the exact meanings "Long Axis" and
+#: "Short Axis" (pydicom's ``codes.SCT.LongAxis`` spells "Long axis").
+LONG_AXIS = Code("103339001", "SCT", "Long Axis")
+SHORT_AXIS = Code("103340004", "SCT", "Short Axis")
 #: Prefix of Tracking Identifiers that Cornerstone3D's SR adapters map to a tool.
 CORNERSTONE_3D_TAG = "Cornerstone3DTools@^0.1.0"
 #: Lengths are reported to 0.01 mm (well inside the 0.05 mm polyline tolerance).
@@ -163,7 +170,7 @@ class LinearMeasurement:
     Parameters
     ----------
     name : pydicom.sr.coding.Code
-        E.g. ``codes.SCT.LongAxis``, ``codes.SCT.ShortAxis``, ``codes.SCT.Length``.
+        E.g. :data:`LONG_AXIS`, :data:`SHORT_AXIS`, ``codes.SCT.Length``.
     value_mm : float
         The length in mm; must agree with the polyline on the image's pixel
         spacing (the viewer measures the polyline again).
@@ -273,10 +280,10 @@ def bidirectional_axes(
         outline = corners
     return Bidirectional(
         long_axis=LinearMeasurement(
-            codes.SCT.LongAxis, round(long_mm, _DECIMALS), np.stack([a, b]) * scale
+            LONG_AXIS, round(long_mm, _DECIMALS), np.stack([a, b]) * scale
         ),
         short_axis=LinearMeasurement(
-            codes.SCT.ShortAxis, round(short_mm, _DECIMALS), np.stack([c, e]) * scale
+            SHORT_AXIS, round(short_mm, _DECIMALS), np.stack([c, e]) * scale
         ),
         outline=PlanarRegion.polygon(outline),
     )
@@ -385,7 +392,7 @@ def planar_group(
             )
     meanings = [m.name.meaning for m in lengths]
     if tool is None:
-        if {codes.SCT.LongAxis.meaning, codes.SCT.ShortAxis.meaning} <= set(meanings):
+        if {LONG_AXIS.meaning, SHORT_AXIS.meaning} <= set(meanings):
             tool = PlanarTool.BIDIRECTIONAL
         elif len(lengths) == 1:
             tool = PlanarTool.LENGTH
@@ -394,8 +401,8 @@ def planar_group(
         elif not lengths and len(region.points) == 5:
             tool = PlanarTool.RECTANGLE_ROI
     if tool is PlanarTool.BIDIRECTIONAL and meanings[:2] != [
-        codes.SCT.LongAxis.meaning,
-        codes.SCT.ShortAxis.meaning,
+        LONG_AXIS.meaning,
+        SHORT_AXIS.meaning,
     ]:
         raise ValueError(f"{identifier}: a bidirectional group starts with Long Axis, Short Axis")
     numeric: list[hd.sr.Measurement] = [

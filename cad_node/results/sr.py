@@ -49,7 +49,14 @@ from cad_node.results._common import (
     processing_equipment,
 )
 from cad_node.results.findings import AnalysisStatus, Finding, Region2D
-from cad_node.results.planar import Bidirectional, bidirectional_axes, key_frame, planar_group
+from cad_node.results.planar import (
+    LONG_AXIS,
+    SHORT_AXIS,
+    Bidirectional,
+    bidirectional_axes,
+    key_frame,
+    planar_group,
+)
 from cad_node.results.seg import SegResult
 
 __all__ = [
@@ -142,8 +149,8 @@ def _measurements(finding: Finding, algo: hd.sr.AlgorithmIdentification) -> list
                 )
             )
 
-    add(codes.SCT.LongAxis, finding.long_axis_mm, UNIT_MM)
-    add(codes.SCT.ShortAxis, finding.short_axis_mm, UNIT_MM)
+    add(LONG_AXIS, finding.long_axis_mm, UNIT_MM)
+    add(SHORT_AXIS, finding.short_axis_mm, UNIT_MM)
     add(codes.SCT.Volume, finding.volume_mm3, UNIT_MM3)
     add(ATTENUATION_COEFFICIENT, finding.mean_hu, UNIT_HU, codes.SCT.Mean)
     add(CERTAINTY_OF_FINDING, finding.probability, UNIT_NONE)
@@ -223,7 +230,7 @@ def _planar_ct_group(
         m
         for m in _measurements(finding, algo)
         if m[0].ConceptNameCodeSequence[0].CodeValue
-        not in (codes.SCT.LongAxis.value, codes.SCT.ShortAxis.value)
+        not in (LONG_AXIS.value, SHORT_AXIS.value)
     ]
     return planar_group(
         identifier=finding.tracking_id,
