@@ -37,6 +37,8 @@ __all__ = [
     "RetryConfig",
     "RoutingConfig",
     "RoutingRule",
+    "ScpTLSConfig",
+    "ScuTLSConfig",
     "SeriesMatch",
     "Settings",
     "StudyConfig",
@@ -104,6 +106,62 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
 
+def _readable_file(value: str) -> str:
+    if not Path(value).is_file():
+        raise ValueError(f"file {value!r} does not exist")
+    return value
+
+
+class ScpTLSConfig(_Strict):
+    """The SCP's DICOM TLS listener (BCP 195 profile: TLS 1.2+, its cipher list)."""
+
+    #: TLS port; the plain ``node.port`` keeps listening beside it.
+    port: int = Field(2762, ge=1, le=65535)
+    #: PEM certificate chain of the node.
+    certificate: str
+    #: PEM private key of ``certificate``.
+    private_key: str
+    #: PEM CA bundle that client certificates must chain to.
+    ca_bundle: str | None = None
+    #: Refuse a client without a certificate trusted by ``ca_bundle``.
+    require_client_certificate: bool = True
+
+    @field_validator("certificate", "private_key", "ca_bundle")
+    @classmethod
+    def _exists(cls, v: str | None) -> str | None:
+        return None if v is None else _readable_file(v)
+
+    @model_validator(mode="after")
+    def _ca_needed(self) -> ScpTLSConfig:
+        if self.require_client_certificate and self.ca_bundle is None:
+            raise ValueError("ca_bundle is required when require_client_certificate is true")
+        return self
+
+
+class ScuTLSConfig(_Strict):
+    """DICOM TLS towards a destination (BCP 195 profile)."""
+
+    #: PEM CA bundle the destination's certificate must chain to.
+    ca_bundle: str
+    #: PEM client certificate chain, when the destination requires one.
+    certificate: str | None = None
+    #: PEM private key of ``certificate``.
+    private_key: str | None = None
+    #: Check that the destination's certificate names ``host``.
+    check_hostname: bool = True
+
+    @field_validator("certificate", "private_key", "ca_bundle")
+    @classmethod
+    def _exists(cls, v: str | None) -> str | None:
+        return None if v is None else _readable_file(v)
+
+    @model_validator(mode="after")
+    def _pair(self) -> ScuTLSConfig:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together")
+        return self
+
+
 class NodeConfig(_Strict):
     """The receiving node: its AE, socket, spool and admission limits."""
 
@@ -115,8 +173,13 @@ class NodeConfig(_Strict):
     storage_dir: str = "./var"
     #: Accept any calling AE / source address (demos only; default refuses unknown peers).
     accept_any: bool = False
-    #: Largest number of simultaneous associations.
+    #: Largest number of simultaneous associations (all peers together).
     max_associations: int = Field(16, ge=1, le=1024)
+    #: Largest number of simultaneous associations from one source address.
+    max_associations_per_peer: int = Field(8, ge=1, le=1024)
+    #: A connection that has not sent a complete A-ASSOCIATE-RQ (and finished
+    #: its TLS handshake) this many seconds after TCP accept is closed.
+    association_request_timeout_s: float = Field(5.0, gt=0, le=300)
     #: Maximum PDU length we offer (bytes); 0 means unlimited (PS3.8 9.3.1).
     max_pdu: int = Field(4_194_304, ge=0)
     #: ACSE (association request/release) timeout, seconds.
@@ -129,6 +192,8 @@ class NodeConfig(_Strict):
     max_bytes_per_association: int = Field(8 * 1024**3, ge=1)
     #: Below this much free space on the spool filesystem C-STORE answers 0xA700.
     min_free_bytes: int = Field(2 * 1024**3, ge=0)
+    #: DICOM TLS listener (PS3.15 B.9, BCP 195), beside the plain ``port``.
+    tls: ScpTLSConfig | None = None
 
     @field_validator("ae_title")
     @classmethod
@@ -179,6 +244,8 @@ class DestinationConfig(_Strict):
     objects: list[ObjectKind] = Field(default_factory=_default_objects, min_length=1)
     #: Association/DIMSE timeout towards this destination, seconds.
     timeout_s: float = Field(30.0, gt=0, le=3600)
+    #: Send over DICOM TLS (``port`` is then the destination's TLS port).
+    tls: ScuTLSConfig | None = None
 
     @field_validator("ae_title")
     @classmethod
