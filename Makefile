@@ -10,7 +10,7 @@ PEER_PKGS := dcmtk dicom3tools orthanc redis-server
 PEER_BINS := /usr/bin/storescu /usr/bin/echoscu /usr/bin/dsrdump /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/bin/redis-server
 PYTEST_ARGS ?=
 
-.PHONY: venv peers serve test lint typecheck bench clean
+.PHONY: venv peers serve test lint typecheck bench fuzz clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,12 @@ bench: venv peers
 	$(PY) bench/turnaround.py --repeat 2
 	$(PY) bench/prepare_lidc.py --repeat 3
 	$(PY) bench/train_throughput.py
+
+# The long fuzz campaign of the network edge (make test runs a short one):
+# 3000 examples for each of the 4 hypothesis targets = 12 000 cases.
+FUZZ_EXAMPLES ?= 3000
+fuzz: venv peers
+	CAD_NODE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest tests/integration/test_fuzz_edge.py -q --durations=10
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

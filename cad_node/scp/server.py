@@ -83,7 +83,6 @@ from cad_node.scp._fastpath import (
 from cad_node.scp.admission import Admission, AdmissionObserver
 from cad_node.scp.contexts import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION_SOP_CLASS
 from cad_node.scp.status import Status
-from cad_node.scp.tls import server_context
 from cad_node.scp.wire import StoreRequest
 from cad_node.storage.parse import MalformedDatasetError, MissingAttributeError
 from cad_node.storage.records import StudyComplete
@@ -96,6 +95,7 @@ from cad_node.storage.spool import (
     UIDMismatchError,
 )
 from cad_node.study.assembler import StudyAssembler
+from cad_node.tls import server_context
 from cad_node.uids import InvalidUIDError
 
 __all__ = [
