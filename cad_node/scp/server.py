@@ -91,7 +91,7 @@ from cad_node.storage.spool import (
     IMPLEMENTATION_VERSION_NAME,
     InsufficientStorageError,
     Spool,
-    StoreStatus,
+    SpoolOutcome,
     UIDMismatchError,
 )
 from cad_node.study.assembler import StudyAssembler
@@ -421,7 +421,7 @@ class NodeServer:
         except OSError as exc:
             log.error("C-STORE failed (I/O error: %s): %s", exc, where)
             return Status.PROCESSING_FAILURE
-        if result.status is StoreStatus.STORED:
+        if result.status is SpoolOutcome.STORED:
             log.debug(
                 "stored instance %d study=%s %s",
                 result.instance_id, result.header.study_instance_uid, where,

@@ -48,7 +48,7 @@ from cad_node.scp import NodeServer
 from cad_node.scp.wire import command_has_data_set, decode_c_store_rq, encode_c_store_rsp_raw
 from cad_node.storage import Spool
 from cad_node.storage.parse import DatasetError, inspect_dataset, split_part10
-from cad_node.storage.spool import StoreStatus, UIDMismatchError
+from cad_node.storage.spool import SpoolOutcome, UIDMismatchError
 from cad_node.uids import InvalidUIDError
 from tests import parrot
 from tests.conftest import data_root, free_port
@@ -173,7 +173,7 @@ def test_structure_walk_accepts_only_what_reads_back(spool: Spool, data: st.Data
                              transfer_syntax_uid=syntax)
     except (DatasetError, InvalidUIDError, UIDMismatchError):
         return
-    if result.status is not StoreStatus.STORED:
+    if result.status is not SpoolOutcome.STORED:
         return
     path = next(spool.objects_dir.rglob(f"{result.instance_id:010d}.dcm"))
     ds = dcmread(path)
