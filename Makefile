@@ -38,7 +38,7 @@ serve: venv
 # pytest exit code 5 ("no tests collected") is a failure here, never a pass.
 test: venv peers
 	$(VENV)/bin/ruff check cad_node trainer tests bench
-	$(VENV)/bin/mypy --strict cad_node
+	$(VENV)/bin/mypy --strict cad_node trainer
 	$(VENV)/bin/pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc = 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
@@ -46,7 +46,7 @@ lint:
 	$(VENV)/bin/ruff check cad_node trainer tests bench
 
 typecheck:
-	$(VENV)/bin/mypy --strict cad_node
+	$(VENV)/bin/mypy --strict cad_node trainer
 
 # Figures go to docs/benchmarks.md by hand, with the command that made them.
 bench: venv peers

@@ -46,6 +46,7 @@ from cad_node.jobs.routing import RouteStep, plan_routes
 from cad_node.jobs.states import JobState
 from cad_node.jobs.store import Job, JobStore
 from cad_node.logs import job_logger
+from cad_node.models.device import resolve_device
 
 __all__ = [
     "MANIFEST_NAME",
@@ -62,26 +63,6 @@ LOG = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
 #: File holding the reasons an object was quarantined.
 QUARANTINE_REASON_NAME = "reasons.txt"
-
-
-def resolve_device(device: str) -> str:
-    """Resolve ``jobs.device``: ``auto`` -> ``cuda`` when available, else ``cpu``.
-
-    A CUDA device asked for on a host without CUDA falls back to ``cpu`` with
-    a warning, so a worker always starts.
-    """
-    try:
-        import torch
-
-        has_cuda = bool(torch.cuda.is_available())
-    except Exception:  # torch missing or broken CUDA runtime
-        has_cuda = False
-    if device == "auto":
-        return "cuda" if has_cuda else "cpu"
-    if device.startswith("cuda") and not has_cuda:
-        LOG.warning("device %s requested but CUDA is not available: using cpu", device)
-        return "cpu"
-    return device
 
 
 @dataclass
