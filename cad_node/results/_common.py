@@ -32,7 +32,8 @@ from cad_node.imaging.geometry import (
     sort_slices,
     unique_instances,
 )
-from cad_node.results.findings import AnalysisResult, ModelIdentity
+from cad_node.results.findings import AnalysisResult, Finding, ModelIdentity
+from cad_node.results.operating_point import OperatingPoint
 from cad_node.results.uids import UidFactory, input_fingerprint
 
 __all__ = [
@@ -404,6 +405,8 @@ class BuildContext:
     model: ModelIdentity
     uids: UidFactory
     when: datetime.datetime
+    #: Threshold and sub-threshold candidates (``result`` holds the reported findings).
+    operating_point: OperatingPoint = dataclasses.field(default_factory=OperatingPoint)
 
     @classmethod
     def create(
@@ -412,6 +415,7 @@ class BuildContext:
         source: Sequence[Dataset],
         settings: ResultsConfig,
         fingerprint: str | None = None,
+        operating_point: OperatingPoint | None = None,
     ) -> BuildContext:
         """Check inputs and derive the UID factory and timestamp."""
         if result.model is None:
@@ -427,6 +431,7 @@ class BuildContext:
             model=result.model,
             uids=UidFactory(series.study_instance_uid, fp, result.model),
             when=deterministic_datetime(series),
+            operating_point=operating_point or OperatingPoint(),
         )
 
     def finalize(self, ds: Dataset, kind: str) -> None:
@@ -446,11 +451,15 @@ class BuildContext:
         # the same value, so they are never remapped per object.
         keep.add(self.model.device_uid)
         keep.update(self.tracking_uid(i) for i in range(len(self.result.findings)))
+        keep.update(self.tracking_uid_of(f) for f in self.operating_point.reported_below)
         make_deterministic(ds, self.when, self.uids, kind, keep)
 
     def tracking_uid(self, index: int) -> str:
         """Tracking UID of finding ``index`` (given one, else derived)."""
-        finding = self.result.findings[index]
+        return self.tracking_uid_of(self.result.findings[index])
+
+    def tracking_uid_of(self, finding: Finding) -> str:
+        """Tracking UID of ``finding`` (given one, else derived from its tracking id)."""
         return finding.tracking_uid or self.uids.uid("tracking", finding.tracking_id)
 
     def common_kwargs(self) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from cad_node.results._common import (
     ensure_character_set,
 )
 from cad_node.results.findings import AnalysisStatus, Finding
-from cad_node.results.sr import key_slice_axes, region_polyline
+from cad_node.results.sr import key_slice_axes, operating_point_texts, region_polyline
 
 __all__ = [
     "CONTOUR_RGB",
@@ -159,12 +159,77 @@ def _draw_finding(
 
 
 def _label(finding: Finding) -> str:
+    """Key-image label: what the finding is, its size, and each probability named."""
     text = finding.tracking_id
     if finding.long_axis_mm is not None:
         text += f" {finding.long_axis_mm:.1f} mm"
     if finding.probability is not None:
-        text += f" p={finding.probability:.2f}"
+        text += f", detection certainty {finding.probability:.2f}"
+    if finding.malignancy_probability is not None:
+        text += f", malignancy risk (Brock) {finding.malignancy_probability:.2f}"
     return text
+
+
+def _text_width(font: ImageFont.ImageFont | ImageFont.FreeTypeFont, text: str) -> float:
+    return float(font.getlength(text))
+
+
+def wrap_text(
+    text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: float
+) -> list[str]:
+    """Greedy word wrap of ``text`` into lines at most ``width`` pixels wide.
+
+    A single word wider than ``width`` is cut into pieces that fit.
+    """
+    lines: list[str] = []
+    current = ""
+    for word in text.split():
+        candidate = f"{current} {word}".strip()
+        if _text_width(font, candidate) <= width:
+            current = candidate
+            continue
+        if current:
+            lines.append(current)
+        while _text_width(font, word) > width and len(word) > 1:
+            cut = len(word)
+            while cut > 1 and _text_width(font, word[:cut]) > width:
+                cut -= 1
+            lines.append(word[:cut])
+            word = word[cut:]
+        current = word
+    if current:
+        lines.append(current)
+    return lines or [""]
+
+
+def place_label(
+    text: str, anchor: tuple[float, float], image_size: tuple[int, int], px: int,
+    min_px: int = 9,
+) -> tuple[ImageFont.ImageFont | ImageFont.FreeTypeFont, int, list[str], tuple[float, float]]:
+    """Font, line height, wrapped lines and top-left corner of a label inside the image.
+
+    The label is wrapped to at most half the image width (shrinking the font
+    down to ``min_px`` when even that needs more than 3 lines), put above the
+    anchor when there is room, else below it, and shifted left/up so that
+    every line ends inside the image.
+    """
+    width, height = image_size
+    max_w = max(width / 2 - 4, 8.0)
+    size = px
+    while True:
+        font = _font(size)
+        lines = wrap_text(text, font, max_w)
+        if len(lines) <= 3 or size <= min_px:
+            break
+        size -= 1
+    line_h = size + 3
+    block_h = line_h * len(lines)
+    block_w = max(_text_width(font, ln) for ln in lines)
+    ax, ay = anchor
+    y = ay - block_h - 4 if ay > block_h + 6 else ay + 4
+    y = min(max(y, 2.0), height - block_h - 2)
+    x = min(max(ax, 2.0), width - block_w - 2)
+    return font, line_h, lines, (max(x, 0.0), max(y, 0.0))
 
 
 def _patient_orientation(ds: Dataset) -> tuple[str, str]:
@@ -245,15 +310,21 @@ def build_key_images(ctx: BuildContext) -> list[tuple[str, hd.sc.SCImage]]:
         grey = _window(ds, ctx.source.is_ct)
         rgb = np.repeat(grey[..., None], 3, axis=2)
         ax, ay = _draw_finding(rgb, ctx, finding, ds)
+        # the outline stays on top of the label wherever they cross
+        outline = np.all(rgb == np.asarray(CONTOUR_RGB, np.uint8), axis=-1)
         image = Image.fromarray(rgb)
         draw = ImageDraw.Draw(image)
         px = max(_LABEL_PX, rgb.shape[0] // _LABEL_FRACTION)
-        font = _font(px)
-        label = _label(finding)
-        ty = ay - px - 4 if ay > px + 6 else ay + 4
-        draw.text((max(ax, 2.0), ty), label, fill=LABEL_RGB, font=font)
-        draw.text((4, rgb.shape[0] - px - 4), ctx.settings.disclaimer, fill=LABEL_RGB, font=font)
-        pixels = np.asarray(image)
+        size = (rgb.shape[1], rgb.shape[0])
+        font, line_h, lines, (tx, ty) = place_label(_label(finding), (ax, ay), size, px)
+        for k, line in enumerate(lines):
+            draw.text((tx, ty + k * line_h), line, fill=LABEL_RGB, font=font)
+        foot, foot_h, foot_lines, _ = place_label(ctx.settings.disclaimer, (4, 0), size, px)
+        fy = rgb.shape[0] - 4 - len(foot_lines) * foot_h
+        for k, line in enumerate(foot_lines):
+            draw.text((4, fy + k * foot_h), line, fill=LABEL_RGB, font=foot)
+        pixels = np.array(image)
+        pixels[outline] = CONTOUR_RGB
         sc = _sc(ctx, pixels, ds, index, spacing=True)
         item = Dataset()
         item.ReferencedSOPClassUID = ds.SOPClassUID
@@ -271,8 +342,29 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-#: x offsets (px) of the summary table's columns.
-_TABLE_X = (16, 176, 276, 526, 626, 726, 836)
+#: x offsets (px) of the summary table's columns (headers fit at 18 px).
+_TABLE_X = (16, 150, 230, 330, 420, 510, 600, 780)
+#: Column headers: every probability says what it is (issue #13).
+_TABLE_HEADER = ("ID", "Type", "Site", "Long mm", "Short mm", "Vol mm3",
+                 "Detection certainty", "Malignancy risk (Brock)")
+#: Legend printed under the table.
+PROBABILITY_LEGEND = (
+    "Detection certainty: how sure the algorithm is that this is a finding (not a risk of "
+    "cancer). Malignancy risk (Brock): PanCan/Brock model probability of cancer."
+)
+
+
+def _row(f: Finding) -> tuple[str, ...]:
+    return (
+        f.tracking_id[:14],
+        f.finding_type.meaning[:8],
+        f.site.meaning if f.site else "-",
+        _fmt(f.long_axis_mm, ".1f"),
+        _fmt(f.short_axis_mm, ".1f"),
+        _fmt(f.volume_mm3, ".0f"),
+        _fmt(f.probability, ".2f"),
+        _fmt(f.malignancy_probability, ".2f"),
+    )
 
 
 def summary_lines(ctx: BuildContext) -> list[str | tuple[str, ...]]:
@@ -286,26 +378,25 @@ def summary_lines(ctx: BuildContext) -> list[str | tuple[str, ...]]:
     if result.status is AnalysisStatus.FAILED:
         lines.append(f"ANALYSIS FAILED: {result.failure_reason}")
         lines.append("No result is available; this is not a negative result.")
-    elif not result.findings:
+    elif not result.findings and ctx.operating_point.threshold is None:
         lines.append("No findings.")
-    else:
+    elif result.findings:
         lines.append(f"{len(result.findings)} finding(s):")
-        lines.append(("ID", "Type", "Site", "Long mm", "Short mm", "Vol mm3", "Prob"))
+        lines.append(_TABLE_HEADER)
         for f in result.findings:
-            lines.append(
-                (
-                    f.tracking_id[:16],
-                    f.finding_type.meaning,
-                    f.site.meaning if f.site else "-",
-                    _fmt(f.long_axis_mm, ".1f"),
-                    _fmt(f.short_axis_mm, ".1f"),
-                    _fmt(f.volume_mm3, ".0f"),
-                    _fmt(f.probability, ".2f"),
-                )
-            )
+            lines.append(_row(f))
             if f.center_mm is not None:
                 x, y, z = f.center_mm
                 lines.append(("", f"centre (LPS) {x:.1f}, {y:.1f}, {z:.1f} mm"))
+    if result.status is not AnalysisStatus.FAILED:
+        lines += operating_point_texts(ctx)
+        below = ctx.operating_point.reported_below
+        if below:
+            lines.append("Below the operating point (candidates, NOT findings):")
+            lines.append(_TABLE_HEADER)
+            lines += [_row(f) for f in below]
+        if result.findings or below:
+            lines.append(PROBABILITY_LEGEND)
     for k, v in sorted(result.qualitative.items()):
         lines.append(f"{k}: {v}")
     for k, m in sorted(result.measurements.items()):
@@ -328,9 +419,13 @@ def build_summary_page(ctx: BuildContext, index: int) -> hd.sc.SCImage:
         if isinstance(line, tuple):
             for x, cell in zip(_TABLE_X, line, strict=False):
                 draw.text((x, y), cell, fill=(255, 255, 255), font=font)
-        else:
-            draw.text((16, y), line, fill=(255, 255, 255), font=font)
-        y += math.ceil(_FONT_PX * 1.4)
+            y += math.ceil(_FONT_PX * 1.4)
+            continue
+        for part in wrap_text(line, font, cols - 32):
+            if y > rows - 3 * _FONT_PX:
+                break
+            draw.text((16, y), part, fill=(255, 255, 255), font=font)
+            y += math.ceil(_FONT_PX * 1.4)
     draw.text((16, rows - 2 * _FONT_PX), ctx.settings.disclaimer, fill=(255, 64, 64), font=font)
     sc = _sc(ctx, np.asarray(image), ctx.source.first, index, spacing=False)
     sc.DerivationDescription = "CAD summary page"

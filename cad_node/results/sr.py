@@ -49,6 +49,12 @@ from cad_node.results._common import (
     processing_equipment,
 )
 from cad_node.results.findings import AnalysisStatus, Finding, Region2D
+from cad_node.results.operating_point import (
+    BELOW_OPERATING_POINT,
+    CAD_OPERATING_POINT,
+    PRESENTATION_OPTIONAL,
+    RENDERING_INTENT,
+)
 from cad_node.results.planar import (
     LONG_AXIS,
     SHORT_AXIS,
@@ -353,6 +359,78 @@ def _group(
     )
 
 
+def _below_group(ctx: BuildContext, finding: Finding) -> Any:
+    """A candidate below the operating point: volumetric group only, labelled.
+
+    No planar group (OHIF would list it with the findings) and no SEG segment;
+    its Tracking Identifier says "(below operating point)", and two
+    qualitative evaluations say it in codes: Rendering Intent "Presentation
+    Optional" (CID 6034, as CAD SR marks sub-threshold marks) and CAD
+    Operating Point "Below operating point".
+    """
+    algo = _algorithm(ctx)
+    common = _common_items(ctx, 0, finding, algo)
+    src = ctx.source
+    for_uid = src.first.get("FrameOfReferenceUID")
+    tracking = hd.sr.TrackingIdentifier(
+        uid=ctx.tracking_uid_of(finding),
+        identifier=f"{finding.tracking_id} (below operating point)",
+    )
+    qualitative = [
+        hd.sr.QualitativeEvaluation(name=RENDERING_INTENT, value=PRESENTATION_OPTIONAL),
+        hd.sr.QualitativeEvaluation(name=CAD_OPERATING_POINT, value=BELOW_OPERATING_POINT),
+    ]
+    kwargs: dict[str, Any] = {
+        "tracking_identifier": tracking,
+        "finding_type": common["finding_type"],
+        "algorithm_id": algo,
+        "measurements": _measurements(finding, algo) or None,
+        "finding_sites": common["finding_sites"],
+        "qualitative_evaluations": qualitative,
+    }
+    if finding.center_mm is not None and for_uid and src.has_geometry:
+        surface = hd.sr.VolumeSurface(
+            graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+            graphic_data=np.asarray([finding.center_mm], dtype=np.float64),
+            frame_of_reference_uid=str(for_uid),
+            source_series=hd.sr.SourceSeriesForSegmentation(str(src.first.SeriesInstanceUID)),
+        )
+        return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            referenced_volume_surface=surface, **kwargs
+        )
+    if finding.region is None or finding.region.sop_instance_uid not in src.by_uid:
+        raise ValueError(f"candidate {finding.tracking_id!r} has no location on a received image")
+    region = finding.region
+    frames = [region.frame_number] if region.frame_number is not None else None
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        referenced_region=hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=region_polyline(region),
+            source_image=hd.sr.SourceImageForRegion.from_source_image(
+                src.by_uid[region.sop_instance_uid], frames
+            ),
+        ),
+        **kwargs,
+    )
+
+
+def operating_point_texts(ctx: BuildContext) -> list[str]:
+    """What the report says about the operating point (SR comments, summary page)."""
+    op = ctx.operating_point
+    if op.threshold is None or ctx.result.status is AnalysisStatus.FAILED:
+        return []
+    out = [f"Operating point: {op.describe()} (findings below it are not reported as findings)."]
+    if not ctx.result.findings:
+        kind = op.below[0].finding_type.meaning.lower() if op.below else "finding"
+        out.append(f"No {kind} found at the operating point ({op.describe()}).")
+    n = len(op.below)
+    if n:
+        shown = "listed separately, labelled 'below operating point'" if op.include_below else (
+            "not reported")
+        out.append(f"{n} candidate(s) below the operating point: {shown}.")
+    return out
+
+
 def _qualitative(ctx: BuildContext) -> hd.sr.ContainerContentItem:
     result = ctx.result
     if result.status is AnalysisStatus.FAILED:
@@ -372,10 +450,12 @@ def _qualitative(ctx: BuildContext) -> hd.sr.ContainerContentItem:
         )
     ]
     texts: list[str] = []
+    at_op = operating_point_texts(ctx)
     if result.status is AnalysisStatus.FAILED:
         texts.append(f"Analysis failed: {result.failure_reason}")
-    elif not result.findings:
+    elif not result.findings and not at_op:
         texts.append("No findings.")
+    texts += at_op
     texts += [f"{k}: {v}" for k, v in sorted(result.qualitative.items())]
     texts += [f"{k}: {v:g}" for k, v in sorted(result.measurements.items())]
     texts += list(result.notes)
@@ -424,6 +504,8 @@ def build_sr(ctx: BuildContext, seg: SegResult | None = None) -> hd.sr.Comprehen
         if ctx.result.status is AnalysisStatus.COMPLETED
         else []
     )
+    if ctx.result.status is AnalysisStatus.COMPLETED:
+        groups += [_below_group(ctx, f) for f in ctx.operating_point.reported_below]
     procedure = procedure_reported(str(ctx.source.first.get("Modality", "")))
     placeholder = not groups
     if placeholder:
