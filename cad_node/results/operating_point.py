@@ -74,7 +74,7 @@ class OperatingPoint:
 
     def describe(self) -> str:
         """E.g. ``"detection certainty >= 0.671"`` (empty without a threshold)."""
-        return "" if self.threshold is None else f"detection certainty >= {self.threshold:.3g}"
+        return "" if self.threshold is None else f"detection certainty >= {self.threshold:.5g}"
 
 
 def split_at_operating_point(

@@ -34,7 +34,9 @@ from cad_node.results._common import (
     BuildContext,
     SeriesNumber,
     ensure_character_set,
+    series_description,
 )
+from cad_node.results.colours import finding_rgb
 from cad_node.results.findings import AnalysisStatus, Finding
 from cad_node.results.sr import key_slice_axes, operating_point_texts, region_polyline
 
@@ -49,8 +51,9 @@ __all__ = [
 
 #: Lung window (width, level) in HU for CT key images.
 LUNG_WINDOW = (1500.0, -600.0)
-#: Colour of burned-in outlines; never produced by a grey image (R=G=B).
-CONTOUR_RGB = (255, 255, 0)
+#: Colour of the first finding's burned-in outline; finding k gets
+#: :func:`cad_node.results.colours.finding_rgb` (k), never grey (R=G=B).
+CONTOUR_RGB = finding_rgb(0)
 #: Colour of burned-in labels.
 LABEL_RGB = (0, 255, 255)
 #: Image Laterality (0020,0062), PS3.3 C.7.6.1: "B" = both left and right.
@@ -127,29 +130,30 @@ def _circle_radius_px(finding: Finding, ds: Dataset) -> float:
 
 
 def _draw_finding(
-    rgb: np.ndarray, ctx: BuildContext, finding: Finding, ds: Dataset
+    rgb: np.ndarray, ctx: BuildContext, finding: Finding, ds: Dataset,
+    colour: tuple[int, int, int] = CONTOUR_RGB,
 ) -> tuple[float, float]:
-    """Burn the finding's outline into ``rgb``; return a label anchor (x, y)."""
+    """Burn the finding's outline into ``rgb`` in ``colour``; return a label anchor (x, y)."""
     uid = str(ds.SOPInstanceUID)
     if finding.mask is not None and uid in finding.mask.sop_instance_uids:
         frame = finding.mask.array[finding.mask.sop_instance_uids.index(uid)]
         inside = np.asarray(frame) >= 0.5 if finding.mask.is_fractional else np.asarray(frame, bool)
         if inside.any():
             ring = ndimage.binary_dilation(inside) & ~inside
-            rgb[ring] = CONTOUR_RGB
+            rgb[ring] = colour
             rows, cols = np.nonzero(inside)
             return float(cols.min()), float(rows.min())
     image = Image.fromarray(rgb)
     draw = ImageDraw.Draw(image)
     if finding.region is not None and finding.region.sop_instance_uid == uid:
         pts = [(float(x), float(y)) for x, y in region_polyline(finding.region)]
-        draw.line(pts, fill=CONTOUR_RGB, width=2)
+        draw.line(pts, fill=colour, width=2)
         anchor = (min(p[0] for p in pts), min(p[1] for p in pts))
     elif finding.center_mm is not None:
         cx, cy = _pixel_of(ds, finding.center_mm)
         radius = _circle_radius_px(finding, ds)
         draw.ellipse(
-            [cx - radius, cy - radius, cx + radius, cy + radius], outline=CONTOUR_RGB, width=2
+            [cx - radius, cy - radius, cx + radius, cy + radius], outline=colour, width=2
         )
         anchor = (cx - radius, cy - radius)
     else:
@@ -208,21 +212,28 @@ def place_label(
 ) -> tuple[ImageFont.ImageFont | ImageFont.FreeTypeFont, int, list[str], tuple[float, float]]:
     """Font, line height, wrapped lines and top-left corner of a label inside the image.
 
-    The label is wrapped to at most half the image width (shrinking the font
-    down to ``min_px`` when even that needs more than 3 lines), put above the
-    anchor when there is room, else below it, and shifted left/up so that
-    every line ends inside the image.
+    The label is wrapped to at most half the image width, shrinking the font
+    down to ``min_px`` when that needs more than 3 lines, then to the whole
+    width; on an image too small even for that, the lines that do not fit are
+    cut ("...").  It goes above the anchor when there is room, else below it,
+    shifted left/up so that every line ends inside the image.
     """
     width, height = image_size
-    max_w = max(width / 2 - 4, 8.0)
     size = px
-    while True:
-        font = _font(size)
-        lines = wrap_text(text, font, max_w)
-        if len(lines) <= 3 or size <= min_px:
+    for max_w in (max(width / 2 - 4, 8.0), max(width - 4.0, 8.0)):
+        size = px
+        while True:
+            font = _font(size)
+            lines = wrap_text(text, font, max_w)
+            if len(lines) <= 3 or size <= min_px:
+                break
+            size -= 1
+        if len(lines) <= 3:
             break
-        size -= 1
     line_h = size + 3
+    fit = max(int((height - 4) // line_h), 1)
+    if len(lines) > fit:  # a tiny image: keep what fits, and say that text is cut
+        lines = [*lines[: fit - 1], wrap_text(lines[fit - 1] + "...", font, max_w)[0]]
     block_h = line_h * len(lines)
     block_w = max(_text_width(font, ln) for ln in lines)
     ax, ay = anchor
@@ -255,7 +266,7 @@ def _sc(
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
         study_instance_uid=ctx.source.study_instance_uid,
         series_instance_uid=ctx.uids.uid("sc.series"),
-        series_number=int(SeriesNumber.SC),
+        series_number=ctx.series_number(SeriesNumber.SC),
         sop_instance_uid=ctx.uids.uid("sc.instance", index),
         instance_number=index,
         manufacturer=ctx.settings.manufacturer,
@@ -275,7 +286,7 @@ def _sc(
         ),
         patient_orientation=_patient_orientation(ref),
         contributing_equipment=[],
-        series_description=f"CAD key images {ctx.model.name} {ctx.model.version}"[:64],
+        series_description=series_description("key images", ctx.model),
         manufacturer_model_name=ctx.model.name,
         software_versions=ctx.model.version,
         **kwargs,
@@ -309,9 +320,10 @@ def build_key_images(ctx: BuildContext) -> list[tuple[str, hd.sc.SCImage]]:
             raise ValueError(f"source instance {uid} has no pixel data for a key image")
         grey = _window(ds, ctx.source.is_ct)
         rgb = np.repeat(grey[..., None], 3, axis=2)
-        ax, ay = _draw_finding(rgb, ctx, finding, ds)
+        colour = finding_rgb(index - 1)  # the finding's SEG/GSPS colour
+        ax, ay = _draw_finding(rgb, ctx, finding, ds, colour)
         # the outline stays on top of the label wherever they cross
-        outline = np.all(rgb == np.asarray(CONTOUR_RGB, np.uint8), axis=-1)
+        outline = np.all(rgb == np.asarray(colour, np.uint8), axis=-1)
         image = Image.fromarray(rgb)
         draw = ImageDraw.Draw(image)
         px = max(_LABEL_PX, rgb.shape[0] // _LABEL_FRACTION)
@@ -324,7 +336,7 @@ def build_key_images(ctx: BuildContext) -> list[tuple[str, hd.sc.SCImage]]:
         for k, line in enumerate(foot_lines):
             draw.text((4, fy + k * foot_h), line, fill=LABEL_RGB, font=foot)
         pixels = np.array(image)
-        pixels[outline] = CONTOUR_RGB
+        pixels[outline] = colour
         sc = _sc(ctx, pixels, ds, index, spacing=True)
         item = Dataset()
         item.ReferencedSOPClassUID = ds.SOPClassUID

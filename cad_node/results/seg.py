@@ -42,7 +42,9 @@ from cad_node.results._common import (
     BuildContext,
     SeriesNumber,
     processing_equipment,
+    series_description,
 )
+from cad_node.results.colours import finding_rgb
 from cad_node.results.findings import FindingSite, ImageMask
 
 __all__ = ["SegResult", "SegmentInfo", "build_seg"]
@@ -54,12 +56,12 @@ MAX_FRACTIONAL_VALUE = 255
 CATEGORY_ANATOMY = codes.SCT.AnatomicalStructure
 CATEGORY_FINDING = codes.SCT.MorphologicallyAbnormalStructure
 
-#: Recommended display colours (CIELab via sRGB) for organs and findings.
+#: Recommended display colours (CIELab via sRGB) for organs; findings use
+#: :func:`cad_node.results.colours.finding_rgb`, as their SC and GSPS outlines.
 _ORGAN_RGB = {
     FindingSite.RIGHT_LUNG: (128, 174, 128),
     FindingSite.LEFT_LUNG: (111, 184, 210),
 }
-_FINDING_RGB = (255, 64, 64)
 _OTHER_RGB = (220, 220, 120)
 
 
@@ -130,7 +132,7 @@ def _segments(
             anatomic_regions=(
                 [Code(finding.site.code, "SCT", finding.site.meaning)] if finding.site else None
             ),
-            display_color=hd.color.CIELabColor.from_rgb(*_FINDING_RGB),
+            display_color=hd.color.CIELabColor.from_rgb(*finding_rgb(index)),
         )
         out.append((finding.tracking_id, finding.mask, desc, finding.tracking_id))
         number += 1
@@ -214,7 +216,7 @@ def build_seg(ctx: BuildContext) -> SegResult:
         segmentation_type=seg_type,
         segment_descriptions=[d for _, _, d, _ in segs],
         series_instance_uid=ctx.uids.uid("seg.series"),
-        series_number=int(SeriesNumber.SEG),
+        series_number=ctx.series_number(SeriesNumber.SEG),
         sop_instance_uid=ctx.uids.uid("seg.instance", 1),
         instance_number=1,
         manufacturer=ctx.settings.manufacturer,
@@ -224,7 +226,7 @@ def build_seg(ctx: BuildContext) -> SegResult:
         max_fractional_value=MAX_FRACTIONAL_VALUE,
         content_description="CAD segmentation",
         content_label="CAD_SEG",
-        series_description=f"CAD SEG {ctx.model.name} {ctx.model.version}"[:64],
+        series_description=series_description("segmentation", ctx.model),
         omit_empty_frames=True,
         contributing_equipment=[processing_equipment(ctx.model, ctx.when)],
         content_creator_name=None,

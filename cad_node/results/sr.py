@@ -47,6 +47,7 @@ from cad_node.results._common import (
     BuildContext,
     SeriesNumber,
     processing_equipment,
+    series_description,
 )
 from cad_node.results.findings import AnalysisStatus, Finding, Region2D
 from cad_node.results.operating_point import (
@@ -545,7 +546,7 @@ def build_sr(ctx: BuildContext, seg: SegResult | None = None) -> hd.sr.Comprehen
         evidence=evidence,
         content=root,
         series_instance_uid=ctx.uids.uid("sr.series"),
-        series_number=int(SeriesNumber.SR),
+        series_number=ctx.series_number(SeriesNumber.SR),
         sop_instance_uid=ctx.uids.uid("sr.instance", 1),
         instance_number=1,
         manufacturer=ctx.settings.manufacturer,
@@ -553,7 +554,7 @@ def build_sr(ctx: BuildContext, seg: SegResult | None = None) -> hd.sr.Comprehen
         is_final=True,
         is_verified=False,
         contributing_equipment=[processing_equipment(model, ctx.when)],
-        series_description=f"CAD SR {model.name} {model.version}"[:64],
+        series_description=series_description("measurement report", model),
         manufacturer_model_name=model.name,
         software_versions=model.version,
         **kwargs,
