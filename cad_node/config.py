@@ -37,6 +37,7 @@ __all__ = [
     "DEFAULT_CONFIG_PATH",
     "DEFAULT_OBJECT_KINDS",
     "ENV_PREFIX",
+    "OUTPUT_PROFILES",
     "ConfigError",
     "DestinationConfig",
     "JobsConfig",
@@ -87,6 +88,19 @@ class ObjectKind(enum.StrEnum):
 
 #: Output profile of a destination that names none: SR + SEG + SC.
 DEFAULT_OBJECT_KINDS: tuple[ObjectKind, ...] = (ObjectKind.SR, ObjectKind.SEG, ObjectKind.SC)
+
+
+#: Named output profiles for ``destinations[].objects``: what each viewer
+#: family shows (tested and described in docs/viewers.md).
+OUTPUT_PROFILES: dict[str, tuple[ObjectKind, ...]] = {
+    #: OHIF 3: SR measurements (panel), SEG overlays, SC key images + summary
+    #: page; it flags GSPS and KOS as unsupported.
+    "ohif": (ObjectKind.SR, ObjectKind.SEG, ObjectKind.SC),
+    #: Image-only PACS viewers: burned-in key images/summary and GSPS outlines.
+    "legacy-pacs": (ObjectKind.SC, ObjectKind.GSPS),
+    #: Everything (vendor neutral archives, Weasis, 3D Slicer).
+    "archive": tuple(ObjectKind),
+}
 
 
 def parse_object_kinds(text: str) -> list[ObjectKind]:
@@ -292,11 +306,15 @@ class DestinationConfig(_Strict):
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
-    #: Result object kinds this destination receives (output profile).
-    #: YAML strings become :class:`ObjectKind` members here (lax for this field only).
+    #: Result object kinds this destination receives (output profile): a list
+    #: of kinds, or a profile name (:data:`OUTPUT_PROFILES`: ohif, legacy-pacs,
+    #: archive).  YAML strings become :class:`ObjectKind` members here (lax for this field only).
     objects: list[Annotated[ObjectKind, Strict(False)]] = Field(
         default_factory=_default_objects, min_length=1
     )
+    #: Also send the candidates below the operating point (SR, labelled "below
+    #: operating point", and the summary page; never SEG, key images, GSPS, KOS).
+    below_operating_point: bool = False
     #: Association/DIMSE timeout towards this destination, seconds.
     timeout_s: float = Field(30.0, gt=0, le=3600)
     #: Send over DICOM TLS (``port`` is then the destination's TLS port).
@@ -311,6 +329,20 @@ class DestinationConfig(_Strict):
     @classmethod
     def _host(cls, v: str) -> str:
         return _validate_host(v)
+
+    @field_validator("objects", mode="before")
+    @classmethod
+    def _profile(cls, v: object) -> object:
+        """``objects: ohif`` names a profile (:data:`OUTPUT_PROFILES`); a list names kinds."""
+        if isinstance(v, str):
+            kinds = OUTPUT_PROFILES.get(v)
+            if kinds is None:
+                raise ValueError(
+                    f"unknown output profile {v!r}; use one of {sorted(OUTPUT_PROFILES)} "
+                    f"or a list of kinds from {[str(k) for k in ObjectKind]}"
+                )
+            return list(kinds)
+        return v
 
     @field_validator("objects")
     @classmethod
