@@ -27,7 +27,7 @@ import highdicom as hd
 import pydicom
 import pytest
 
-from cad_node.config import ResultsConfig
+from cad_node.config import OUTPUT_PROFILES, ResultsConfig
 from cad_node.results import build_results
 from tests.system.conftest import OrthancServer
 from tests.system.viewer_peers import (
@@ -39,8 +39,8 @@ from tests.system.viewer_peers import (
 
 pytestmark = pytest.mark.slow
 
-#: The OHIF output profile (SR + SEG; SC/GSPS/KOS are for other viewers).
-OBJECTS = ("sr", "seg")
+#: The ``ohif`` output profile (SR + SEG + SC; GSPS/KOS are for other viewers).
+OBJECTS = OUTPUT_PROFILES["ohif"]
 #: Long axis in the panel vs the SR's planar Long Axis NUM (issue #13), mm.
 LONG_AXIS_TOLERANCE_MM = 0.5
 _TIMEOUT_S = 90.0
@@ -71,6 +71,7 @@ def study(
     seg = next(o.dataset for o in objs if o.kind == "seg")
     return {
         "ct": sorted(lidc_dir.glob("*.dcm")),
+        "ct_series_number": int(source[0].SeriesNumber),
         "results": files,
         "study_uid": str(source[0].StudyInstanceUID),
         "long_axes": expected,
@@ -164,6 +165,11 @@ def test_ohif_shows_sr_measurements_and_seg_segments(
     time.sleep(2)
     _click_text(driver, "Skip all")  # the first-visit tour
     shot("study-opened")
+    # Result series sort after the CT: the CT is the first series OHIF lists.
+    numbers = [int(el.get_attribute("data-series"))
+               for el in driver.find_elements(By.CSS_SELECTOR, "[data-series]")]
+    assert numbers and numbers[0] == study["ct_series_number"], numbers
+    assert all(n > study["ct_series_number"] for n in numbers[1:]), numbers
 
     # SR: open it, accept tracking, read the measurements panel.
     ActionChains(driver).double_click(_thumbnail(driver, "SR")).perform()
