@@ -423,3 +423,35 @@ def test_stall_in_the_middle_of_a_pdu_is_aborted(make_node: Callable[..., Node])
     assert p.closed_by_node(4.0) in ([], [A_ABORT])
     node.wait_free()
     node.echo_ok()
+
+
+# -- UID policy ----------------------------------------------------------------------
+
+def test_leading_zero_uid_is_stored_and_flagged_traversal_refused(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pydicom import dcmread
+
+    sop_class, sop_instance, syntax, body = _data_set()
+    last = sop_instance.rsplit(".", 1)[1]
+    sloppy = sop_instance[: -len(last)] + "0" + last[1:]  # same length, leading zero
+    assert len(sloppy) == len(sop_instance) and body.count(sop_instance.encode()) == 1
+    p = _established(node, _store_contexts(syntax))
+    p.send(parrot.p_data((3, 0x03, parrot.c_store_rq(sop_class, sloppy)),
+                         (3, 0x02, body.replace(sop_instance.encode(), sloppy.encode()))))
+    with caplog.at_level("WARNING", logger="cad_node.scp"):
+        assert p.receive().status == Status.SUCCESS
+        time.sleep(0.1)
+    assert any("non-conformant UID" in r.getMessage() and "leading zero" in r.getMessage()
+               for r in caplog.records)
+    # a traversal attempt in the command is refused, the association goes on
+    p.send(parrot.p_data((3, 0x03, parrot.c_store_rq(sop_class, "1.2/../../x", 2)),
+                         (3, 0x02, body)))
+    assert p.receive().status == Status.INVALID_UID
+    p.send(parrot.release_rq())
+    assert p.receive().type == A_RELEASE_RP
+    assert node.server.spool is not None
+    stored = sorted(node.server.spool.objects_dir.rglob("*.dcm"))
+    assert len(stored) == 1
+    assert dcmread(stored[0]).SOPInstanceUID == sloppy
+    node.echo_ok()
