@@ -152,7 +152,7 @@ class JobRunner:
                  device: str | None = None) -> None:
         self.settings = settings
         self.storage = Path(settings.node.storage_dir).resolve()
-        self.store = store if store is not None else JobStore.for_storage(self.storage)
+        self.store = store if store is not None else JobStore.from_settings(settings)
         self.device = resolve_device(device or settings.jobs.device)
         self.retry_policy = RetryPolicy.from_config(settings.jobs.retry)
         self.timings: dict[int, StageTimings] = {}

@@ -83,8 +83,7 @@ class JobService:
 
     def __init__(self, settings: Settings, store: JobStore | None = None) -> None:
         self.settings = settings
-        self.store = store if store is not None else JobStore.for_storage(
-            settings.node.storage_dir)
+        self.store = store if store is not None else JobStore.from_settings(settings)
         configure_app(settings)
 
     def on_study_complete(self, event: Any) -> Job:

@@ -42,6 +42,7 @@ __all__ = [
     "configure_worker",
     "publish_analyse",
     "publish_send",
+    "reap",
     "reconcile",
     "send_task",
 ]
@@ -129,6 +130,35 @@ def reconcile(store: JobStore, *, include_in_flight: bool) -> list[int]:
     return done
 
 
+def reap(store: JobStore, lease_s: float) -> list[int]:
+    """Re-publish jobs whose worker stopped heart-beating (killed, host lost).
+
+    Any worker (and the receiver) may call this periodically: the expired
+    claims are taken ``FOR UPDATE SKIP LOCKED``
+    (:meth:`~cad_node.jobs.store.JobStore.expired_claims`), so each job is
+    re-published by exactly one caller.  The new message has a new token:
+    the dead worker's message, if the broker ever redelivers it, is stale.
+    The delivery count is kept (a job that kills every worker still ends
+    ``dead`` after ``max_deliveries``).
+    """
+    done: list[int] = []
+    for job_id in store.expired_claims(lease_s):
+        job = store.get(job_id)
+        log = job_logger(LOG, job)
+        detail = f"claim of {job.claimed_by or 'a worker'} expired: re-published"
+        try:
+            if job.state is JobState.RESULTS_READY:
+                publish_send(store, job_id, reset_deliveries=False, detail=detail)
+            else:
+                publish_analyse(store, job_id, reset_deliveries=False, detail=detail)
+        except Exception as exc:  # broker down: reconcile() at the next restart
+            log.error("could not re-publish after an expired claim: %s", exc)
+            continue
+        log.warning("%s", detail)
+        done.append(job_id)
+    return done
+
+
 # -- tasks ------------------------------------------------------------------
 class JobTask(Task):  # type: ignore[misc]
     """Base class of job tasks: a hard time limit ends the job in ``failed``.
@@ -157,8 +187,10 @@ class JobTask(Task):  # type: ignore[misc]
             LOG.exception("could not record the time limit of job %s", job_id)
 
 
-def _begin(runner: JobRunner, job_id: int, token: str) -> bool:
-    decision, job = runner.store.begin_delivery(job_id, token, runner.settings.jobs.max_deliveries)
+def _begin(runner: JobRunner, job_id: int, token: str, worker: str | None) -> bool:
+    jobs = runner.settings.jobs
+    decision, job = runner.store.begin_delivery(job_id, token, jobs.max_deliveries,
+                                                worker=worker, lease_s=jobs.claim_lease_s)
     log = job_logger(LOG, job)
     if decision is Delivery.STALE:
         log.info("dropping stale message (state %s)", job.state.value)
@@ -174,7 +206,7 @@ def _begin(runner: JobRunner, job_id: int, token: str) -> bool:
 def analyse_task(self: Any, job_id: int, token: str) -> None:
     """Route, run pipelines, build and gate results; then queue the send stage."""
     runner = _runner()
-    if not _begin(runner, job_id, token):
+    if not _begin(runner, job_id, token, self.request.hostname):
         return
     job = runner.store.get(job_id)
     log = job_logger(LOG, job)
@@ -204,7 +236,7 @@ def analyse_task(self: Any, job_id: int, token: str) -> None:
 def send_task(self: Any, job_id: int, token: str) -> None:
     """Send a job's results; on a retryable failure queue a delayed retry."""
     runner = _runner()
-    if not _begin(runner, job_id, token):
+    if not _begin(runner, job_id, token, self.request.hostname):
         return
     job = runner.store.get(job_id)
     try:
