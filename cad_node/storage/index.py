@@ -306,7 +306,12 @@ class SpoolIndex:
                                               legacy_version=_legacy_version)
         greatest = "MAX" if self.db.dialect == "sqlite" else "GREATEST"
         self._sql_patient, self._sql_study, self._sql_series, self._sql_instance = (
-            _upserts(greatest))
+            self.db.prepare(s) for s in _upserts(greatest))
+        dbapi = self.db.engine.dialect.dbapi
+        self._integrity_errors: tuple[type[Exception], ...] = (
+            (IntegrityError,) if dbapi is None else (IntegrityError, dbapi.IntegrityError))
+        self._sql_find = self.db.prepare(sa.select(INSTANCE.c.id).where(
+            INSTANCE.c.sop_instance_uid == sa.bindparam("uid")))
 
     # -- life cycle ---------------------------------------------------------
     def close(self) -> None:
@@ -333,26 +338,34 @@ class SpoolIndex:
             The SOP Instance UID is already indexed; nothing is changed.
         """
         t = rec.received_at
+        # On the C-STORE path: prepared statements on the driver cursor
+        # (Database.raw_write), four statements, one transaction.
         try:
-            with self.db.write() as db:
-                patient_pk = db.execute(self._sql_patient,
-                                        {"patient_id": rec.patient_id}).scalar_one()
-                study_pk = db.execute(self._sql_study, {
+            with self.db.raw_write() as cur:
+                p = self._sql_patient
+                cur.execute(p.sql, p.params({"patient_id": rec.patient_id}))
+                patient_pk = cur.fetchone()[0]
+                p = self._sql_study
+                cur.execute(p.sql, p.params({
                     "study_uid": rec.study_instance_uid, "patient_pk": patient_pk,
                     "accession": rec.accession_number, "t": t,
-                    "inc": 0 if rec.own_result else 1}).scalar_one()
-                series_pk = db.execute(self._sql_series, {
+                    "inc": 0 if rec.own_result else 1}))
+                study_pk = cur.fetchone()[0]
+                p = self._sql_series
+                cur.execute(p.sql, p.params({
                     "study_pk": study_pk, "series_uid": rec.series_instance_uid,
-                    "modality": rec.modality, "t": t}).scalar_one()
-                db.execute(self._sql_instance, {
+                    "modality": rec.modality, "t": t}))
+                series_pk = cur.fetchone()[0]
+                p = self._sql_instance
+                cur.execute(p.sql, p.params({
                     "id": rec.instance_id, "sop_uid": rec.sop_instance_uid,
                     "series_pk": series_pk, "study_pk": study_pk,
                     "sop_class": rec.sop_class_uid, "ts": rec.transfer_syntax_uid,
                     "modality": rec.modality, "relpath": rec.relpath, "size": rec.size,
                     "sha256": rec.sha256, "t": t, "calling_ae": rec.calling_ae,
-                    "peer_host": rec.peer_host, "own": int(rec.own_result)})
-        except IntegrityError as exc:
-            if "sop_instance_uid" in str(exc.orig):
+                    "peer_host": rec.peer_host, "own": int(rec.own_result)}))
+        except self._integrity_errors as exc:
+            if "sop_instance_uid" in str(exc):
                 raise DuplicateInstanceError(rec.sop_instance_uid) from None
             raise
 
@@ -381,10 +394,10 @@ class SpoolIndex:
 
     def find_instance(self, sop_instance_uid: str) -> int | None:
         """Return the instance id of an indexed SOP Instance UID, or None."""
-        rows = self._query(
-            "SELECT id FROM instance WHERE sop_instance_uid = ?", (sop_instance_uid,)
-        )
-        return int(rows[0][0]) if rows else None  # type: ignore[call-overload]
+        with self.db.raw_read() as cur:  # on the C-STORE path too
+            cur.execute(self._sql_find.sql, self._sql_find.params({"uid": sop_instance_uid}))
+            row = cur.fetchone()
+        return int(row[0]) if row else None
 
     def _hash_file(self, relpath: str) -> str:
         digest = hashlib.sha256()
