@@ -221,6 +221,11 @@ class JobRunner:
             if failure is not None:
                 failures.append(failure)
         _atomic_write_bytes(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
+        superseded = self.store.get(job_id).superseded_by
+        if superseded is not None:  # the study reopened while this job ran
+            log.info("superseded by job %d while running: results not sent", superseded)
+            return self.store.transition(job_id, JobState.FAILED,
+                                         error=f"superseded by job {superseded} while running")
         detail = f"{len(manifest)} object(s) built in {sum(timings.stages.values()):.1f} s " + \
             ", ".join(f"{k} {v:.2f}s" for k, v in timings.stages.items())
         if not manifest:
@@ -228,11 +233,6 @@ class JobRunner:
                 job_id, JobState.FAILED,
                 error="every result object failed the conformance gate: " + "; ".join(quarantined),
             )
-        superseded = self.store.get(job_id).superseded_by
-        if superseded is not None:  # the study reopened while this job ran
-            log.info("superseded by job %d while running: results not sent", superseded)
-            return self.store.transition(job_id, JobState.FAILED,
-                                         error=f"superseded by job {superseded} while running")
         log.info("results ready: %s", detail)
         # A failed analysis still yields objects that report the failure (SR +
         # summary page); the job records the reason so operators see it.

@@ -104,6 +104,8 @@ JOBS = sa.Table(
     # version 2: the worker holding the current delivery, and since when
     sa.Column("claimed_by", sa.Text),
     sa.Column("claimed_at", sa.Float),
+    # version 2: when the message carrying ``token`` reached the broker (None: not yet)
+    sa.Column("published_at", sa.Float),
     sa.UniqueConstraint("study_instance_uid", "fingerprint"),
     sa.Index("jobs_state", "state"),
     sa.Index("jobs_study", "study_instance_uid"),
@@ -157,13 +159,15 @@ JOB_DESTINATIONS = sa.Table(
 def _v2(conn: Connection, dialect: str) -> None:
     conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN claimed_by TEXT"))
     conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN claimed_at FLOAT"))
+    conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN published_at FLOAT"))
     JOB_DESTINATIONS.create(conn, checkfirst=True)
 
 
 #: Schema steps of the job table (version 1: the first released schema, no
 #: ``schema_version`` row; it had jobs, job_events, workers, sent_objects).
 MIGRATIONS: tuple[Migration, ...] = (
-    Migration(2, "claims (claimed_by, claimed_at) and per-destination outcomes", _v2),
+    Migration(2, "claims (claimed_by, claimed_at), published_at, per-destination outcomes",
+              _v2),
 )
 #: Current schema version of the job table.
 SCHEMA_VERSION = MIGRATIONS[-1].version
@@ -280,6 +284,8 @@ class Job:
     #: Worker holding the current delivery (schema 2), and since when.
     claimed_by: str | None = None
     claimed_at: float | None = None
+    #: When the message with the current token reached the broker (None: not yet).
+    published_at: float | None = None
 
     @property
     def turnaround_s(self) -> float | None:
@@ -687,8 +693,36 @@ class JobStore:
             self._set_state(conn, row, state, at=now, error=error, detail=detail,
                             event=old is not state or bool(detail), token=token,
                             deliveries=deliveries, attempts=attempts,
-                            first_failure_at=first_failure, claimed_by=None, claimed_at=None)
+                            first_failure_at=first_failure, claimed_by=None, claimed_at=None,
+                            published_at=None)
             return self._job(self._row(conn, job_id)), token
+
+    @retry_on_disconnect
+    def mark_published(self, job_id: int, token: str) -> None:
+        """Record that the message carrying ``token`` reached the broker (not a state change)."""
+        with self.db.write() as conn:
+            conn.execute(sa.update(JOBS).where(JOBS.c.job_id == job_id, JOBS.c.token == token)
+                         .values(published_at=time.time()))
+
+    @retry_on_disconnect
+    def unpublished(self, older_than_s: float, *, now: float | None = None) -> list[Job]:
+        """Jobs whose message may never have reached the broker, oldest first.
+
+        ``complete`` jobs (handed off, never enqueued), and ``queued`` /
+        ``results-ready`` jobs whose current token was never marked
+        published (the broker was down, or the process died, between the
+        table and the broker) for longer than ``older_than_s``.
+        """
+        now = time.time() if now is None else now
+        c = JOBS.c
+        query = sa.select(JOBS).where(sa.or_(
+            c.state == JobState.COMPLETE.value,
+            sa.and_(c.state.in_([JobState.QUEUED.value, JobState.RESULTS_READY.value]),
+                    c.published_at.is_(None), c.claimed_by.is_(None),
+                    c.state_at < now - older_than_s),
+        )).order_by(c.job_id)
+        with self.db.read() as conn:
+            return [self._job(r) for r in conn.execute(query).mappings()]
 
     @retry_on_disconnect
     def begin_delivery(self, job_id: int, token: str, max_deliveries: int,
