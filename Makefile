@@ -6,8 +6,9 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 CONFIG ?= config/cad-node.yaml
 # Debian packages the test-suite drives as real peers (never mocked).
-PEER_PKGS := dcmtk dicom3tools orthanc orthanc-dicomweb redis-server chromium chromium-driver
-PEER_BINS := /usr/bin/storescu /usr/bin/echoscu /usr/bin/dsrdump /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/bin/redis-server \
+# systemd ships /usr/bin/systemd-analyze (tests/unit/test_deploy.py verifies the units).
+PEER_PKGS := dcmtk dicom3tools orthanc orthanc-dicomweb redis-server systemd chromium chromium-driver
+PEER_BINS := /usr/bin/storescu /usr/bin/echoscu /usr/bin/dsrdump /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/bin/redis-server /usr/bin/systemd-analyze \
 	/usr/share/orthanc/plugins/libOrthancDicomWeb.so /usr/bin/chromium /usr/bin/chromedriver
 # The browser test's OHIF: the built @ohif/app from npm, packed into a cache outside git
 # (tests/system/viewer_peers.py unpacks it there and reuses it across runs).
