@@ -306,12 +306,13 @@ def key_frame(masks: npt.NDArray[np.bool_], spacing_rc: tuple[float, float]) -> 
 
 
 def _scoord_child(
-    points: npt.NDArray[np.float32], image: Dataset, frames: list[int] | None
+    points: npt.NDArray[np.float32], image: Dataset, frames: list[int] | None,
+    graphic_type: hd.sr.GraphicTypeValues = hd.sr.GraphicTypeValues.POLYLINE,
 ) -> hd.sr.ScoordContentItem:
-    """INFERRED FROM SCOORD POLYLINE "Image Region" SELECTED FROM ``image``."""
+    """INFERRED FROM SCOORD "Image Region" SELECTED FROM ``image``."""
     item = hd.sr.ScoordContentItem(
         name=codes.DCM.ImageRegion,
-        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_type=graphic_type,
         graphic_data=points,
         relationship_type=_INFERRED_FROM,
     )
@@ -352,7 +353,9 @@ def planar_group(
     finding_type : pydicom.sr.coding.Code
     lengths : sequence of LinearMeasurement
         Lengths, each a NUM with its POLYLINE child, first in the group (the
-        first is the one OHIF's tools read).
+        first is the one OHIF's tools read).  Without lengths, a box or point
+        region (``RECTANGLE_ROI``/``PROBE``) is also put inside the first NUM
+        of ``measurements``, for the same reason.
     measurements : sequence of highdicom.sr.Measurement
         Further NUMs (area, volume, probabilities), after the lengths.
     qualitative_evaluations : sequence of highdicom.sr.QualitativeEvaluation
@@ -431,9 +434,14 @@ def planar_group(
     # The polylines go in after construction: highdicom's writer refuses
     # coordinates inside the NUMs of a TID 1410 group (TID 1419 inherits them
     # from the group's region), but OHIF's tools read them only from there.
-    for num, m in zip(numeric, lengths, strict=False):
+    children = [(num, m.points, hd.sr.GraphicTypeValues.POLYLINE)
+                for num, m in zip(numeric, lengths, strict=False)]
+    if not lengths and numeric and tool in (PlanarTool.RECTANGLE_ROI, PlanarTool.PROBE):
+        # the tool takes its graphic from the first NUM: the region it was measured in
+        children.append((numeric[0], region.points, region.graphic_type))
+    for num, points, graphic_type in children:
         item = num[0]  # highdicom templates are lists of content items
         if "ContentSequence" not in item:
             item.ContentSequence = hd.sr.ContentSequence([])
-        item.ContentSequence.append(_scoord_child(m.points, image, frames))
+        item.ContentSequence.append(_scoord_child(points, image, frames, graphic_type))
     return group

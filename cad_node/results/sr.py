@@ -60,6 +60,7 @@ from cad_node.results.planar import (
     LONG_AXIS,
     SHORT_AXIS,
     Bidirectional,
+    PlanarRegion,
     bidirectional_axes,
     key_frame,
     planar_group,
@@ -348,15 +349,21 @@ def _group(
             f"finding {finding.tracking_id!r} references SOP Instance {region.sop_instance_uid}, "
             "which was not received"
         )
-    frames = [region.frame_number] if region.frame_number is not None else None
-    image_region = hd.sr.ImageRegion(
-        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-        graphic_data=region_polyline(region),
-        source_image=hd.sr.SourceImageForRegion.from_source_image(image, frames),
+    planar = (
+        PlanarRegion.box(region.points[0], region.points[1])
+        if region.kind == "box"
+        else PlanarRegion.polygon(region.points)
     )
-    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        referenced_region=image_region,
-        **common,  # type: ignore[arg-type]
+    return planar_group(
+        identifier=finding.tracking_id,
+        tracking_uid=ctx.tracking_uid(index),
+        image=image,
+        region=planar,
+        finding_type=common["finding_type"],  # type: ignore[arg-type]
+        measurements=common["measurements"] or (),  # type: ignore[arg-type]
+        algorithm=algo,
+        finding_sites=common["finding_sites"] or (),  # type: ignore[arg-type]
+        frame_number=region.frame_number,
     )
 
 
