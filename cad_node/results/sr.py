@@ -209,7 +209,11 @@ def key_slice_axes(ctx: BuildContext, finding: Finding) -> tuple[Dataset, Bidire
     if not frames:
         return None
     frames.sort()
-    binary = np.stack([np.asarray(mask.array[k]) > 0.5 for _, k in frames])
+    # the SC outline's rule: fractional masks at >= 0.5
+    binary = np.stack([
+        np.asarray(mask.array[k]) >= 0.5 if mask.is_fractional else np.asarray(mask.array[k], bool)
+        for _, k in frames
+    ])
     first = ctx.source.images[frames[0][0]]
     spacing = (float(first.PixelSpacing[0]), float(first.PixelSpacing[1]))
     best = key_frame(binary, spacing)
