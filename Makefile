@@ -6,8 +6,9 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 CONFIG ?= config/cad-node.yaml
 # Debian packages the test-suite drives as real peers (never mocked).
-PEER_PKGS := dcmtk dicom3tools orthanc redis-server
-PEER_BINS := /usr/bin/storescu /usr/bin/echoscu /usr/bin/dsrdump /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/bin/redis-server
+# systemd ships /usr/bin/systemd-analyze (tests/unit/test_deploy.py verifies the units).
+PEER_PKGS := dcmtk dicom3tools orthanc redis-server systemd
+PEER_BINS := /usr/bin/storescu /usr/bin/echoscu /usr/bin/dsrdump /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/bin/redis-server /usr/bin/systemd-analyze
 PYTEST_ARGS ?=
 
 .PHONY: venv peers serve test lint typecheck bench fuzz clean
@@ -38,7 +39,7 @@ serve: venv
 # pytest exit code 5 ("no tests collected") is a failure here, never a pass.
 test: venv peers
 	$(VENV)/bin/ruff check cad_node trainer tests bench
-	$(VENV)/bin/mypy --strict cad_node
+	$(VENV)/bin/mypy --strict cad_node trainer
 	$(VENV)/bin/pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc = 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
@@ -46,7 +47,7 @@ lint:
 	$(VENV)/bin/ruff check cad_node trainer tests bench
 
 typecheck:
-	$(VENV)/bin/mypy --strict cad_node
+	$(VENV)/bin/mypy --strict cad_node trainer
 
 # Figures go to docs/benchmarks.md by hand, with the command that made them.
 bench: venv peers
