@@ -230,7 +230,9 @@ def test_500_simultaneous_connects(node: Node) -> None:
     time.sleep(0.5)
     for s in socks:
         s.close()
-    node.wait_free(2.0)
+    # the kernel backlog still holds connections the node accepts after they closed:
+    # each takes a slot for the moment it needs to see EOF
+    node.wait_free(10.0)
     node.echo_ok()
 
 
@@ -427,6 +429,7 @@ def test_stall_in_the_middle_of_a_pdu_is_aborted(make_node: Callable[..., Node])
 
 # -- UID policy ----------------------------------------------------------------------
 
+@pytest.mark.invalid_values  # reads back the non-conformant UID on purpose
 def test_leading_zero_uid_is_stored_and_flagged_traversal_refused(
     node: Node, caplog: pytest.LogCaptureFixture
 ) -> None:
