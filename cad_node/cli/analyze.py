@@ -30,10 +30,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cad_node.config import (
+    BUILTIN_RULES,
     DEFAULT_CONFIG_PATH,
     ConfigError,
     RoutingRule,
-    SeriesMatch,
     Settings,
     load_config,
 )
@@ -49,14 +49,8 @@ EXIT_FAILED = 1
 #: Exit status for unusable arguments / nothing to analyse.
 EXIT_INPUT_ERROR = 2
 
-#: Rule used when no configuration file is available (same as the shipped one).
-DEFAULT_RULE = RoutingRule(
-    name="chest-ct",
-    pipeline="ct-chest",
-    series="best",
-    match=SeriesMatch(modality=["CT"], image_type=["ORIGINAL"], orientation="axial",
-                      slice_thickness_mm=[0.0, 3.0], min_instances=40),
-)
+#: First built-in rule (kept for callers of the old name); see BUILTIN_RULES.
+DEFAULT_RULE = BUILTIN_RULES[0]
 
 
 def _settings(config: Path | None) -> Settings:
@@ -160,7 +154,7 @@ def analyze(
     except ConfigError as exc:
         err.print(str(exc), markup=False)
         raise typer.Exit(EXIT_INPUT_ERROR) from None
-    rules = list(settings.routing.rules) or [DEFAULT_RULE]
+    rules = list(settings.routing.rules)
     kinds = [k.strip() for k in objects.split(",") if k.strip()]
 
     skipped: list[str] = []

@@ -47,9 +47,9 @@ import time
 import weakref
 from collections.abc import Callable
 from copy import deepcopy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from pydicom.uid import UID
 from pynetdicom import AE, _config, evt
@@ -81,6 +81,7 @@ __all__ = [
     "ABORT_SLACK_BYTES",
     "MAX_DATA_SET_BYTES",
     "Admission",
+    "AssociationObserver",
     "NodeServer",
     "RejectReason",
 ]
@@ -173,12 +174,37 @@ class Admission:
         return None
 
 
+class AssociationObserver(Protocol):
+    """Told about every association's outcome (the audit trail implements it).
+
+    Each method is called once per association, from the association's
+    thread; it must not raise and must not block for long.
+    """
+
+    def accepted(self, calling_ae: str, called_ae: str, address: str) -> None:
+        """An A-ASSOCIATE-RQ was accepted."""
+
+    def rejected(self, calling_ae: str, called_ae: str, address: str,
+                 reason: RejectReason) -> None:
+        """An A-ASSOCIATE-RQ was rejected by the admission policy."""
+
+    def ended(self, calling_ae: str, address: str, how: str, stored: int,
+              studies: dict[str, int]) -> None:
+        """An accepted association ended (``how``: released or aborted).
+
+        ``stored`` counts the instances newly stored, ``studies`` the same by
+        Study Instance UID.
+        """
+
+
 class _AdmissionACSE(ACSE):
     """ACSE provider that applies :class:`Admission` before negotiation."""
 
-    def __init__(self, assoc: Association, admission: Admission) -> None:
+    def __init__(self, assoc: Association, admission: Admission,
+                 observer: AssociationObserver | None = None) -> None:
         super().__init__(assoc)
         self._admission = admission
+        self._observer = observer
 
     def _negotiate_as_acceptor(self) -> None:
         rq = self.requestor.primitive
@@ -192,6 +218,8 @@ class _AdmissionACSE(ACSE):
                 calling, called, address, reason.diagnostic,
             )
             self.send_reject(reason.result, reason.source, reason.diagnostic)
+            if self._observer is not None:
+                self._observer.rejected(calling.strip(), called.strip(), address, reason)
             evt.trigger(self.assoc, evt.EVT_REJECTED, {})
             self.assoc.kill()
             return
@@ -655,14 +683,17 @@ class _RequestHandler(RequestHandler):
             elif isinstance(event, evt.NotificationEvent):
                 for handler in handlers:
                     assoc.bind(event, handler[0], handler[1])  # type: ignore[index]
-        assoc.acse = _AdmissionACSE(assoc, server.admission)
+        assoc.acse = _AdmissionACSE(assoc, server.admission, server.observer)
         return assoc
 
 
 class _Server(ThreadedAssociationServer):
     """Association server that sets TCP_NODELAY on every accepted socket."""
 
+    #: Read once per new association, so replacing it (live reload) leaves
+    #: associations in flight on the policy they were admitted with.
     admission: Admission
+    observer: AssociationObserver | None = None
     #: ``(assoc, request, transfer syntax) -> status``; never raises.
     store_handler: Callable[[Association, StoreRequest, str], int]
 
@@ -679,6 +710,9 @@ class _AssocState:
     #: set being received is buffered in memory by pynetdicom).
     pending: int = 0
     aborting: bool = False
+    #: Instances newly stored, in total and per Study Instance UID (audit trail).
+    stored: int = 0
+    studies: dict[str, int] = field(default_factory=dict)
 
 
 def _decode_any_uid(value: Any) -> tuple[bool, str]:
@@ -716,10 +750,12 @@ class NodeServer:
         self,
         settings: Settings,
         on_study_complete: Callable[[StudyComplete], None] | None = None,
+        observer: AssociationObserver | None = None,
     ) -> None:
         self.settings = settings
         self.on_study_complete = on_study_complete or _log_hand_off
-        self.admission = Admission(settings)
+        self.observer = observer
+        self._admission = Admission(settings)
         self.spool: Spool | None = None
         self.assembler: StudyAssembler | None = None
         self._ae: AE | None = None
@@ -727,6 +763,22 @@ class NodeServer:
         self._thread: threading.Thread | None = None
         self._states: weakref.WeakKeyDictionary[Any, _AssocState] = weakref.WeakKeyDictionary()
         self._states_lock = threading.Lock()
+
+    # -- admission policy (replaceable: live reload) ------------------------
+    @property
+    def admission(self) -> Admission:
+        """The policy new associations are admitted with.
+
+        Assigning a new :class:`Admission` takes effect for the next
+        A-ASSOCIATE-RQ; associations in flight are not affected.
+        """
+        return self._admission
+
+    @admission.setter
+    def admission(self, policy: Admission) -> None:
+        self._admission = policy
+        if self._server is not None:
+            self._server.admission = policy
 
     # -- life cycle ---------------------------------------------------------
     @property
@@ -779,6 +831,10 @@ class NodeServer:
                 (evt.EVT_C_STORE, self._on_store),
                 (evt.EVT_DATA_RECV, self._on_data),
             ]
+            if self.observer is not None:
+                handlers += [(evt.EVT_ACCEPTED, self._on_accepted),
+                             (evt.EVT_RELEASED, self._on_ended),
+                             (evt.EVT_ABORTED, self._on_ended)]
             server = self._ae.make_server(
                 (node.host, node.port),
                 evt_handlers=handlers,
@@ -787,6 +843,7 @@ class NodeServer:
             )
             assert isinstance(server, _Server)
             server.admission = self.admission
+            server.observer = self.observer
             server.store_handler = self._on_fast_store
             # Registered like AE.start_server() does, so AE.shutdown() stops it.
             self._ae._servers.append(server)
@@ -835,6 +892,20 @@ class NodeServer:
             if state is None:
                 state = self._states[assoc] = _AssocState()
             return state
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        if self.observer is not None:
+            rq = event.assoc.requestor
+            self.observer.accepted(str(rq.ae_title).strip(), str(event.assoc.acceptor.ae_title),
+                                   str(rq.address))
+
+    def _on_ended(self, event: evt.Event) -> None:
+        if self.observer is not None:
+            state = self._state(event.assoc)
+            how = "released" if event.event is evt.EVT_RELEASED else "aborted"
+            self.observer.ended(str(event.assoc.requestor.ae_title).strip(),
+                                str(event.assoc.requestor.address), how, state.stored,
+                                dict(state.studies))
 
     def _on_echo(self, event: evt.Event) -> int:
         return int(Status.SUCCESS)
@@ -942,6 +1013,9 @@ class NodeServer:
             log.error("C-STORE failed (I/O error: %s): %s", exc, where)
             return Status.PROCESSING_FAILURE
         if result.status is StoreStatus.STORED:
+            uid = result.header.study_instance_uid
+            state.stored += 1
+            state.studies[uid] = state.studies.get(uid, 0) + 1
             log.debug(
                 "stored instance %d study=%s %s",
                 result.instance_id, result.header.study_instance_uid, where,

@@ -362,6 +362,33 @@ class SpoolIndex:
                 (generation, fingerprint, revision, now, study_id),
             )
 
+    def remove_study(self, study_instance_uid: str, *, revision: int) -> bool:
+        """Delete a study's instance, series and study rows (retention).
+
+        Parameters
+        ----------
+        study_instance_uid : str
+            The study.
+        revision : int
+            The revision the caller decided on; when an instance arrived since
+            (the revision moved) nothing is deleted.
+
+        Returns
+        -------
+        bool
+            True when the rows were deleted, False when the study is unknown
+            or its revision changed.
+        """
+        with self._write() as db:
+            row = db.execute("SELECT id, revision FROM study WHERE study_instance_uid = ?",
+                             (study_instance_uid,)).fetchone()
+            if row is None or int(row[1]) != revision:
+                return False
+            db.execute("DELETE FROM instance WHERE study_pk = ?", (row[0],))
+            db.execute("DELETE FROM series WHERE study_pk = ?", (row[0],))
+            db.execute("DELETE FROM study WHERE id = ?", (row[0],))
+            return True
+
     # -- reads (any process) ------------------------------------------------
     def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
         with self._lock:
