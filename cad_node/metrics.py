@@ -83,7 +83,7 @@ class JobTableCollector(Collector):
                                        "Jobs no routing rule matched (state failed).")
         not_routed.add_metric([], float(sum(
             1 for j in self.store.list_jobs(states=[JobState.FAILED], limit=None)
-            if not_routed_reason(j.error) is not None)))
+            if not_routed_reason(j.error) is not None and j.superseded_by is None)))
         yield not_routed
         turnarounds = [j.turnaround_s for j in self.store.list_jobs(states=[JobState.SENT],
                                                                     limit=None)]

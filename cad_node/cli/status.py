@@ -78,7 +78,7 @@ def status(
         st.add_row(state.value, str(n))
     st.add_row(f"({NOT_ROUTED}, among failed)", str(sum(
         1 for j in store.list_jobs(states=[JobState.FAILED], limit=None)
-        if not_routed_reason(j.error) is not None)))
+        if not_routed_reason(j.error) is not None and j.superseded_by is None)))
     out.print(st)
     wt = Table(title="workers")
     for col in ("worker", "pid", "queues", "device", "last seen", "alive"):

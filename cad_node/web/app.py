@@ -246,7 +246,7 @@ def _overview(ctx: WebContext, limit: int) -> dict[str, Any]:
     counts = {s.value: n for s, n in ctx.store.count_by_state().items()}
     counts[NOT_ROUTED] = sum(1 for j in ctx.store.list_jobs(states=[JobState.FAILED],
                                                             limit=None)
-                             if not_routed_reason(j.error) is not None)
+                             if not_routed_reason(j.error) is not None and j.superseded_by is None)
     from cad_node.live import read_generation
 
     return {
@@ -288,8 +288,6 @@ def create_app(ctx: WebContext) -> FastAPI:
             if hmac.compare_digest(given, token.encode()):
                 return name
         raise HTTPException(401, "invalid token", headers={"WWW-Authenticate": "Bearer"})
-
-    Actor = Annotated[str, Depends(actor)]
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> Response:
@@ -340,25 +338,25 @@ def create_app(ctx: WebContext) -> FastAPI:
         return _job_view(j)
 
     @app.post("/api/jobs/{job_id}/retry")
-    def retry(job_id: int, who: Actor) -> dict[str, Any]:
+    def retry(job_id: int, who: str = Depends(actor)) -> dict[str, Any]:
         from cad_node.jobs.actions import retry_job
 
         return _job_action(retry_job, job_id, who)
 
     @app.post("/api/jobs/{job_id}/resend")
-    def resend(job_id: int, who: Actor) -> dict[str, Any]:
+    def resend(job_id: int, who: str = Depends(actor)) -> dict[str, Any]:
         from cad_node.jobs.actions import resend_job
 
         return _job_action(resend_job, job_id, who)
 
     @app.post("/api/dead-letter/replay")
-    def replay(who: Actor) -> dict[str, Any]:
+    def replay(who: str = Depends(actor)) -> dict[str, Any]:
         from cad_node.jobs.actions import replay_dead
 
         return {"replayed": replay_dead(ctx.settings(), ctx.store, actor=who)}
 
     @app.post("/api/destinations/{name}/echo")
-    def echo(name: str, who: Actor) -> dict[str, Any]:
+    def echo(name: str, who: str = Depends(actor)) -> dict[str, Any]:
         from cad_node.audit import AuditEvent, AuditLog, Outcome
         from cad_node.export.sender import echo as c_echo
 
@@ -376,7 +374,7 @@ def create_app(ctx: WebContext) -> FastAPI:
                 "error": result.error, "elapsed_ms": round(result.elapsed_s * 1000, 1)}
 
     @app.post("/api/reload")
-    def reload(who: Actor) -> JSONResponse:
+    def reload(who: str = Depends(actor)) -> JSONResponse:
         if ctx.reload is None:
             raise HTTPException(503, "reload is only available inside cad-node serve")
         result = ctx.reload(who)
