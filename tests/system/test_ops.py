@@ -95,7 +95,8 @@ class OpsNode:
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run([sys.executable, "-c", "from cad_node.cli import main; main()",
-                               *args], capture_output=True, text=True, env=self.env,
+                               *args], capture_output=True, text=True,
+                              env={**self.env, "COLUMNS": "300"},
                               timeout=120, cwd=self.workdir)
         if check:
             assert proc.returncode == 0, proc.stdout + proc.stderr
