@@ -34,6 +34,7 @@ from typing import Any
 import pydicom
 import pytest
 import yaml
+from typer.testing import Result
 
 from cad_node.audit import AuditEvent, read_events
 from cad_node.jobs.states import JobState
@@ -93,14 +94,17 @@ class OpsNode:
         self.store = JobStore.for_storage(self.storage)
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([sys.executable, "-c", "from cad_node.cli import main; main()",
-                               *args], capture_output=True, text=True,
-                              env={**self.env, "COLUMNS": "300"},
-                              timeout=120, cwd=self.workdir)
+    def cli(self, *args: str, check: bool = True) -> Result:
+        """``cad-node ARGS`` in-process, with the node's environment (a wide terminal)."""
+        from typer.testing import CliRunner
+
+        from cad_node.cli import app
+
+        overrides = {k: v for k, v in self.env.items() if k.startswith("CAD_NODE_")}
+        result = CliRunner().invoke(app, list(args), env={**overrides, "COLUMNS": "300"})
         if check:
-            assert proc.returncode == 0, proc.stdout + proc.stderr
-        return proc
+            assert result.exit_code == 0, result.stdout + result.stderr
+        return result
 
     def start(self) -> None:
         log = open(self.workdir / "serve.log", "ab")
@@ -393,7 +397,7 @@ def test_write_actions_need_a_token_and_every_audit_event_is_recorded(
                    str(node.config)).stdout
     assert "would delete" in dry and "keep" in dry, dry
     assert node.cli("spool", "purge", "--days", "0", "--config", str(node.config),
-                    check=False).returncode == 2  # the node holds the spool
+                    check=False).exit_code == 2  # the node holds the spool
     events = read_events(node.storage / "audit")
     kinds = {e["event"] for e in events}
     assert kinds >= {k.value for k in AuditEvent}, kinds
