@@ -32,7 +32,7 @@ import getpass
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -194,7 +194,11 @@ def read_events(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 class SCPAuditObserver:
-    """Records the SCP's association outcomes (a :class:`cad_node.scp.server.AssociationObserver`).
+    """Records the SCP's association outcomes.
+
+    An :data:`cad_node.scp.admission.AdmissionObserver` (called with every
+    admission decision) and, through :meth:`ended`, the SCP's
+    ``on_association_end`` hook.
 
     Parameters
     ----------
@@ -205,39 +209,44 @@ class SCPAuditObserver:
     def __init__(self, audit: AuditLog) -> None:
         self.audit = audit
 
-    def accepted(self, calling_ae: str, called_ae: str, address: str) -> None:
-        """Record ``association-accepted``."""
-        self.audit.record(AuditEvent.ASSOCIATION_ACCEPTED, actor=calling_ae,
-                          source={"ae_title": calling_ae, "address": address},
-                          destination={"ae_title": called_ae})
+    def __call__(self, event: Any) -> None:
+        """Record ``association-accepted``/``-rejected`` for an ``AdmissionEvent``.
 
-    def rejected(self, calling_ae: str, called_ae: str, address: str, reason: Any) -> None:
-        """Record ``association-rejected`` with the A-ASSOCIATE-RJ reason."""
+        An admitted TCP connection is not an event of its own (its
+        A-ASSOCIATE-RQ decision follows); a refused one is a rejection.
+        """
+        if event.stage == "connect" and event.accepted and event.reason == "admitted":
+            return
+        source = {"ae_title": event.calling_ae or None, "address": event.address}
+        if event.accepted and event.stage == "associate":
+            self.audit.record(AuditEvent.ASSOCIATION_ACCEPTED, actor=event.calling_ae,
+                              source=source, destination={"ae_title": event.called_ae})
+            return
         self.audit.record(
-            AuditEvent.ASSOCIATION_REJECTED, outcome=Outcome.MINOR_FAILURE, actor=calling_ae,
-            source={"ae_title": calling_ae, "address": address},
-            destination={"ae_title": called_ae},
-            reason={"result": reason.result, "source": reason.source,
-                    "diagnostic": reason.diagnostic, "text": _REJECT_TEXT.get(
-                        reason.diagnostic, "rejected")},
-        )
+            AuditEvent.ASSOCIATION_REJECTED, outcome=Outcome.MINOR_FAILURE,
+            actor=event.calling_ae or event.address, source=source,
+            destination={"ae_title": event.called_ae or None}, stage=event.stage,
+            reason=event.reason, text=_REJECT_TEXT.get(event.reason, event.reason))
 
-    def ended(self, calling_ae: str, address: str, how: str, stored: int,
-              studies: Mapping[str, int]) -> None:
-        """Record ``instances-stored`` for the association (also when it stored none)."""
+    def ended(self, end: Any) -> None:
+        """Record ``instances-stored`` for an ``AssociationEnd`` (also when it stored none)."""
         self.audit.record(
             AuditEvent.INSTANCES_STORED,
-            outcome=Outcome.SUCCESS if how == "released" else Outcome.MINOR_FAILURE,
-            actor=calling_ae, source={"ae_title": calling_ae, "address": address},
-            association=how, count=stored,
-            studies=[{"study_instance_uid": uid, "count": n} for uid, n in studies.items()],
+            outcome=Outcome.SUCCESS if end.how == "released" else Outcome.MINOR_FAILURE,
+            actor=end.calling_ae, source={"ae_title": end.calling_ae, "address": end.address},
+            association=end.how, count=end.stored,
+            studies=[{"study_instance_uid": uid, "count": n} for uid, n in end.studies.items()],
         )
 
 
-#: A-ASSOCIATE-RJ diagnostics of the service user (PS3.8 Table 9-21).
+#: Reasons of :class:`cad_node.scp.admission.AdmissionEvent`, spelled out.
 _REJECT_TEXT = {
-    1: "no-reason-given (calling AE title known, source address not its own)",
-    2: "application-context-name-not-supported",
-    3: "calling-AE-title-not-recognized",
-    7: "called-AE-title-not-recognized",
+    "called-ae": "called-AE-title-not-recognized (PS3.8 9.3.4, diagnostic 7)",
+    "calling-ae": "calling-AE-title-not-recognized (PS3.8 9.3.4, diagnostic 3)",
+    "address": "calling AE title known, source address not its own (diagnostic 1)",
+    "not-a-peer": "source address is no peer's: connection closed before reading",
+    "global-limit": "node.max_associations reached (rejected-transient, local-limit-exceeded)",
+    "peer-limit": "node.max_associations_per_peer reached (rejected-transient)",
+    "backlog-full": "too many connections waiting: closed",
+    "busy": "rejected-transient, local-limit-exceeded",
 }

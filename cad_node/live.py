@@ -8,10 +8,11 @@ Contract of :meth:`LiveConfig.reload`
 * Only ``peers``, ``destinations`` and ``routing`` are taken from the new
   file; a change anywhere else (ports, storage, timers...) is reported as
   needing a restart and not applied.
-* The SCP's admission policy is replaced as one object
-  (``NodeServer.admission = Admission(new)``); the server reads it once per
-  new A-ASSOCIATE-RQ, so associations in flight finish under the policy
-  they were admitted with and nothing is dropped.
+* The SCP takes the new peers through one call,
+  ``NodeServer.admission.reconfigure(settings)``
+  (:meth:`cad_node.scp.admission.Admission.reconfigure`): the next TCP
+  accept and A-ASSOCIATE-RQ are decided with them, while associations in
+  flight keep their slots and are not checked again, so nothing is dropped.
 * Workers (separate processes) pick the new destinations and routing up at
   their next task: the reload writes ``<storage_dir>/config-generation``
   (atomically) and :func:`worker_settings` compares it before every task.
@@ -164,9 +165,9 @@ class LiveConfig:
             merged = merge_reloadable(old, fresh)
             changes = _describe(old, merged)
             if self.server is not None:
-                from cad_node.scp.server import Admission
-
-                self.server.admission = Admission(merged)
+                # The one call into the SCP: its admission policy takes the new peers for
+                # the next decision; associations in flight are not touched.
+                self.server.admission.reconfigure(merged)
             self._settings = merged
             self.generation += 1
             digest = hashlib.sha256(self.path.read_bytes()).hexdigest()

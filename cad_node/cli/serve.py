@@ -55,8 +55,9 @@ def serve(
                        worker=settings.jobs.embedded_worker and not no_worker)
     from cad_node.audit import AuditLog, SCPAuditObserver
 
+    audit = SCPAuditObserver(AuditLog.for_settings(settings))
     server = NodeServer(settings, on_study_complete=jobs.on_study_complete,
-                        observer=SCPAuditObserver(AuditLog.for_settings(settings)))
+                        admission_observers=[audit], on_association_end=audit.ended)
     try:
         server.start()
     except (OSError, RuntimeError) as exc:

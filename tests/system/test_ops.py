@@ -405,7 +405,8 @@ def test_write_actions_need_a_token_and_every_audit_event_is_recorded(
     assert any(e["source"] == {"ae_title": "MODALITY", "address": "127.0.0.1"}
                for e in by[AuditEvent.ASSOCIATION_ACCEPTED])
     rejected = [e for e in by[AuditEvent.ASSOCIATION_REJECTED] if e["actor"] == "LIVEPEER"]
-    assert rejected and rejected[0]["reason"]["diagnostic"] == 3
+    assert rejected and rejected[0]["reason"] == "calling-ae"
+    assert rejected[0]["source"] == {"ae_title": "LIVEPEER", "address": "127.0.0.1"}
     stored = [e for e in by[AuditEvent.INSTANCES_STORED]
               if any(s["study_instance_uid"] == ct_study_uid for s in e["studies"])]
     assert sum(e["count"] for e in stored) == 133

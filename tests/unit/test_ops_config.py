@@ -14,7 +14,7 @@ from cad_node.cli import app
 from cad_node.config import BUILTIN_RULES, ConfigError, load_config
 from cad_node.configedit import add_destination, add_peer, remove_destination, remove_peer
 from cad_node.live import LiveConfig, read_generation
-from cad_node.scp.server import Admission
+from cad_node.scp.admission import Admission
 
 
 def _cli(*args: str) -> Result:
@@ -127,39 +127,44 @@ def test_peers_cli_add_list_remove(tmp_path: Path) -> None:
 
 
 class _Server:
-    """Stands in for the running NodeServer: only its replaceable ``admission`` is used."""
+    """Stands in for the running NodeServer: only its ``admission`` policy is used."""
 
     def __init__(self, admission: Admission) -> None:
         self.admission = admission
 
 
-def test_reload_replaces_admission_and_keeps_the_old_config_on_a_bad_file(
+def test_reload_reconfigures_admission_and_keeps_the_old_config_on_a_bad_file(
     tmp_path: Path,
 ) -> None:
     cfg = _write(tmp_path, THREE_KEYS)
     settings = load_config(cfg)
-    server = _Server(Admission(settings))
+    policy = Admission(settings)
+    server = _Server(policy)
     live = LiveConfig(cfg, settings, server)
-    old_policy = server.admission
-    assert old_policy.check("NEWPEER", "CADNODE", "127.0.0.1") is not None
+    assert policy.check("NEWPEER", "CADNODE", "127.0.0.1") is not None
+    in_flight = policy.open("127.0.0.1")  # a connection admitted before the reload
+    assert policy.in_use == 1
     add_peer(cfg, "NEWPEER", "127.0.0.1", actor="t")
+    remove_peer(cfg, "MODALITY", actor="t")
     result = live.reload("tester")
-    assert result.ok and result.changes == ["peer added NEWPEER@127.0.0.1"]
-    assert server.admission is not old_policy
-    assert server.admission.check("NEWPEER", "CADNODE", "127.0.0.1") is None
-    # An association admitted earlier keeps the policy object it was admitted with.
-    assert old_policy.check("NEWPEER", "CADNODE", "127.0.0.1") is not None
+    assert result.ok
+    assert result.changes == ["peer added NEWPEER@127.0.0.1", "peer removed MODALITY@127.0.0.1"]
+    assert server.admission is policy and policy.in_use == 1  # its slot is kept
+    assert policy.check("NEWPEER", "CADNODE", "127.0.0.1") is None
+    assert policy.check("MODALITY", "CADNODE", "127.0.0.1") is not None
+    in_flight.release()
+    assert policy.in_use == 0
     assert read_generation(settings.node.storage_dir) == 1
     # node.* changes are reported, not applied.
     cfg.write_text(cfg.read_text().replace("port: 11112", "port: 11113"))
     result = live.reload("tester")
     assert result.ok and result.not_applied == ["node"] and live.settings.node.port == 11112
     # A bad file: rejected, configuration and generation unchanged.
-    policy = server.admission
     cfg.write_text(cfg.read_text() + "peers: [{ae_title: X}]\n")
     result = live.reload("tester")
     assert not result.ok and "peers" in (result.error or "")
-    assert server.admission is policy and read_generation(settings.node.storage_dir) == 2
+    assert policy.check("NEWPEER", "CADNODE", "127.0.0.1") is None
+    assert read_generation(settings.node.storage_dir) == 2
     events = [e for e in read_events(Path(settings.node.storage_dir) / "audit")
               if e["actor"] == "tester"]
     assert [e["outcome"] for e in events] == [0, 0, 8]
