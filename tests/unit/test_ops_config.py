@@ -195,3 +195,20 @@ def test_audit_file_rotates_and_concurrent_writers_lose_nothing(tmp_path: Path) 
     for t in range(3):
         assert [e["seq"] for e in events if e["actor"] == f"p{t}"] == list(range(150))
     assert {e["event"] for e in events} == {"admin-action"}
+
+
+def test_a_worker_picks_up_destinations_after_serve_reloaded(tmp_path: Path) -> None:
+    from cad_node.live import worker_baseline, worker_settings
+
+    cfg = _write(tmp_path, THREE_KEYS)
+    serve_side = load_config(cfg)
+    worker_side = load_config(cfg)
+    worker_baseline(worker_side)
+    assert worker_settings(worker_side, str(cfg)) is None  # nothing reloaded yet
+    add_destination(cfg, "archive", "ARCH", "10.0.0.9", 104, actor="t")
+    assert worker_settings(worker_side, str(cfg)) is None  # edited, but serve did not reload
+    live = LiveConfig(cfg, serve_side, None)
+    assert live.reload("t").ok
+    fresh = worker_settings(worker_side, str(cfg))
+    assert fresh is not None and [d.name for d in fresh.destinations] == ["pacs", "archive"]
+    assert worker_settings(fresh, str(cfg)) is None  # once per generation

@@ -174,3 +174,26 @@ def test_a_study_that_changes_while_purged_is_kept(world) -> None:  # type: igno
     assert not purge_study(spool.index, spool.root, decision, [])
     kept = spool.index.instances_for_study(uid)
     assert len(kept) == 8 and all(i.path.exists() for i in kept)
+
+
+def test_the_serve_sweeper_applies_the_configured_policy(world) -> None:  # type: ignore[no-untyped-def]
+    from cad_node.storage.retention import RetentionSweeper
+
+    settings, spool, store, tmp = world
+    uid = _store_study(spool, phantom_study(tmp / "s", seed=41, slices=8))
+    job = _hand_off(spool, store, uid)
+    for u, k in zip(_results(settings, store, job, JobState.SENT), KINDS, strict=True):
+        for d in settings.destinations:
+            store.record_sent(job.job_id, d.name, u, "1.2", k, 0)
+
+    class _Node:  # the running NodeServer: only its open spool is used
+        def __init__(self) -> None:
+            self.spool = spool
+
+    current = {"settings": settings}
+    sweeper = RetentionSweeper(lambda: current["settings"], store, _Node())
+    assert sweeper.sweep() == []  # retention.days unset: keep forever
+    current["settings"] = settings.model_copy(update={"retention": settings.retention.model_copy(
+        update={"days": 0.0})})
+    assert [d.study_instance_uid for d in sweeper.sweep()] == [uid]
+    assert spool.index.study(uid) is None
