@@ -116,3 +116,17 @@ def test_writes_need_a_valid_token_and_are_audited(web: Any) -> None:
     current["settings"] = settings.model_copy(
         update={"web": settings.web.model_copy(update={"tokens": []})})
     assert _request(base + "/api/jobs/1/retry", "POST", token=TOKEN)[0] == 403
+
+
+def test_dead_letter_replay_queues_every_dead_job(web: Any) -> None:
+    base, store, *_ = web
+    dead, _ = store.record_study_complete(
+        study_id="2", study_instance_uid="1.2.3.9", generation=1, fingerprint="g",
+        instances=[{"series_instance_uid": "1.2.3.9.1", "sop_instance_uid": "1.2.3.9.1.1",
+                    "path": "/nowhere/2.dcm", "received_at": 100.0}], now=110.0)
+    store.transition(dead.job_id, JobState.DEAD, error="delivered 4 times")
+    assert _request(base + "/api/dead-letter/replay", "POST")[0] == 401
+    code, body = _request(base + "/api/dead-letter/replay", "POST", token=TOKEN)
+    assert code == 200 and body == {"replayed": [dead.job_id]}
+    assert store.get(dead.job_id).state is JobState.QUEUED  # no results yet: analysed again
+    assert store.get(1).state is JobState.FAILED  # failed (not dead) jobs are left alone
