@@ -160,6 +160,15 @@ def _validate_host(value: str) -> str:
     return value
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
@@ -580,6 +589,9 @@ class Settings(_Strict):
             out.append("routing.rules is empty: the node stores studies but analyses nothing")
         if not self.destinations:
             out.append("destinations is empty: results are built but sent nowhere")
+        if self.web.enabled and not _is_loopback(self.web.host):
+            out.append(f"web.host {self.web.host} is not loopback: anyone who can reach it reads "
+                       "the status page (patient IDs, study UIDs) without a token")
         if not self.peers and not self.node.accept_any:
             out.append("peers is empty and node.accept_any is false: every association is "
                        "rejected")

@@ -212,3 +212,14 @@ def test_a_worker_picks_up_destinations_after_serve_reloaded(tmp_path: Path) -> 
     fresh = worker_settings(worker_side, str(cfg))
     assert fresh is not None and [d.name for d in fresh.destinations] == ["pacs", "archive"]
     assert worker_settings(fresh, str(cfg)) is None  # once per generation
+
+
+def test_web_is_off_and_loopback_by_default_and_warns_when_exposed(tmp_path: Path) -> None:
+    s = load_config(_write(tmp_path, THREE_KEYS), environ={})
+    assert not s.web.enabled and s.web.host == "127.0.0.1" and s.web.tokens == []
+    exposed = load_config(_write(tmp_path, THREE_KEYS + "web: {enabled: true, host: 0.0.0.0}\n"),
+                          environ={})
+    assert any("not loopback" in w for w in exposed.warnings())
+    with pytest.raises(ConfigError, match=r"web\.tokens\.0\.token"):
+        load_config(_write(tmp_path, THREE_KEYS + "web: {tokens: [{name: a, token: short}]}\n"),
+                    environ={})
