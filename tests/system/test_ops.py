@@ -250,7 +250,8 @@ def browser_run(node: OpsNode, ct_files: list[Path], ct_study_uid: str,
             ".map(s => [s.dataset.stage, s.textContent]);",
             f'tr[data-study-uid="{ct_study_uid}"] span.stage'))
         logs = driver.get_log("browser")
-        shutil.copy(shot, Path(os.environ.get("CAD_NODE_SCREENSHOT_DIR", out)) / shot.name)
+        if os.environ.get("CAD_NODE_SCREENSHOT_DIR"):  # keep a copy outside pytest's tmp
+            shutil.copy(shot, Path(os.environ["CAD_NODE_SCREENSHOT_DIR"]) / shot.name)
         print(f"screenshot: {shot}")
         return {"state": state, "seen": seen, "screenshot": shot, "stages": stages,
                 "console": logs}
