@@ -387,9 +387,15 @@ class JobsConfig(_Strict):
     #: Torch device for inference: ``auto`` picks CUDA when present, else CPU.
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     retry: RetryConfig = RetryConfig()
+    #: Seconds between a worker's heartbeats to the job table.
+    heartbeat_s: float = Field(5.0, gt=0, le=600)
+    #: A claimed job whose worker has not heart-beat for this long is re-published.
+    claim_lease_s: float = Field(30.0, gt=0)
 
     @model_validator(mode="after")
     def _limits(self) -> JobsConfig:
+        if self.claim_lease_s < 2 * self.heartbeat_s:
+            raise ValueError("claim_lease_s must be at least 2 x heartbeat_s")
         if self.hard_time_limit_s <= self.soft_time_limit_s:
             raise ValueError("hard_time_limit_s must be > soft_time_limit_s")
         if self.visibility_timeout_s <= self.hard_time_limit_s:
@@ -487,8 +493,51 @@ class ResultsConfig(_Strict):
     disclaimer: str = Field("Not for diagnostic use", min_length=1, max_length=200)
     manufacturer: str = Field("cad-node", min_length=1, max_length=64)
     institution_name: str | None = None
-    #: Run dciodvfy in the conformance gate when it is installed.
+    #: Run dciodvfy (/usr/bin/dciodvfy) in the conformance gate; with it
+    #: missing, every object fails the gate (false: objects go out unchecked).
     use_dciodvfy: bool = True
+
+
+_DATABASE_URL = r"^(sqlite:///|postgresql(\+psycopg)?://|postgres://)"
+
+
+class StorageConfig(_Strict):
+    """Where the spool index and the job table live, and how workers get a study.
+
+    The defaults are the embedded single-machine node: SQLite files below
+    ``node.storage_dir``, workers reading the spool's files directly.
+    """
+
+    #: ``None``: SQLite files below ``node.storage_dir``.  ``postgresql://user@host:port/db``:
+    #: the index and the job table in one PostgreSQL database (several hosts).
+    database_url: str | None = None
+    #: Receiver: serve the read-only, study-scoped WADO-RS endpoint on this address
+    #: (``None``: off).  Workers on other hosts fetch their study from it.
+    wado_host: str | None = None
+    wado_port: int = Field(8043, ge=1, le=65535)
+    #: Worker: base URL of the receiver's WADO-RS endpoint; ``None`` reads the spool's
+    #: files directly (same host).  The study-scoped token comes with the job.
+    fetch_url: str | None = Field(None, pattern=r"^https?://")
+    #: Receiver: file holding the key that signs the study-scoped tokens (created, 0600,
+    #: when missing); ``None`` means ``<storage_dir>/wado.key``.
+    token_key_file: str | None = None
+
+    @field_validator("database_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(_DATABASE_URL, v):
+            raise ValueError("database_url must start with sqlite:/// or postgresql://")
+        return v
+
+    @property
+    def jobs_database_url(self) -> str | None:
+        """URL of the job table (``None``: the SQLite file below ``storage_dir``)."""
+        return self.database_url
+
+    @property
+    def index_database_url(self) -> str | None:
+        """URL of the spool index (``None``: the SQLite file in the spool)."""
+        return self.database_url
 
 
 class MetricsConfig(_Strict):
@@ -560,6 +609,7 @@ class Settings(_Strict):
     web: WebConfig = WebConfig()
     audit: AuditConfig = AuditConfig()
     retention: RetentionConfig = RetentionConfig()
+    storage: StorageConfig = StorageConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @model_validator(mode="after")

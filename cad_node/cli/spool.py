@@ -56,7 +56,7 @@ def purge(
         err.print("--days must be >= 0", highlight=False)
         raise typer.Exit(EXIT_USAGE)
     policy = RetentionPolicy(keep_days)
-    store = JobStore.for_storage(settings.node.storage_dir)
+    store = JobStore.from_settings(settings)
     if not Spool.index_path(settings.node.storage_dir).exists():
         Console().print("the spool is empty", highlight=False)
         return

@@ -62,7 +62,7 @@ def status(
     from cad_node.jobs.states import JobState
     from cad_node.jobs.store import JobStore
 
-    store = JobStore.for_storage(settings.node.storage_dir)
+    store = JobStore.from_settings(settings)
     out = Console()
     broker = settings.jobs.broker_url or "embedded SQLite"
     qt = Table(title=f"queues ({broker.split('@')[-1]})")
