@@ -6,7 +6,9 @@ Policy (:meth:`RetentionPolicy.decide`), per study of the spool index:
 * its current job (newest, not superseded) must be ``sent`` and have
   results (a manifest);
 * every destination *configured now* must have acknowledged every result
-  object of its output profile (``JobStore.sent_objects``); a destination
+  object of its output profile (``JobStore.sent_objects``), and its recorded
+  send outcome (``JobStore.destinations``), when there is one, must be
+  ``acknowledged``; a destination
   added later, a resend in progress or an unacknowledged object keeps the
   study;
 * only then is it deleted, ``retention.days`` after the last of those
@@ -36,7 +38,7 @@ from typing import Any
 
 from cad_node.config import Settings
 from cad_node.jobs.states import JobState
-from cad_node.jobs.store import Job, JobStore
+from cad_node.jobs.store import DestinationStatus, Job, JobStore
 from cad_node.storage.index import SpoolIndex, StudyState
 
 __all__ = ["Decision", "RetentionPolicy", "RetentionSweeper", "purge_study"]
@@ -90,7 +92,11 @@ class RetentionPolicy:
         if not settings.destinations:
             return None, "no destination is configured"
         latest = 0.0
+        recorded = store.destinations(job.job_id)
         for dest in settings.destinations:
+            outcome = recorded.get(dest.name)
+            if outcome is not None and outcome.state is not DestinationStatus.ACKNOWLEDGED:
+                return None, f"destination {dest.name} is {outcome.state.value}"
             expected = {e["sop_instance_uid"] for e in manifest if e["kind"] in dest.objects}
             acked = {o.sop_instance_uid: o.sent_at
                      for o in store.sent_objects(job.job_id, dest.name)}

@@ -13,7 +13,7 @@ import pytest
 
 from cad_node.config import Settings
 from cad_node.jobs.states import JobState
-from cad_node.jobs.store import Job, JobStore
+from cad_node.jobs.store import DestinationStatus, Job, JobStore
 from cad_node.storage.parse import split_part10
 from cad_node.storage.retention import RetentionPolicy, apply, purge_study
 from cad_node.storage.spool import Spool
@@ -121,9 +121,10 @@ def test_never_purged_unless_every_destination_acknowledged_everything(  # type:
     settings, spool, store, tmp = world
     cases = {}
     # (a) d1 acknowledged only one of the two objects, (b) nobody acknowledged,
+    # (f) every object acknowledged, but d1's send outcome is "retrying" (a resend),
     # (c) sent, but a destination d2 was configured afterwards, (d) still results-ready,
     # (e) new instances arrived after the hand-off.
-    for name, seed in (("a", 11), ("b", 12), ("c", 13), ("d", 14), ("e", 15)):
+    for name, seed in (("a", 11), ("b", 12), ("c", 13), ("d", 14), ("e", 15), ("f", 16)):
         files = phantom_study(tmp / name, seed=seed, slices=8)
         uid = _store_study(spool, files[:7] if name == "e" else files)
         job = _hand_off(spool, store, uid)
@@ -132,11 +133,15 @@ def test_never_purged_unless_every_destination_acknowledged_everything(  # type:
         acks = {"a": [("d0", 0), ("d0", 1), ("d1", 0)], "b": [],
                 "c": [("d0", 0), ("d0", 1), ("d1", 0), ("d1", 1)],
                 "d": [("d0", 0), ("d0", 1), ("d1", 0), ("d1", 1)],
-                "e": [("d0", 0), ("d0", 1), ("d1", 0), ("d1", 1)]}[name]
+                "e": [("d0", 0), ("d0", 1), ("d1", 0), ("d1", 1)],
+                "f": [("d0", 0), ("d0", 1), ("d1", 0), ("d1", 1)]}[name]
         for dest, n in acks:
             store.record_sent(job.job_id, dest, uids[n], "1.2", KINDS[n], 0)
         if name == "e":
             _store_study(spool, files[7:])
+        if name == "f":
+            store.record_destination(job.job_id, "d0", DestinationStatus.ACKNOWLEDGED)
+            store.record_destination(job.job_id, "d1", DestinationStatus.RETRYING)
         cases[name] = uid
     later = _settings(Path(settings.node.storage_dir), destinations=3)  # d2 added
     policy = RetentionPolicy(0, clock=FakeClock(1e12))  # far in the future
@@ -149,10 +154,11 @@ def test_never_purged_unless_every_destination_acknowledged_everything(  # type:
     assert "d2 has not acknowledged 2 of 2" in reasons["c"]
     assert "results-ready" in reasons["d"]
     assert reasons["e"] == "instances not handed on yet"
+    assert reasons["f"] == "destination d1 is retrying"
     # With the two destinations that acknowledged it, only (c) goes.
     done = apply(policy, settings, spool.index, store, spool.root, actor="test")
     assert [d.study_instance_uid for d in done] == [cases["c"]]
-    for name in "abde":
+    for name in "abdef":
         kept = spool.index.instances_for_study(cases[name])
         assert kept and all(i.path.exists() for i in kept), name
     assert spool.index.study(cases["c"]) is None
