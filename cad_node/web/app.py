@@ -318,6 +318,9 @@ def create_app(ctx: WebContext) -> FastAPI:
                 "events": [{"state": e.state.value, "at": e.at, "attempt": e.attempt,
                             "error": e.error, "detail": e.detail}
                            for e in ctx.store.events(job_id)],
+                "destinations": {name: {"state": d.state.value, "attempts": d.attempts,
+                                        "error": d.error, "acknowledged_at": d.acknowledged_at}
+                                 for name, d in ctx.store.destinations(job_id).items()},
                 "sent": [{"destination": o.destination, "sop_instance_uid": o.sop_instance_uid,
                           "kind": o.kind, "status": o.status, "sent_at": o.sent_at}
                          for o in ctx.store.sent_objects(job_id)]}

@@ -290,6 +290,9 @@ def test_readme_three_keys_analyse_the_real_ct_into_orthanc(
     in_pacs = {i["MainDicomTags"]["SOPInstanceUID"]
                for i in orthanc.study_instances(ct_study_uid)}
     assert {o.sop_instance_uid for o in sent} <= in_pacs
+    detail = node.get(f"/api/jobs/{job.job_id}")
+    assert detail["destinations"]["pacs"]["state"] == "acknowledged", detail["destinations"]
+    assert {s["sop_instance_uid"] for s in detail["sent"]} == {o.sop_instance_uid for o in sent}
     overview = node.get("/api/overview")
     row = next(s for s in overview["studies"] if s["study_instance_uid"] == ct_study_uid)
     assert row["state"] == "sent" and row["instances"] == 133
