@@ -130,3 +130,27 @@ def test_dead_letter_replay_queues_every_dead_job(web: Any) -> None:
     assert code == 200 and body == {"replayed": [dead.job_id]}
     assert store.get(dead.job_id).state is JobState.QUEUED  # no results yet: analysed again
     assert store.get(1).state is JobState.FAILED  # failed (not dead) jobs are left alone
+
+
+def test_workers_show_alive_device_and_current_job(web: Any) -> None:
+    import time
+
+    base, store, *_ = web
+    busy, _ = store.record_study_complete(
+        study_id="3", study_instance_uid="1.2.3.7", generation=1, fingerprint="h",
+        instances=[{"series_instance_uid": "1.2.3.7.1", "sop_instance_uid": "1.2.3.7.1.1",
+                    "path": "/nowhere/3.dcm", "received_at": 100.0}], now=110.0)
+    store.transition(busy.job_id, JobState.QUEUED)
+    store.transition(busy.job_id, JobState.RUNNING, detail="delivery 1 on gpu0@host, device cuda:0")
+    store.heartbeat("gpu0@host", 4242, ["inference"], "cuda:0", time.time())
+    store.heartbeat("old@host", 4243, ["io"], "cpu", time.time() - 3600)
+    with store.db.write() as conn:  # the old worker's last heartbeat was an hour ago
+        import sqlalchemy as sa
+
+        from cad_node.jobs.store import WORKERS
+        conn.execute(sa.update(WORKERS).where(WORKERS.c.hostname == "old@host")
+                     .values(last_seen=time.time() - 3600))
+    workers = {w["hostname"]: w for w in _request(base + "/api/overview")[1]["workers"]}
+    assert workers["gpu0@host"]["alive"] and workers["gpu0@host"]["device"] == "cuda:0"
+    assert workers["gpu0@host"]["current_job"] == busy.job_id
+    assert not workers["old@host"]["alive"] and workers["old@host"]["current_job"] is None
