@@ -6,9 +6,10 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 CONFIG ?= config/cad-node.yaml
 # Debian packages the test-suite drives as real peers (never mocked).
-# systemd ships /usr/bin/systemd-analyze (tests/unit/test_deploy.py verifies the units).
-PEER_PKGS := dcmtk dicom3tools orthanc redis-server systemd
-PEER_BINS := /usr/bin/storescu /usr/bin/echoscu /usr/bin/dsrdump /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/bin/redis-server /usr/bin/systemd-analyze
+# systemd ships /usr/bin/systemd-analyze (tests/unit/test_deploy.py verifies the units);
+# chromium + chromium-driver drive the browser tests (selenium).
+PEER_PKGS := dcmtk dicom3tools orthanc redis-server systemd chromium chromium-driver
+PEER_BINS := /usr/bin/storescu /usr/bin/echoscu /usr/bin/dsrdump /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/bin/redis-server /usr/bin/systemd-analyze /usr/bin/chromium /usr/bin/chromedriver
 PYTEST_ARGS ?=
 
 .PHONY: venv peers serve test lint typecheck bench fuzz clean
