@@ -264,4 +264,7 @@ def register(app: typer.Typer) -> None:
             raise fail(exc) from None
         typer.echo(f"{value:.6f}")
 
+    from trainer.cxr_lungs import register_evaluate as register_cxr_evaluate
+
+    register_cxr_evaluate(ev)  # cad-train evaluate cxr-lungs
     app.add_typer(ev, name="evaluate")
