@@ -14,24 +14,35 @@ is bound.
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
+    "DEFAULT_OBJECT_KINDS",
     "ENV_PREFIX",
     "ConfigError",
     "DestinationConfig",
     "JobsConfig",
     "ModelsConfig",
     "NodeConfig",
+    "ObjectKind",
     "PeerConfig",
     "ResultsConfig",
     "RetryConfig",
@@ -41,6 +52,7 @@ __all__ = [
     "Settings",
     "StudyConfig",
     "load_config",
+    "parse_object_kinds",
     "validate_ae_title",
 ]
 
@@ -49,8 +61,48 @@ DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "cad-n
 #: Prefix of environment overrides: ``CAD_NODE_<SECTION>__<KEY>``.
 ENV_PREFIX = "CAD_NODE_"
 
-#: Result object kinds a destination may receive (see ``cad_node.results``).
-ObjectKind = Literal["sr", "seg", "sc", "gsps", "kos"]
+class ObjectKind(enum.StrEnum):
+    """Kind of result object the node emits (one module each under ``cad_node.results``).
+
+    The one definition of object kinds.  Configuration spells them in lower
+    case (``objects: [sr, seg, sc]``); strings become members once, when the
+    configuration is validated (or, for CLI options, where the option is
+    parsed).  A :class:`enum.StrEnum`, so ``str(kind)`` is the YAML spelling
+    (file names ``<kind>_<nnn>.dcm``, manifests, logs).
+    """
+
+    #: Comprehensive 3D SR, TID 1500 Measurement Report (PS3.16).
+    SR = "sr"
+    #: Segmentation IOD (PS3.3 A.51).
+    SEG = "seg"
+    #: Secondary Capture: key images and the summary page (PS3.3 A.8).
+    SC = "sc"
+    #: Grayscale Softcopy Presentation State (PS3.3 A.33.1).
+    GSPS = "gsps"
+    #: Key Object Selection Document (PS3.3 A.35.4).
+    KOS = "kos"
+
+
+#: Output profile of a destination that names none: SR + SEG + SC.
+DEFAULT_OBJECT_KINDS: tuple[ObjectKind, ...] = (ObjectKind.SR, ObjectKind.SEG, ObjectKind.SC)
+
+
+def parse_object_kinds(text: str) -> list[ObjectKind]:
+    """Object kinds from a comma-separated CLI option such as ``"sr,seg,sc"``.
+
+    Raises
+    ------
+    ValueError
+        An unknown or repeated kind, or none at all; the message lists the known ones.
+    """
+    names = [k.strip() for k in text.split(",") if k.strip()]
+    known = ", ".join(str(k) for k in ObjectKind)
+    bad = [k for k in names if k not in ObjectKind.__members__.values()]
+    if bad or not names:
+        raise ValueError(f"unknown kind(s) {bad}; choose from {known}")
+    if len(set(names)) != len(names):
+        raise ValueError("object kinds must not repeat")
+    return [ObjectKind(k) for k in names]
 
 _AE_MAX_LEN = 16  # PS3.5 6.2, VR AE: at most 16 characters
 _AE_FORBIDDEN = re.compile(r"[\\\x00-\x1f\x7f]")
@@ -164,8 +216,8 @@ class PeerConfig(_Strict):
 
 
 def _default_objects() -> list[ObjectKind]:
-    """Default output profile: SR + SEG + SC."""
-    return ["sr", "seg", "sc"]
+    """Default output profile: :data:`DEFAULT_OBJECT_KINDS`."""
+    return list(DEFAULT_OBJECT_KINDS)
 
 
 class DestinationConfig(_Strict):
@@ -176,7 +228,10 @@ class DestinationConfig(_Strict):
     host: str
     port: int = Field(ge=1, le=65535)
     #: Result object kinds this destination receives (output profile).
-    objects: list[ObjectKind] = Field(default_factory=_default_objects, min_length=1)
+    #: YAML strings become :class:`ObjectKind` members here (lax for this field only).
+    objects: list[Annotated[ObjectKind, Strict(False)]] = Field(
+        default_factory=_default_objects, min_length=1
+    )
     #: Association/DIMSE timeout towards this destination, seconds.
     timeout_s: float = Field(30.0, gt=0, le=3600)
 
@@ -192,7 +247,7 @@ class DestinationConfig(_Strict):
 
     @field_validator("objects")
     @classmethod
-    def _unique_objects(cls, v: list[str]) -> list[str]:
+    def _unique_objects(cls, v: list[ObjectKind]) -> list[ObjectKind]:
         if len(set(v)) != len(v):
             raise ValueError("object kinds must not repeat")
         return v

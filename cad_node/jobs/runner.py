@@ -39,7 +39,7 @@ from typing import Any
 
 import pydicom
 
-from cad_node.config import DestinationConfig, Settings
+from cad_node.config import DEFAULT_OBJECT_KINDS, DestinationConfig, ObjectKind, Settings
 from cad_node.export.retry import RetryPolicy
 from cad_node.export.sender import ObjectResult, OutboundObject, SendReport, send_objects
 from cad_node.jobs.routing import RouteStep, plan_routes
@@ -166,13 +166,13 @@ class JobRunner:
         """Directory of a job's quarantined objects."""
         return self.storage / "quarantine" / job.node_name
 
-    def _kinds(self) -> list[str]:
-        kinds: list[str] = []
+    def _kinds(self) -> list[ObjectKind]:
+        kinds: list[ObjectKind] = []
         for dest in self.settings.destinations:
             for k in dest.objects:
                 if k not in kinds:
                     kinds.append(k)
-        return kinds or ["sr", "seg", "sc"]
+        return kinds or list(DEFAULT_OBJECT_KINDS)
 
     # -- analyse ------------------------------------------------------------
     def analyse(self, job_id: int) -> Job:
