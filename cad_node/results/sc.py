@@ -7,7 +7,8 @@
   burned in (:data:`CONTOUR_RGB`) and a short label (:data:`LABEL_RGB`):
   the mask boundary (one pixel outside the mask) when a mask exists, else the
   2-D box/polygon, else a circle of the long-axis diameter around the centre.
-  The key slice is the slice with the largest mask area, else the slice
+  The key slice is the slice of the largest in-plane extent (the SR's planar
+  group measures on it, :func:`cad_node.results.sr.key_slice_axes`), else the slice
   nearest the centre, else the region's image.
 * **Summary page** per study: the findings table, algorithm name, version and
   Device UID, the analysis status (failure reason / "No findings") and the
@@ -35,7 +36,7 @@ from cad_node.results._common import (
     ensure_character_set,
 )
 from cad_node.results.findings import AnalysisStatus, Finding
-from cad_node.results.sr import region_polyline
+from cad_node.results.sr import key_slice_axes, region_polyline
 
 __all__ = [
     "CONTOUR_RGB",
@@ -97,9 +98,9 @@ def _window(ds: Dataset, is_ct: bool) -> np.ndarray:
 def key_slice_uid(ctx: BuildContext, finding: Finding) -> str:
     """SOP Instance UID of the source image a finding's key image shows."""
     if finding.mask is not None:
-        areas = finding.mask.array.reshape(finding.mask.array.shape[0], -1).sum(axis=1)
-        if areas.max() > 0:
-            return finding.mask.sop_instance_uids[int(np.argmax(areas))]
+        found = key_slice_axes(ctx, finding)
+        if found is not None:  # the slice the SR's planar group measures on
+            return str(found[0].SOPInstanceUID)
     if finding.region is not None:
         return finding.region.sop_instance_uid
     if finding.center_mm is not None and ctx.source.stack is not None:

@@ -583,7 +583,8 @@ def test_segmented_finding_reads_back_with_highdicom_and_gate_parses_groups() ->
     # The gate now reads the groups as a consumer would: the old layout fails it.
     broken = copy.deepcopy(sr)
     groups = broken.ContentSequence[-2].ContentSequence  # Imaging Measurements
-    groups[0].ContentSequence.append(
+    # groups: the finding's planar (TID 1410) group, then its volumetric one
+    groups[-1].ContentSequence.append(
         hd.sr.SourceSeriesForSegmentation(str(series[0].SeriesInstanceUID))
     )
     report = validate(broken, series, others=[seg], use_dciodvfy=False)
