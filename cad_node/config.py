@@ -34,6 +34,7 @@ from pydantic import (
 )
 
 __all__ = [
+    "CHEST_XR_RULE_NAME",
     "DEFAULT_CONFIG_PATH",
     "DEFAULT_OBJECT_KINDS",
     "ENV_PREFIX",
@@ -51,6 +52,7 @@ __all__ = [
     "SeriesMatch",
     "Settings",
     "StudyConfig",
+    "chest_xr_rule",
     "load_config",
     "parse_object_kinds",
     "validate_ae_title",
@@ -352,6 +354,28 @@ class RoutingRule(_Strict):
     match: SeriesMatch = SeriesMatch()
     #: Which matching series to use: the best one (thinnest, most slices) or all.
     series: Literal["best", "all"] = "best"
+
+
+#: Built-in rule for frontal chest radiographs (pipeline ``cxr``): CR or DX,
+#: Body Part Examined chest or unset, View Position PA, AP or unset.  The
+#: pipeline itself refuses, with a reason in a failure SR, what the header
+#: match cannot see (DX For Processing, a lateral Patient Orientation, an
+#: image too small).
+CHEST_XR_RULE_NAME = "chest-xr"
+
+
+def chest_xr_rule() -> RoutingRule:
+    """The built-in ``chest-xr`` routing rule (see :data:`CHEST_XR_RULE_NAME`)."""
+    return RoutingRule(
+        name=CHEST_XR_RULE_NAME,
+        pipeline="cxr",
+        series="all",
+        match=SeriesMatch(
+            modality=["CR", "DX"],
+            body_part=["CHEST", "THORAX", ""],
+            view_position=["PA", "AP", ""],
+        ),
+    )
 
 
 class RoutingConfig(_Strict):

@@ -37,12 +37,13 @@ from cad_node.config import (
     RoutingRule,
     SeriesMatch,
     Settings,
+    chest_xr_rule,
     load_config,
     parse_object_kinds,
 )
-from cad_node.imaging import SeriesError, SeriesInfo, group_series, load_series, select_series
+from cad_node.imaging import SeriesError, SeriesInfo, group_series, select_series
 from cad_node.imaging.series import sources_of
-from cad_node.pipelines import get_pipeline
+from cad_node.pipelines import get_pipeline, load_input
 from cad_node.results.findings import AnalysisResult, AnalysisStatus
 
 __all__ = ["DEFAULT_RULE", "EXIT_FAILED", "EXIT_INPUT_ERROR", "analyze", "register"]
@@ -163,7 +164,7 @@ def analyze(
     except ConfigError as exc:
         err.print(str(exc), markup=False)
         raise typer.Exit(EXIT_INPUT_ERROR) from None
-    rules = list(settings.routing.rules) or [DEFAULT_RULE]
+    rules = list(settings.routing.rules) or [DEFAULT_RULE, chest_xr_rule()]
     try:
         kinds = parse_object_kinds(objects)
     except ValueError as exc:
@@ -199,7 +200,7 @@ def analyze(
                       console=console, transient=False) as bar:
             task = bar.add_task(f"{rule.pipeline} #{n}", total=1.0, stage="loading series")
             try:
-                loaded = load_series(info)
+                loaded = load_input(rule.pipeline, info)
             except SeriesError as exc:
                 result = _failed(rule.pipeline, info, f"series cannot be loaded: {exc}")
             else:

@@ -38,7 +38,7 @@ image is flipped back (``Radiograph.flip_columns`` / ``flip_rows``), so
 results are mapped to the stored pixels exactly; a transposed image (rows
 running head/feet) is refused.
 
-Refusals raise :class:`RadiographRefused`, whose message is the reason the
+Refusals raise :class:`RadiographRefusedError`, whose message is the reason the
 failure SR and summary page state.
 """
 
@@ -63,7 +63,7 @@ __all__ = [
     "RADIOGRAPH_MODALITIES",
     "Radiograph",
     "RadiographGeometry",
-    "RadiographRefused",
+    "RadiographRefusedError",
     "RadiographView",
     "display_pixels",
     "load_radiograph",
@@ -103,7 +103,7 @@ _PIXEL_DATA_TAG = 0x7FE00010
 _SOURCE_PRIORITY = Literal["PixelSpacing", "ImagerPixelSpacing/ERMF", "ImagerPixelSpacing"]
 
 
-class RadiographRefused(ValueError):
+class RadiographRefusedError(ValueError):
     """The instance is not analysed; ``str(exc)`` is the reason reported to the user."""
 
 
@@ -209,7 +209,7 @@ class Radiograph:
         return np.ascontiguousarray(out)
 
     def column_to_stored(self, column: float) -> float:
-        """Map an image-relative column coordinate (SCOORD, PS3.3 C.18.6.1.1) to the stored image."""
+        """Map an image-relative column (SCOORD, PS3.3 C.18.6.1.1) to the stored image."""
         return float(self.pixels.shape[1]) - column if self.view.flip_columns else column
 
     def row_to_stored(self, row: float) -> float:
@@ -269,14 +269,14 @@ def radiograph_view(ds: Dataset) -> RadiographView:
 
     Raises
     ------
-    RadiographRefused
+    RadiographRefusedError
         A lateral or oblique view, or an orientation the node cannot map to
         a standard frontal display.
     """
     view = _text(ds, "ViewPosition")
     notes: list[str] = []
     if view in LATERAL_VIEWS or (view and view not in FRONTAL_VIEWS):
-        raise RadiographRefused(
+        raise RadiographRefusedError(
             f"View Position {view} is not a frontal (PA or AP) chest radiograph; lateral and "
             "oblique views are not analysed")
     orientation = ds.get("PatientOrientation")
@@ -287,11 +287,11 @@ def radiograph_view(ds: Dataset) -> RadiographView:
         # The first letter is the main direction (PS3.3 C.7.6.1.1.1).
         r, c = row_dir[0], col_dir[0]
         if r in "AP":
-            raise RadiographRefused(
+            raise RadiographRefusedError(
                 f"Patient Orientation {row_dir}\\{col_dir}: the rows run anterior/posterior, "
                 "so this is a lateral projection; it is not analysed")
         if r in "HF" or c in "LR":
-            raise RadiographRefused(
+            raise RadiographRefusedError(
                 f"Patient Orientation {row_dir}\\{col_dir}: the image is rotated by 90 degrees; "
                 "it is not analysed (send it in standard orientation)")
         if r == "R":
@@ -344,27 +344,27 @@ def display_pixels(ds: Dataset) -> tuple[npt.NDArray[np.float32], str]:
 
     Raises
     ------
-    RadiographRefused
+    RadiographRefusedError
         Not single-frame grey, or the pixel data cannot be decoded.
     """
     photometric = _text(ds, "PhotometricInterpretation")
     if photometric not in (MONOCHROME1, MONOCHROME2):
-        raise RadiographRefused(
+        raise RadiographRefusedError(
             f"Photometric Interpretation {photometric or '(missing)'} is not a grey radiograph "
             "(MONOCHROME1 or MONOCHROME2)")
     if int(ds.get("NumberOfFrames") or 1) != 1:
-        raise RadiographRefused("multi-frame radiographs are not analysed")
+        raise RadiographRefusedError("multi-frame radiographs are not analysed")
     bits = int(ds.get("BitsStored") or 0)
     if not 1 <= bits <= 16:
-        raise RadiographRefused(f"Bits Stored {bits} is outside 1-16")
+        raise RadiographRefusedError(f"Bits Stored {bits} is outside 1-16")
     try:
         stored = ds.pixel_array
     except Exception as exc:  # pydicom raises several types for undecodable data
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "?")
-        raise RadiographRefused(f"the pixel data (transfer syntax {ts}) cannot be decoded: "
+        raise RadiographRefusedError(f"the pixel data (transfer syntax {ts}) cannot be decoded: "
                                 f"{exc}") from None
     if stored.ndim != 2:
-        raise RadiographRefused(f"pixel data of shape {stored.shape} is not one grey frame")
+        raise RadiographRefusedError(f"pixel data of shape {stored.shape} is not one grey frame")
     values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
     note = ""
     voi_seq = ds.get("VOILUTSequence")
@@ -399,20 +399,20 @@ def display_pixels(ds: Dataset) -> tuple[npt.NDArray[np.float32], str]:
 def _check_instance(ds: Dataset) -> None:
     modality = _text(ds, "Modality")
     if modality not in RADIOGRAPH_MODALITIES:
-        raise RadiographRefused(f"Modality {modality or '(missing)'} is not a projection "
+        raise RadiographRefusedError(f"Modality {modality or '(missing)'} is not a projection "
                                 "radiograph (CR or DX)")
     intent = _text(ds, "PresentationIntentType")
     if str(ds.get("SOPClassUID", "")) == DX_FOR_PROCESSING_SOP_CLASS or intent == FOR_PROCESSING:
-        raise RadiographRefused(
+        raise RadiographRefusedError(
             "DX 'For Processing' image: raw detector data that needs the manufacturer's "
             "processing before display; send the 'For Presentation' image instead")
     body = _text(ds, "BodyPartExamined")
     if body and body not in CHEST_BODY_PARTS:
-        raise RadiographRefused(f"Body Part Examined {body} is not a chest; only chest "
+        raise RadiographRefusedError(f"Body Part Examined {body} is not a chest; only chest "
                                 "radiographs are analysed")
     rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
     if min(rows, cols) < MIN_RADIOGRAPH_SIZE:
-        raise RadiographRefused(
+        raise RadiographRefusedError(
             f"image of {cols}x{rows} pixels is too small: at least {MIN_RADIOGRAPH_SIZE} "
             "pixels per side are needed to outline the lungs")
 
@@ -428,12 +428,12 @@ def load_radiograph(sources: Sequence[str | os.PathLike[str] | Dataset]) -> Radi
 
     Raises
     ------
-    RadiographRefused
+    RadiographRefusedError
         With the reason of the first instance when none can be analysed.
     """
     datasets = [s if isinstance(s, Dataset) else pydicom.dcmread(os.fspath(s)) for s in sources]
     if not datasets:
-        raise RadiographRefused("the series has no instances")
+        raise RadiographRefusedError("the series has no instances")
     datasets.sort(key=lambda d: (int(d.get("InstanceNumber") or 0), str(d.SOPInstanceUID)))
     reasons: list[str] = []
     for ds in datasets:
@@ -441,7 +441,7 @@ def load_radiograph(sources: Sequence[str | os.PathLike[str] | Dataset]) -> Radi
             _check_instance(ds)
             view = radiograph_view(ds)
             pixels, voi_note = display_pixels(ds)
-        except RadiographRefused as exc:
+        except RadiographRefusedError as exc:
             reasons.append(str(exc))
             continue
         geometry = radiograph_geometry(ds)
@@ -460,4 +460,4 @@ def load_radiograph(sources: Sequence[str | os.PathLike[str] | Dataset]) -> Radi
         if hasattr(ds, "file_meta"):
             header.file_meta = ds.file_meta
         return Radiograph(np.ascontiguousarray(pixels), header, geometry, view, tuple(notes))
-    raise RadiographRefused(reasons[0])
+    raise RadiographRefusedError(reasons[0])
