@@ -505,3 +505,107 @@ def register_evaluate(ev: typer.Typer) -> None:
         for k in LABELS:
             typer.echo(f"{k:11s} Dice {_m(metrics, k, 'dice')}  Jaccard "
                        f"{_m(metrics, k, 'jaccard')}  MSCD mm {_m(metrics, k, 'mscd_mm')}")
+
+
+# -- plausibility on another site's images (no masks): NIH ChestX-ray14 ----------------
+
+#: A lung whose projected area lies outside this range (cm²) is an outlier.
+PLAUSIBLE_LUNG_CM2 = (40.0, 450.0)
+#: Right/left lung area ratio outside this range is an outlier.
+PLAUSIBLE_RIGHT_LEFT = (0.5, 2.5)
+
+
+def plausibility(bundle_dir: Path, images: Path, entries: Path) -> dict[str, Any]:
+    """Segment every PNG of ``images``; flag images without two plausible lungs.
+
+    ``entries`` is a Data_Entry CSV with ``Image Index``, ``View Position`` and
+    ``stored_pixel_spacing_mm`` (the NIH starter set's layout).  An image is an
+    outlier when a lung is missing (two components are always kept, so
+    "missing" means under 1% of the image), a lung area is outside
+    :data:`PLAUSIBLE_LUNG_CM2`, the right/left ratio is outside
+    :data:`PLAUSIBLE_RIGHT_LEFT`, or the lungs are on the wrong sides.
+    """
+    import csv
+
+    from PIL import Image
+
+    from cad_node.models.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir.parent.name, models_dir=bundle_dir.parent.parent,
+                         version=bundle_dir.name)
+    net = bundle.build_network("cpu")
+    with entries.open(newline="", encoding="utf-8") as fh:
+        rows = {r["Image Index"]: r for r in csv.DictReader(fh)}
+    cases: list[dict[str, Any]] = []
+    t0 = time.monotonic()
+    for path in sorted(images.glob("*.png")):
+        row = rows.get(path.name, {})
+        spacing = float(row["stored_pixel_spacing_mm"]) if row.get(
+            "stored_pixel_spacing_mm") else None
+        img = np.asarray(Image.open(path).convert("L"), np.float32) / 255.0
+        m = segment(net, img).as_dict()
+        n = img.size
+        px = {k: int(v.sum()) for k, v in m.items()}
+        cm2 = {k: (v * spacing * spacing / 100.0 if spacing else None) for k, v in px.items()}
+        reasons = []
+        for k in ("right_lung", "left_lung"):
+            if px[k] < 0.01 * n:
+                reasons.append(f"{k} missing")
+            elif cm2[k] is not None and not (
+                    PLAUSIBLE_LUNG_CM2[0] <= cm2[k] <= PLAUSIBLE_LUNG_CM2[1]):
+                reasons.append(f"{k} {cm2[k]:.0f} cm2")
+        if px["right_lung"] and px["left_lung"]:
+            ratio = px["right_lung"] / px["left_lung"]
+            if not PLAUSIBLE_RIGHT_LEFT[0] <= ratio <= PLAUSIBLE_RIGHT_LEFT[1]:
+                reasons.append(f"right/left area ratio {ratio:.2f}")
+            rc = float(np.nonzero(m["right_lung"])[1].mean())
+            lc = float(np.nonzero(m["left_lung"])[1].mean())
+            if rc >= lc:
+                reasons.append("lungs on the wrong sides")
+        cases.append({"image": path.name, "view": row.get("View Position", ""),
+                      "labels": row.get("Finding Labels", ""),
+                      "right_lung_cm2": None if cm2["right_lung"] is None else round(
+                          cm2["right_lung"], 1),
+                      "left_lung_cm2": None if cm2["left_lung"] is None else round(
+                          cm2["left_lung"], 1),
+                      "outlier": bool(reasons), "reasons": reasons})
+    areas = [c[k] for c in cases for k in ("right_lung_cm2", "left_lung_cm2")
+             if c[k] is not None]
+    return {
+        "images": len(cases), "outliers": sum(c["outlier"] for c in cases),
+        "seconds_per_image": round((time.monotonic() - t0) / max(1, len(cases)), 3),
+        "lung_area_cm2_percentiles": {
+            str(q): round(float(np.percentile(areas, q)), 1) for q in (1, 5, 50, 95, 99)
+        } if areas else {},
+        "rules": {"lung_cm2": PLAUSIBLE_LUNG_CM2, "right_left": PLAUSIBLE_RIGHT_LEFT,
+                  "missing": "< 1% of the image"},
+        "cases": cases,
+    }
+
+
+def outlier_montage(bundle_dir: Path, images: Path, names: Sequence[str], out: Path,
+                    tile: int = 256) -> None:
+    """A PNG montage of ``names`` with predicted outlines (right green, left blue, heart red)."""
+    from PIL import Image, ImageDraw
+
+    from cad_node.models.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir.parent.name, models_dir=bundle_dir.parent.parent,
+                         version=bundle_dir.name)
+    net = bundle.build_network("cpu")
+    cols = min(4, max(1, len(names)))
+    rows = int(np.ceil(len(names) / cols)) or 1
+    sheet = Image.new("RGB", (cols * tile, rows * tile))
+    colours = {"right_lung": (0, 220, 0), "left_lung": (0, 170, 255), "heart": (255, 70, 70)}
+    for i, name in enumerate(names):
+        img = np.asarray(Image.open(images / name).convert("L"), np.float32) / 255.0
+        m = segment(net, img).as_dict()
+        rgb = np.repeat((img * 255).astype(np.uint8)[..., None], 3, axis=2)
+        for k, mask in m.items():
+            ring = mask & ~ndimage.binary_erosion(mask, iterations=2)
+            rgb[ring] = colours[k]
+        tile_img = Image.fromarray(rgb).resize((tile, tile))
+        ImageDraw.Draw(tile_img).text((4, 4), name, fill=(255, 255, 0))
+        sheet.paste(tile_img, ((i % cols) * tile, (i // cols) * tile))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
