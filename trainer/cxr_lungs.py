@@ -340,6 +340,11 @@ def bootstrap_ci(values: Sequence[float], *, samples: int = 2000, seed: int = 0,
     return float(v.mean()), float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
 
 
+def _size(bundle: Any) -> int:
+    spec = bundle.manifest.input
+    return int(getattr(spec, "size", NET_SIZE))
+
+
 def evaluate_bundle(bundle_dir: Path, data: PreparedSet, cases: Sequence[str], *,
                     bootstrap: int = 2000, seed: int = 0) -> dict[str, Any]:
     """Dice, Jaccard and contour distance per structure of a bundle on ``cases``."""
@@ -357,7 +362,8 @@ def evaluate_bundle(bundle_dir: Path, data: PreparedSet, cases: Sequence[str], *
     for case in cases:
         c = data.load(case)
         with torch.inference_mode():
-            pred = segment(net, c.image.astype(np.float32) / 255.0).as_dict()
+            pred = segment(net, c.image.astype(np.float32) / 255.0,
+                           size=_size(bundle)).as_dict()
         row: dict[str, Any] = {"case": case}
         for k in LABELS:
             if k not in c.structures:
@@ -506,6 +512,29 @@ def register_evaluate(ev: typer.Typer) -> None:
             typer.echo(f"{k:11s} Dice {_m(metrics, k, 'dice')}  Jaccard "
                        f"{_m(metrics, k, 'jaccard')}  MSCD mm {_m(metrics, k, 'mscd_mm')}")
 
+    @ev.command("cxr-plausibility")
+    def cxr_plausibility_cmd(
+        bundle: Annotated[Path, typer.Argument(help="Bundle folder models/cxr-lungs/<version>.")],
+        images: Annotated[Path, typer.Argument(help="Folder of PNG radiographs (no masks).")],
+        entries: Annotated[Path, typer.Argument(help="Data_Entry CSV (view, pixel spacing).")],
+        out: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
+        montage: Annotated[Path | None, typer.Option(help="PNG montage of the outliers.")] = None,
+    ) -> None:
+        """Two plausible lungs on every image of another site (NIH ChestX-ray14)?"""
+        try:
+            report = plausibility(bundle, images, entries)
+        except (ValueError, FileNotFoundError, KeyError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        if out is not None:
+            out.write_text(json.dumps(report, indent=1))
+        bad = [c for c in report["cases"] if c["outlier"]]
+        if montage is not None and bad:
+            outlier_montage(bundle, images, [c["image"] for c in bad], montage)
+        typer.echo(f"{report['images']} images, {report['outliers']} outliers")
+        for c in bad:
+            typer.echo(f"  {c['image']} ({c['view']}): {'; '.join(c['reasons'])}")
+
 
 # -- plausibility on another site's images (no masks): NIH ChestX-ray14 ----------------
 
@@ -543,7 +572,7 @@ def plausibility(bundle_dir: Path, images: Path, entries: Path) -> dict[str, Any
         spacing = float(row["stored_pixel_spacing_mm"]) if row.get(
             "stored_pixel_spacing_mm") else None
         img = np.asarray(Image.open(path).convert("L"), np.float32) / 255.0
-        m = segment(net, img).as_dict()
+        m = segment(net, img, size=_size(bundle)).as_dict()
         n = img.size
         px = {k: int(v.sum()) for k, v in m.items()}
         cm2 = {k: (v * spacing * spacing / 100.0 if spacing else None) for k, v in px.items()}
@@ -599,7 +628,7 @@ def outlier_montage(bundle_dir: Path, images: Path, names: Sequence[str], out: P
     colours = {"right_lung": (0, 220, 0), "left_lung": (0, 170, 255), "heart": (255, 70, 70)}
     for i, name in enumerate(names):
         img = np.asarray(Image.open(images / name).convert("L"), np.float32) / 255.0
-        m = segment(net, img).as_dict()
+        m = segment(net, img, size=_size(bundle)).as_dict()
         rgb = np.repeat((img * 255).astype(np.uint8)[..., None], 3, axis=2)
         for k, mask in m.items():
             ring = mask & ~ndimage.binary_erosion(mask, iterations=2)

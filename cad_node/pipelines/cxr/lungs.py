@@ -155,8 +155,8 @@ def probabilities_at(
     return np.ascontiguousarray(p[0, :, :rows, :cols].numpy(), dtype=np.float32)
 
 
-def segment(net: torch.nn.Module, image: npt.NDArray[np.floating], threshold: float = 0.5
-            ) -> LungHeartMasks:
+def segment(net: torch.nn.Module, image: npt.NDArray[np.floating], threshold: float = 0.5,
+            size: int = NET_SIZE) -> LungHeartMasks:
     """Segment one radiograph (``[0, 1]`` display values) at its full resolution.
 
     Parameters
@@ -167,7 +167,9 @@ def segment(net: torch.nn.Module, image: npt.NDArray[np.floating], threshold: fl
         2-D, ``[0, 1]``, bright = attenuating.
     threshold : float
         Probability threshold per structure.
+    size : int
+        The network's input side (the bundle's ``input.size``).
     """
-    logits = segment_batch_logits(net, network_input(image)[None])
+    logits = segment_batch_logits(net, network_input(image, size)[None])
     shape = (int(image.shape[0]), int(image.shape[1]))
     return postprocess(probabilities_at(logits[0], shape), threshold)

@@ -40,7 +40,8 @@ import numpy.typing as npt
 
 from cad_node.imaging.radiograph import Radiograph, RadiographRefusedError, load_radiograph
 from cad_node.pipelines import ProgressCallback, register_pipeline
-from cad_node.pipelines.cxr.lungs import segment
+from cad_node.models.bundle import RadiographInputSpec
+from cad_node.pipelines.cxr.lungs import NET_SIZE, segment
 from cad_node.pipelines.cxr.measure import (
     CARDIOMEGALY_CTR,
     HorizontalExtent,
@@ -176,7 +177,9 @@ class CxrPipeline:
             return self._failed(series, series.reason, identity)
         report("segmenting lungs and heart", 0.1)
         net = self.network(bundle, device)
-        masks = segment(net, series.pixels)
+        spec = bundle.manifest.input
+        size = spec.size if isinstance(spec, RadiographInputSpec) else NET_SIZE
+        masks = segment(net, series.pixels, size=size)
         report("measuring", 0.8)
         return self._measure(series, masks.right_lung, masks.left_lung, masks.heart, identity)
 
