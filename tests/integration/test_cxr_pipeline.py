@@ -107,6 +107,9 @@ def test_real_cr_completed(completed: AnalysisResult, cr: Dataset, tmp_path: Pat
     assert ctr[1] == pytest.approx(round(meas.ctr, 3))
     assert sorted(n[1] for n in nums if n[0] == "Area") == sorted(
         [round(meas.right_lung_area_cm2, 2), round(meas.left_lung_area_cm2 or 0, 2)])
+    texts = _texts(sr)
+    assert any("TB screening not installed" in t for t in texts)
+    assert not any("tuberculosis probability:" in t.lower() for t in texts)
     seg = pydicom.dcmread(objs["seg"][0])
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Right lung", "Left lung", "Heart"]
     np.testing.assert_array_equal(seg.pixel_array[0].astype(bool), right)

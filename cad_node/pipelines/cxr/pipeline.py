@@ -74,6 +74,8 @@ log = logging.getLogger(__name__)
 PIPELINE_NAME = "cxr"
 #: Name of the lung/heart segmentation bundle (``models/cxr-lungs/<version>``).
 LUNGS_BUNDLE = "cxr-lungs"
+#: Optional tuberculosis bundle (issue #12); without it the SR says TB screening is absent.
+TB_BUNDLE = "cxr-tb"
 #: A lung mask smaller than this fraction of the image is not a lung.
 MIN_LUNG_FRACTION = 0.01
 _NETWORKS: dict[tuple[str, str], torch.nn.Module] = {}
@@ -183,6 +185,16 @@ class CxrPipeline:
         report("measuring", 0.8)
         return self._measure(series, masks.right_lung, masks.left_lung, masks.heart, identity)
 
+    def _tb_statement(self) -> str:
+        """What the report says about TB screening (issue #12: no number without a bundle)."""
+        from cad_node.models.bundle import list_versions
+
+        if not list_versions(TB_BUNDLE, self.models_dir):
+            return (f"TB screening not installed (no {TB_BUNDLE} bundle): no tuberculosis "
+                    "probability is reported")
+        return (f"a {TB_BUNDLE} bundle is installed but this version has no TB inference: "
+                "no tuberculosis probability is reported")
+
     @staticmethod
     def _failed(series: Radiograph | RefusedInput, reason: str, identity: ModelIdentity
                 ) -> AnalysisResult:
@@ -265,6 +277,7 @@ class CxrPipeline:
             measurements["cardiothoracic_ratio"] = round(ctr, 3)
         else:
             qualitative["cardiothoracic_ratio"] = str(why)
+        notes.append(self._tb_statement())
         findings: list[Finding] = []
         if ctr is not None and ctr > CARDIOMEGALY_CTR and meas.heart_outline is not None:
             qualitative["cardiomegaly"] = (
