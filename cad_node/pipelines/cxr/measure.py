@@ -134,7 +134,11 @@ def outline(mask: npt.NDArray[np.bool_]) -> list[tuple[float, float]] | None:
     """
     if not mask.any():
         return None
-    padded = np.pad(mask.astype(np.float32), 1)
+    rows_any = np.flatnonzero(mask.any(axis=1))
+    cols_any = np.flatnonzero(mask.any(axis=0))
+    r0, c0 = int(rows_any[0]), int(cols_any[0])
+    crop = mask[r0:int(rows_any[-1]) + 1, c0:int(cols_any[-1]) + 1]
+    padded = np.pad(crop.astype(np.float32), 1)
     contours = measure.find_contours(padded, 0.5)  # type: ignore[no-untyped-call]
     if not contours:
         return None
@@ -145,7 +149,7 @@ def outline(mask: npt.NDArray[np.bool_]) -> list[tuple[float, float]] | None:
     if len(simple) < 3:
         return None
     # (row, col) on the padded image -> (column, row) image-relative coordinates.
-    xy = simple[:, ::-1] - 1.0 + _HALF_PIXEL
+    xy = simple[:, ::-1] - 1.0 + _HALF_PIXEL + np.asarray([c0, r0], dtype=np.float64)
     rows, cols = mask.shape
     xy[:, 0] = np.clip(xy[:, 0], 0.0, float(cols))
     xy[:, 1] = np.clip(xy[:, 1], 0.0, float(rows))
