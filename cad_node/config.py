@@ -49,6 +49,8 @@ __all__ = [
     "RetryConfig",
     "RoutingConfig",
     "RoutingRule",
+    "ScpTLSConfig",
+    "ScuTLSConfig",
     "SeriesMatch",
     "Settings",
     "StudyConfig",
@@ -158,6 +160,62 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
 
+def _readable_file(value: str) -> str:
+    if not Path(value).is_file():
+        raise ValueError(f"file {value!r} does not exist")
+    return value
+
+
+class ScpTLSConfig(_Strict):
+    """The SCP's DICOM TLS listener (BCP 195 profile: TLS 1.2+, its cipher list)."""
+
+    #: TLS port; the plain ``node.port`` keeps listening beside it.
+    port: int = Field(2762, ge=1, le=65535)
+    #: PEM certificate chain of the node.
+    certificate: str
+    #: PEM private key of ``certificate``.
+    private_key: str
+    #: PEM CA bundle that client certificates must chain to.
+    ca_bundle: str | None = None
+    #: Refuse a client without a certificate trusted by ``ca_bundle``.
+    require_client_certificate: bool = True
+
+    @field_validator("certificate", "private_key", "ca_bundle")
+    @classmethod
+    def _exists(cls, v: str | None) -> str | None:
+        return None if v is None else _readable_file(v)
+
+    @model_validator(mode="after")
+    def _ca_needed(self) -> ScpTLSConfig:
+        if self.require_client_certificate and self.ca_bundle is None:
+            raise ValueError("ca_bundle is required when require_client_certificate is true")
+        return self
+
+
+class ScuTLSConfig(_Strict):
+    """DICOM TLS towards a destination (BCP 195 profile)."""
+
+    #: PEM CA bundle the destination's certificate must chain to.
+    ca_bundle: str
+    #: PEM client certificate chain, when the destination requires one.
+    certificate: str | None = None
+    #: PEM private key of ``certificate``.
+    private_key: str | None = None
+    #: Check that the destination's certificate names ``host``.
+    check_hostname: bool = True
+
+    @field_validator("certificate", "private_key", "ca_bundle")
+    @classmethod
+    def _exists(cls, v: str | None) -> str | None:
+        return None if v is None else _readable_file(v)
+
+    @model_validator(mode="after")
+    def _pair(self) -> ScuTLSConfig:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together")
+        return self
+
+
 class NodeConfig(_Strict):
     """The receiving node: its AE, socket, spool and admission limits."""
 
@@ -169,8 +227,13 @@ class NodeConfig(_Strict):
     storage_dir: str = "./var"
     #: Accept any calling AE / source address (demos only; default refuses unknown peers).
     accept_any: bool = False
-    #: Largest number of simultaneous associations.
+    #: Largest number of simultaneous associations (all peers together).
     max_associations: int = Field(16, ge=1, le=1024)
+    #: Largest number of simultaneous associations from one source address.
+    max_associations_per_peer: int = Field(8, ge=1, le=1024)
+    #: A connection that has not sent a complete A-ASSOCIATE-RQ (and finished
+    #: its TLS handshake) this many seconds after TCP accept is closed.
+    association_request_timeout_s: float = Field(5.0, gt=0, le=300)
     #: Maximum PDU length we offer (bytes); 0 means unlimited (PS3.8 9.3.1).
     max_pdu: int = Field(4_194_304, ge=0)
     #: ACSE (association request/release) timeout, seconds.
@@ -183,6 +246,8 @@ class NodeConfig(_Strict):
     max_bytes_per_association: int = Field(8 * 1024**3, ge=1)
     #: Below this much free space on the spool filesystem C-STORE answers 0xA700.
     min_free_bytes: int = Field(2 * 1024**3, ge=0)
+    #: DICOM TLS listener (PS3.15 B.9, BCP 195), beside the plain ``port``.
+    tls: ScpTLSConfig | None = None
 
     @field_validator("ae_title")
     @classmethod
@@ -236,6 +301,8 @@ class DestinationConfig(_Strict):
     )
     #: Association/DIMSE timeout towards this destination, seconds.
     timeout_s: float = Field(30.0, gt=0, le=3600)
+    #: Send over DICOM TLS (``port`` is then the destination's TLS port).
+    tls: ScuTLSConfig | None = None
 
     @field_validator("ae_title")
     @classmethod
@@ -307,9 +374,15 @@ class JobsConfig(_Strict):
     #: Torch device for inference: ``auto`` picks CUDA when present, else CPU.
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     retry: RetryConfig = RetryConfig()
+    #: Seconds between a worker's heartbeats to the job table.
+    heartbeat_s: float = Field(5.0, gt=0, le=600)
+    #: A claimed job whose worker has not heart-beat for this long is re-published.
+    claim_lease_s: float = Field(30.0, gt=0)
 
     @model_validator(mode="after")
     def _limits(self) -> JobsConfig:
+        if self.claim_lease_s < 2 * self.heartbeat_s:
+            raise ValueError("claim_lease_s must be at least 2 x heartbeat_s")
         if self.hard_time_limit_s <= self.soft_time_limit_s:
             raise ValueError("hard_time_limit_s must be > soft_time_limit_s")
         if self.visibility_timeout_s <= self.hard_time_limit_s:
@@ -397,8 +470,51 @@ class ResultsConfig(_Strict):
     disclaimer: str = Field("Not for diagnostic use", min_length=1, max_length=200)
     manufacturer: str = Field("cad-node", min_length=1, max_length=64)
     institution_name: str | None = None
-    #: Run dciodvfy in the conformance gate when it is installed.
+    #: Run dciodvfy (/usr/bin/dciodvfy) in the conformance gate; with it
+    #: missing, every object fails the gate (false: objects go out unchecked).
     use_dciodvfy: bool = True
+
+
+_DATABASE_URL = r"^(sqlite:///|postgresql(\+psycopg)?://|postgres://)"
+
+
+class StorageConfig(_Strict):
+    """Where the spool index and the job table live, and how workers get a study.
+
+    The defaults are the embedded single-machine node: SQLite files below
+    ``node.storage_dir``, workers reading the spool's files directly.
+    """
+
+    #: ``None``: SQLite files below ``node.storage_dir``.  ``postgresql://user@host:port/db``:
+    #: the index and the job table in one PostgreSQL database (several hosts).
+    database_url: str | None = None
+    #: Receiver: serve the read-only, study-scoped WADO-RS endpoint on this address
+    #: (``None``: off).  Workers on other hosts fetch their study from it.
+    wado_host: str | None = None
+    wado_port: int = Field(8043, ge=1, le=65535)
+    #: Worker: base URL of the receiver's WADO-RS endpoint; ``None`` reads the spool's
+    #: files directly (same host).  The study-scoped token comes with the job.
+    fetch_url: str | None = Field(None, pattern=r"^https?://")
+    #: Receiver: file holding the key that signs the study-scoped tokens (created, 0600,
+    #: when missing); ``None`` means ``<storage_dir>/wado.key``.
+    token_key_file: str | None = None
+
+    @field_validator("database_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(_DATABASE_URL, v):
+            raise ValueError("database_url must start with sqlite:/// or postgresql://")
+        return v
+
+    @property
+    def jobs_database_url(self) -> str | None:
+        """URL of the job table (``None``: the SQLite file below ``storage_dir``)."""
+        return self.database_url
+
+    @property
+    def index_database_url(self) -> str | None:
+        """URL of the spool index (``None``: the SQLite file in the spool)."""
+        return self.database_url
 
 
 class MetricsConfig(_Strict):
@@ -421,6 +537,7 @@ class Settings(_Strict):
     models: ModelsConfig = ModelsConfig()
     results: ResultsConfig = ResultsConfig()
     metrics: MetricsConfig = MetricsConfig()
+    storage: StorageConfig = StorageConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @model_validator(mode="after")

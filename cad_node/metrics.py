@@ -22,9 +22,7 @@ survive restarts):
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, start_http_server
@@ -90,14 +88,8 @@ class JobTableCollector(Collector):
         failures = CounterMetricFamily("cad_node_send_failures",
                                        "Failed send attempts by resulting state.",
                                        labels=["state"])
-        with sqlite3.connect(Path(self.store.path), timeout=10) as conn:
-            rows = conn.execute(
-                "SELECT state, COUNT(*) FROM job_events WHERE error IS NOT NULL AND attempt > 0"
-                " AND state IN (?, ?, ?) GROUP BY state",
-                (JobState.RESULTS_READY.value, JobState.FAILED.value, JobState.DEAD.value),
-            ).fetchall()
-        for state, n in rows:
-            failures.add_metric([state], float(n))
+        for state, n in self.store.send_failure_counts().items():
+            failures.add_metric([state.value], float(n))
         yield failures
 
 

@@ -27,7 +27,7 @@ def _ts(value: float | None) -> str:
 def _store(settings: Settings):  # type: ignore[no-untyped-def]
     from cad_node.jobs.store import JobStore
 
-    return JobStore.for_storage(settings.node.storage_dir)
+    return JobStore.from_settings(settings)
 
 
 @jobs_app.command("list")

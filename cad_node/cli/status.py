@@ -60,7 +60,7 @@ def status(
     settings = load_settings_or_exit(config)
     from cad_node.jobs.store import JobStore
 
-    store = JobStore.for_storage(settings.node.storage_dir)
+    store = JobStore.from_settings(settings)
     out = Console()
     broker = settings.jobs.broker_url or "embedded SQLite"
     qt = Table(title=f"queues ({broker.split('@')[-1]})")

@@ -33,6 +33,7 @@ from pynetdicom.association import Association
 from cad_node.config import DestinationConfig
 from cad_node.dimse import Status
 from cad_node.export.status import SendOutcome, classify_status
+from cad_node.tls import client_context
 
 __all__ = [
     "DEFAULT_MAX_PDU",
@@ -143,9 +144,11 @@ def _make_ae(calling_ae: str, dest: DestinationConfig) -> AE:
 def _associate(
     ae: AE, dest: DestinationConfig, contexts: list[Any], max_pdu: int, flags: dict[str, bool]
 ) -> Association:
+    # DICOM TLS (BCP 195) when the destination is configured for it
+    tls_args = (client_context(dest.tls), dest.host) if dest.tls is not None else None
     return ae.associate(
         dest.host, dest.port, contexts=contexts, ae_title=dest.ae_title, max_pdu=max_pdu,
-        evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay_handler(flags))],
+        evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay_handler(flags))], tls_args=tls_args,
     )
 
 
