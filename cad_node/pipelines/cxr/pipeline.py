@@ -39,8 +39,8 @@ import numpy as np
 import numpy.typing as npt
 
 from cad_node.imaging.radiograph import Radiograph, RadiographRefusedError, load_radiograph
-from cad_node.pipelines import ProgressCallback, register_pipeline
 from cad_node.models.bundle import RadiographInputSpec
+from cad_node.pipelines import ProgressCallback, register_pipeline
 from cad_node.pipelines.cxr.lungs import NET_SIZE, segment
 from cad_node.pipelines.cxr.measure import (
     CARDIOMEGALY_CTR,
