@@ -311,6 +311,54 @@ def _finalise(bundle_dir: Path, cfg: CxrLungsConfig, state: dict[str, Any],
         license_text=LICENSE, intended_use=INTENDED_USE, force=True)
 
 
+def export_checkpoint_as_shipped(cfg: CxrLungsConfig, run_dir: Path, *, models_dir: Path,
+                                 epochs_done: int, final_loss: float, wall_time_s: float,
+                                 reason: str) -> Path:
+    """Export ``run_dir/last.pt`` (a run stopped before ``cfg.train.epochs``) and evaluate it.
+
+    The provenance and model card state how many epochs were run and why the
+    run was stopped; the validation split is still never used for any choice.
+    """
+    import torch
+
+    from cad_node.models.network import build_network, count_parameters
+    from trainer.export import write_bundle
+
+    state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+    net = build_network(cfg.architecture)
+    net.load_state_dict(state)
+    if cfg.train.half_weights:
+        state = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
+    data = load_prepared(Path(cfg.data.prepared))
+    train_cases, val_cases = _split(cfg, data)
+    provenance = {
+        "trainer": "trainer.cxr_lungs", "seed": cfg.seed, "epochs": cfg.train.epochs,
+        "epochs_done": epochs_done, "stopped": reason, "wall_time_s": round(wall_time_s, 1),
+        "threads": cfg.train.threads, "torch": torch.__version__,
+        "python": platform.python_version(), "train_cases": len(train_cases),
+        "validation_cases": val_cases, "final_training_loss": final_loss,
+        "parameters": count_parameters(net),
+    }
+    input_spec = {"kind": "radiograph", "size": cfg.size, "normalisation": "histeq",
+                  "labels": list(LABELS)}
+    training_data = {
+        "description": cfg.data.description, "terms": cfg.data.terms,
+        "prepared": cfg.data.prepared, "train_cases": len(train_cases),
+        "validation_cases": len(val_cases),
+    }
+    bundle_dir = write_bundle(
+        models_dir, name=cfg.bundle.name, version=cfg.bundle.version, state_dict=state,
+        task="chest radiograph lung and heart segmentation", architecture=cfg.architecture,
+        input_spec=input_spec, training_data=training_data,
+        output_spec={"kind": "logit", "positive_class": "structure", "threshold": 0.5},
+        provenance=provenance, license_text=LICENSE, intended_use=INTENDED_USE, force=True)
+    metrics = evaluate_bundle(bundle_dir, data, val_cases, bootstrap=cfg.bootstrap,
+                              seed=cfg.seed)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return _finalise(bundle_dir, cfg, state, input_spec, training_data, provenance, metrics,
+                     models_dir)
+
+
 def contour_distance_mm(a: npt.NDArray[np.bool_], b: npt.NDArray[np.bool_], spacing_mm: float
                         ) -> float:
     """Mean symmetric contour distance (mm) between two binary masks.
@@ -406,6 +454,14 @@ def _m(metrics: dict[str, Any], k: str, name: str) -> str:
     return f"{e['mean']:.3f} (95% CI {e['ci95'][0]:.3f}-{e['ci95'][1]:.3f}; min {e['min']:.3f})"
 
 
+def _stopped(provenance: dict[str, Any]) -> str:
+    if "epochs_done" not in provenance:
+        return ""
+    return (f"\n**The run was stopped after {provenance['epochs_done']} of "
+            f"{provenance['epochs']} epochs** ({provenance['stopped']}); the weights are that "
+            "epoch's, with the one-cycle learning rate not yet fully annealed.\n")
+
+
 def render_card(cfg: CxrLungsConfig, metrics: dict[str, Any], provenance: dict[str, Any]) -> str:
     """The bundle's MODEL_CARD.md."""
     rows = "\n".join(
@@ -460,7 +516,7 @@ augmentation (affine: rotation ±{cfg.augment.rotate_deg}°, zoom ±{cfg.augment
 shift ±{cfg.augment.translate_px} px; Gaussian smoothing and noise; no flips), seed
 {cfg.seed}, {provenance.get('threads')} CPU threads, wall time {provenance.get('wall_time_s')} s,
 torch {provenance.get('torch')}; final training loss {provenance.get('final_training_loss'):.4f}.
-
+{_stopped(provenance)}
 ## Citations
 Shiraishi J et al. Development of a digital image database for chest radiographs with and
 without a lung nodule. AJR 2000;174:71-74. van Ginneken B, Stegmann MB, Loog M.

@@ -76,6 +76,8 @@ PIPELINE_NAME = "cxr"
 LUNGS_BUNDLE = "cxr-lungs"
 #: Optional tuberculosis bundle (issue #12); without it the SR says TB screening is absent.
 TB_BUNDLE = "cxr-tb"
+#: A chest film narrower than this (mm) means the header's pixel spacing is suspect.
+MIN_PLAUSIBLE_FIELD_MM = 250.0
 #: A lung mask smaller than this fraction of the image is not a lung.
 MIN_LUNG_FRACTION = 0.01
 _NETWORKS: dict[tuple[str, str], torch.nn.Module] = {}
@@ -218,6 +220,13 @@ class CxrPipeline:
             return self._failed(rg, f"no {' or '.join(small)} found on the image: not a "
                                 "frontal chest radiograph the model can read", identity)
         geometry = rg.geometry
+        if geometry.spacing_mm is not None:
+            field_mm = geometry.spacing_mm[1] * right.shape[1]
+            if field_mm < MIN_PLAUSIBLE_FIELD_MM:
+                notes.append(
+                    f"the pixel spacing gives a {field_mm:.0f} mm wide image, implausibly small "
+                    "for a chest film (was the image resized without updating Pixel Spacing?): "
+                    "mm and cm2 values follow the header and may be wrong")
         # Heart side check: on a standard frontal film most of the heart lies
         # on the image's right (the patient's left).
         cols = np.arange(right.shape[1])
