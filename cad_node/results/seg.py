@@ -237,6 +237,16 @@ def build_seg(ctx: BuildContext) -> SegResult:
         content_creator_name=None,
         **kwargs,
     )
+    if src.stack is None:
+        # A projection radiograph has no slice thickness; highdicom 0.28 writes a
+        # Pixel Measures item with Pixel Spacing only and then refuses to read
+        # it back (PixelMeasuresSequence.from_sequence needs Slice Thickness).
+        # Without patient geometry the macro is not required (PS3.3 A.51.5), and
+        # the referenced radiograph keeps its own Pixel Spacing.
+        for group in dataset.SharedFunctionalGroupsSequence:
+            if "PixelMeasuresSequence" in group and "SliceThickness" not in (
+                    group.PixelMeasuresSequence[0]):
+                del group.PixelMeasuresSequence
     if src.stack is None and "PatientOrientation" not in dataset:
         # General Image Module, Type 2C without patient geometry (PS3.3 C.7.6.1):
         # the radiograph's own value, possibly empty.
