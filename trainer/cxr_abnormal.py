@@ -23,10 +23,11 @@ from __future__ import annotations
 import csv
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import numpy.typing as npt
+import typer
 
 from cad_node.pipelines.cxr.lungs import network_input, postprocess, probabilities_at
 
@@ -220,9 +221,6 @@ def run(bundle_dir: Path, images: Path, entries: Path, out: Path | None = None
 
 def register_evaluate(ev: Any) -> None:
     """Add ``cad-train evaluate cxr-abnormal-cv`` to the ``evaluate`` group."""
-    from typing import Annotated
-
-    import typer
 
     @ev.command("cxr-abnormal-cv")
     def cxr_abnormal_cv_cmd(
