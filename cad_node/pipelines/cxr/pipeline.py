@@ -76,6 +76,8 @@ PIPELINE_NAME = "cxr"
 LUNGS_BUNDLE = "cxr-lungs"
 #: Optional tuberculosis bundle (issue #12); without it the SR says TB screening is absent.
 TB_BUNDLE = "cxr-tb"
+#: Right/left lung area ratios outside this range get a note (NIH check, docs/cxr.md).
+PLAUSIBLE_RIGHT_LEFT = (0.5, 2.5)
 #: A chest film narrower than this (mm) means the header's pixel spacing is suspect.
 MIN_PLAUSIBLE_FIELD_MM = 250.0
 #: A lung mask smaller than this fraction of the image is not a lung.
@@ -219,6 +221,12 @@ class CxrPipeline:
         if small:
             return self._failed(rg, f"no {' or '.join(small)} found on the image: not a "
                                 "frontal chest radiograph the model can read", identity)
+        ratio = float(right.sum()) / float(left.sum())
+        if not PLAUSIBLE_RIGHT_LEFT[0] <= ratio <= PLAUSIBLE_RIGHT_LEFT[1]:
+            notes.append(f"right/left lung area ratio {ratio:.2f} is outside "
+                         f"{PLAUSIBLE_RIGHT_LEFT[0]}-{PLAUSIBLE_RIGHT_LEFT[1]}: a lung may be "
+                         "partly missed (effusion, collapse, unusual film); check the outlines "
+                         "and the cardiothoracic ratio")
         geometry = rg.geometry
         if geometry.spacing_mm is not None:
             field_mm = geometry.spacing_mm[1] * right.shape[1]
