@@ -231,7 +231,10 @@ def analyze(
         else:
             console.print(_findings_table(result))
             for k, v in {**result.measurements, **result.qualitative}.items():
-                console.print(f"  {k}: {v:.1f}" if isinstance(v, float) else f"  {k}: {v}",
+                # Ratios (e.g. the cardiothoracic ratio) need more than one decimal.
+                console.print(f"  {k}: {v:.1f}" if isinstance(v, float) and abs(v) >= 10
+                              else f"  {k}: {v:.3f}" if isinstance(v, float)
+                              else f"  {k}: {v}",
                               markup=False)
             for note in result.notes:
                 console.print(f"  note: {note}", markup=False)
