@@ -71,6 +71,7 @@ typecheck:
 bench: venv peers
 	$(PY) bench/ingest.py --rounds 3
 	$(PY) bench/ct_pipeline.py
+	$(PY) bench/cxr_pipeline.py --repeats 10
 	$(PY) bench/results_build.py --repeats 5
 	$(PY) bench/turnaround.py --repeat 2
 	$(PY) bench/prepare_lidc.py --repeat 3

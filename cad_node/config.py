@@ -35,6 +35,7 @@ from pydantic import (
 
 __all__ = [
     "BUILTIN_RULES",
+    "CHEST_XR_RULE_NAME",
     "DEFAULT_CONFIG_PATH",
     "DEFAULT_OBJECT_KINDS",
     "ENV_PREFIX",
@@ -59,6 +60,7 @@ __all__ = [
     "StudyConfig",
     "WebConfig",
     "WebToken",
+    "chest_xr_rule",
     "load_config",
     "parse_object_kinds",
     "resolve_paths",
@@ -474,6 +476,28 @@ class RoutingRule(_Strict):
     series: Literal["best", "all"] = "best"
 
 
+#: Built-in rule for frontal chest radiographs (pipeline ``cxr``): CR or DX,
+#: Body Part Examined chest or unset, View Position PA, AP or unset.  The
+#: pipeline itself refuses, with a reason in a failure SR, what the header
+#: match cannot see (DX For Processing, a lateral Patient Orientation, an
+#: image too small).
+CHEST_XR_RULE_NAME = "chest-xr"
+
+
+def chest_xr_rule() -> RoutingRule:
+    """The built-in ``chest-xr`` routing rule (see :data:`CHEST_XR_RULE_NAME`)."""
+    return RoutingRule(
+        name=CHEST_XR_RULE_NAME,
+        pipeline="cxr",
+        series="all",
+        match=SeriesMatch(
+            modality=["CR", "DX"],
+            body_part=["CHEST", "THORAX", ""],
+            view_position=["PA", "AP", ""],
+        ),
+    )
+
+
 #: The built-in routing rules, used when the configuration has no ``routing``
 #: section (or no ``routing.rules`` key).  One entry per shipped pipeline: a
 #: pipeline package that lands appends its rule here (chest X-ray, CT lesion).
@@ -485,6 +509,7 @@ BUILTIN_RULES: list[RoutingRule] = [
         match=SeriesMatch(modality=["CT"], image_type=["ORIGINAL"], orientation="axial",
                           slice_thickness_mm=[0.0, 3.0], min_instances=40),
     ),
+    chest_xr_rule(),
 ]
 
 

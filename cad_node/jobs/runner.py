@@ -243,12 +243,12 @@ class JobRunner:
     def _analyse_step(
         self, job: Job, n: int, step: RouteStep, out_dir: Path, timings: StageTimings
     ) -> tuple[list[dict[str, Any]], list[str], str | None]:
-        from cad_node.imaging import load_series
+        from cad_node.pipelines import load_input
         from cad_node.results import build_results
         from cad_node.results.findings import AnalysisStatus
 
         t0 = time.monotonic()
-        loaded = load_series(step.paths)
+        loaded = load_input(step.pipeline, step.paths)
         timings.add("load", time.monotonic() - t0)
         t0 = time.monotonic()
         result = run_pipeline(step.pipeline, loaded, device=self.device)

@@ -174,7 +174,8 @@ def build_results(
                 "summary page",
             )
         )
-    if ObjectKind.GSPS in wanted and completed and result.findings:
+    drawable = bool(result.findings) or result.radiograph is not None
+    if ObjectKind.GSPS in wanted and completed and drawable:
         from cad_node.results.gsps import build_gsps
 
         out.append(ResultObject(ObjectKind.GSPS, build_gsps(ctx), 1, "presentation state"))

@@ -157,6 +157,24 @@ def build_gsps(ctx: BuildContext) -> hd.pr.GrayscaleSoftcopyPresentationState:
                     tracking_uid=ctx.tracking_uid(index),
                 )
             )
+    if ctx.result.radiograph is not None:
+        # The radiograph's anatomy (lung and heart outlines, CTR lines) gets a layer of its
+        # own after the findings' layers.
+        anatomy = len(layers)
+        layers.append(
+            hd.pr.GraphicLayer(
+                layer_name=f"{GRAPHIC_LAYER}{anatomy + 1}",
+                order=anatomy + 1,
+                description="CAD lungs, heart and cardiothoracic ratio",
+            )
+        )
+        graphics_, texts_ = radiograph_graphics(ctx)
+        if graphics_:
+            graphics, texts = per_image.setdefault(
+                (ctx.result.radiograph.sop_instance_uid, anatomy), ([], [])
+            )
+            graphics.extend(graphics_)
+            texts.extend(texts_)
     if not per_image:
         raise ValueError("no finding can be drawn on the received images")
     position = {str(d.SOPInstanceUID): k for k, d in enumerate(ctx.source.images)}
@@ -209,3 +227,41 @@ def build_gsps(ctx: BuildContext) -> hd.pr.GrayscaleSoftcopyPresentationState:
     gsps.BodyPartExamined = str(ctx.source.first.get("BodyPartExamined") or BODY_PART_CHEST)
     ctx.finalize(gsps, "gsps")
     return gsps
+
+
+def radiograph_graphics(
+    ctx: BuildContext,
+) -> tuple[list[hd.pr.GraphicObject], list[hd.pr.TextObject]]:
+    """Closed outlines of the lungs and heart and the two CTR lines of a radiograph (PIXEL)."""
+    meas = ctx.result.radiograph
+    if meas is None:
+        return [], []
+    graphics: list[hd.pr.GraphicObject] = []
+    texts: list[hd.pr.TextObject] = []
+    named = (("Right lung", meas.right_lung_outline), ("Left lung", meas.left_lung_outline),
+             ("Heart", meas.heart_outline))
+    for name, poly in named:
+        if not poly:
+            continue
+        pts = np.asarray([*poly, poly[0]], dtype=np.float32)
+        graphics.append(hd.pr.GraphicObject(
+            graphic_type=hd.pr.GraphicTypeValues.POLYLINE, graphic_data=pts,
+            units=hd.pr.AnnotationUnitsValues.PIXEL, tracking_id=name,
+            tracking_uid=ctx.uids.uid("cxr.tracking", name.upper().replace(" ", "_"))))
+        x0, y0 = float(pts[:, 0].min()), float(pts[:, 1].min())
+        texts.append(hd.pr.TextObject(
+            text_value=name, units=hd.pr.AnnotationUnitsValues.PIXEL,
+            anchor_point=(x0, max(y0 - 4.0, 0.0)), anchor_point_visible=False))
+    for line in (meas.heart_line, meas.thorax_line):
+        if line is None:
+            continue
+        graphics.append(hd.pr.GraphicObject(
+            graphic_type=hd.pr.GraphicTypeValues.POLYLINE,
+            graphic_data=np.asarray(line, dtype=np.float32),
+            units=hd.pr.AnnotationUnitsValues.PIXEL))
+    if meas.ctr is not None and meas.thorax_line is not None:
+        (x0, y0), _ = meas.thorax_line
+        texts.append(hd.pr.TextObject(
+            text_value=f"CTR {meas.ctr:.2f}", units=hd.pr.AnnotationUnitsValues.PIXEL,
+            anchor_point=(x0, max(y0 - 8.0, 0.0)), anchor_point_visible=False))
+    return graphics, texts

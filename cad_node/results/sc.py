@@ -44,6 +44,7 @@ __all__ = [
     "CONTOUR_RGB",
     "LABEL_RGB",
     "LUNG_WINDOW",
+    "STRUCTURE_RGB",
     "build_key_images",
     "build_summary_page",
     "key_slice_uid",
@@ -311,7 +312,9 @@ def build_key_images(ctx: BuildContext) -> list[tuple[str, hd.sc.SCImage]]:
     if ctx.result.status is not AnalysisStatus.COMPLETED:
         return []
     out: list[tuple[str, hd.sc.SCImage]] = []
-    for index, finding in enumerate(ctx.result.findings, start=1):
+    if ctx.result.radiograph is not None:
+        out.append(("Lungs and heart", radiograph_key_image(ctx, 1)))
+    for index, finding in enumerate(ctx.result.findings, start=len(out) + 1):
         uid = key_slice_uid(ctx, finding)
         ds = ctx.source.by_uid.get(uid)
         if ds is None:
@@ -441,5 +444,82 @@ def build_summary_page(ctx: BuildContext, index: int) -> hd.sc.SCImage:
     draw.text((16, rows - 2 * _FONT_PX), ctx.settings.disclaimer, fill=(255, 64, 64), font=font)
     sc = _sc(ctx, np.asarray(image), ctx.source.first, index, spacing=False)
     sc.DerivationDescription = "CAD summary page"
+    ensure_character_set(sc)
+    return sc
+
+
+# -- chest radiograph overview: outlines, CTR lines, legend ---------------------------
+
+#: Outline colours of the radiograph overview key image.
+STRUCTURE_RGB = {
+    "right lung": (0, 220, 0),
+    "left lung": (0, 170, 255),
+    "heart": (255, 70, 70),
+}
+#: Colour of the cardiothoracic-ratio lines.
+CTR_LINE_RGB = (255, 0, 255)
+
+
+def radiograph_key_image(ctx: BuildContext, index: int) -> hd.sc.SCImage:
+    """Key image of a chest radiograph: lung and heart outlines, CTR lines, legend.
+
+    The source is rendered for display as the pipeline read it
+    (:func:`cad_node.imaging.radiograph.display_pixels`: VOI, MONOCHROME1).
+
+    Raises
+    ------
+    ValueError
+        No radiograph measurements, or their image was not received.
+    """
+    from cad_node.imaging.radiograph import RadiographRefusedError, display_pixels
+
+    meas = ctx.result.radiograph
+    if meas is None:
+        raise ValueError("the result has no radiograph measurements")
+    ds = ctx.source.by_uid.get(meas.sop_instance_uid)
+    if ds is None or "PixelData" not in ds:
+        raise ValueError(f"radiograph {meas.sop_instance_uid} was not received with pixels")
+    try:
+        grey01, _ = display_pixels(ds)
+        grey = np.round(grey01 * 255.0).astype(np.uint8)
+    except RadiographRefusedError:
+        grey = _window(ds, False)
+    image = Image.fromarray(np.repeat(grey[..., None], 3, axis=2))
+    draw = ImageDraw.Draw(image)
+    width = max(2, grey.shape[0] // 400)
+    for name, poly in (("right lung", meas.right_lung_outline),
+                       ("left lung", meas.left_lung_outline),
+                       ("heart", meas.heart_outline)):
+        if poly:
+            draw.line([*poly, poly[0]], fill=STRUCTURE_RGB[name], width=width)
+    for line in (meas.heart_line, meas.thorax_line):
+        if line is not None:
+            draw.line(list(line), fill=CTR_LINE_RGB, width=width)
+    px = max(_LABEL_PX, grey.shape[0] // _LABEL_FRACTION)
+    font = _font(px)
+    legend = []
+    for name, area in (("right lung", meas.right_lung_area_cm2),
+                       ("left lung", meas.left_lung_area_cm2)):
+        legend.append((f"{name}" + (f" {area:.0f} cm2" if area is not None else ""),
+                       STRUCTURE_RGB[name]))
+    legend.append(("heart", STRUCTURE_RGB["heart"]))
+    if meas.ctr is not None:
+        legend.append((f"CTR {meas.ctr:.2f}", CTR_LINE_RGB))
+    else:
+        legend.append((f"CTR {meas.ctr_not_assessable}", CTR_LINE_RGB))
+    if meas.heart_width_mm is None:
+        legend.append(("no pixel spacing: no mm values", LABEL_RGB))
+    y = 4.0
+    for text, colour in legend:
+        draw.text((4, y), text, fill=colour, font=font)
+        y += px * 1.3
+    draw.text((4, grey.shape[0] - px - 4), ctx.settings.disclaimer, fill=LABEL_RGB, font=font)
+    sc = _sc(ctx, np.asarray(image), ds, index, spacing=True)
+    item = Dataset()
+    item.ReferencedSOPClassUID = ds.SOPClassUID
+    item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+    sc.SourceImageSequence = [item]
+    sc.DerivationDescription = (f"lung and heart outlines and cardiothoracic ratio lines "
+                                f"burned in by {ctx.model.name}")[:1024]
     ensure_character_set(sc)
     return sc

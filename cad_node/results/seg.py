@@ -61,6 +61,7 @@ CATEGORY_FINDING = codes.SCT.MorphologicallyAbnormalStructure
 _ORGAN_RGB = {
     FindingSite.RIGHT_LUNG: (128, 174, 128),
     FindingSite.LEFT_LUNG: (111, 184, 210),
+    FindingSite.HEART: (206, 110, 84),
 }
 _OTHER_RGB = (220, 220, 120)
 
@@ -162,7 +163,9 @@ def build_seg(ctx: BuildContext) -> SegResult:
     if not segs:
         raise ValueError("the result carries no masks; there is nothing to segment")
     src = ctx.source
-    if src.stack is None:
+    if src.stack is None and len(src.images) != 1:
+        # One projection radiograph needs no patient geometry (its SEG frame
+        # is the image itself); several images without it cannot be ordered.
         raise ValueError("SEG needs source images with Image Position/Orientation (Patient)")
     images = src.images
     rows, cols = int(images[0].Rows), int(images[0].Columns)
@@ -188,7 +191,11 @@ def build_seg(ctx: BuildContext) -> SegResult:
             if frame.any():
                 frames[i] = frame
         touched.append(frames)
-    used = _resolve_duplicates(images, src.stack, touched)
+    used = (
+        _resolve_duplicates(images, src.stack, touched)
+        if src.stack is not None
+        else {i for frames in touched for i in frames}
+    )
 
     keep = sorted(used)
     new_index = {old: new for new, old in enumerate(keep)}
@@ -232,6 +239,20 @@ def build_seg(ctx: BuildContext) -> SegResult:
         content_creator_name=None,
         **kwargs,
     )
+    if src.stack is None:
+        # A projection radiograph has no slice thickness; highdicom 0.28 writes a
+        # Pixel Measures item with Pixel Spacing only and then refuses to read
+        # it back (PixelMeasuresSequence.from_sequence needs Slice Thickness).
+        # Without patient geometry the macro is not required (PS3.3 A.51.5), and
+        # the referenced radiograph keeps its own Pixel Spacing.
+        for group in dataset.SharedFunctionalGroupsSequence:
+            if "PixelMeasuresSequence" in group and "SliceThickness" not in (
+                    group.PixelMeasuresSequence[0]):
+                del group.PixelMeasuresSequence
+    if src.stack is None and "PatientOrientation" not in dataset:
+        # General Image Module, Type 2C without patient geometry (PS3.3 C.7.6.1):
+        # the radiograph's own value, possibly empty.
+        dataset.PatientOrientation = src.first.get("PatientOrientation", "")
     setattr(dataset, "ContentDate", ctx.when.strftime("%Y%m%d"))  # noqa: B010 (typed as DA)
     setattr(dataset, "ContentTime", ctx.when.strftime("%H%M%S"))  # noqa: B010
     ctx.finalize(dataset, "seg")

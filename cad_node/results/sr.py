@@ -68,11 +68,14 @@ from cad_node.results.planar import (
 from cad_node.results.seg import SegResult
 
 __all__ = [
+    "CARDIOTHORACIC_RATIO",
+    "LOCAL_CODING_SCHEME",
     "ProcedureReported",
     "SummaryCode",
     "build_sr",
     "key_slice_axes",
     "procedure_reported",
+    "radiograph_groups",
     "region_polyline",
 ]
 
@@ -518,6 +521,8 @@ def build_sr(ctx: BuildContext, seg: SegResult | None = None) -> hd.sr.Comprehen
     )
     if ctx.result.status is AnalysisStatus.COMPLETED:
         groups += [_below_group(ctx, f) for f in ctx.operating_point.reported_below]
+    if ctx.result.status is AnalysisStatus.COMPLETED and ctx.result.radiograph is not None:
+        groups.extend(radiograph_groups(ctx))
     procedure = procedure_reported(str(ctx.source.first.get("Modality", "")))
     placeholder = not groups
     if placeholder:
@@ -570,5 +575,131 @@ def build_sr(ctx: BuildContext, seg: SegResult | None = None) -> hd.sr.Comprehen
         software_versions=model.version,
         **kwargs,
     )
+    if ctx.result.radiograph is not None:
+        sr.CodingSchemeIdentificationSequence = [_local_coding_scheme()]
     ctx.finalize(sr, "sr")
     return sr
+
+
+# -- chest radiograph: lung areas and the cardiothoracic ratio (TID 1410) ----------
+
+#: Coding scheme of the node's own concepts (PS3.16 8.2: "99" prefix = private),
+#: declared in the Coding Scheme Identification Sequence (PS3.3 C.12.1.1.2).
+LOCAL_CODING_SCHEME = "99CADNODE"
+#: No standard code exists for the cardiothoracic ratio in SNOMED CT or DCM.
+CARDIOTHORACIC_RATIO = Code("CTR", LOCAL_CODING_SCHEME, "Cardiothoracic ratio")
+UNIT_CM2 = codes.UCUM.SquareCentimeter
+UNIT_RATIO = codes.UCUM.Ratio
+
+
+def _local_coding_scheme() -> Dataset:
+    item = Dataset()
+    item.CodingSchemeDesignator = LOCAL_CODING_SCHEME
+    item.CodingSchemeName = "cad-node local concepts"
+    item.CodingSchemeResponsibleOrganization = "cad-node"
+    return item
+
+
+def _scoord_in(num: hd.sr.Measurement, points: Any, image: Dataset) -> None:
+    """Put an INFERRED FROM SCOORD POLYLINE (SELECTED FROM ``image``) inside a NUM.
+
+    OHIF's measurement tools read a planar NUM's geometry from there (see
+    :mod:`cad_node.results.planar`).
+    """
+    item = hd.sr.ScoordContentItem(
+        name=codes.DCM.ImageRegion,
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=np.asarray(points, dtype=np.float32),
+        relationship_type=hd.sr.RelationshipTypeValues.INFERRED_FROM,
+    )
+    item.ContentSequence = hd.sr.ContentSequence(
+        [hd.sr.SourceImageForRegion.from_source_image(image)]
+    )
+    content = num[0]
+    if "ContentSequence" not in content:
+        content.ContentSequence = hd.sr.ContentSequence([])
+    content.ContentSequence.append(item)
+
+
+def radiograph_groups(ctx: BuildContext) -> list[Any]:
+    """TID 1410 groups of a chest radiograph's :class:`ChestRadiographMeasurements`.
+
+    * one group per outlined structure (right lung, left lung, heart): the
+      outline as the Image Region, the area (cm², only with a mm scale);
+    * one "Cardiothoracic ratio" group (PA films): NUM Width (mm) of the
+      heart and of the thorax, each qualified by its Finding Site and holding
+      its POLYLINE, then NUM Cardiothoracic ratio.  Without a mm scale the
+      widths are not reported and both POLYLINEs go inside the ratio NUM.
+
+    Raises
+    ------
+    ValueError
+        The measurements reference an image that was not received.
+    """
+    from cad_node.results.findings import FindingSite as Site
+    from cad_node.results.planar import PlanarRegion, planar_group
+
+    meas = ctx.result.radiograph
+    if meas is None:
+        return []
+    image = ctx.source.by_uid.get(meas.sop_instance_uid)
+    if image is None:
+        raise ValueError(f"radiograph measurements reference {meas.sop_instance_uid}, "
+                         "which was not received")
+    algo = _algorithm(ctx)
+    groups: list[Any] = []
+    structures = (
+        (Site.RIGHT_LUNG, meas.right_lung_outline, meas.right_lung_area_cm2),
+        (Site.LEFT_LUNG, meas.left_lung_outline, meas.left_lung_area_cm2),
+        (Site.HEART, meas.heart_outline, None),
+    )
+    for site, poly, area in structures:
+        if poly is None:
+            continue
+        code = Code(site.code, "SCT", site.meaning)
+        numeric = (
+            [hd.sr.Measurement(name=codes.SCT.Area, value=round(float(area), 2), unit=UNIT_CM2,
+                               algorithm_id=algo)]
+            if area is not None else []
+        )
+        groups.append(planar_group(
+            identifier=site.meaning,
+            tracking_uid=ctx.uids.uid("cxr.tracking", site.name),
+            image=image,
+            region=PlanarRegion.polygon(poly),
+            finding_type=code,
+            measurements=numeric,
+            algorithm=algo,
+            finding_sites=[hd.sr.FindingSite(code)],
+        ))
+    if meas.ctr is None or meas.heart_line is None or meas.thorax_line is None:
+        return groups
+    heart = hd.sr.FindingSite(Code(Site.HEART.code, "SCT", Site.HEART.meaning))
+    thorax = hd.sr.FindingSite(Code(Site.THORAX.code, "SCT", Site.THORAX.meaning))
+    ratio = hd.sr.Measurement(name=CARDIOTHORACIC_RATIO, value=round(meas.ctr, 3),
+                              unit=UNIT_RATIO, algorithm_id=algo)
+    numeric = []
+    lines: list[tuple[hd.sr.Measurement, Any]] = []
+    if meas.heart_width_mm is not None and meas.thorax_width_mm is not None:
+        hw = hd.sr.Measurement(name=codes.SCT.Width, value=round(meas.heart_width_mm, 2),
+                               unit=UNIT_MM, finding_sites=[heart], algorithm_id=algo)
+        tw = hd.sr.Measurement(name=codes.SCT.Width, value=round(meas.thorax_width_mm, 2),
+                               unit=UNIT_MM, finding_sites=[thorax], algorithm_id=algo)
+        numeric = [hw, tw, ratio]
+        lines = [(hw, meas.heart_line), (tw, meas.thorax_line)]
+    else:
+        numeric = [ratio]
+        lines = [(ratio, meas.heart_line), (ratio, meas.thorax_line)]
+    groups.append(planar_group(
+        identifier="Cardiothoracic ratio",
+        tracking_uid=ctx.uids.uid("cxr.tracking", "CTR"),
+        image=image,
+        region=PlanarRegion(hd.sr.GraphicTypeValues.POLYLINE, np.asarray(meas.thorax_line)),
+        finding_type=Code(Site.HEART.code, "SCT", Site.HEART.meaning),
+        measurements=numeric,
+        algorithm=algo,
+        finding_sites=[heart],
+    ))
+    for num, points in lines:
+        _scoord_in(num, points, image)
+    return groups
