@@ -96,6 +96,15 @@ def _extra_sections(metrics: Mapping[str, Any], training_data: Mapping[str, Any]
                 f"{h.get('nodules')} nodules found (sensitivity {_fmt(h.get('sensitivity'))}), "
                 f"{h.get('false_positives')} false positives in {h.get('scans')} scans "
                 f"({_fmt(h.get('fp_per_scan'), 2)} per scan)."]
+        b = op.get("background_scan")
+        if b:
+            where = "; ".join(f"p {f['probability']} at {tuple(f['center_mm'])} mm ({f['label']})"
+                              for f in b.get("findings_above") or []) or "none"
+            out.append(f"* Real scan `{b['scan']}` (the background CT; its reference nodule was "
+                       f"kept out of training): reference nodule found "
+                       f"{b['reference_found']}/{b['reference_nodules']}, "
+                       f"{b['others_above']} other finding(s) at or above the threshold: "
+                       f"{where}.")
         for r in op.get("real_negative_scans") or []:
             where = "; ".join(f"p {f['probability']} at {tuple(f['center_mm'])} mm ({f['label']})"
                               for f in r.get("findings_above") or []) or "none"

@@ -36,7 +36,13 @@ import numpy as np
 import numpy.typing as npt
 
 from trainer.config import TrainConfig, resolve_ct_dir
-from trainer.insertion import ExclusionZone, InsertedNodule, LungBackground
+from trainer.insertion import (
+    ExclusionZone,
+    InsertedNodule,
+    LungBackground,
+    NoduleKind,
+    Placement,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -245,6 +251,11 @@ def measure_operating_point(
             p, c = p[inside], c[inside]
             synthetic.append(ScanFindings(f"heldout-{r}", p, c, label_findings(p, c, truth, excl),
                                           n_nodules=len(truth), capped=capped))
+        # the background CT itself, unmodified: its real (excluded) nodule(s)
+        p, c, _ = _run_pipeline(base, models)
+        reference = [InsertedNodule(e.center_mm, 2 * e.radius_mm, NoduleKind.SOLID,
+                                    Placement.PARENCHYMAL, 0.0) for e in excl]
+        background = (cfg.data.ct[0], p, c, label_findings(p, c, reference, []))
         negatives: list[ScanFindings] = []
         for rn in cfg.data.real_negatives:
             directory = resolve_ct_dir(rn.ct, config_dir)
@@ -257,6 +268,19 @@ def measure_operating_point(
     out = choose_threshold(synthetic, negatives, fp_per_scan=rule.fp_per_scan,
                            max_per_negative_scan=rule.max_per_negative_scan,
                            min_threshold=rule.min_threshold)
+    name, p, c, lab = background
+    t = out["threshold"]
+    out["background_scan"] = {
+        "scan": name,
+        "reference_nodules": len(cfg.data.exclusions),
+        "reference_found": int(((p >= t) & (lab == 1)).sum()),
+        "others_above": int(((p >= t) & (lab != 1)).sum()),
+        "findings_above": [
+            {"probability": round(float(pp), 4), "center_mm": [round(float(v), 1) for v in cc],
+             "label": "reference nodule" if ll == 1 else "other"}
+            for pp, cc, ll in zip(p, c, lab, strict=True) if pp >= t
+        ],
+    }
     out["rule"] = describe_rule(rule.fp_per_scan, rule.max_per_negative_scan,
                                 rule.min_threshold, [rn.ct for rn in cfg.data.real_negatives])
     return out
