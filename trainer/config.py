@@ -151,6 +151,9 @@ class OptimConfig(_Strict):
     threads: int = Field(2, ge=0)
     amp: bool = True
     augment: AugmentConfig = AugmentConfig()
+    #: Start from these weights (a bundle's ``weights.pt`` or a state dict;
+    #: relative paths from the repository root): fine-tuning.
+    init_weights: str | None = None
 
 
 class BundleConfig(_Strict):
