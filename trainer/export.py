@@ -26,7 +26,7 @@ from cad_node.models.bundle import (
     MODEL_CARD_FILE,
     BundleManifest,
     SemVer,
-    device_uid_from_sha256,
+    device_uid_for,
     load_bundle,
     sha256_file,
 )
@@ -110,8 +110,11 @@ def _extra_sections(metrics: Mapping[str, Any], training_data: Mapping[str, Any]
                               for f in r.get("findings_above") or []) or "none"
             out.append(f"* Real negative scan `{r['scan']}`: **{r['false_positives']} false "
                        f"positive(s)** at the threshold; findings at or above it: {where}. "
-                       "This scan also set the threshold (the rule) and gave training "
-                       "negatives: this is not an independent test.")
+                       + ("This scan also set the threshold (the rule) and gave training "
+                          "negatives: this is not an independent test."
+                          if any(t.get("ct") == r["scan"] for t in real) else
+                          "This scan set the threshold (the rule; it gave no training "
+                          "data): this is not an independent test."))
         out.append("")
     return "\n".join(out) + ("\n" if out else "")
 
@@ -332,7 +335,7 @@ def write_bundle(
                 "metrics": dict(metrics or {}),
                 "weights_file": weights.name,
                 "weights_sha256": sha,
-                "device_uid": device_uid_from_sha256(sha),
+                "device_uid": device_uid_for(sha, (output_spec or {}).get("operating_threshold")),
                 "license": license_text,
                 "intended_use": intended_use,
                 "provenance": dict(provenance or {}),
