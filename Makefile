@@ -6,11 +6,13 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 CONFIG ?= config/cad-node.yaml
 # Debian packages the test-suite drives as real peers (never mocked).
-PEER_PKGS := dcmtk dicom3tools orthanc redis-server
-PEER_BINS := /usr/bin/storescu /usr/bin/echoscu /usr/bin/dsrdump /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/bin/redis-server
+# systemd ships /usr/bin/systemd-analyze (tests/unit/test_deploy.py verifies the units);
+# chromium + chromium-driver drive the browser tests (selenium).
+PEER_PKGS := dcmtk dicom3tools orthanc redis-server systemd chromium chromium-driver
+PEER_BINS := /usr/bin/storescu /usr/bin/echoscu /usr/bin/dsrdump /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/bin/redis-server /usr/bin/systemd-analyze /usr/bin/chromium /usr/bin/chromedriver
 PYTEST_ARGS ?=
 
-.PHONY: venv peers serve test lint typecheck bench clean
+.PHONY: venv peers serve test lint typecheck bench fuzz soak clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,6 +58,17 @@ bench: venv peers
 	$(PY) bench/turnaround.py --repeat 2
 	$(PY) bench/prepare_lidc.py --repeat 3
 	$(PY) bench/train_throughput.py
+	$(PY) bench/edge_probe.py --connections 3
+
+# 20 concurrent senders for 10 minutes against `cad-node serve` with its embedded worker.
+soak: venv peers
+	$(PY) bench/soak.py --senders 20 --duration 600
+
+# The long fuzz campaign of the network edge (make test runs a short one):
+# 3000 examples for each of the 4 hypothesis targets = 12 000 cases.
+FUZZ_EXAMPLES ?= 3000
+fuzz: venv peers
+	CAD_NODE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest tests/integration/test_fuzz_edge.py -q --durations=10
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

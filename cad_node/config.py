@@ -14,33 +14,53 @@ is bound.
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
+    "BUILTIN_RULES",
     "DEFAULT_CONFIG_PATH",
+    "DEFAULT_OBJECT_KINDS",
     "ENV_PREFIX",
+    "AuditConfig",
     "ConfigError",
     "DestinationConfig",
     "JobsConfig",
     "ModelsConfig",
     "NodeConfig",
+    "ObjectKind",
     "PeerConfig",
     "ResultsConfig",
+    "RetentionConfig",
     "RetryConfig",
     "RoutingConfig",
     "RoutingRule",
+    "ScpTLSConfig",
+    "ScuTLSConfig",
     "SeriesMatch",
     "Settings",
     "StudyConfig",
+    "WebConfig",
+    "WebToken",
     "load_config",
+    "parse_object_kinds",
+    "resolve_paths",
     "validate_ae_title",
 ]
 
@@ -49,8 +69,48 @@ DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "cad-n
 #: Prefix of environment overrides: ``CAD_NODE_<SECTION>__<KEY>``.
 ENV_PREFIX = "CAD_NODE_"
 
-#: Result object kinds a destination may receive (see ``cad_node.results``).
-ObjectKind = Literal["sr", "seg", "sc", "gsps", "kos"]
+class ObjectKind(enum.StrEnum):
+    """Kind of result object the node emits (one module each under ``cad_node.results``).
+
+    The one definition of object kinds.  Configuration spells them in lower
+    case (``objects: [sr, seg, sc]``); strings become members once, when the
+    configuration is validated (or, for CLI options, where the option is
+    parsed).  A :class:`enum.StrEnum`, so ``str(kind)`` is the YAML spelling
+    (file names ``<kind>_<nnn>.dcm``, manifests, logs).
+    """
+
+    #: Comprehensive 3D SR, TID 1500 Measurement Report (PS3.16).
+    SR = "sr"
+    #: Segmentation IOD (PS3.3 A.51).
+    SEG = "seg"
+    #: Secondary Capture: key images and the summary page (PS3.3 A.8).
+    SC = "sc"
+    #: Grayscale Softcopy Presentation State (PS3.3 A.33.1).
+    GSPS = "gsps"
+    #: Key Object Selection Document (PS3.3 A.35.4).
+    KOS = "kos"
+
+
+#: Output profile of a destination that names none: SR + SEG + SC.
+DEFAULT_OBJECT_KINDS: tuple[ObjectKind, ...] = (ObjectKind.SR, ObjectKind.SEG, ObjectKind.SC)
+
+
+def parse_object_kinds(text: str) -> list[ObjectKind]:
+    """Object kinds from a comma-separated CLI option such as ``"sr,seg,sc"``.
+
+    Raises
+    ------
+    ValueError
+        An unknown or repeated kind, or none at all; the message lists the known ones.
+    """
+    names = [k.strip() for k in text.split(",") if k.strip()]
+    known = ", ".join(str(k) for k in ObjectKind)
+    bad = [k for k in names if k not in ObjectKind.__members__.values()]
+    if bad or not names:
+        raise ValueError(f"unknown kind(s) {bad}; choose from {known}")
+    if len(set(names)) != len(names):
+        raise ValueError("object kinds must not repeat")
+    return [ObjectKind(k) for k in names]
 
 _AE_MAX_LEN = 16  # PS3.5 6.2, VR AE: at most 16 characters
 _AE_FORBIDDEN = re.compile(r"[\\\x00-\x1f\x7f]")
@@ -100,8 +160,73 @@ def _validate_host(value: str) -> str:
     return value
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+def _readable_file(value: str) -> str:
+    if not Path(value).is_file():
+        raise ValueError(f"file {value!r} does not exist")
+    return value
+
+
+class ScpTLSConfig(_Strict):
+    """The SCP's DICOM TLS listener (BCP 195 profile: TLS 1.2+, its cipher list)."""
+
+    #: TLS port; the plain ``node.port`` keeps listening beside it.
+    port: int = Field(2762, ge=1, le=65535)
+    #: PEM certificate chain of the node.
+    certificate: str
+    #: PEM private key of ``certificate``.
+    private_key: str
+    #: PEM CA bundle that client certificates must chain to.
+    ca_bundle: str | None = None
+    #: Refuse a client without a certificate trusted by ``ca_bundle``.
+    require_client_certificate: bool = True
+
+    @field_validator("certificate", "private_key", "ca_bundle")
+    @classmethod
+    def _exists(cls, v: str | None) -> str | None:
+        return None if v is None else _readable_file(v)
+
+    @model_validator(mode="after")
+    def _ca_needed(self) -> ScpTLSConfig:
+        if self.require_client_certificate and self.ca_bundle is None:
+            raise ValueError("ca_bundle is required when require_client_certificate is true")
+        return self
+
+
+class ScuTLSConfig(_Strict):
+    """DICOM TLS towards a destination (BCP 195 profile)."""
+
+    #: PEM CA bundle the destination's certificate must chain to.
+    ca_bundle: str
+    #: PEM client certificate chain, when the destination requires one.
+    certificate: str | None = None
+    #: PEM private key of ``certificate``.
+    private_key: str | None = None
+    #: Check that the destination's certificate names ``host``.
+    check_hostname: bool = True
+
+    @field_validator("certificate", "private_key", "ca_bundle")
+    @classmethod
+    def _exists(cls, v: str | None) -> str | None:
+        return None if v is None else _readable_file(v)
+
+    @model_validator(mode="after")
+    def _pair(self) -> ScuTLSConfig:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together")
+        return self
 
 
 class NodeConfig(_Strict):
@@ -115,8 +240,13 @@ class NodeConfig(_Strict):
     storage_dir: str = "./var"
     #: Accept any calling AE / source address (demos only; default refuses unknown peers).
     accept_any: bool = False
-    #: Largest number of simultaneous associations.
+    #: Largest number of simultaneous associations (all peers together).
     max_associations: int = Field(16, ge=1, le=1024)
+    #: Largest number of simultaneous associations from one source address.
+    max_associations_per_peer: int = Field(8, ge=1, le=1024)
+    #: A connection that has not sent a complete A-ASSOCIATE-RQ (and finished
+    #: its TLS handshake) this many seconds after TCP accept is closed.
+    association_request_timeout_s: float = Field(5.0, gt=0, le=300)
     #: Maximum PDU length we offer (bytes); 0 means unlimited (PS3.8 9.3.1).
     max_pdu: int = Field(4_194_304, ge=0)
     #: ACSE (association request/release) timeout, seconds.
@@ -129,6 +259,8 @@ class NodeConfig(_Strict):
     max_bytes_per_association: int = Field(8 * 1024**3, ge=1)
     #: Below this much free space on the spool filesystem C-STORE answers 0xA700.
     min_free_bytes: int = Field(2 * 1024**3, ge=0)
+    #: DICOM TLS listener (PS3.15 B.9, BCP 195), beside the plain ``port``.
+    tls: ScpTLSConfig | None = None
 
     @field_validator("ae_title")
     @classmethod
@@ -164,8 +296,8 @@ class PeerConfig(_Strict):
 
 
 def _default_objects() -> list[ObjectKind]:
-    """Default output profile: SR + SEG + SC."""
-    return ["sr", "seg", "sc"]
+    """Default output profile: :data:`DEFAULT_OBJECT_KINDS`."""
+    return list(DEFAULT_OBJECT_KINDS)
 
 
 class DestinationConfig(_Strict):
@@ -176,9 +308,14 @@ class DestinationConfig(_Strict):
     host: str
     port: int = Field(ge=1, le=65535)
     #: Result object kinds this destination receives (output profile).
-    objects: list[ObjectKind] = Field(default_factory=_default_objects, min_length=1)
+    #: YAML strings become :class:`ObjectKind` members here (lax for this field only).
+    objects: list[Annotated[ObjectKind, Strict(False)]] = Field(
+        default_factory=_default_objects, min_length=1
+    )
     #: Association/DIMSE timeout towards this destination, seconds.
     timeout_s: float = Field(30.0, gt=0, le=3600)
+    #: Send over DICOM TLS (``port`` is then the destination's TLS port).
+    tls: ScuTLSConfig | None = None
 
     @field_validator("ae_title")
     @classmethod
@@ -192,7 +329,7 @@ class DestinationConfig(_Strict):
 
     @field_validator("objects")
     @classmethod
-    def _unique_objects(cls, v: list[str]) -> list[str]:
+    def _unique_objects(cls, v: list[ObjectKind]) -> list[ObjectKind]:
         if len(set(v)) != len(v):
             raise ValueError("object kinds must not repeat")
         return v
@@ -250,9 +387,15 @@ class JobsConfig(_Strict):
     #: Torch device for inference: ``auto`` picks CUDA when present, else CPU.
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     retry: RetryConfig = RetryConfig()
+    #: Seconds between a worker's heartbeats to the job table.
+    heartbeat_s: float = Field(5.0, gt=0, le=600)
+    #: A claimed job whose worker has not heart-beat for this long is re-published.
+    claim_lease_s: float = Field(30.0, gt=0)
 
     @model_validator(mode="after")
     def _limits(self) -> JobsConfig:
+        if self.claim_lease_s < 2 * self.heartbeat_s:
+            raise ValueError("claim_lease_s must be at least 2 x heartbeat_s")
         if self.hard_time_limit_s <= self.soft_time_limit_s:
             raise ValueError("hard_time_limit_s must be > soft_time_limit_s")
         if self.visibility_timeout_s <= self.hard_time_limit_s:
@@ -299,10 +442,42 @@ class RoutingRule(_Strict):
     series: Literal["best", "all"] = "best"
 
 
-class RoutingConfig(_Strict):
-    """Routing rules, evaluated in order; every matching rule yields a job step."""
+#: The built-in routing rules, used when the configuration has no ``routing``
+#: section (or no ``routing.rules`` key).  One entry per shipped pipeline: a
+#: pipeline package that lands appends its rule here (chest X-ray, CT lesion).
+BUILTIN_RULES: list[RoutingRule] = [
+    RoutingRule(
+        name="chest-ct",
+        pipeline="ct-chest",
+        series="best",
+        match=SeriesMatch(modality=["CT"], image_type=["ORIGINAL"], orientation="axial",
+                          slice_thickness_mm=[0.0, 3.0], min_instances=40),
+    ),
+]
 
-    rules: list[RoutingRule] = Field(default_factory=list)
+
+def _builtin_rules() -> list[RoutingRule]:
+    return list(BUILTIN_RULES)
+
+
+class RoutingConfig(_Strict):
+    """Routing rules, evaluated in order; every matching rule yields a job step.
+
+    Without a ``rules`` key the :data:`BUILTIN_RULES` apply; ``rules: []``
+    explicitly means "analyse nothing" (``config check`` and start-up warn).
+    """
+
+    rules: list[RoutingRule] = Field(default_factory=_builtin_rules)
+
+    @property
+    def builtin(self) -> bool:
+        """True when the rules are the built-in ones (no ``rules`` key given)."""
+        return "rules" not in self.model_fields_set
+
+    @property
+    def analyses_nothing(self) -> bool:
+        """True when the configuration explicitly has no routing rule."""
+        return not self.rules
 
 
 class ModelsConfig(_Strict):
@@ -318,8 +493,51 @@ class ResultsConfig(_Strict):
     disclaimer: str = Field("Not for diagnostic use", min_length=1, max_length=200)
     manufacturer: str = Field("cad-node", min_length=1, max_length=64)
     institution_name: str | None = None
-    #: Run dciodvfy in the conformance gate when it is installed.
+    #: Run dciodvfy (/usr/bin/dciodvfy) in the conformance gate; with it
+    #: missing, every object fails the gate (false: objects go out unchecked).
     use_dciodvfy: bool = True
+
+
+_DATABASE_URL = r"^(sqlite:///|postgresql(\+psycopg)?://|postgres://)"
+
+
+class StorageConfig(_Strict):
+    """Where the spool index and the job table live, and how workers get a study.
+
+    The defaults are the embedded single-machine node: SQLite files below
+    ``node.storage_dir``, workers reading the spool's files directly.
+    """
+
+    #: ``None``: SQLite files below ``node.storage_dir``.  ``postgresql://user@host:port/db``:
+    #: the index and the job table in one PostgreSQL database (several hosts).
+    database_url: str | None = None
+    #: Receiver: serve the read-only, study-scoped WADO-RS endpoint on this address
+    #: (``None``: off).  Workers on other hosts fetch their study from it.
+    wado_host: str | None = None
+    wado_port: int = Field(8043, ge=1, le=65535)
+    #: Worker: base URL of the receiver's WADO-RS endpoint; ``None`` reads the spool's
+    #: files directly (same host).  The study-scoped token comes with the job.
+    fetch_url: str | None = Field(None, pattern=r"^https?://")
+    #: Receiver: file holding the key that signs the study-scoped tokens (created, 0600,
+    #: when missing); ``None`` means ``<storage_dir>/wado.key``.
+    token_key_file: str | None = None
+
+    @field_validator("database_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(_DATABASE_URL, v):
+            raise ValueError("database_url must start with sqlite:/// or postgresql://")
+        return v
+
+    @property
+    def jobs_database_url(self) -> str | None:
+        """URL of the job table (``None``: the SQLite file below ``storage_dir``)."""
+        return self.database_url
+
+    @property
+    def index_database_url(self) -> str | None:
+        """URL of the spool index (``None``: the SQLite file in the spool)."""
+        return self.database_url
 
 
 class MetricsConfig(_Strict):
@@ -328,6 +546,52 @@ class MetricsConfig(_Strict):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(9464, ge=1, le=65535)
+
+
+class WebToken(_Strict):
+    """A bearer token allowed to use the write actions of the REST API."""
+
+    #: Who holds it; recorded as the actor of audit events.
+    name: str = Field(pattern=r"^[A-Za-z0-9_.@-]{1,64}$")
+    token: str = Field(min_length=16, max_length=256)
+
+
+class WebConfig(_Strict):
+    """REST API and status page (``cad_node.web``): off by default, loopback by default."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    #: Tokens for write actions (retry, resend, replay, reload, C-ECHO).
+    tokens: list[WebToken] = Field(default_factory=list)
+    #: Environment variable that may hold one more token (named ``env``).
+    token_env: str = Field("CAD_NODE_API_TOKEN", pattern=r"^[A-Z_][A-Z0-9_]*$")
+    #: Seconds between refreshes of the status page.
+    refresh_s: float = Field(2.0, ge=0.5, le=300)
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        return _validate_host(v)
+
+
+class AuditConfig(_Strict):
+    """Audit trail: JSON lines under ``storage_dir/audit/``, rotated by size."""
+
+    enabled: bool = True
+    #: Rotate the file when it grows beyond this many bytes.
+    max_bytes: int = Field(10 * 1024**2, ge=1024)
+    #: Rotated files kept (``audit.jsonl.1`` ... ``.N``).
+    backups: int = Field(10, ge=1, le=1000)
+
+
+class RetentionConfig(_Strict):
+    """Deletion of spooled studies once every destination acknowledged their results."""
+
+    #: Days after the last acknowledgement a study is deleted; ``null`` keeps studies forever.
+    days: float | None = Field(None, ge=0)
+    #: How often ``cad-node serve`` applies the policy (seconds).
+    interval_s: float = Field(3600.0, gt=0)
 
 
 class Settings(_Strict):
@@ -342,6 +606,10 @@ class Settings(_Strict):
     models: ModelsConfig = ModelsConfig()
     results: ResultsConfig = ResultsConfig()
     metrics: MetricsConfig = MetricsConfig()
+    web: WebConfig = WebConfig()
+    audit: AuditConfig = AuditConfig()
+    retention: RetentionConfig = RetentionConfig()
+    storage: StorageConfig = StorageConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @model_validator(mode="after")
@@ -363,6 +631,21 @@ class Settings(_Strict):
             if dest.name == name:
                 return dest
         raise KeyError(f"no destination named {name!r}")
+
+    def warnings(self) -> list[str]:
+        """Configuration that is valid but probably not what the operator wants."""
+        out: list[str] = []
+        if self.routing.analyses_nothing:
+            out.append("routing.rules is empty: the node stores studies but analyses nothing")
+        if not self.destinations:
+            out.append("destinations is empty: results are built but sent nowhere")
+        if self.web.enabled and not _is_loopback(self.web.host):
+            out.append(f"web.host {self.web.host} is not loopback: anyone who can reach it reads "
+                       "the status page (patient IDs, study UIDs) without a token")
+        if not self.peers and not self.node.accept_any:
+            out.append("peers is empty and node.accept_any is false: every association is "
+                       "rejected")
+        return out
 
 
 def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
@@ -433,6 +716,26 @@ def load_config(
         raise ConfigError(f"{cfg_path}: top level must be a mapping of sections")
     data = _apply_env(raw, os.environ if environ is None else environ)
     try:
-        return Settings.model_validate(data)
+        settings = Settings.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, str(cfg_path))) from None
+    return resolve_paths(settings, cfg_path.resolve().parent)
+
+
+def resolve_paths(settings: Settings, base: Path) -> Settings:
+    """Make ``node.storage_dir`` and an explicit ``models.dir`` absolute against ``base``.
+
+    Relative paths in a configuration file mean "relative to the file's
+    directory", never to the current directory of whoever starts the node.
+    ``models.dir`` left at its default keeps the bundle lookup of
+    :func:`cad_node.models.default_models_dir`.
+    """
+    node = settings.node
+    update: dict[str, Any] = {}
+    if not Path(node.storage_dir).is_absolute():
+        update["node"] = node.model_copy(
+            update={"storage_dir": str((base / node.storage_dir).resolve())})
+    if "dir" in settings.models.model_fields_set and not Path(settings.models.dir).is_absolute():
+        update["models"] = settings.models.model_copy(
+            update={"dir": str((base / settings.models.dir).resolve())})
+    return settings.model_copy(update=update) if update else settings

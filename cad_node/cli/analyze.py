@@ -30,12 +30,15 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cad_node.config import (
+    BUILTIN_RULES,
     DEFAULT_CONFIG_PATH,
+    DEFAULT_OBJECT_KINDS,
     ConfigError,
+    ObjectKind,
     RoutingRule,
-    SeriesMatch,
     Settings,
     load_config,
+    parse_object_kinds,
 )
 from cad_node.imaging import SeriesError, SeriesInfo, group_series, load_series, select_series
 from cad_node.imaging.series import sources_of
@@ -49,14 +52,8 @@ EXIT_FAILED = 1
 #: Exit status for unusable arguments / nothing to analyse.
 EXIT_INPUT_ERROR = 2
 
-#: Rule used when no configuration file is available (same as the shipped one).
-DEFAULT_RULE = RoutingRule(
-    name="chest-ct",
-    pipeline="ct-chest",
-    series="best",
-    match=SeriesMatch(modality=["CT"], image_type=["ORIGINAL"], orientation="axial",
-                      slice_thickness_mm=[0.0, 3.0], min_instances=40),
-)
+#: First built-in rule (kept for callers of the old name); see BUILTIN_RULES.
+DEFAULT_RULE = BUILTIN_RULES[0]
 
 
 def _settings(config: Path | None) -> Settings:
@@ -109,7 +106,7 @@ def _findings_table(result: AnalysisResult) -> Table:
 
 def _write_objects(
     result: AnalysisResult, info: SeriesInfo, folder: Path, settings: Settings,
-    objects: list[str], use_dciodvfy: bool, err: Console,
+    objects: list[ObjectKind], use_dciodvfy: bool, err: Console,
 ) -> tuple[list[dict[str, str]], int]:
     from cad_node.results import build_results, validate
     from cad_node.results.io import save_result
@@ -145,7 +142,7 @@ def analyze(
     = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")] = "cpu",
     objects: Annotated[str, typer.Option("--objects", help="Comma-separated: sr,seg,sc,gsps,kos.")]
-    = "sr,seg,sc",
+    = ",".join(DEFAULT_OBJECT_KINDS),
     dciodvfy: Annotated[bool, typer.Option("--dciodvfy/--no-dciodvfy",
                                            help="Run dciodvfy in the gate.")] = True,
 ) -> None:
@@ -160,8 +157,12 @@ def analyze(
     except ConfigError as exc:
         err.print(str(exc), markup=False)
         raise typer.Exit(EXIT_INPUT_ERROR) from None
-    rules = list(settings.routing.rules) or [DEFAULT_RULE]
-    kinds = [k.strip() for k in objects.split(",") if k.strip()]
+    rules = list(settings.routing.rules)
+    try:
+        kinds = parse_object_kinds(objects)
+    except ValueError as exc:
+        err.print(f"--objects: {exc}", markup=False)
+        raise typer.Exit(EXIT_INPUT_ERROR) from None
 
     skipped: list[str] = []
     series = group_series(sources_of([directory]),

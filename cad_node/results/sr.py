@@ -39,6 +39,7 @@ from typing import Any
 
 import highdicom as hd
 import numpy as np
+from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
@@ -48,9 +49,17 @@ from cad_node.results._common import (
     processing_equipment,
 )
 from cad_node.results.findings import AnalysisStatus, Finding, Region2D
+from cad_node.results.planar import Bidirectional, bidirectional_axes, key_frame, planar_group
 from cad_node.results.seg import SegResult
 
-__all__ = ["ProcedureReported", "SummaryCode", "build_sr", "procedure_reported", "region_polyline"]
+__all__ = [
+    "ProcedureReported",
+    "SummaryCode",
+    "build_sr",
+    "key_slice_axes",
+    "procedure_reported",
+    "region_polyline",
+]
 
 
 class ProcedureReported:
@@ -167,15 +176,109 @@ def _referenced_segment(
     )
 
 
+def key_slice_axes(ctx: BuildContext, finding: Finding) -> tuple[Dataset, Bidirectional] | None:
+    """The key slice of a masked finding and its long/short axes and outline on it.
+
+    The key slice is the source image whose mask frame has the largest
+    in-plane extent (:func:`cad_node.results.planar.key_frame`), frames taken
+    in source order.  None for a finding without a mask on a received image.
+    """
+    mask = finding.mask
+    if mask is None:
+        return None
+    frames = [
+        (ctx.source.images.index(ctx.source.by_uid[u]), k)
+        for k, u in enumerate(mask.sop_instance_uids)
+        if u in ctx.source.by_uid
+    ]
+    if not frames:
+        return None
+    frames.sort()
+    binary = np.stack([np.asarray(mask.array[k]) > 0.5 for _, k in frames])
+    first = ctx.source.images[frames[0][0]]
+    spacing = (float(first.PixelSpacing[0]), float(first.PixelSpacing[1]))
+    best = key_frame(binary, spacing)
+    if best is None:
+        return None
+    image = ctx.source.images[frames[best][0]]
+    spacing = (float(image.PixelSpacing[0]), float(image.PixelSpacing[1]))
+    axes = bidirectional_axes(binary[best], spacing)
+    assert axes is not None
+    return image, axes
+
+
+def _planar_ct_group(
+    ctx: BuildContext,
+    index: int,
+    finding: Finding,
+    algo: hd.sr.AlgorithmIdentification,
+    common: dict[str, object],
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | None:
+    """TID 1410 group of a CT finding on its key slice (bidirectional axes, outline)."""
+    found = key_slice_axes(ctx, finding)
+    if found is None:
+        return None
+    image, axes = found
+    others = [
+        m
+        for m in _measurements(finding, algo)
+        if m[0].ConceptNameCodeSequence[0].CodeValue
+        not in (codes.SCT.LongAxis.value, codes.SCT.ShortAxis.value)
+    ]
+    return planar_group(
+        identifier=finding.tracking_id,
+        tracking_uid=ctx.tracking_uid(index),
+        image=image,
+        region=axes.outline,
+        finding_type=common["finding_type"],  # type: ignore[arg-type]
+        lengths=[axes.long_axis, axes.short_axis],
+        measurements=others,
+        algorithm=algo,
+        finding_sites=common["finding_sites"] or (),  # type: ignore[arg-type]
+    )
+
+
+def _groups(ctx: BuildContext, index: int, finding: Finding, seg: SegResult | None) -> list[Any]:
+    """The measurement groups of one finding: planar (key slice) first, then volumetric.
+
+    OHIF merges groups that share a Tracking UID and places the finding on the
+    first top-level SCOORD, so the planar group of a CT finding comes first.
+    """
+    group = _group(ctx, index, finding, seg)
+    if not isinstance(group, hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations):
+        return [group]
+    algo = _algorithm(ctx)
+    planar = _planar_ct_group(ctx, index, finding, algo, _common_items(ctx, index, finding, algo))
+    return [group] if planar is None else [planar, group]
+
+
+def _algorithm(ctx: BuildContext) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(
+        name=ctx.model.name, version=ctx.model.version, manufacturer=ctx.model.manufacturer
+    )
+
+
+def _common_items(
+    ctx: BuildContext, index: int, finding: Finding, algo: hd.sr.AlgorithmIdentification
+) -> dict[str, object]:
+    ft = finding.finding_type
+    return {
+        "finding_type": Code(ft.code, "SCT", ft.meaning),
+        "finding_sites": (
+            [hd.sr.FindingSite(Code(finding.site.code, "SCT", finding.site.meaning))]
+            if finding.site
+            else None
+        ),
+    }
+
+
 def _group(
     ctx: BuildContext, index: int, finding: Finding, seg: SegResult | None
 ) -> (
     hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
     | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
 ):
-    algo = hd.sr.AlgorithmIdentification(
-        name=ctx.model.name, version=ctx.model.version, manufacturer=ctx.model.manufacturer
-    )
+    algo = _algorithm(ctx)
     tracking = hd.sr.TrackingIdentifier(uid=ctx.tracking_uid(index), identifier=finding.tracking_id)
     ft = finding.finding_type
     common: dict[str, object] = {
@@ -310,7 +413,7 @@ def build_sr(ctx: BuildContext, seg: SegResult | None = None) -> hd.sr.Comprehen
         )
     )
     groups: list[Any] = (
-        [_group(ctx, i, f, seg) for i, f in enumerate(ctx.result.findings)]
+        [g for i, f in enumerate(ctx.result.findings) for g in _groups(ctx, i, f, seg)]
         if ctx.result.status is AnalysisStatus.COMPLETED
         else []
     )
