@@ -194,6 +194,15 @@ def _referenced_segment(
     )
 
 
+def _row_column_spacing(ctx: BuildContext, image: Dataset) -> tuple[float, float]:
+    """Pixel Spacing ``(row, column)`` of a source image, from its plane
+    (:mod:`cad_node.imaging.geometry`) when it has one."""
+    plane = ctx.source.plane(str(image.SOPInstanceUID))
+    if plane is not None:
+        return plane.pixel_spacing
+    return (float(image.PixelSpacing[0]), float(image.PixelSpacing[1]))
+
+
 def key_slice_axes(ctx: BuildContext, finding: Finding) -> tuple[Dataset, Bidirectional] | None:
     """The key slice of a masked finding and its long/short axes and outline on it.
 
@@ -218,13 +227,11 @@ def key_slice_axes(ctx: BuildContext, finding: Finding) -> tuple[Dataset, Bidire
         for _, k in frames
     ])
     first = ctx.source.images[frames[0][0]]
-    spacing = (float(first.PixelSpacing[0]), float(first.PixelSpacing[1]))
-    best = key_frame(binary, spacing)
+    best = key_frame(binary, _row_column_spacing(ctx, first))
     if best is None:
         return None
     image = ctx.source.images[frames[best][0]]
-    spacing = (float(image.PixelSpacing[0]), float(image.PixelSpacing[1]))
-    axes = bidirectional_axes(binary[best], spacing)
+    axes = bidirectional_axes(binary[best], _row_column_spacing(ctx, image))
     assert axes is not None
     return image, axes
 

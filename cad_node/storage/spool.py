@@ -82,7 +82,6 @@ __all__ = [
     "SpoolLockedError",
     "SpoolOutcome",
     "StoreResult",
-    "StoreStatus",
     "UIDMismatchError",
     "encode_file_meta",
     "free_bytes",
@@ -130,11 +129,6 @@ class SpoolOutcome(Enum):
     STORED = "stored"
     #: SOP Instance UID already indexed; the first copy was kept, nothing written.
     DUPLICATE = "duplicate"
-
-
-#: Former name of :class:`SpoolOutcome`, kept while ``cad_node/scp/server.py``
-#: (reworked in parallel) still imports it.
-StoreStatus = SpoolOutcome
 
 
 @dataclass(frozen=True)
