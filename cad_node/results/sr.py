@@ -43,6 +43,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from cad_node.imaging.radiograph import radiograph_geometry
 from cad_node.results._common import (
     BuildContext,
     SeriesNumber,
@@ -195,12 +196,23 @@ def _referenced_segment(
 
 
 def _row_column_spacing(ctx: BuildContext, image: Dataset) -> tuple[float, float]:
-    """Pixel Spacing ``(row, column)`` of a source image, from its plane
-    (:mod:`cad_node.imaging.geometry`) when it has one."""
+    """Pixel spacing ``(row, column)`` of a source image, in mm.
+
+    A cross-sectional image's comes from its plane (:mod:`cad_node.imaging.geometry`),
+    a radiograph's from :func:`cad_node.imaging.radiograph.radiograph_geometry`.
+
+    Raises
+    ------
+    ValueError
+        The image has no millimetre scale.
+    """
     plane = ctx.source.plane(str(image.SOPInstanceUID))
     if plane is not None:
         return plane.pixel_spacing
-    return (float(image.PixelSpacing[0]), float(image.PixelSpacing[1]))
+    spacing = radiograph_geometry(image).spacing_mm
+    if spacing is None:
+        raise ValueError(f"image {image.SOPInstanceUID} has no Pixel Spacing for lengths in mm")
+    return spacing
 
 
 def key_slice_axes(ctx: BuildContext, finding: Finding) -> tuple[Dataset, Bidirectional] | None:
