@@ -6,8 +6,9 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 CONFIG ?= config/cad-node.yaml
 # Debian packages the test-suite drives as real peers (never mocked).
-PEER_PKGS := dcmtk dicom3tools orthanc redis-server
-PEER_BINS := /usr/bin/storescu /usr/bin/echoscu /usr/bin/dsrdump /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/bin/redis-server
+# systemd ships /usr/bin/systemd-analyze (tests/unit/test_deploy.py verifies the units).
+PEER_PKGS := dcmtk dicom3tools orthanc redis-server systemd
+PEER_BINS := /usr/bin/storescu /usr/bin/echoscu /usr/bin/dsrdump /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/bin/redis-server /usr/bin/systemd-analyze
 PYTEST_ARGS ?=
 
 .PHONY: venv peers serve test lint typecheck bench fuzz clean

@@ -446,7 +446,8 @@ class ResultsConfig(_Strict):
     disclaimer: str = Field("Not for diagnostic use", min_length=1, max_length=200)
     manufacturer: str = Field("cad-node", min_length=1, max_length=64)
     institution_name: str | None = None
-    #: Run dciodvfy in the conformance gate when it is installed.
+    #: Run dciodvfy (/usr/bin/dciodvfy) in the conformance gate; with it
+    #: missing, every object fails the gate (false: objects go out unchecked).
     use_dciodvfy: bool = True
 
 

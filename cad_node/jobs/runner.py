@@ -348,6 +348,7 @@ class JobRunner:
                 "sop_instance_uid": str(obj.dataset.SOPInstanceUID),
                 "transfer_syntax_uid": str(obj.dataset.file_meta.TransferSyntaxUID),
                 "role": obj.role,
+                "dciodvfy_ran": report.dciodvfy_ran,
             })
         return entries, bad
 

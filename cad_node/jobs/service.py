@@ -39,6 +39,7 @@ from cad_node.jobs.states import JobState
 from cad_node.jobs.store import Job, JobStore
 from cad_node.jobs.tasks import publish_analyse, reconcile
 from cad_node.logs import job_logger
+from cad_node.storage.records import StudyComplete
 
 __all__ = ["EmbeddedWorker", "JobService"]
 
@@ -97,8 +98,46 @@ class JobService:
                 Path(settings.node.storage_dir) / "wado.key")
             self.tokens = StudyTokens(load_or_create_key(key_file))
 
-    def on_study_complete(self, event: Any) -> Job:
-        """Record and publish a job for a ``StudyComplete`` event (see module contract)."""
+    def on_study_complete(self, event: StudyComplete) -> Job:
+        """Record and publish a job for one study generation: the ingest hand-off.
+
+        Called by the study assembler (``NodeServer(on_study_complete=...)``)
+        at least once per study generation, from any thread.
+
+        Parameters
+        ----------
+        event : StudyComplete
+            The handler may read:
+
+            * ``event.study_id`` - the node's own study id (index primary key);
+            * ``event.study_instance_uid`` - Study Instance UID (validated);
+            * ``event.generation`` - 1, then +1 per reopening; a later
+              generation supersedes the job of an earlier one;
+            * ``event.instances`` - every :class:`~cad_node.storage.records.StoredInstance`
+              of the study so far (paths inside the spool; never modify them);
+            * ``event.fingerprint`` - with ``study_instance_uid`` the
+              idempotency key.
+
+        Returns
+        -------
+        Job
+            The job of ``(study_instance_uid, fingerprint)``, as stored after the
+            call: ``queued`` once published; ``complete`` when the broker could
+            not be reached (:meth:`reconcile` publishes it later); the existing
+            job, in whatever state, when the same key was handed on before.
+
+        Guarantees
+        ----------
+        * The job row is committed before the message is published, and before
+          this returns: an acknowledged study is never lost.
+        * The same key twice yields one job (delivery is at-least-once).
+
+        Raises
+        ------
+        Exception
+            Only what the job table raises (e.g. :class:`sqlite3.Error` on a
+            broken database); a broker failure never propagates.
+        """
         job, created = self.store.record_study_complete(
             study_id=str(event.study_id), study_instance_uid=event.study_instance_uid,
             generation=int(event.generation), fingerprint=event.fingerprint,
@@ -123,7 +162,7 @@ class JobService:
         return self.store.get(job.job_id)
 
     @staticmethod
-    def _metrics_received(event: Any) -> None:
+    def _metrics_received(event: StudyComplete) -> None:
         from cad_node import metrics
 
         metrics.JOBS_CREATED.inc()
@@ -276,8 +315,11 @@ class JobsRuntime:
             if ids:
                 LOG.info("published job(s) %s that had not reached the broker", ids)
 
-    def on_study_complete(self, event: Any) -> None:
-        """The ``on_study_complete`` callback for :class:`cad_node.scp.NodeServer`."""
+    def on_study_complete(self, event: StudyComplete) -> None:
+        """The ``on_study_complete`` callback for :class:`cad_node.scp.NodeServer`.
+
+        Same contract as :meth:`JobService.on_study_complete`; returns nothing.
+        """
         self.service.on_study_complete(event)
 
     def start(self, server: Any = None) -> None:

@@ -57,7 +57,49 @@ class Pipeline(Protocol):
         device: str = "cpu",
         progress: ProgressCallback | None = None,
     ) -> AnalysisResult:
-        """Analyse one series."""
+        """Analyse one series.
+
+        Called by the job runner (:meth:`cad_node.jobs.runner.JobRunner.analyse`)
+        and ``cad-node analyze`` once per series a routing rule selected.
+
+        Parameters
+        ----------
+        series : LoadedSeries
+            Loaded by :func:`cad_node.imaging.load_series`, so its geometry has
+            passed :mod:`cad_node.imaging.geometry` (one orientation, regular
+            slice grid, ``sop_instance_uids[k]`` is slice ``k``).  The pipeline
+            may read ``series.image`` (rescaled values, LPS geometry),
+            ``series.array``, ``series.sop_instance_uids``, ``series.datasets``
+            (headers without pixel data, in slice order), ``series.modality``
+            and ``series.notes``; it must not modify them.
+        device : str
+            ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (already resolved from
+            ``auto`` by the caller).
+        progress : callable, optional
+            ``progress(stage, fraction)`` with ``fraction`` in ``[0, 1]``;
+            called from the pipeline's thread.
+
+        Returns
+        -------
+        AnalysisResult
+            ``series_instance_uid`` is ``series.series_instance_uid``.
+
+            * ``status=COMPLETED``: findings ranked (most probable first), each
+              mask an :class:`~cad_node.results.findings.ImageMask` aligned with
+              ``series`` by SOP Instance UID; ``model`` names the bundle (the
+              result builders refuse a result without it).
+            * ``status=FAILED`` with ``failure_reason`` for input the pipeline
+              cannot analyse (wrong modality, not a chest CT, too few slices,
+              ...): no findings; ``model`` still set so the failure can be
+              reported in an SR.
+
+        Raises
+        ------
+        Exception
+            Never for bad *input* (that is ``FAILED``); only for programming
+            errors or a broken installation (e.g. a missing model bundle), which
+            the job runner records as a job failure.
+        """
         ...
 
 

@@ -38,10 +38,18 @@ Contract at the edge (what a peer can and cannot make the node do)
   set fragment without a command or on another presentation context than its
   command's, a C-STORE on a context that was not accepted.  Other
   associations are not affected.
-* **UIDs.**  pynetdicom's UI validator is relaxed in the node's own
-  association threads only, so a command UID pynetdicom would refuse to
-  decode reaches :mod:`cad_node.uids`, which decides (a UID that breaks
-  PS3.5 9.1 is refused with 0xC101).  No path is ever built from a UID.
+* **UIDs: lenient where real modalities are sloppy, strict where it
+  matters** (:func:`cad_node.uids.lenient_uid`).  A UID with a leading-zero
+  component (``1.2.840.0113...``, forbidden by PS3.5 9.1 but common and
+  readable by pydicom) is stored, answered Success and flagged: a WARNING
+  log line with the study UID, and ``DatasetHeader.uid_defects``.  A UID
+  that is empty, longer than 64 characters, has a character other than
+  ``0-9`` and ``.`` (so no ``/`` or ``..``: no path traversal) or an empty
+  component is refused: 0xC101 in the command, 0xA900 in the data set.  The
+  transfer syntax UID is checked strictly.  pynetdicom's UI validator is
+  relaxed in the node's own association threads only, so such a command
+  reaches this policy instead of going unanswered.  No path is ever built
+  from a UID.
 * **Timeouts.**  Finite ACSE, DIMSE and network timeouts; a PDU that stops
   arriving mid-way for ``network_timeout_s`` aborts the association.
 * **DICOM TLS** (``node.tls``): a second listener with the BCP 195 profile
@@ -422,6 +430,12 @@ class NodeServer:
         except OSError as exc:
             log.error("C-STORE failed (I/O error: %s): %s", exc, where)
             return Status.PROCESSING_FAILURE
+        if result.header.uid_defects:
+            log.warning(
+                "stored instance %d with non-conformant UID(s), flagged (%s): study=%s %s",
+                result.instance_id, "; ".join(result.header.uid_defects),
+                result.header.study_instance_uid, where,
+            )
         if result.status is SpoolOutcome.STORED:
             log.debug(
                 "stored instance %d study=%s %s",

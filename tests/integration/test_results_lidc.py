@@ -41,8 +41,7 @@ from cad_node.results.findings import (
 from cad_node.results.sc import CONTOUR_RGB
 from cad_node.results.seg import build_seg
 from tests.conftest import DSRDUMP, REPO_ROOT, dciodvfy, require_data, require_program
-
-lidc = pytest.importorskip("trainer.lidc")
+from trainer import lidc  # our own module: an ImportError must fail, never skip
 
 MODEL = ModelIdentity(name="lung-nodule-test", version="1.2.3", device_uid="2.25.424242")
 SETTINGS = ResultsConfig(use_dciodvfy=False)
