@@ -7,8 +7,9 @@ PIP := $(VENV)/bin/pip
 CONFIG ?= config/cad-node.yaml
 # Debian packages the test-suite drives as real peers (never mocked).
 # systemd ships /usr/bin/systemd-analyze (tests/unit/test_deploy.py verifies the units).
-PEER_PKGS := dcmtk dicom3tools orthanc redis-server systemd
-PEER_BINS := /usr/bin/storescu /usr/bin/echoscu /usr/bin/dsrdump /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/bin/redis-server /usr/bin/systemd-analyze
+# postgresql: tests/system/test_scaleout.py runs initdb + pg_ctl from /usr/lib/postgresql/<ver>/bin.
+PEER_PKGS := dcmtk dicom3tools orthanc redis-server systemd postgresql
+PEER_BINS := /usr/bin/storescu /usr/bin/echoscu /usr/bin/dsrdump /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/bin/redis-server /usr/bin/systemd-analyze /usr/bin/unshare
 PYTEST_ARGS ?=
 
 .PHONY: venv peers serve test lint typecheck bench fuzz clean
@@ -25,6 +26,7 @@ venv: $(VENV)/.installed
 
 peers:
 	@missing=0; for b in $(PEER_BINS); do test -x $$b || missing=1; done; \
+	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing=1; \
 	if [ $$missing = 1 ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(PEER_PKGS); \
