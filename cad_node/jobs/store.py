@@ -734,15 +734,15 @@ class JobStore:
         ``complete`` jobs (handed off, never enqueued), and ``queued`` /
         ``results-ready`` jobs whose current token was never marked
         published (the broker was down, or the process died, between the
-        table and the broker) for longer than ``older_than_s``.
+        table and the broker), in that state for longer than ``older_than_s``
+        (a hand-off still publishing is left alone).
         """
         now = time.time() if now is None else now
         c = JOBS.c
-        query = sa.select(JOBS).where(sa.or_(
+        query = sa.select(JOBS).where(c.state_at < now - older_than_s, sa.or_(
             c.state == JobState.COMPLETE.value,
             sa.and_(c.state.in_([JobState.QUEUED.value, JobState.RESULTS_READY.value]),
-                    c.published_at.is_(None), c.claimed_by.is_(None),
-                    c.state_at < now - older_than_s),
+                    c.published_at.is_(None), c.claimed_by.is_(None)),
         )).order_by(c.job_id)
         with self.db.read() as conn:
             return [self._job(r) for r in conn.execute(query).mappings()]
