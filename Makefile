@@ -6,10 +6,11 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 CONFIG ?= config/cad-node.yaml
 # Debian packages the test-suite drives as real peers (never mocked).
-# systemd ships /usr/bin/systemd-analyze (tests/unit/test_deploy.py verifies the units).
+# systemd ships /usr/bin/systemd-analyze (tests/unit/test_deploy.py verifies the units);
+# chromium + chromium-driver drive the browser tests (selenium);
 # postgresql: tests/system/test_scaleout.py runs initdb + pg_ctl from /usr/lib/postgresql/<ver>/bin.
-PEER_PKGS := dcmtk dicom3tools orthanc redis-server systemd postgresql
-PEER_BINS := /usr/bin/storescu /usr/bin/echoscu /usr/bin/dsrdump /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/bin/redis-server /usr/bin/systemd-analyze /usr/bin/unshare
+PEER_PKGS := dcmtk dicom3tools orthanc redis-server systemd chromium chromium-driver postgresql
+PEER_BINS := /usr/bin/storescu /usr/bin/echoscu /usr/bin/dsrdump /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/bin/redis-server /usr/bin/systemd-analyze /usr/bin/chromium /usr/bin/chromedriver /usr/bin/unshare
 PYTEST_ARGS ?=
 
 .PHONY: venv peers serve test lint typecheck bench fuzz clean

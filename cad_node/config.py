@@ -34,9 +34,11 @@ from pydantic import (
 )
 
 __all__ = [
+    "BUILTIN_RULES",
     "DEFAULT_CONFIG_PATH",
     "DEFAULT_OBJECT_KINDS",
     "ENV_PREFIX",
+    "AuditConfig",
     "ConfigError",
     "DestinationConfig",
     "JobsConfig",
@@ -45,6 +47,7 @@ __all__ = [
     "ObjectKind",
     "PeerConfig",
     "ResultsConfig",
+    "RetentionConfig",
     "RetryConfig",
     "RoutingConfig",
     "RoutingRule",
@@ -53,8 +56,11 @@ __all__ = [
     "SeriesMatch",
     "Settings",
     "StudyConfig",
+    "WebConfig",
+    "WebToken",
     "load_config",
     "parse_object_kinds",
+    "resolve_paths",
     "validate_ae_title",
 ]
 
@@ -152,6 +158,15 @@ def _validate_host(value: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9\-.]*[A-Za-z0-9])?", value):
             raise ValueError(f"host {value!r} is neither an IP address nor a hostname") from None
     return value
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class _Strict(BaseModel):
@@ -427,10 +442,42 @@ class RoutingRule(_Strict):
     series: Literal["best", "all"] = "best"
 
 
-class RoutingConfig(_Strict):
-    """Routing rules, evaluated in order; every matching rule yields a job step."""
+#: The built-in routing rules, used when the configuration has no ``routing``
+#: section (or no ``routing.rules`` key).  One entry per shipped pipeline: a
+#: pipeline package that lands appends its rule here (chest X-ray, CT lesion).
+BUILTIN_RULES: list[RoutingRule] = [
+    RoutingRule(
+        name="chest-ct",
+        pipeline="ct-chest",
+        series="best",
+        match=SeriesMatch(modality=["CT"], image_type=["ORIGINAL"], orientation="axial",
+                          slice_thickness_mm=[0.0, 3.0], min_instances=40),
+    ),
+]
 
-    rules: list[RoutingRule] = Field(default_factory=list)
+
+def _builtin_rules() -> list[RoutingRule]:
+    return list(BUILTIN_RULES)
+
+
+class RoutingConfig(_Strict):
+    """Routing rules, evaluated in order; every matching rule yields a job step.
+
+    Without a ``rules`` key the :data:`BUILTIN_RULES` apply; ``rules: []``
+    explicitly means "analyse nothing" (``config check`` and start-up warn).
+    """
+
+    rules: list[RoutingRule] = Field(default_factory=_builtin_rules)
+
+    @property
+    def builtin(self) -> bool:
+        """True when the rules are the built-in ones (no ``rules`` key given)."""
+        return "rules" not in self.model_fields_set
+
+    @property
+    def analyses_nothing(self) -> bool:
+        """True when the configuration explicitly has no routing rule."""
+        return not self.rules
 
 
 class ModelsConfig(_Strict):
@@ -501,6 +548,52 @@ class MetricsConfig(_Strict):
     port: int = Field(9464, ge=1, le=65535)
 
 
+class WebToken(_Strict):
+    """A bearer token allowed to use the write actions of the REST API."""
+
+    #: Who holds it; recorded as the actor of audit events.
+    name: str = Field(pattern=r"^[A-Za-z0-9_.@-]{1,64}$")
+    token: str = Field(min_length=16, max_length=256)
+
+
+class WebConfig(_Strict):
+    """REST API and status page (``cad_node.web``): off by default, loopback by default."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    #: Tokens for write actions (retry, resend, replay, reload, C-ECHO).
+    tokens: list[WebToken] = Field(default_factory=list)
+    #: Environment variable that may hold one more token (named ``env``).
+    token_env: str = Field("CAD_NODE_API_TOKEN", pattern=r"^[A-Z_][A-Z0-9_]*$")
+    #: Seconds between refreshes of the status page.
+    refresh_s: float = Field(2.0, ge=0.5, le=300)
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        return _validate_host(v)
+
+
+class AuditConfig(_Strict):
+    """Audit trail: JSON lines under ``storage_dir/audit/``, rotated by size."""
+
+    enabled: bool = True
+    #: Rotate the file when it grows beyond this many bytes.
+    max_bytes: int = Field(10 * 1024**2, ge=1024)
+    #: Rotated files kept (``audit.jsonl.1`` ... ``.N``).
+    backups: int = Field(10, ge=1, le=1000)
+
+
+class RetentionConfig(_Strict):
+    """Deletion of spooled studies once every destination acknowledged their results."""
+
+    #: Days after the last acknowledgement a study is deleted; ``null`` keeps studies forever.
+    days: float | None = Field(None, ge=0)
+    #: How often ``cad-node serve`` applies the policy (seconds).
+    interval_s: float = Field(3600.0, gt=0)
+
+
 class Settings(_Strict):
     """The whole configuration of one node."""
 
@@ -513,6 +606,9 @@ class Settings(_Strict):
     models: ModelsConfig = ModelsConfig()
     results: ResultsConfig = ResultsConfig()
     metrics: MetricsConfig = MetricsConfig()
+    web: WebConfig = WebConfig()
+    audit: AuditConfig = AuditConfig()
+    retention: RetentionConfig = RetentionConfig()
     storage: StorageConfig = StorageConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -535,6 +631,21 @@ class Settings(_Strict):
             if dest.name == name:
                 return dest
         raise KeyError(f"no destination named {name!r}")
+
+    def warnings(self) -> list[str]:
+        """Configuration that is valid but probably not what the operator wants."""
+        out: list[str] = []
+        if self.routing.analyses_nothing:
+            out.append("routing.rules is empty: the node stores studies but analyses nothing")
+        if not self.destinations:
+            out.append("destinations is empty: results are built but sent nowhere")
+        if self.web.enabled and not _is_loopback(self.web.host):
+            out.append(f"web.host {self.web.host} is not loopback: anyone who can reach it reads "
+                       "the status page (patient IDs, study UIDs) without a token")
+        if not self.peers and not self.node.accept_any:
+            out.append("peers is empty and node.accept_any is false: every association is "
+                       "rejected")
+        return out
 
 
 def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
@@ -605,6 +716,26 @@ def load_config(
         raise ConfigError(f"{cfg_path}: top level must be a mapping of sections")
     data = _apply_env(raw, os.environ if environ is None else environ)
     try:
-        return Settings.model_validate(data)
+        settings = Settings.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, str(cfg_path))) from None
+    return resolve_paths(settings, cfg_path.resolve().parent)
+
+
+def resolve_paths(settings: Settings, base: Path) -> Settings:
+    """Make ``node.storage_dir`` and an explicit ``models.dir`` absolute against ``base``.
+
+    Relative paths in a configuration file mean "relative to the file's
+    directory", never to the current directory of whoever starts the node.
+    ``models.dir`` left at its default keeps the bundle lookup of
+    :func:`cad_node.models.default_models_dir`.
+    """
+    node = settings.node
+    update: dict[str, Any] = {}
+    if not Path(node.storage_dir).is_absolute():
+        update["node"] = node.model_copy(
+            update={"storage_dir": str((base / node.storage_dir).resolve())})
+    if "dir" in settings.models.model_fields_set and not Path(settings.models.dir).is_absolute():
+        update["models"] = settings.models.model_copy(
+            update={"dir": str((base / settings.models.dir).resolve())})
+    return settings.model_copy(update=update) if update else settings

@@ -75,6 +75,14 @@ class JobTableCollector(Collector):
         for state, n in self.store.count_by_state().items():
             gauge.add_metric([state.value], n)
         yield gauge
+        from cad_node.jobs.routing import not_routed_reason
+
+        not_routed = GaugeMetricFamily("cad_node_jobs_not_routed",
+                                       "Jobs no routing rule matched (state failed).")
+        not_routed.add_metric([], float(sum(
+            1 for j in self.store.list_jobs(states=[JobState.FAILED], limit=None)
+            if not_routed_reason(j.error) is not None and j.superseded_by is None)))
+        yield not_routed
         turnarounds = [j.turnaround_s for j in self.store.list_jobs(states=[JobState.SENT],
                                                                     limit=None)]
         values = [t for t in turnarounds if t is not None]

@@ -30,12 +30,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cad_node.config import (
+    BUILTIN_RULES,
     DEFAULT_CONFIG_PATH,
     DEFAULT_OBJECT_KINDS,
     ConfigError,
     ObjectKind,
     RoutingRule,
-    SeriesMatch,
     Settings,
     load_config,
     parse_object_kinds,
@@ -52,14 +52,8 @@ EXIT_FAILED = 1
 #: Exit status for unusable arguments / nothing to analyse.
 EXIT_INPUT_ERROR = 2
 
-#: Rule used when no configuration file is available (same as the shipped one).
-DEFAULT_RULE = RoutingRule(
-    name="chest-ct",
-    pipeline="ct-chest",
-    series="best",
-    match=SeriesMatch(modality=["CT"], image_type=["ORIGINAL"], orientation="axial",
-                      slice_thickness_mm=[0.0, 3.0], min_instances=40),
-)
+#: First built-in rule (kept for callers of the old name); see BUILTIN_RULES.
+DEFAULT_RULE = BUILTIN_RULES[0]
 
 
 def _settings(config: Path | None) -> Settings:
@@ -163,7 +157,7 @@ def analyze(
     except ConfigError as exc:
         err.print(str(exc), markup=False)
         raise typer.Exit(EXIT_INPUT_ERROR) from None
-    rules = list(settings.routing.rules) or [DEFAULT_RULE]
+    rules = list(settings.routing.rules)
     try:
         kinds = parse_object_kinds(objects)
     except ValueError as exc:

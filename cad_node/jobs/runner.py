@@ -52,7 +52,7 @@ import pydicom
 from cad_node.config import DEFAULT_OBJECT_KINDS, DestinationConfig, ObjectKind, Settings
 from cad_node.export.retry import RetryPolicy
 from cad_node.export.sender import ObjectResult, OutboundObject, SendReport, send_objects
-from cad_node.jobs.routing import RouteStep, plan_routes
+from cad_node.jobs.routing import NOT_ROUTED, RouteStep, plan_routes
 from cad_node.jobs.states import JobState
 from cad_node.jobs.store import DestinationStatus, Job, JobStore
 from cad_node.logs import job_logger
@@ -71,6 +71,8 @@ LOG = logging.getLogger(__name__)
 
 #: Name of the manifest listing a job's result files (written last, atomically).
 MANIFEST_NAME = "manifest.json"
+#: Seconds per analyse stage (route, load, inference, build, validate), for the web timeline.
+TIMINGS_NAME = "timings.json"
 #: File holding the reasons an object was quarantined.
 QUARANTINE_REASON_NAME = "reasons.txt"
 
@@ -217,10 +219,14 @@ class JobRunner:
         for path, reason in plan.unreadable.items():
             log.warning("unusable instance %s: %s", path, reason)
         if not plan.steps:
-            reasons = "; ".join(r for rs in plan.reasons.values() for r in rs) or "no series"
-            log.info("no routing rule matched: %s", reasons)
+            if not self.settings.routing.rules:
+                reasons = "routing.rules is empty (the configuration analyses nothing)"
+            else:
+                reasons = "no routing rule matched: " + (
+                    "; ".join(r for rs in plan.reasons.values() for r in rs) or "no series")
+            log.warning("%s: %s", NOT_ROUTED, reasons)
             return self.store.transition(job_id, JobState.FAILED,
-                                         error=f"no routing rule matched: {reasons}"[:2000])
+                                         error=f"{NOT_ROUTED}: {reasons}"[:2000])
         out_dir = self.results_dir(job)
         out_dir.mkdir(parents=True, exist_ok=True)
         manifest: list[dict[str, Any]] = []
@@ -232,6 +238,7 @@ class JobRunner:
             quarantined.extend(bad)
             if failure is not None:
                 failures.append(failure)
+        _atomic_write_bytes(out_dir / TIMINGS_NAME, json.dumps(timings.stages).encode())
         _atomic_write_bytes(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
         superseded = self.store.get(job_id).superseded_by
         if superseded is not None:  # the study reopened while this job ran
@@ -449,11 +456,30 @@ class JobRunner:
         report = send_objects(dest, objs, calling_ae=self.settings.node.ae_title,
                               max_pdu=self.settings.node.max_pdu or 0, skip=done,
                               on_stored=_acked)
+        self._audit_sent(job, dest, report)
         job_logger(LOG, job).info(
             "destination %s: %d stored, %d retryable, %d permanent, %d already sent",
             dest.name, len(report.stored), len(report.retryable), len(report.permanent),
             len(done & {o.sop_instance_uid for o in objs}))
         return report
+
+    def _audit_sent(self, job: Job, dest: DestinationConfig, report: SendReport) -> None:
+        """Record one ``results-sent`` event per destination and send attempt."""
+        from cad_node.audit import AuditEvent, AuditLog, Outcome
+
+        if not report.results:
+            return
+        failed = [r for r in report.results if r not in report.stored]
+        outcome = Outcome.SUCCESS if not failed else (
+            Outcome.MAJOR_FAILURE if report.permanent else Outcome.MINOR_FAILURE)
+        AuditLog.for_settings(self.settings).record(
+            AuditEvent.RESULTS_SENT, outcome=outcome, actor=self.settings.node.ae_title,
+            job_id=job.job_id, study_instance_uid=job.study_instance_uid,
+            destination={"name": dest.name, "ae_title": dest.ae_title, "host": dest.host,
+                         "port": dest.port},
+            instances=[{"sop_instance_uid": r.obj.sop_instance_uid, "kind": r.obj.kind,
+                        "status": r.status, "error": r.error} for r in report.results],
+        )
 
     # -- maintenance ------------------------------------------------------------
     def discard_results(self, job: Job) -> None:

@@ -59,9 +59,18 @@ UNPUBLISHED_GRACE_S = 10.0
 
 
 def configure_worker(settings: Settings, device: str | None = None) -> JobRunner:
-    """Set the configuration the tasks of this process use; return its runner."""
+    """Set the configuration the tasks of this process use; return its runner.
+
+    An explicit ``models.dir`` (made absolute against the configuration file
+    by :func:`cad_node.config.load_config`) is where pipelines look for bundles.
+    """
+    if "dir" in settings.models.model_fields_set:
+        os.environ["CAD_NODE_MODELS__DIR"] = settings.models.dir
     runner = JobRunner(settings, device=device)
     _runtime["runner"] = runner
+    from cad_node.live import worker_baseline
+
+    worker_baseline(settings)
     return runner
 
 
@@ -69,6 +78,11 @@ def _runner() -> JobRunner:
     runner = _runtime.get("runner")
     if runner is None:  # a worker started by plain `celery -A`: read the config file
         runner = configure_worker(load_config(os.environ.get(CONFIG_ENV)))
+    from cad_node.live import worker_settings
+
+    reloaded = worker_settings(runner.settings, os.environ.get(CONFIG_ENV))
+    if reloaded is not None:  # `serve` reloaded peers/destinations/routing (SIGHUP)
+        runner.settings = reloaded
     return runner
 
 

@@ -383,6 +383,33 @@ class SpoolIndex:
                 generation=generation, handed_fingerprint=fingerprint,
                 handed_revision=handed, handed_at=now))
 
+    def remove_study(self, study_instance_uid: str, *, revision: int) -> bool:
+        """Delete a study's instance, series and study rows (retention).
+
+        Parameters
+        ----------
+        study_instance_uid : str
+            The study.
+        revision : int
+            The revision the caller decided on; when an instance arrived since
+            (the revision moved) nothing is deleted.
+
+        Returns
+        -------
+        bool
+            True when the rows were deleted, False when the study is unknown
+            or its revision changed.
+        """
+        with self.db.write() as db:
+            row = db.execute(sa.select(STUDY.c.id, STUDY.c.revision).where(
+                STUDY.c.study_instance_uid == study_instance_uid)).first()
+            if row is None or int(row.revision) != revision:
+                return False
+            db.execute(sa.delete(INSTANCE).where(INSTANCE.c.study_pk == row.id))
+            db.execute(sa.delete(SERIES).where(SERIES.c.study_pk == row.id))
+            db.execute(sa.delete(STUDY).where(STUDY.c.id == row.id))
+            return True
+
     # -- reads (any process) ------------------------------------------------
     def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
         """Run a read; ``?`` placeholders (numbered here, so any dialect binds them)."""

@@ -427,6 +427,7 @@ def test_stall_in_the_middle_of_a_pdu_is_aborted(make_node: Callable[..., Node])
 
 # -- UID policy ----------------------------------------------------------------------
 
+@pytest.mark.invalid_values  # stores and reads back a leading-zero UID on purpose
 def test_leading_zero_uid_is_stored_and_flagged_traversal_refused(
     node: Node, caplog: pytest.LogCaptureFixture
 ) -> None:

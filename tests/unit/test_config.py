@@ -16,7 +16,7 @@ CAD_NODE = str(Path(sys.executable).with_name("cad-node"))
 def test_shipped_config_has_the_scripted_keys() -> None:
     s = load_config(DEFAULT_CONFIG_PATH, environ={})
     assert (s.node.ae_title, s.node.host, s.node.port, s.node.storage_dir) == (
-        "CADNODE", "0.0.0.0", 11112, "./var")
+        "CADNODE", "0.0.0.0", 11112, str(DEFAULT_CONFIG_PATH.parent.parent / "var"))
     assert ("MODALITY", "127.0.0.1") in [(p.ae_title, p.host) for p in s.peers]
     pacs = s.destination("pacs")
     assert (pacs.ae_title, pacs.host, pacs.port) == ("PACS", "127.0.0.1", 4242)
