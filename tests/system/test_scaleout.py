@@ -186,8 +186,9 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 90) ->
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, orthanc: OrthancServer,
             ) -> Iterator[Cluster]:
-    if shutil.which("unshare") is None:
-        msg = "unshare (util-linux) is needed to hide the receiver's storage from workers"
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        msg = ("unshare --mount as root is needed to hide the receiver's storage from the "
+               "workers (util-linux; run the suite as root, as CI does)")
         if in_ci():
             pytest.fail(msg)
         pytest.skip(msg)
