@@ -35,9 +35,11 @@ from pydantic import (
 
 __all__ = [
     "BUILTIN_RULES",
+    "CHEST_XR_RULE_NAME",
     "DEFAULT_CONFIG_PATH",
     "DEFAULT_OBJECT_KINDS",
     "ENV_PREFIX",
+    "OUTPUT_PROFILES",
     "AuditConfig",
     "ConfigError",
     "DestinationConfig",
@@ -58,6 +60,7 @@ __all__ = [
     "StudyConfig",
     "WebConfig",
     "WebToken",
+    "chest_xr_rule",
     "load_config",
     "parse_object_kinds",
     "resolve_paths",
@@ -93,6 +96,19 @@ class ObjectKind(enum.StrEnum):
 
 #: Output profile of a destination that names none: SR + SEG + SC.
 DEFAULT_OBJECT_KINDS: tuple[ObjectKind, ...] = (ObjectKind.SR, ObjectKind.SEG, ObjectKind.SC)
+
+
+#: Named output profiles for ``destinations[].objects``: what each viewer
+#: family shows (tested and described in docs/viewers.md).
+OUTPUT_PROFILES: dict[str, tuple[ObjectKind, ...]] = {
+    #: OHIF 3: SR measurements (panel), SEG overlays, SC key images + summary
+    #: page; it flags GSPS and KOS as unsupported.
+    "ohif": (ObjectKind.SR, ObjectKind.SEG, ObjectKind.SC),
+    #: Image-only PACS viewers: burned-in key images/summary and GSPS outlines.
+    "legacy-pacs": (ObjectKind.SC, ObjectKind.GSPS),
+    #: Everything (vendor neutral archives, Weasis, 3D Slicer).
+    "archive": tuple(ObjectKind),
+}
 
 
 def parse_object_kinds(text: str) -> list[ObjectKind]:
@@ -307,11 +323,15 @@ class DestinationConfig(_Strict):
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
-    #: Result object kinds this destination receives (output profile).
-    #: YAML strings become :class:`ObjectKind` members here (lax for this field only).
+    #: Result object kinds this destination receives (output profile): a list
+    #: of kinds, or a profile name (:data:`OUTPUT_PROFILES`: ohif, legacy-pacs,
+    #: archive).  YAML strings become :class:`ObjectKind` members here (lax for this field only).
     objects: list[Annotated[ObjectKind, Strict(False)]] = Field(
         default_factory=_default_objects, min_length=1
     )
+    #: Also send the candidates below the operating point (SR, labelled "below
+    #: operating point", and the summary page; never SEG, key images, GSPS, KOS).
+    below_operating_point: bool = False
     #: Association/DIMSE timeout towards this destination, seconds.
     timeout_s: float = Field(30.0, gt=0, le=3600)
     #: Send over DICOM TLS (``port`` is then the destination's TLS port).
@@ -326,6 +346,20 @@ class DestinationConfig(_Strict):
     @classmethod
     def _host(cls, v: str) -> str:
         return _validate_host(v)
+
+    @field_validator("objects", mode="before")
+    @classmethod
+    def _profile(cls, v: object) -> object:
+        """``objects: ohif`` names a profile (:data:`OUTPUT_PROFILES`); a list names kinds."""
+        if isinstance(v, str):
+            kinds = OUTPUT_PROFILES.get(v)
+            if kinds is None:
+                raise ValueError(
+                    f"unknown output profile {v!r}; use one of {sorted(OUTPUT_PROFILES)} "
+                    f"or a list of kinds from {[str(k) for k in ObjectKind]}"
+                )
+            return list(kinds)
+        return v
 
     @field_validator("objects")
     @classmethod
@@ -442,6 +476,28 @@ class RoutingRule(_Strict):
     series: Literal["best", "all"] = "best"
 
 
+#: Built-in rule for frontal chest radiographs (pipeline ``cxr``): CR or DX,
+#: Body Part Examined chest or unset, View Position PA, AP or unset.  The
+#: pipeline itself refuses, with a reason in a failure SR, what the header
+#: match cannot see (DX For Processing, a lateral Patient Orientation, an
+#: image too small).
+CHEST_XR_RULE_NAME = "chest-xr"
+
+
+def chest_xr_rule() -> RoutingRule:
+    """The built-in ``chest-xr`` routing rule (see :data:`CHEST_XR_RULE_NAME`)."""
+    return RoutingRule(
+        name=CHEST_XR_RULE_NAME,
+        pipeline="cxr",
+        series="all",
+        match=SeriesMatch(
+            modality=["CR", "DX"],
+            body_part=["CHEST", "THORAX", ""],
+            view_position=["PA", "AP", ""],
+        ),
+    )
+
+
 #: The built-in routing rules, used when the configuration has no ``routing``
 #: section (or no ``routing.rules`` key).  One entry per shipped pipeline: a
 #: pipeline package that lands appends its rule here (chest X-ray, CT lesion).
@@ -453,6 +509,7 @@ BUILTIN_RULES: list[RoutingRule] = [
         match=SeriesMatch(modality=["CT"], image_type=["ORIGINAL"], orientation="axial",
                           slice_thickness_mm=[0.0, 3.0], min_instances=40),
     ),
+    chest_xr_rule(),
 ]
 
 

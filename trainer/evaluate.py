@@ -265,4 +265,10 @@ def register(app: typer.Typer) -> None:
             raise fail(exc) from None
         typer.echo(f"{value:.6f}")
 
+    from trainer.cxr_lungs import register_evaluate as register_cxr_evaluate
+
+    register_cxr_evaluate(ev)  # cad-train evaluate cxr-lungs, cxr-plausibility
+    from trainer.cxr_abnormal import register_evaluate as register_abnormal_evaluate
+
+    register_abnormal_evaluate(ev)  # cad-train evaluate cxr-abnormal-cv (issue #12 baseline)
     app.add_typer(ev, name="evaluate")

@@ -40,9 +40,9 @@ from cad_node.config import (
     load_config,
     parse_object_kinds,
 )
-from cad_node.imaging import SeriesError, SeriesInfo, group_series, load_series, select_series
+from cad_node.imaging import SeriesError, SeriesInfo, group_series, select_series
 from cad_node.imaging.series import sources_of
-from cad_node.pipelines import get_pipeline
+from cad_node.pipelines import get_pipeline, load_input
 from cad_node.results.findings import AnalysisResult, AnalysisStatus
 
 __all__ = ["DEFAULT_RULE", "EXIT_FAILED", "EXIT_INPUT_ERROR", "analyze", "register"]
@@ -193,7 +193,7 @@ def analyze(
                       console=console, transient=False) as bar:
             task = bar.add_task(f"{rule.pipeline} #{n}", total=1.0, stage="loading series")
             try:
-                loaded = load_series(info)
+                loaded = load_input(rule.pipeline, info)
             except SeriesError as exc:
                 result = _failed(rule.pipeline, info, f"series cannot be loaded: {exc}")
             else:
@@ -224,7 +224,10 @@ def analyze(
         else:
             console.print(_findings_table(result))
             for k, v in {**result.measurements, **result.qualitative}.items():
-                console.print(f"  {k}: {v:.1f}" if isinstance(v, float) else f"  {k}: {v}",
+                # Ratios (e.g. the cardiothoracic ratio) need more than one decimal.
+                console.print(f"  {k}: {v:.1f}" if isinstance(v, float) and abs(v) >= 10
+                              else f"  {k}: {v:.3f}" if isinstance(v, float)
+                              else f"  {k}: {v}",
                               markup=False)
             for note in result.notes:
                 console.print(f"  note: {note}", markup=False)

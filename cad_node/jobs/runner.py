@@ -159,13 +159,26 @@ class JobRunner:
         """Directory of a job's quarantined objects."""
         return self.storage / "quarantine" / job.node_name
 
-    def _kinds(self) -> list[ObjectKind]:
+    def _kinds(self, below_operating_point: bool = False) -> list[ObjectKind]:
+        """Kinds wanted by the destinations of one variant (default: at the operating point)."""
         kinds: list[ObjectKind] = []
         for dest in self.settings.destinations:
+            if dest.below_operating_point != below_operating_point:
+                continue
             for k in dest.objects:
                 if k not in kinds:
                     kinds.append(k)
-        return kinds or list(DEFAULT_OBJECT_KINDS)
+        if not kinds and not below_operating_point:
+            return list(DEFAULT_OBJECT_KINDS)
+        return kinds
+
+    def _variants(self) -> list[bool]:
+        """Object variants to build: at the operating point, and with sub-threshold
+        candidates when a destination's profile asks for them."""
+        out = [False] if self._kinds(False) else []
+        if any(d.below_operating_point for d in self.settings.destinations):
+            out.append(True)
+        return out or [False]
 
     # -- analyse ------------------------------------------------------------
     def fetch_dir(self, job: Job) -> Path:
@@ -263,12 +276,12 @@ class JobRunner:
     def _analyse_step(
         self, job: Job, n: int, step: RouteStep, out_dir: Path, timings: StageTimings
     ) -> tuple[list[dict[str, Any]], list[str], str | None]:
-        from cad_node.imaging import load_series
+        from cad_node.pipelines import load_input
         from cad_node.results import build_results
         from cad_node.results.findings import AnalysisStatus
 
         t0 = time.monotonic()
-        loaded = load_series(step.paths)
+        loaded = load_input(step.pipeline, step.paths)
         timings.add("load", time.monotonic() - t0)
         t0 = time.monotonic()
         result = run_pipeline(step.pipeline, loaded, device=self.device)
@@ -280,6 +293,7 @@ class JobRunner:
             raise PipelineFailedError(f"pipeline {step.pipeline} failed: {reason}")
         t0 = time.monotonic()
         sources = [pydicom.dcmread(p) for p in step.paths]
+        timings.add("build", time.monotonic() - t0)
         # Result UIDs derive from this: the analysed instances *and* the study
         # generation's content fingerprint, so a re-run of the same job (crash,
         # redelivery) rebuilds identical objects while a reopened study whose
@@ -287,12 +301,20 @@ class JobRunner:
         fingerprint = hashlib.sha256(
             "\n".join([job.fingerprint, *sorted(loaded.sop_instance_uids)]).encode()
         ).hexdigest()
-        objects = build_results(result, sources, settings=self.settings.results,
-                                objects=self._kinds(), input_fingerprint=fingerprint)
-        timings.add("build", time.monotonic() - t0)
-        t0 = time.monotonic()
-        entries, bad = self.gate_and_store(job, n, step.pipeline, objects, sources, out_dir)
-        timings.add("validate", time.monotonic() - t0)
+        entries: list[dict[str, Any]] = []
+        bad: list[str] = []
+        for below in self._variants():
+            t0 = time.monotonic()
+            objects = build_results(result, sources, settings=self.settings.results,
+                                    objects=self._kinds(below), input_fingerprint=fingerprint,
+                                    below_operating_point=below)
+            timings.add("build", time.monotonic() - t0)
+            t0 = time.monotonic()
+            got, failed = self.gate_and_store(job, n, step.pipeline, objects, sources, out_dir,
+                                              below_operating_point=below)
+            entries += got
+            bad += failed
+            timings.add("validate", time.monotonic() - t0)
         failure = None
         if result.status is AnalysisStatus.FAILED:
             failure = f"analysis failed ({step.pipeline}): {result.failure_reason}"
@@ -302,7 +324,7 @@ class JobRunner:
 
     def gate_and_store(
         self, job: Job, n: int, pipeline: str, objects: Sequence[Any],
-        sources: Sequence[pydicom.Dataset], out_dir: Path,
+        sources: Sequence[pydicom.Dataset], out_dir: Path, below_operating_point: bool = False,
     ) -> tuple[list[dict[str, Any]], list[str]]:
         """Pass each object through the conformance gate; store or quarantine it.
 
@@ -320,6 +342,9 @@ class JobRunner:
             The analysed source instances.
         out_dir : Path
             The job's results directory.
+        below_operating_point : bool
+            The objects are the variant with sub-threshold candidates (file
+            names ``stepNN_below_op_...``; sent only to destinations asking for it).
 
         Returns
         -------
@@ -333,7 +358,7 @@ class JobRunner:
         entries: list[dict[str, Any]] = []
         bad: list[str] = []
         for obj in objects:
-            name = f"step{n:02d}_{obj.filename}"
+            name = f"step{n:02d}_{'below_op_' if below_operating_point else ''}{obj.filename}"
             report = validate(obj, sources, others=objects,
                               use_dciodvfy=self.settings.results.use_dciodvfy)
             if not report.ok:
@@ -356,6 +381,7 @@ class JobRunner:
                 "transfer_syntax_uid": str(obj.dataset.file_meta.TransferSyntaxUID),
                 "role": obj.role,
                 "dciodvfy_ran": report.dciodvfy_ran,
+                "below_operating_point": below_operating_point,
             })
         return entries, bad
 
@@ -398,7 +424,8 @@ class JobRunner:
                 continue
             objs = [OutboundObject(e["kind"], out_dir / e["file"], e["sop_class_uid"],
                                    e["sop_instance_uid"], e["transfer_syntax_uid"])
-                    for e in entries if e["kind"] in dest.objects]
+                    for e in entries if e["kind"] in dest.objects
+                    and bool(e.get("below_operating_point", False)) == dest.below_operating_point]
             rep = self._send_to(job, dest, objs)
             total += len(rep.stored)
             if rep.permanent:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from cad_node.imaging import LoadedSeries
 from cad_node.results.findings import AnalysisResult
@@ -34,6 +34,7 @@ __all__ = [
     "ProgressCallback",
     "available_pipelines",
     "get_pipeline",
+    "load_input",
     "register_pipeline",
 ]
 
@@ -41,7 +42,10 @@ __all__ = [
 ProgressCallback = Callable[[str, float], None]
 
 #: Modules that register pipelines when imported.
-PIPELINE_MODULES: list[str] = ["cad_node.pipelines.ct_chest.pipeline"]
+PIPELINE_MODULES: list[str] = [
+    "cad_node.pipelines.ct_chest.pipeline",
+    "cad_node.pipelines.cxr.pipeline",
+]
 
 
 @runtime_checkable
@@ -144,3 +148,28 @@ def get_pipeline(name: str) -> Pipeline:
     except KeyError:
         raise KeyError(f"no pipeline named {name!r}; available: {sorted(_REGISTRY)}") from None
     return factory()
+
+
+def load_input(name: str, series: Any) -> Any:
+    """Load a routed series the way pipeline ``name`` reads it.
+
+    A pipeline class with a ``load_input(series)`` static method (e.g. ``cxr``,
+    which reads one radiograph and returns a refusal rather than raising)
+    loads its own input; every other pipeline gets
+    :func:`cad_node.imaging.load_series` (which raises
+    :class:`cad_node.imaging.SeriesError` for an unusable series).
+
+    Parameters
+    ----------
+    name : str
+        Registered pipeline name.
+    series : SeriesInfo or sequence of path-like
+        The routed series.
+    """
+    _load_modules()
+    loader = getattr(_REGISTRY.get(name), "load_input", None)
+    if loader is not None:
+        return loader(series)
+    from cad_node.imaging import load_series
+
+    return load_series(series)

@@ -97,7 +97,11 @@ class RetentionPolicy:
             outcome = recorded.get(dest.name)
             if outcome is not None and outcome.state is not DestinationStatus.ACKNOWLEDGED:
                 return None, f"destination {dest.name} is {outcome.state.value}"
-            expected = {e["sop_instance_uid"] for e in manifest if e["kind"] in dest.objects}
+            # the objects this destination was sent: its kinds, of its variant
+            # (with or without the candidates below the operating point)
+            expected = {e["sop_instance_uid"] for e in manifest if e["kind"] in dest.objects
+                        and bool(e.get("below_operating_point", False))
+                        == dest.below_operating_point}
             acked = {o.sop_instance_uid: o.sent_at
                      for o in store.sent_objects(job.job_id, dest.name)}
             missing = expected - set(acked)

@@ -206,7 +206,7 @@ def test_dsrdump_prints_tid1500_tree(built: dict[str, list[tuple[ResultObject, P
     # The SR and the SEG segment share the finding's (derived) tracking UID.
     assert m and m.group(1).startswith("2.25.") and {m.group(1)} == seg_tracking
     assert obj.dataset.SOPInstanceUID != seg_obj.dataset.SOPInstanceUID
-    assert re.search(r'"Long axis"\)="23\.1\d*" \(mm', out), out
+    assert re.search(r'"Long Axis"\)="23\.1\d*" \(mm', out), out
     assert re.search(r'"Volume"\)="[0-9.]+" \(mm3', out)
     assert '"Referenced Segment"' in out
     assert '(169069000,SCT,"Computed tomography of chest")' in out

@@ -227,3 +227,41 @@ def test_two_destinations_one_permanent_one_retrying(tmp_path: Path,
     assert busy.received == [uid, uid]
     assert runner.store.acknowledged_by_all(["busy"]) == [job.job_id]
     assert runner.store.acknowledged_by_all(["refusing", "busy"]) == []
+
+
+def test_profiles_and_the_below_operating_point_variant_reach_their_destinations(
+    tmp_path: Path, ct_files: list[Path]
+) -> None:
+    """``objects: ohif`` and ``below_operating_point`` per destination (issue #13/#14).
+
+    The manifest holds both variants of an SR; each destination receives only
+    the one its profile asks for.
+    """
+    plain, below = _StatusSCP([0x0000] * 4), _StatusSCP([0x0000] * 4)
+    try:
+        settings = Settings(
+            node=NodeConfig(storage_dir=str(tmp_path / "var")),
+            destinations=[
+                DestinationConfig(name="ohif", ae_title="STATUSSCP", host="127.0.0.1",
+                                  port=plain.port, objects="ohif", timeout_s=2.0),
+                DestinationConfig(name="qa", ae_title="STATUSSCP", host="127.0.0.1",
+                                  port=below.port, objects=["sr"], timeout_s=2.0,
+                                  below_operating_point=True),
+            ],
+        )
+        assert [str(k) for k in settings.destinations[0].objects] == ["sr", "seg", "sc"]
+        runner = JobRunner(settings, device="cpu")
+        assert runner._variants() == [False, True]
+        assert [str(k) for k in runner._kinds(True)] == ["sr"]
+        job = _ready_job(runner, ct_files)
+        out = runner.results_dir(job)
+        entries = json.loads((out / MANIFEST_NAME).read_text())
+        entries[0]["kind"], entries[1]["kind"] = "sr", "sr"
+        entries[1]["below_operating_point"] = True
+        (out / MANIFEST_NAME).write_text(json.dumps(entries))
+        assert runner.send(job.job_id, now=1000.0).step is SendStep.SENT
+    finally:
+        plain.close()
+        below.close()
+    uids = [OutboundObject.from_file(f, "sr").sop_instance_uid for f in ct_files]
+    assert plain.received == [uids[0]] and below.received == [uids[1]]
