@@ -28,6 +28,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from cad_node.config import ConfigError, Settings, load_config
+from cad_node.storage.durable import fsync_dir as _fsync_dir
 
 __all__ = [
     "add_destination",
@@ -50,14 +51,6 @@ def _yaml() -> YAML:
 def _represent_null(representer: Any, _data: None) -> Any:
     """Write ``null`` (as the shipped file does), not an empty value."""
     return representer.represent_scalar("tag:yaml.org,2002:null", "null")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def edit_config(path: str | os.PathLike[str], change: Callable[[CommentedMap], str], *,

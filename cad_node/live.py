@@ -31,6 +31,7 @@ from typing import Any
 
 from cad_node.audit import AuditEvent, AuditLog, Outcome
 from cad_node.config import ConfigError, Settings, load_config
+from cad_node.storage.durable import atomic_write_bytes as _atomic_write
 
 __all__ = [
     "GENERATION_FILENAME",
@@ -91,15 +92,6 @@ def _describe(old: Settings, new: Settings) -> list[str]:
         changes.append("routing rules: " + ", ".join(r.name for r in new.routing.rules)
                        if new.routing.rules else "routing rules: none (analyse nothing)")
     return changes
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def read_generation(storage_dir: str | os.PathLike[str]) -> int:

@@ -39,7 +39,6 @@ import enum
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -57,6 +56,7 @@ from cad_node.jobs.states import JobState
 from cad_node.jobs.store import DestinationStatus, Job, JobStore
 from cad_node.logs import job_logger
 from cad_node.models.device import resolve_device
+from cad_node.storage.durable import atomic_write_bytes as _atomic_write_bytes
 
 __all__ = [
     "MANIFEST_NAME",
@@ -109,15 +109,6 @@ class SendDecision:
     step: SendStep
     retry_at: float | None = None
     error: str | None = None
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _encode(ds: pydicom.Dataset) -> bytes:

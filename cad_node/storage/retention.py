@@ -39,6 +39,7 @@ from typing import Any
 from cad_node.config import Settings
 from cad_node.jobs.states import JobState
 from cad_node.jobs.store import DestinationStatus, Job, JobStore
+from cad_node.storage.durable import fsync_dir as _fsync_dir
 from cad_node.storage.index import SpoolIndex, StudyState
 
 __all__ = ["Decision", "RetentionPolicy", "RetentionSweeper", "purge_study"]
@@ -143,14 +144,6 @@ class RetentionPolicy:
     def plan(self, settings: Settings, index: SpoolIndex, store: JobStore) -> list[Decision]:
         """Decisions for every study of the index, oldest study first."""
         return [self.decide(settings, index, store, st) for st in index.studies()]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def purge_study(index: SpoolIndex, spool_root: Path, decision: Decision,

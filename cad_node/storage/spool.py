@@ -64,6 +64,7 @@ from enum import Enum
 from pathlib import Path
 
 from cad_node import __version__ as _node_version
+from cad_node.storage.durable import fsync_dir as _fsync_dir
 from cad_node.storage.index import (
     SHA256_PENDING,
     DuplicateInstanceError,
@@ -145,14 +146,6 @@ def free_bytes(path: str | Path) -> int:
     """Bytes available to an unprivileged user on the filesystem of ``path``."""
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _meta_element(elem: int, vr: bytes, value: bytes) -> bytes:
