@@ -517,11 +517,11 @@ def _tubular_round(
     return pts[keep], np.asarray(v >= min_v, dtype=bool)
 
 
-def reader_marks(series_dir: Path, series: Any) -> list[ExclusionZone]:
-    """Every reader mark of the series' LIDC XML as an exclusion zone (none without XML).
+def lidc_findings(series_dir: Path, series: Any) -> list[Any]:
+    """The LUNA16 consensus of a series' LIDC XML (:func:`trainer.lidc.luna16_consensus`).
 
-    Consensus and sub-consensus nodules with their radius, < 3 mm nodules and
-    non-nodules with LUNA16's 10 mm diameter; at least 5 mm radius each.
+    Empty when the series has no XML.  Reader ROIs are placed on the series'
+    slices by z, then clustered across readers.
     """
     from trainer import lidc
 
@@ -538,10 +538,19 @@ def reader_marks(series_dir: Path, series: Any) -> list[ExclusionZone]:
     ds0 = series.datasets[0]
     ps = (float(ds0.PixelSpacing[0]), float(ds0.PixelSpacing[1]))
     clusters = lidc.cluster_nodules(ann, pos, ps, rows=int(ds0.Rows), cols=int(ds0.Columns))
+    return list(lidc.luna16_consensus(ann, clusters, pos, ps))
+
+
+def reader_marks(series_dir: Path, series: Any) -> list[ExclusionZone]:
+    """Every reader mark of the series' LIDC XML as an exclusion zone (none without XML).
+
+    Consensus and sub-consensus nodules with their radius, < 3 mm nodules and
+    non-nodules with LUNA16's 10 mm diameter; at least 5 mm radius each.
+    """
     return [
         ExclusionZone(_xyz(f.center_mm), max((f.diameter_mm if f.diameter_mm > 0 else 10.0) / 2,
                                              5.0))
-        for f in lidc.luna16_consensus(ann, clusters, pos, ps)
+        for f in lidc_findings(series_dir, series)
     ]
 
 

@@ -198,25 +198,12 @@ def _load_series(directory: Path) -> LoadedSeries:
 
 def irrelevant_regions(series_dir: Path, series: LoadedSeries) -> list[ExclusionZone]:
     """The sub-consensus reader clusters of a series' LIDC XML (LUNA16 irrelevant findings)."""
-    from trainer import lidc
+    from trainer.data import lidc_findings
 
-    xml = lidc.find_lidc_xml(series_dir, series.series_instance_uid)
-    if xml is None:
-        return []
-    ann = lidc.parse_lidc_xml(xml, series_instance_uid=series.series_instance_uid)
-    pos = {
-        u: (float(ds.ImagePositionPatient[0]), float(ds.ImagePositionPatient[1]),
-            float(ds.ImagePositionPatient[2]))
-        for u, ds in zip(series.sop_instance_uids, series.datasets, strict=True)
-    }
-    ann, _ = lidc.remap_rois_by_z(ann, pos)
-    ds0 = series.datasets[0]
-    ps = (float(ds0.PixelSpacing[0]), float(ds0.PixelSpacing[1]))
-    clusters = lidc.cluster_nodules(ann, pos, ps, rows=int(ds0.Rows), cols=int(ds0.Columns))
     return [
         ExclusionZone((float(f.center_mm[0]), float(f.center_mm[1]), float(f.center_mm[2])),
                       max(f.diameter_mm / 2, 5.0))
-        for f in lidc.luna16_consensus(ann, clusters, pos, ps)
+        for f in lidc_findings(series_dir, series)
         if f.kind == "irrelevant" and f.source == "cluster"
     ]
 
