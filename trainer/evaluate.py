@@ -264,4 +264,7 @@ def register(app: typer.Typer) -> None:
             raise fail(exc) from None
         typer.echo(f"{value:.6f}")
 
+    from trainer.ct_lesion import evaluate_command as ct_lesion_cmd
+
+    ev.command("ct-lesion")(ct_lesion_cmd)
     app.add_typer(ev, name="evaluate")

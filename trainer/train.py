@@ -1180,7 +1180,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command("train")
     def train_cmd(
-        model: Annotated[str, typer.Argument(help=f"Model to train: {', '.join(MODELS)}.")],
+        model: Annotated[str, typer.Argument(
+            help=f"Model to train: {', '.join(MODELS)}, ct-lesion.")],
         config: Annotated[Path, typer.Argument(help="YAML training config.")],
         out: Annotated[
             Path | None, typer.Option(help="Run directory (default runs/<model>).")
@@ -1196,6 +1197,18 @@ def register(app: typer.Typer) -> None:
         ] = False,
     ) -> None:
         """Train MODEL with CONFIG; writes checkpoints, metrics and a model card."""
+        if model == "ct-lesion":  # the lesion detector has its own trainer
+            from trainer import ct_lesion
+
+            try:
+                lcfg = ct_lesion.load_config(config)
+                final = ct_lesion.train_ct_lesion(lcfg, out or Path("runs") / model,
+                                                  config_dir=config.parent)
+            except (ValueError, FileNotFoundError) as exc:
+                _console.print(f"[red]error:[/red] {exc}")
+                raise typer.Exit(2) from None
+            _console.print(f"final checkpoint: {final}")
+            return
         try:
             cfg = load_train_config(config)
             if cfg.model != model:

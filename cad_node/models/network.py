@@ -113,8 +113,17 @@ def build_network(architecture: Mapping[str, Any]) -> nn.Module:
     """
     arch = dict(architecture)
     builder = arch.pop("builder", None)
+    if builder == "lesion-centernet":
+        # the ct-lesion detector (cad_node.pipelines.ct_lesion.network)
+        from cad_node.pipelines.ct_lesion.network import LesionCenterNet
+
+        try:
+            return LesionCenterNet(**arch)
+        except TypeError as exc:
+            raise ValueError(f"invalid architecture {architecture}: {exc}") from None
     if builder != "residual3d":
-        raise ValueError(f"unknown network builder {builder!r} (known: 'residual3d')")
+        raise ValueError(f"unknown network builder {builder!r} (known: 'residual3d', "
+                         "'lesion-centernet')")
     try:
         return ResidualScorer3D(**arch)
     except TypeError as exc:

@@ -41,7 +41,10 @@ __all__ = [
 ProgressCallback = Callable[[str, float], None]
 
 #: Modules that register pipelines when imported.
-PIPELINE_MODULES: list[str] = ["cad_node.pipelines.ct_chest.pipeline"]
+PIPELINE_MODULES: list[str] = [
+    "cad_node.pipelines.ct_chest.pipeline",
+    "cad_node.pipelines.ct_lesion.pipeline",
+]
 
 
 @runtime_checkable

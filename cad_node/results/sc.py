@@ -97,6 +97,8 @@ def _window(ds: Dataset, is_ct: bool) -> np.ndarray:
 
 def key_slice_uid(ctx: BuildContext, finding: Finding) -> str:
     """SOP Instance UID of the source image a finding's key image shows."""
+    if finding.recist_axes_px is not None and finding.region is not None:
+        return finding.region.sop_instance_uid  # the slice the RECIST axes were measured on
     if finding.mask is not None:
         areas = finding.mask.array.reshape(finding.mask.array.shape[0], -1).sum(axis=1)
         if areas.max() > 0:
@@ -120,6 +122,20 @@ def _pixel_of(ds: Dataset, point_mm: tuple[float, float, float]) -> tuple[float,
     return float(np.dot(d, row_dir) / dc), float(np.dot(d, col_dir) / dr)
 
 
+def _draw_recist(rgb: np.ndarray, finding: Finding, uid: str) -> None:
+    """Burn the RECIST long and short axes (if any) of ``finding`` on image ``uid``."""
+    if finding.recist_axes_px is None or finding.region is None:
+        return
+    if finding.region.sop_instance_uid != uid:
+        return
+    image = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(image)
+    p = [(float(x) - 0.5, float(y) - 0.5) for x, y in finding.recist_axes_px]
+    draw.line(p[0:2], fill=CONTOUR_RGB, width=1)
+    draw.line(p[2:4], fill=CONTOUR_RGB, width=1)
+    rgb[...] = np.asarray(image)
+
+
 def _draw_finding(
     rgb: np.ndarray, ctx: BuildContext, finding: Finding, ds: Dataset
 ) -> tuple[float, float]:
@@ -131,6 +147,7 @@ def _draw_finding(
         if inside.any():
             ring = ndimage.binary_dilation(inside) & ~inside
             rgb[ring] = CONTOUR_RGB
+            _draw_recist(rgb, finding, uid)
             rows, cols = np.nonzero(inside)
             return float(cols.min()), float(rows.min())
     image = Image.fromarray(rgb)

@@ -50,7 +50,14 @@ from cad_node.results._common import (
 from cad_node.results.findings import AnalysisStatus, Finding, Region2D
 from cad_node.results.seg import SegResult
 
-__all__ = ["ProcedureReported", "SummaryCode", "build_sr", "procedure_reported", "region_polyline"]
+__all__ = [
+    "ProcedureReported",
+    "SummaryCode",
+    "build_sr",
+    "procedure_reported",
+    "recist_group",
+    "region_polyline",
+]
 
 
 class ProcedureReported:
@@ -65,6 +72,12 @@ _PROCEDURE_BY_MODALITY = {
     "CT": ProcedureReported.CT_CHEST,
     "CR": ProcedureReported.CHEST_XRAY,
     "DX": ProcedureReported.CHEST_XRAY,
+}
+
+
+#: Pipelines whose procedure is not the modality's default (ct-lesion: CT of any region).
+_PROCEDURE_BY_PIPELINE = {
+    "ct-lesion": Code("77477000", "SCT", "Computed tomography"),
 }
 
 
@@ -173,6 +186,8 @@ def _group(
     hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
     | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
 ):
+    if finding.recist_axes_px is not None and finding.region is not None:
+        return recist_group(ctx, index, finding)
     algo = hd.sr.AlgorithmIdentification(
         name=ctx.model.name, version=ctx.model.version, manufacturer=ctx.model.manufacturer
     )
@@ -241,6 +256,83 @@ def _group(
         referenced_region=image_region,
         **common,  # type: ignore[arg-type]
     )
+
+
+def _axis_scoord(points: list[tuple[float, float]], image: Any) -> hd.sr.ScoordContentItem:
+    """SCOORD POLYLINE (2 points) INFERRED FROM, with its SELECTED FROM image (TID 300/320)."""
+    item = hd.sr.ScoordContentItem(
+        name=codes.DCM.ImageRegion,
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=np.asarray(points, dtype=np.float32),
+        relationship_type=hd.sr.RelationshipTypeValues.INFERRED_FROM,
+    )
+    item.ContentSequence = hd.sr.ContentSequence([
+        hd.sr.ImageContentItem(
+            name=codes.DCM.SourceOfMeasurement,
+            referenced_sop_class_uid=str(image.SOPClassUID),
+            referenced_sop_instance_uid=str(image.SOPInstanceUID),
+            relationship_type=hd.sr.RelationshipTypeValues.SELECTED_FROM,
+        )
+    ])
+    return item
+
+
+def recist_group(
+    ctx: BuildContext, index: int, finding: Finding
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 planar ROI on the key slice with RECIST long and short axes.
+
+    The Image Region is the finding's ``region`` (its box on the key slice);
+    the Long Axis and Short Axis NUMs each carry, INFERRED FROM, a 2-point
+    SCOORD POLYLINE of the axis on the key slice (the form OHIF reads a
+    bidirectional measurement from); type as Finding Site; probability as
+    Certainty of Finding.  Self-contained until the generic TID 1410 group
+    builder lands.
+
+    Raises
+    ------
+    ValueError
+        The key slice was not received.
+    """
+    assert finding.region is not None and finding.recist_axes_px is not None
+    image = ctx.source.by_uid.get(finding.region.sop_instance_uid)
+    if image is None:
+        raise ValueError(
+            f"finding {finding.tracking_id!r} references SOP Instance "
+            f"{finding.region.sop_instance_uid}, which was not received"
+        )
+    algo = hd.sr.AlgorithmIdentification(
+        name=ctx.model.name, version=ctx.model.version, manufacturer=ctx.model.manufacturer
+    )
+    ft = finding.finding_type
+    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=ctx.tracking_uid(index), identifier=finding.tracking_id),
+        referenced_region=hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=region_polyline(finding.region),
+            source_image=hd.sr.SourceImageForRegion.from_source_image(image),
+        ),
+        finding_type=Code(ft.code, "SCT", ft.meaning),
+        algorithm_id=algo,
+        measurements=_measurements(finding, algo) or None,
+        finding_sites=(
+            [hd.sr.FindingSite(Code(finding.site.code, "SCT", finding.site.meaning))]
+            if finding.site else None
+        ),
+    )
+    axes = {codes.SCT.LongAxis.value: finding.recist_axes_px[0:2],
+            codes.SCT.ShortAxis.value: finding.recist_axes_px[2:4]}
+    for item in group[0].ContentSequence:
+        if item.ValueType != "NUM":
+            continue
+        pts = axes.get(item.ConceptNameCodeSequence[0].CodeValue)
+        if pts is None:
+            continue
+        children = list(getattr(item, "ContentSequence", []) or [])
+        children.append(_axis_scoord([(float(x), float(y)) for x, y in pts], image))
+        item.ContentSequence = hd.sr.ContentSequence(children)
+    return group
 
 
 def _qualitative(ctx: BuildContext) -> hd.sr.ContainerContentItem:
@@ -314,7 +406,8 @@ def build_sr(ctx: BuildContext, seg: SegResult | None = None) -> hd.sr.Comprehen
         if ctx.result.status is AnalysisStatus.COMPLETED
         else []
     )
-    procedure = procedure_reported(str(ctx.source.first.get("Modality", "")))
+    procedure = _PROCEDURE_BY_PIPELINE.get(ctx.result.pipeline) or procedure_reported(
+        str(ctx.source.first.get("Modality", "")))
     placeholder = not groups
     if placeholder:
         # highdicom insists on one measurement group; TID 1500 does not (rows
