@@ -303,10 +303,15 @@ class CtLesionPipeline:
             for z0 in range(0, nz, CHUNK):
                 idx = list(range(z0, min(nz, z0 + CHUNK)))
                 x, grid = volume_inputs(hu, (sz, sy, sx), idx, grid)
+                rows, cols = hu.shape[1:]
                 for d in detect_inputs(net, x, idx):
                     b = grid.to_source([d.box])[0]
-                    dets.append(Detection2D(d.slice_index, (b[0], b[1], b[2], b[3]), d.score,
-                                            d.type_probabilities))
+                    # clipped to the image; a box left with less than a pixel is dropped
+                    x1, x2 = float(np.clip(b[0], 0, cols - 1)), float(np.clip(b[2], 0, cols - 1))
+                    y1, y2 = float(np.clip(b[1], 0, rows - 1)), float(np.clip(b[3], 0, rows - 1))
+                    if x2 - x1 >= 1.0 and y2 - y1 >= 1.0:
+                        dets.append(Detection2D(d.slice_index, (x1, y1, x2, y2), d.score,
+                                                d.type_probabilities))
                 report("detecting", 0.1 + 0.7 * min(1.0, (z0 + CHUNK) / nz))
             lap("detection")
         finally:
