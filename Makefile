@@ -10,7 +10,7 @@ PEER_PKGS := dcmtk dicom3tools orthanc redis-server
 PEER_BINS := /usr/bin/storescu /usr/bin/echoscu /usr/bin/dsrdump /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/bin/redis-server
 PYTEST_ARGS ?=
 
-.PHONY: venv peers serve test lint typecheck bench clean
+.PHONY: venv peers serve test lint typecheck bench fuzz clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,7 +38,7 @@ serve: venv
 # pytest exit code 5 ("no tests collected") is a failure here, never a pass.
 test: venv peers
 	$(VENV)/bin/ruff check cad_node trainer tests bench
-	$(VENV)/bin/mypy --strict cad_node
+	$(VENV)/bin/mypy --strict cad_node trainer
 	$(VENV)/bin/pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc = 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
@@ -46,7 +46,7 @@ lint:
 	$(VENV)/bin/ruff check cad_node trainer tests bench
 
 typecheck:
-	$(VENV)/bin/mypy --strict cad_node
+	$(VENV)/bin/mypy --strict cad_node trainer
 
 # Figures go to docs/benchmarks.md by hand, with the command that made them.
 bench: venv peers
@@ -56,6 +56,12 @@ bench: venv peers
 	$(PY) bench/turnaround.py --repeat 2
 	$(PY) bench/prepare_lidc.py --repeat 3
 	$(PY) bench/train_throughput.py
+
+# The long fuzz campaign of the network edge (make test runs a short one):
+# 3000 examples for each of the 4 hypothesis targets = 12 000 cases.
+FUZZ_EXAMPLES ?= 3000
+fuzz: venv peers
+	CAD_NODE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest tests/integration/test_fuzz_edge.py -q --durations=10
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

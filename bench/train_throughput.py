@@ -34,7 +34,9 @@ from cad_node.models import load_bundle
 from cad_node.models.network import build_network
 from cad_node.models.patches import extract_patches
 from cad_node.models.scorer import CandidateScorer
-from trainer.train import AugmentConfig, _augmenter, load_ct, lung_mask_of
+from trainer.config import AugmentConfig
+from trainer.data import load_ct, lung_mask_of
+from trainer.loop import augmenter as _augmenter
 
 REPO = Path(__file__).resolve().parent.parent
 N_CANDIDATES = 300

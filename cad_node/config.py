@@ -14,33 +14,47 @@ is bound.
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
+    "DEFAULT_OBJECT_KINDS",
     "ENV_PREFIX",
     "ConfigError",
     "DestinationConfig",
     "JobsConfig",
     "ModelsConfig",
     "NodeConfig",
+    "ObjectKind",
     "PeerConfig",
     "ResultsConfig",
     "RetryConfig",
     "RoutingConfig",
     "RoutingRule",
+    "ScpTLSConfig",
+    "ScuTLSConfig",
     "SeriesMatch",
     "Settings",
     "StudyConfig",
     "load_config",
+    "parse_object_kinds",
     "validate_ae_title",
 ]
 
@@ -49,8 +63,48 @@ DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "cad-n
 #: Prefix of environment overrides: ``CAD_NODE_<SECTION>__<KEY>``.
 ENV_PREFIX = "CAD_NODE_"
 
-#: Result object kinds a destination may receive (see ``cad_node.results``).
-ObjectKind = Literal["sr", "seg", "sc", "gsps", "kos"]
+class ObjectKind(enum.StrEnum):
+    """Kind of result object the node emits (one module each under ``cad_node.results``).
+
+    The one definition of object kinds.  Configuration spells them in lower
+    case (``objects: [sr, seg, sc]``); strings become members once, when the
+    configuration is validated (or, for CLI options, where the option is
+    parsed).  A :class:`enum.StrEnum`, so ``str(kind)`` is the YAML spelling
+    (file names ``<kind>_<nnn>.dcm``, manifests, logs).
+    """
+
+    #: Comprehensive 3D SR, TID 1500 Measurement Report (PS3.16).
+    SR = "sr"
+    #: Segmentation IOD (PS3.3 A.51).
+    SEG = "seg"
+    #: Secondary Capture: key images and the summary page (PS3.3 A.8).
+    SC = "sc"
+    #: Grayscale Softcopy Presentation State (PS3.3 A.33.1).
+    GSPS = "gsps"
+    #: Key Object Selection Document (PS3.3 A.35.4).
+    KOS = "kos"
+
+
+#: Output profile of a destination that names none: SR + SEG + SC.
+DEFAULT_OBJECT_KINDS: tuple[ObjectKind, ...] = (ObjectKind.SR, ObjectKind.SEG, ObjectKind.SC)
+
+
+def parse_object_kinds(text: str) -> list[ObjectKind]:
+    """Object kinds from a comma-separated CLI option such as ``"sr,seg,sc"``.
+
+    Raises
+    ------
+    ValueError
+        An unknown or repeated kind, or none at all; the message lists the known ones.
+    """
+    names = [k.strip() for k in text.split(",") if k.strip()]
+    known = ", ".join(str(k) for k in ObjectKind)
+    bad = [k for k in names if k not in ObjectKind.__members__.values()]
+    if bad or not names:
+        raise ValueError(f"unknown kind(s) {bad}; choose from {known}")
+    if len(set(names)) != len(names):
+        raise ValueError("object kinds must not repeat")
+    return [ObjectKind(k) for k in names]
 
 _AE_MAX_LEN = 16  # PS3.5 6.2, VR AE: at most 16 characters
 _AE_FORBIDDEN = re.compile(r"[\\\x00-\x1f\x7f]")
@@ -104,6 +158,62 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
 
+def _readable_file(value: str) -> str:
+    if not Path(value).is_file():
+        raise ValueError(f"file {value!r} does not exist")
+    return value
+
+
+class ScpTLSConfig(_Strict):
+    """The SCP's DICOM TLS listener (BCP 195 profile: TLS 1.2+, its cipher list)."""
+
+    #: TLS port; the plain ``node.port`` keeps listening beside it.
+    port: int = Field(2762, ge=1, le=65535)
+    #: PEM certificate chain of the node.
+    certificate: str
+    #: PEM private key of ``certificate``.
+    private_key: str
+    #: PEM CA bundle that client certificates must chain to.
+    ca_bundle: str | None = None
+    #: Refuse a client without a certificate trusted by ``ca_bundle``.
+    require_client_certificate: bool = True
+
+    @field_validator("certificate", "private_key", "ca_bundle")
+    @classmethod
+    def _exists(cls, v: str | None) -> str | None:
+        return None if v is None else _readable_file(v)
+
+    @model_validator(mode="after")
+    def _ca_needed(self) -> ScpTLSConfig:
+        if self.require_client_certificate and self.ca_bundle is None:
+            raise ValueError("ca_bundle is required when require_client_certificate is true")
+        return self
+
+
+class ScuTLSConfig(_Strict):
+    """DICOM TLS towards a destination (BCP 195 profile)."""
+
+    #: PEM CA bundle the destination's certificate must chain to.
+    ca_bundle: str
+    #: PEM client certificate chain, when the destination requires one.
+    certificate: str | None = None
+    #: PEM private key of ``certificate``.
+    private_key: str | None = None
+    #: Check that the destination's certificate names ``host``.
+    check_hostname: bool = True
+
+    @field_validator("certificate", "private_key", "ca_bundle")
+    @classmethod
+    def _exists(cls, v: str | None) -> str | None:
+        return None if v is None else _readable_file(v)
+
+    @model_validator(mode="after")
+    def _pair(self) -> ScuTLSConfig:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together")
+        return self
+
+
 class NodeConfig(_Strict):
     """The receiving node: its AE, socket, spool and admission limits."""
 
@@ -115,8 +225,13 @@ class NodeConfig(_Strict):
     storage_dir: str = "./var"
     #: Accept any calling AE / source address (demos only; default refuses unknown peers).
     accept_any: bool = False
-    #: Largest number of simultaneous associations.
+    #: Largest number of simultaneous associations (all peers together).
     max_associations: int = Field(16, ge=1, le=1024)
+    #: Largest number of simultaneous associations from one source address.
+    max_associations_per_peer: int = Field(8, ge=1, le=1024)
+    #: A connection that has not sent a complete A-ASSOCIATE-RQ (and finished
+    #: its TLS handshake) this many seconds after TCP accept is closed.
+    association_request_timeout_s: float = Field(5.0, gt=0, le=300)
     #: Maximum PDU length we offer (bytes); 0 means unlimited (PS3.8 9.3.1).
     max_pdu: int = Field(4_194_304, ge=0)
     #: ACSE (association request/release) timeout, seconds.
@@ -129,6 +244,8 @@ class NodeConfig(_Strict):
     max_bytes_per_association: int = Field(8 * 1024**3, ge=1)
     #: Below this much free space on the spool filesystem C-STORE answers 0xA700.
     min_free_bytes: int = Field(2 * 1024**3, ge=0)
+    #: DICOM TLS listener (PS3.15 B.9, BCP 195), beside the plain ``port``.
+    tls: ScpTLSConfig | None = None
 
     @field_validator("ae_title")
     @classmethod
@@ -164,8 +281,8 @@ class PeerConfig(_Strict):
 
 
 def _default_objects() -> list[ObjectKind]:
-    """Default output profile: SR + SEG + SC."""
-    return ["sr", "seg", "sc"]
+    """Default output profile: :data:`DEFAULT_OBJECT_KINDS`."""
+    return list(DEFAULT_OBJECT_KINDS)
 
 
 class DestinationConfig(_Strict):
@@ -176,9 +293,14 @@ class DestinationConfig(_Strict):
     host: str
     port: int = Field(ge=1, le=65535)
     #: Result object kinds this destination receives (output profile).
-    objects: list[ObjectKind] = Field(default_factory=_default_objects, min_length=1)
+    #: YAML strings become :class:`ObjectKind` members here (lax for this field only).
+    objects: list[Annotated[ObjectKind, Strict(False)]] = Field(
+        default_factory=_default_objects, min_length=1
+    )
     #: Association/DIMSE timeout towards this destination, seconds.
     timeout_s: float = Field(30.0, gt=0, le=3600)
+    #: Send over DICOM TLS (``port`` is then the destination's TLS port).
+    tls: ScuTLSConfig | None = None
 
     @field_validator("ae_title")
     @classmethod
@@ -192,7 +314,7 @@ class DestinationConfig(_Strict):
 
     @field_validator("objects")
     @classmethod
-    def _unique_objects(cls, v: list[str]) -> list[str]:
+    def _unique_objects(cls, v: list[ObjectKind]) -> list[ObjectKind]:
         if len(set(v)) != len(v):
             raise ValueError("object kinds must not repeat")
         return v

@@ -1,3 +1,4 @@
+# mypy: disallow-untyped-calls=False
 """Train, evaluate and export the ``ct-lesion`` detector (DeepLesion-style).
 
 ``cad-train train ct-lesion trainer/configs/ct-lesion.yaml`` and
@@ -274,7 +275,7 @@ def _backgrounds(cfg: LesionTrainConfig, base: Path | None) -> list[Any]:
     import SimpleITK as sitk  # noqa: N813
 
     from trainer.ct_lesion_synth import Background
-    from trainer.train import load_ct
+    from trainer.data import load_ct
 
     out = []
     for entry in cfg.data.backgrounds:
@@ -286,7 +287,7 @@ def _backgrounds(cfg: LesionTrainConfig, base: Path | None) -> list[Any]:
 
 
 def synthetic_pool(cfg: LesionTrainConfig, base: Path | None,
-                   log: Any = print) -> list[tuple[npt.NDArray[np.float32], npt.NDArray[Any],
+                   log: Any = print) -> list[tuple[npt.NDArray[np.float16], npt.NDArray[Any],
                                                   npt.NDArray[np.int64]]]:
     """The fixed pool of synthetic samples ``(hu (3,H,W), boxes, types)``."""
     from trainer.ct_lesion_synth import insert_lesions
@@ -427,7 +428,7 @@ def detect_slice(net: Any, s: RealSlice) -> npt.NDArray[np.float64]:
     from cad_node.pipelines.ct_lesion.pipeline import detect_inputs
     from cad_node.pipelines.ct_lesion.slices import key_slice_input
 
-    x, grid = key_slice_input(s.hu, s.spacing_xy, s.neighbours)
+    x, grid = key_slice_input(s.hu, s.spacing_xy, dict(s.neighbours))
     dets = detect_inputs(net, x[None], [0])
     rows = [[*d.box, d.score, *d.type_probabilities] for d in dets]
     return grid.to_source(np.asarray(rows, dtype=float).reshape(-1, 13))
@@ -443,7 +444,7 @@ def evaluate_slices(net: Any, slices: list[RealSlice]) -> dict[str, Any]:
     gts = [s.boxes for s in slices]
     out: dict[str, Any] = {"n_images": len(slices), "n_lesions": int(sum(len(g) for g in gts))}
     for crit in ("iou", "iobb"):
-        r = deeplesion_sensitivity([d[:, :5] for d in dets], gts, overlap=crit)  # type: ignore[arg-type]
+        r = deeplesion_sensitivity([d[:, :5] for d in dets], gts, overlap=crit)
         out[crit] = r.to_dict()
         # per type at 4 FP/image: the score threshold where FP/image reaches 4
         fpi, order_scores = r.fps_per_image, np.sort(np.concatenate([d[:, 4] for d in dets]))[::-1]
@@ -523,7 +524,7 @@ def evaluate_run(run_dir: Path, *, config_dir: Path | None = None) -> dict[str, 
     root = _resolve(cfg.data.deeplesion_root, config_dir)
     rows = load_dl_rows(root, root / cfg.data.dl_info)
     with torch.no_grad():
-        metrics = {sp: evaluate_slices(net, [s for s in rows if s.split == sp])
+        metrics: dict[str, Any] = {sp: evaluate_slices(net, [s for s in rows if s.split == sp])
                    for sp in ("val", "test") if any(s.split == sp for s in rows)}
     metrics["counts"] = ck.get("counts", {})
     metrics["steps_done"] = ck.get("steps_done")
@@ -639,7 +640,10 @@ def export_run(run_dir: Path, models_dir: Path, *, version: str | None = None,
         architecture=cfg.architecture,
         input_spec={"spacing_mm": (1.6, 1.6, 2.0), "patch_size": (3, 256, 256),
                     "hu_window": (-1024.0, 3071.0), "outside_hu": -1024.0, "batch_size": 8},
-        output_spec={"kind": "logit", "positive_class": "lesion", "threshold": threshold},
+        output_spec={"kind": "logit", "positive_class": "lesion", "threshold": threshold,
+                     "operating_threshold": threshold,
+                     "operating_rule": "the lesion score at 0.5 FPs/image (IoU >= 0.5) on the "
+                                       "DeepLesion val rows"},
         training_data={"description": "synthetic lesions in LIDC-IDRI-0001/0002 backgrounds "
                        "+ 24 real DeepLesion Images_png liver key slices; no DL_info row trained",
                        **ck.get("counts", {})},

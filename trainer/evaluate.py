@@ -230,7 +230,8 @@ def register(app: typer.Typer) -> None:
                                       max_candidates=max_candidates, name=name)
         except (EvaluationInputError, ValueError, OSError) as exc:
             raise fail(exc) from None
-        typer.echo(f"CPM {r.cpm:.3f}  " + "  ".join(
+        cpm = f"{r.cpm:.3f}" if r.defined else froc.UNDEFINED_CPM
+        typer.echo(f"CPM {cpm}  " + "  ".join(
             f"{f:g}:{s:.3f}" for f, s in zip(r.fp_rates, r.sensitivity_at, strict=True)))
         typer.echo(f"wrote {out / 'report.md'} and {out / 'froc.png'}")
 

@@ -25,19 +25,30 @@ Per scan:
 5. All remaining candidates are false positives.
 
 The FROC curve has one operating point per distinct probability threshold
-(plus the origin): sensitivity = TP/(all reference nodules), FPs/scan =
-FP/(number of scans).  Sensitivity at 1/8, 1/4, 1/2, 1, 2, 4 and 8 FPs/scan is
-read from that curve by linear interpolation (``numpy.interp``, as the
-reference script does; beyond the last operating point the curve stays at its
-last sensitivity, and at an FP rate shared by several operating points the
-highest sensitivity is used).  The CPM is the mean of the seven values.  When
-no candidate is a false positive the reference script puts every operating
-point at 0 FPs/scan, so every sensitivity equals the final sensitivity; so
-does this module.
+(plus the origin).  Its coordinates are computed with the reference script's
+floating-point arithmetic, not the exact fractions: the script takes the ROC
+curve of the non-excluded candidates (``fpr = FP / nFP``, ``tpr = TP / nTP``)
+and then ``fps = fpr * nFP / nScans`` and ``sens = tpr * nTP / nNodules``
+(left to right, float64).  ``FP / nFP * nFP`` can land one rounding step above
+``FP``; a jump of the curve that sits exactly on one of the seven rates then
+lies just to the right of the rate, and ``numpy.interp`` returns the lowest
+sensitivity of that jump, as the reference does (the exact fraction would
+give the highest).  With 888 scans all seven rates are whole FP counts, so
+this matters on the real LUNA16 data.  Sensitivity at 1/8, 1/4, 1/2, 1, 2, 4
+and 8 FPs/scan is read from that curve by ``numpy.interp`` (beyond the last
+operating point the curve stays at its last sensitivity).  The CPM is the mean
+of the seven values.  When no candidate is a false positive the reference
+script puts every operating point at 0 FPs/scan, so every sensitivity equals
+the final sensitivity; so does this module.  When no reference nodule is
+detected at all the reference script divides by zero and its sensitivities and
+CPM are NaN: here too they are NaN (:attr:`FrocResult.defined` is false), and
+reports say "undefined (no true positive)" instead of a number.
 
 Bootstrap confidence intervals resample scans with replacement (as
-``computeFROC_bootstrap``), recompute the curve and the seven sensitivities,
-and report the mean and the ``floor(P * n)``-th sorted values with
+``computeFROC_bootstrap``), recompute the curve and the seven sensitivities
+(a resample in which no nodule is detected has no defined curve and is left
+out; the reference script would propagate its NaN into every bound), and
+report the mean and the ``floor(P * n)``-th sorted values with
 ``P = (1 - confidence)/2`` and ``1 - P``.
 
 DeepLesion (Yan et al., J Med Imaging 5(3):036501, 2018; ``sens_at_FP``)
@@ -71,6 +82,7 @@ __all__ = [
     "LUNA16_FP_RATES",
     "LUNA16_IRRELEVANT_DEFAULT_DIAMETER_MM",
     "LUNA16_MAX_CANDIDATES",
+    "UNDEFINED_CPM",
     "Candidate",
     "DeepLesionResult",
     "FrocResult",
@@ -172,14 +184,23 @@ class FrocResult:
     curve_lower: npt.NDArray[np.float64] | None = None
     curve_upper: npt.NDArray[np.float64] | None = None
 
+    @property
+    def defined(self) -> bool:
+        """False when no reference nodule was detected (sensitivities and CPM are NaN)."""
+        return not math.isnan(self.cpm)
+
     def to_dict(self) -> dict[str, object]:
-        """JSON-friendly summary (no curve arrays)."""
+        """JSON-friendly summary (no curve arrays).
+
+        An undefined CPM (no true positive) is ``None`` with ``"cpm_note":
+        "undefined (no true positive)"``, never 0 (JSON has no NaN).
+        """
         out: dict[str, object] = {
             "protocol": "LUNA16 FROC (hit: distance < radius; max "
                         f"{LUNA16_MAX_CANDIDATES} candidates/scan)",
             "fp_rates": list(self.fp_rates),
-            "sensitivity_at": [round(v, 6) for v in self.sensitivity_at],
-            "cpm": round(self.cpm, 6),
+            "sensitivity_at": [_round_or_none(v) for v in self.sensitivity_at],
+            "cpm": _round_or_none(self.cpm),
             "n_scans": self.n_scans,
             "n_nodules": self.n_nodules,
             "n_true_positives": self.n_true_positives,
@@ -189,15 +210,25 @@ class FrocResult:
             "n_double_hits": self.n_double_hits,
             "n_irrelevant_hits": self.n_irrelevant_hits,
         }
+        if not self.defined:
+            out["cpm_note"] = UNDEFINED_CPM
         if self.cpm_ci is not None:
             out.update(
                 bootstrap_samples=self.bootstrap_samples,
                 confidence=self.confidence,
-                ci_lower=[round(v, 6) for v in self.ci_lower or ()],
-                ci_upper=[round(v, 6) for v in self.ci_upper or ()],
-                cpm_ci=[round(v, 6) for v in self.cpm_ci],
+                ci_lower=[_round_or_none(v) for v in self.ci_lower or ()],
+                ci_upper=[_round_or_none(v) for v in self.ci_upper or ()],
+                cpm_ci=[_round_or_none(v) for v in self.cpm_ci],
             )
         return out
+
+
+#: How an undefined CPM (nothing detected) is reported.
+UNDEFINED_CPM = "undefined (no true positive)"
+
+
+def _round_or_none(v: float) -> float | None:
+    return None if math.isnan(v) else round(v, 6)
 
 
 # --------------------------------------------------------------------------- LUNA16
@@ -296,13 +327,22 @@ def _froc_curve(is_nodule: npt.NDArray[np.bool_], prob: npt.NDArray[np.float64],
     tp = np.cumsum(gt)[last_of_run]
     fp = np.cumsum(~gt)[last_of_run]
     thresholds = np.r_[np.inf, p[last_of_run]]
-    tp = np.r_[0, tp].astype(float)
-    fp = np.r_[0, fp].astype(float)
+    tp = np.r_[0, tp].astype(np.float64)
+    fp = np.r_[0, fp].astype(np.float64)
+    n_fp, n_tp = fp[-1], tp[-1]
     if int(np.sum(~is_nodule)) == 0:
         fps = np.zeros_like(fp)  # LUNA16: "this system has no false positives"
+    elif n_fp == 0:
+        fps = np.zeros_like(fp)  # only irrelevant-finding marks besides the hits
     else:
-        fps = fp / n_scans
-    sens = tp / total_nodules
+        fpr = fp / n_fp  # sklearn.metrics.roc_curve, as the reference script
+        fps = fpr * n_fp / n_scans
+    if n_tp == 0:
+        # the reference divides by zero: NaN sensitivities, NaN CPM
+        sens = np.full_like(tp, np.nan)
+    else:
+        tpr = tp / n_tp
+        sens = tpr * n_tp / total_nodules
     return fps, sens, thresholds
 
 
@@ -418,8 +458,8 @@ def luna16_froc(
         for _ in range(bootstrap):
             pick = [uids[i] for i in rng.integers(0, len(uids), size=len(uids))]
             bg, bp, bx = vectors(pick)
-            if not bg.any():
-                continue  # a resample without nodules has no FROC curve
+            if not (bg & ~bx).any():
+                continue  # without a detected nodule a resample has no (defined) curve
             bf, bs, _ = _froc_curve(bg, bp, bx, len(pick))
             at_samples.append(_sens_at(bf, bs, fp_rates))
             grid_samples.append(_sens_at(bf, bs, grid))
@@ -673,12 +713,12 @@ def luna16_markdown(result: FrocResult, *, title: str, plot_name: str | None = N
         f" {int(result.confidence * 100)}% CI |" if ci else "")
     lines += [header, "|---|---|" + ("---|" if ci else "")]
     for i, (f, s) in enumerate(zip(result.fp_rates, result.sensitivity_at, strict=True)):
-        row = f"| {f:g} | {s:.3f} |"
+        row = f"| {f:g} | {s:.3f} |" if not math.isnan(s) else f"| {f:g} | undefined |"
         if ci:
             assert result.ci_lower is not None and result.ci_upper is not None
             row += f" {result.ci_lower[i]:.3f} – {result.ci_upper[i]:.3f} |"
         lines.append(row)
-    cpm = f"**CPM: {result.cpm:.3f}**"
+    cpm = f"**CPM: {result.cpm:.3f}**" if result.defined else f"**CPM: {UNDEFINED_CPM}**"
     if result.cpm_ci is not None:
         cpm += (f" ({int(result.confidence * 100)}% CI {result.cpm_ci[0]:.3f} – "
                 f"{result.cpm_ci[1]:.3f}, {result.bootstrap_samples} bootstrap samples)")

@@ -1,3 +1,4 @@
+# mypy: disallow-untyped-calls=False
 """Lesion insertion: synthetic lung nodules blended into real CT lung backgrounds.
 
 No large annotated training set can be downloaded here, so the shipped CT
@@ -121,7 +122,7 @@ class InsertedNodule:
     mean_hu: float
 
 
-def parenchyma_mask(hu: npt.NDArray[np.generic], n_components: int = 2) -> npt.NDArray[np.bool_]:
+def parenchyma_mask(hu: npt.NDArray[np.floating], n_components: int = 2) -> npt.NDArray[np.bool_]:
     """A simple HU lung mask: parenchyma-range voxels inside the body.
 
     Fallback for development when no lung segmentation is available: voxels
@@ -297,13 +298,14 @@ def _correlated_noise(
     w = rng.standard_normal(shape).astype(np.float32)
     f = ndimage.gaussian_filter(w, sigma_vox, mode="wrap")
     std = float(f.std())
-    return f / std if std > 0 else f
+    out: npt.NDArray[np.float32] = f / np.float32(std) if std > 0 else f
+    return out
 
 
 def render_nodule(
     out_hu: npt.NDArray[np.float32],
     background: LungBackground,
-    center_mm: Sequence[float],
+    center_mm: Sequence[float] | npt.NDArray[np.float64],
     diameter_mm: float,
     kind: NoduleKind,
     rng: np.random.Generator,

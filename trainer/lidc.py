@@ -1,3 +1,4 @@
+# mypy: disallow-untyped-calls=False
 """LIDC-IDRI reader annotations: XML parsing, per-reader masks, clustering, LUNA16 consensus.
 
 The LIDC XML (``LidcReadMessage``, namespace ``http://www.nih.gov``) holds one

@@ -1,3 +1,4 @@
+# mypy: disallow-untyped-calls=False
 """``cad-train prepare lidc|deeplesion ROOT OUT``: cache training data with its labels.
 
 LIDC-IDRI (:func:`prepare_lidc`)

@@ -31,11 +31,14 @@ from rich.table import Table
 
 from cad_node.config import (
     DEFAULT_CONFIG_PATH,
+    DEFAULT_OBJECT_KINDS,
     ConfigError,
+    ObjectKind,
     RoutingRule,
     SeriesMatch,
     Settings,
     load_config,
+    parse_object_kinds,
 )
 from cad_node.imaging import SeriesError, SeriesInfo, group_series, load_series, select_series
 from cad_node.imaging.series import sources_of
@@ -109,7 +112,7 @@ def _findings_table(result: AnalysisResult) -> Table:
 
 def _write_objects(
     result: AnalysisResult, info: SeriesInfo, folder: Path, settings: Settings,
-    objects: list[str], use_dciodvfy: bool, err: Console,
+    objects: list[ObjectKind], use_dciodvfy: bool, err: Console,
 ) -> tuple[list[dict[str, str]], int]:
     from cad_node.results import build_results, validate
     from cad_node.results.io import save_result
@@ -145,7 +148,7 @@ def analyze(
     = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")] = "cpu",
     objects: Annotated[str, typer.Option("--objects", help="Comma-separated: sr,seg,sc,gsps,kos.")]
-    = "sr,seg,sc",
+    = ",".join(DEFAULT_OBJECT_KINDS),
     dciodvfy: Annotated[bool, typer.Option("--dciodvfy/--no-dciodvfy",
                                            help="Run dciodvfy in the gate.")] = True,
 ) -> None:
@@ -161,7 +164,11 @@ def analyze(
         err.print(str(exc), markup=False)
         raise typer.Exit(EXIT_INPUT_ERROR) from None
     rules = list(settings.routing.rules) or [DEFAULT_RULE]
-    kinds = [k.strip() for k in objects.split(",") if k.strip()]
+    try:
+        kinds = parse_object_kinds(objects)
+    except ValueError as exc:
+        err.print(f"--objects: {exc}", markup=False)
+        raise typer.Exit(EXIT_INPUT_ERROR) from None
 
     skipped: list[str] = []
     series = group_series(sources_of([directory]),

@@ -20,8 +20,14 @@ from pydicom.errors import InvalidDicomError
 from rich.console import Console
 from rich.table import Table
 
-from cad_node.config import ConfigError, ResultsConfig, load_config
-from cad_node.results import DEFAULT_OBJECTS, OBJECT_KINDS, build_results, validate
+from cad_node.config import (
+    DEFAULT_OBJECT_KINDS,
+    ConfigError,
+    ResultsConfig,
+    load_config,
+    parse_object_kinds,
+)
+from cad_node.results import build_results, validate
 from cad_node.results.io import load_result
 
 __all__ = ["EXIT_INPUT_ERROR", "EXIT_REJECTED", "register", "report"]
@@ -48,7 +54,7 @@ def report(
     out: Annotated[Path, typer.Option("--out", help="Output folder.")],
     objects: Annotated[
         str, typer.Option("--objects", help="Comma-separated kinds: sr,seg,sc,gsps,kos.")
-    ] = ",".join(DEFAULT_OBJECTS),
+    ] = ",".join(DEFAULT_OBJECT_KINDS),
     config: Annotated[
         Path | None, typer.Option("--config", help="Node YAML (results section).")
     ] = None,
@@ -58,11 +64,11 @@ def report(
 ) -> None:
     """Build SR/SEG/SC/... for SOURCE from FINDINGS and write them to OUT."""
     err = Console(stderr=True)
-    kinds = [k.strip() for k in objects.split(",") if k.strip()]
-    bad = [k for k in kinds if k not in OBJECT_KINDS]
-    if bad or not kinds:
-        err.print(f"--objects: unknown kind(s) {bad}; choose from {', '.join(OBJECT_KINDS)}")
-        raise typer.Exit(EXIT_INPUT_ERROR)
+    try:
+        kinds = parse_object_kinds(objects)
+    except ValueError as exc:
+        err.print(f"--objects: {exc}", markup=False)
+        raise typer.Exit(EXIT_INPUT_ERROR) from None
     try:
         settings = (
             load_config(config).results if config is not None else ResultsConfig.model_validate({})

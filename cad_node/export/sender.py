@@ -31,7 +31,9 @@ from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
 
 from cad_node.config import DestinationConfig
-from cad_node.export.status import SendOutcome, StoreStatus, classify_status
+from cad_node.dimse import Status
+from cad_node.export.status import SendOutcome, classify_status
+from cad_node.tls import client_context
 
 __all__ = [
     "DEFAULT_MAX_PDU",
@@ -142,9 +144,11 @@ def _make_ae(calling_ae: str, dest: DestinationConfig) -> AE:
 def _associate(
     ae: AE, dest: DestinationConfig, contexts: list[Any], max_pdu: int, flags: dict[str, bool]
 ) -> Association:
+    # DICOM TLS (BCP 195) when the destination is configured for it
+    tls_args = (client_context(dest.tls), dest.host) if dest.tls is not None else None
     return ae.associate(
         dest.host, dest.port, contexts=contexts, ae_title=dest.ae_title, max_pdu=max_pdu,
-        evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay_handler(flags))],
+        evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay_handler(flags))], tls_args=tls_args,
     )
 
 
@@ -250,7 +254,7 @@ def _accepted_syntaxes(assoc: Association, sop_class_uid: str) -> list[str]:
 def _store_one(assoc: Association, obj: OutboundObject) -> ObjectResult:
     accepted = _accepted_syntaxes(assoc, obj.sop_class_uid)
     if not accepted:
-        return ObjectResult(obj, SendOutcome.PERMANENT, int(StoreStatus.SOP_CLASS_NOT_SUPPORTED),
+        return ObjectResult(obj, SendOutcome.PERMANENT, int(Status.SOP_CLASS_NOT_SUPPORTED),
                             f"destination accepted no presentation context for {obj.sop_class_uid}")
     try:
         ds = pydicom.dcmread(obj.path)
@@ -294,8 +298,8 @@ def echo(dest: DestinationConfig, *, calling_ae: str) -> EchoResult:
         rsp = assoc.send_c_echo()
         status = int(rsp.Status) if rsp and "Status" in rsp else None
         assoc.release()
-        return EchoResult(dest.name, status == StoreStatus.SUCCESS, status,
+        return EchoResult(dest.name, status == Status.SUCCESS, status,
                           time.monotonic() - t0,
-                          None if status == StoreStatus.SUCCESS else "no or failed C-ECHO response")
+                          None if status == Status.SUCCESS else "no or failed C-ECHO response")
     finally:
         ae.shutdown()

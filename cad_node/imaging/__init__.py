@@ -14,6 +14,10 @@ Contract
   mapping or the geometry ambiguous (missing slice, duplicate position with
   different pixels, varying spacing, gantry tilt, mixed sizes, a single
   slice, a localizer) raises :class:`SeriesError` with a clear reason.
+* :mod:`cad_node.imaging.geometry` is the one place that sorts slices, checks
+  orientation and spacing and maps pixels to patient coordinates (3-D); the
+  volume loader and every result builder use it.  2-D radiograph geometry is
+  :mod:`cad_node.imaging.radiograph`'s.
 """
 
 from cad_node.imaging.series import (

@@ -19,6 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from cad_node.config import RoutingRule, SeriesMatch
+from cad_node.imaging.geometry import SeriesError, normal_vector
 
 __all__ = [
     "LOCALIZER_IMAGE_TYPE",
@@ -62,13 +63,10 @@ def orientation_of(iop: Sequence[float] | None) -> Orientation | None:
     """
     if iop is None or len(iop) != 6:
         return None
-    row = np.asarray(iop[:3], dtype=np.float64)
-    col = np.asarray(iop[3:], dtype=np.float64)
-    normal = np.cross(row, col)
-    norm = float(np.linalg.norm(normal))
-    if norm < 1e-6:
+    try:
+        normal = normal_vector(iop)
+    except SeriesError:
         return None
-    normal /= norm
     axis = int(np.argmax(np.abs(normal)))
     if abs(normal[axis]) < _ORIENTATION_COS_MIN:
         return "oblique"

@@ -1,25 +1,25 @@
 # mypy: disallow-untyped-calls=False
 """Load one DICOM series into a SimpleITK volume with exact LPS geometry.
 
-Geometry (PS3.3 C.7.6.2.1.1): Image Orientation (Patient) gives the row
-direction ``r`` (increasing column index) and column direction ``c``
-(increasing row index); the slice normal is ``n = r x c``.  Slices are sorted
-by ``n . IPP`` (Image Position (Patient)), never by Instance Number.  The
-SimpleITK image has origin ``IPP`` of the first sorted slice, spacing
-``(PixelSpacing[1], PixelSpacing[0], slice spacing)`` and direction matrix
-columns ``(r, c, n)``, so ``TransformIndexToPhysicalPoint((0, 0, k))`` is the
-IPP of the slice whose SOP Instance UID is ``sop_instance_uids[k]``.
+The geometry (sorting along the slice normal, orientation, pixel and slice
+spacing, the policy for messy series) is :mod:`cad_node.imaging.geometry`'s,
+the same code the result builders use: the volume's origin is the Image
+Position (Patient) of the first sorted slice, its spacing ``(PixelSpacing[1],
+PixelSpacing[0], slice spacing)`` and its direction matrix columns
+``(r, c, n)``, so ``TransformIndexToPhysicalPoint((0, 0, k))`` is the IPP of
+the slice whose SOP Instance UID is ``sop_instance_uids[k]``.
 
-Rejected with :class:`SeriesError` (never silently shifted): missing slices,
-two different images at one position, varying slice spacing, a sheared stack
-(gantry tilt), mixed sizes/orientations/pixel spacings, a single slice, a
-localizer, multi-frame instances, colour images.
+Rejected with :class:`SeriesError` (never silently shifted): everything
+:func:`~cad_node.imaging.geometry.sort_slices` and
+:func:`~cad_node.imaging.geometry.regular_grid` refuse (missing slices, two
+different images at one position, varying slice spacing, a sheared stack,
+mixed sizes/orientations/pixel spacings, a single slice), plus a localizer,
+multi-frame instances and colour images.
 """
 
 from __future__ import annotations
 
 import os
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +30,19 @@ import SimpleITK as sitk  # noqa: N813 - conventional alias
 from pydicom.dataset import Dataset
 from pydicom.pixels.processing import apply_modality_lut
 
+from cad_node.imaging.geometry import (
+    DUPLICATE_POSITION_TOL_MM,
+    SPACING_REL_TOL,
+    TILT_TOL_DEG,
+    ImagePlane,
+    SeriesError,
+    VolumeGrid,
+    index_to_lps,
+    lps_to_index,
+    regular_grid,
+    sort_slices,
+    unique_instances,
+)
 from cad_node.imaging.series import LOCALIZER_IMAGE_TYPE, SeriesInfo, Source
 
 __all__ = [
@@ -42,21 +55,6 @@ __all__ = [
     "load_series",
     "lps_to_index",
 ]
-
-#: Two slices closer than this along the normal occupy the same position.
-DUPLICATE_POSITION_TOL_MM = 0.01
-#: Allowed relative deviation of a slice gap from the median gap.
-SPACING_REL_TOL = 0.05
-#: Largest angle between the stacking direction and the slice normal (a larger
-#: angle is a sheared stack, e.g. from gantry tilt (0018,1120)).
-TILT_TOL_DEG = 0.5
-#: Relative gap above which slices are considered missing (gap > 1.5 x median).
-MISSING_SLICE_FACTOR = 1.5
-_IOP_TOL = 1e-4
-
-
-class SeriesError(ValueError):
-    """A series cannot be turned into a volume; ``str(exc)`` is the reason."""
 
 
 @dataclass(frozen=True)
@@ -98,50 +96,11 @@ class LoadedSeries:
         return (z, y, x)
 
 
-def _direction(image: sitk.Image) -> npt.NDArray[np.float64]:
-    return np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
-
-
-def index_to_lps(image: sitk.Image, index_zyx: npt.ArrayLike) -> npt.NDArray[np.float64]:
-    """Map continuous ``(z, y, x)`` array indices to LPS millimetres.
-
-    Parameters
-    ----------
-    image : SimpleITK.Image
-    index_zyx : array_like, shape (..., 3)
-
-    Returns
-    -------
-    numpy.ndarray, shape (..., 3)
-        ``(x, y, z)`` patient coordinates in mm.
-    """
-    idx = np.asarray(index_zyx, dtype=np.float64)[..., ::-1]
-    scaled = idx * np.asarray(image.GetSpacing(), dtype=np.float64)
-    return np.asarray(image.GetOrigin(), dtype=np.float64) + scaled @ _direction(image).T
-
-
-def lps_to_index(image: sitk.Image, points_mm: npt.ArrayLike) -> npt.NDArray[np.float64]:
-    """Inverse of :func:`index_to_lps`: LPS mm ``(..., 3)`` to continuous ``(z, y, x)``."""
-    pts = np.asarray(points_mm, dtype=np.float64) - np.asarray(image.GetOrigin(), dtype=np.float64)
-    ijk = (pts @ _direction(image)) / np.asarray(image.GetSpacing(), dtype=np.float64)
-    return np.asarray(ijk[..., ::-1])
-
-
 def _name(source: Source, ds: Dataset | None = None) -> str:
     if isinstance(source, Dataset):
         uid = source.get("SOPInstanceUID", "?")
         return f"instance {uid}"
     return os.fspath(source)
-
-
-def _floats(ds: Dataset, keyword: str, n: int, source: Source) -> npt.NDArray[np.float64]:
-    value = ds.get(keyword)
-    if value is None or len(value) != n:
-        raise SeriesError(f"{_name(source)}: {keyword} missing or malformed")
-    try:
-        return np.asarray([float(v) for v in value], dtype=np.float64)
-    except (TypeError, ValueError):
-        raise SeriesError(f"{_name(source)}: {keyword} is not numeric") from None
 
 
 def _check_headers(headers: Sequence[Dataset], sources: Sequence[Source]) -> None:
@@ -164,10 +123,6 @@ def _check_headers(headers: Sequence[Dataset], sources: Sequence[Source]) -> Non
             )
         if int(ds.get("SamplesPerPixel", 1)) != 1:
             raise SeriesError(f"{_name(src)}: colour image (SamplesPerPixel > 1)")
-    sizes = Counter((int(ds.get("Rows", 0)), int(ds.get("Columns", 0))) for ds in headers)
-    if len(sizes) > 1:
-        desc = ", ".join(f"{r}x{c} ({n} slices)" for (r, c), n in sorted(sizes.items()))
-        raise SeriesError(f"mixed image sizes in one series: {desc}")
 
 
 def _read_headers(sources: Sequence[Source]) -> list[Dataset]:
@@ -186,87 +141,17 @@ def _read_headers(sources: Sequence[Source]) -> list[Dataset]:
 
 def _geometry(
     headers: Sequence[Dataset], sources: Sequence[Source]
-) -> tuple[list[int], npt.NDArray[np.float64], tuple[float, float, float], list[str]]:
-    """Sort order, direction matrix, spacing and notes; raises SeriesError."""
-    iops = [_floats(ds, "ImageOrientationPatient", 6, s) for ds, s in zip(headers, sources,
-                                                                          strict=True)]
-    ipps = np.stack([_floats(ds, "ImagePositionPatient", 3, s) for ds, s in zip(headers, sources,
-                                                                               strict=True)])
-    spacings = [_floats(ds, "PixelSpacing", 2, s) for ds, s in zip(headers, sources, strict=True)]
-    if any(np.abs(i - iops[0]).max() > _IOP_TOL for i in iops):
-        raise SeriesError("slices have different Image Orientation (Patient) values")
-    if any(np.abs(p - spacings[0]).max() > 1e-4 for p in spacings):
-        raise SeriesError("slices have different Pixel Spacing values")
-    row, col = iops[0][:3], iops[0][3:]
-    normal = np.cross(row, col)
-    if np.linalg.norm(normal) < 1e-6:
-        raise SeriesError("Image Orientation (Patient) row and column are parallel")
-    normal /= np.linalg.norm(normal)
-    direction = np.stack([row, col, normal], axis=1)
-
-    notes: list[str] = []
-    n = len(headers)
-    if n < 2:
-        raise SeriesError("single-slice series: a volume needs at least 2 slices")
-    dist = ipps @ normal
-    order = sorted(range(n), key=lambda i: (dist[i], i))
-    d_sorted = dist[order]
-    gaps = np.diff(d_sorted)
-    dup = np.nonzero(gaps < DUPLICATE_POSITION_TOL_MM)[0]
-    if dup.size:
-        i, j = order[dup[0]], order[dup[0] + 1]
-        raise SeriesError(
-            f"{dup.size} duplicate slice position(s), first at {d_sorted[dup[0]]:.3f} mm along "
-            f"the normal: {_name(sources[i])} and {_name(sources[j])}"
-        )
-    median = float(np.median(gaps))
-    big = np.nonzero(gaps > MISSING_SLICE_FACTOR * median)[0]
-    if big.size:
-        k = int(big[0])
-        missing = round(gaps[k] / median) - 1
-        raise SeriesError(
-            f"missing slice(s): gap of {gaps[k]:.3f} mm (about {missing} slice(s)) between "
-            f"{d_sorted[k]:.3f} and {d_sorted[k + 1]:.3f} mm along the normal, where the "
-            f"spacing is {median:.3f} mm"
-        )
-    if np.abs(gaps - median).max() > max(SPACING_REL_TOL * median, DUPLICATE_POSITION_TOL_MM):
-        raise SeriesError(
-            f"varying slice spacing: gaps range {gaps.min():.3f}-{gaps.max():.3f} mm"
-        )
-    stack = ipps[order[-1]] - ipps[order[0]]
-    cos = float(np.clip(stack @ normal / np.linalg.norm(stack), -1.0, 1.0))
-    angle = float(np.degrees(np.arccos(cos)))
-    if angle > TILT_TOL_DEG:
-        tilt = headers[0].get("GantryDetectorTilt")
-        raise SeriesError(
-            f"sheared slice stack (gantry tilt): positions deviate {angle:.2f} degrees from "
-            f"the slice normal (GantryDetectorTilt={tilt}); resample to an orthogonal grid first"
-        )
-    slice_spacing = float((d_sorted[-1] - d_sorted[0]) / (n - 1))
-    ps = spacings[0]
-    return order, direction, (float(ps[1]), float(ps[0]), slice_spacing), notes
-
-
-def _dedupe(
-    sources: Sequence[Source], headers: Sequence[Dataset]
-) -> tuple[list[Source], list[Dataset], list[str]]:
-    seen: dict[str, int] = {}
-    out_s: list[Source] = []
-    out_h: list[Dataset] = []
-    for src, ds in zip(sources, headers, strict=True):
-        uid = str(ds.get("SOPInstanceUID", "") or "")
-        if not uid:
-            raise SeriesError(f"{_name(src)}: no SOP Instance UID (0008,0018)")
-        if uid in seen:
-            continue
-        seen[uid] = len(out_s)
-        out_s.append(src)
-        out_h.append(ds)
-    notes = []
-    if len(out_s) < len(sources):
-        notes.append(f"{len(sources) - len(out_s)} repeated instance(s) (same SOP Instance UID) "
-                     "ignored")
-    return out_s, out_h, notes
+) -> tuple[list[int], VolumeGrid]:
+    """Sort order and voxel grid (:mod:`cad_node.imaging.geometry`); raises SeriesError."""
+    planes: list[ImagePlane] = []
+    for ds, src in zip(headers, sources, strict=True):
+        plane = ImagePlane.from_dataset(ds, _name(src))
+        if plane is None:
+            raise SeriesError(f"{_name(src)}: ImagePositionPatient missing")
+        planes.append(plane)
+    stack = sort_slices(planes)
+    grid = regular_grid(stack, headers[0].get("GantryDetectorTilt"))
+    return list(stack.order), grid
 
 
 def _integral_rescale(headers: Sequence[Dataset]) -> bool:
@@ -301,9 +186,9 @@ def load_series(sources: Iterable[Source] | SeriesInfo) -> LoadedSeries:
     items = list(sources.sources if isinstance(sources, SeriesInfo) else sources)
     headers = _read_headers(items)  # files are read once, with their (encoded) pixel data
     _check_headers(headers, items)
-    items, headers, notes = _dedupe(items, headers)
-    order, direction, spacing, geo_notes = _geometry(headers, items)
-    notes += geo_notes
+    keep, notes = unique_instances(headers, [_name(src) for src in items])
+    items, headers = [items[k] for k in keep], [headers[k] for k in keep]
+    order, grid = _geometry(headers, items)
     rows, cols = int(headers[0].Rows), int(headers[0].Columns)
     as_int16 = _integral_rescale(headers)
     volume = np.empty((len(order), rows, cols), dtype=np.int16 if as_int16 else np.float32)
@@ -335,9 +220,9 @@ def load_series(sources: Iterable[Source] | SeriesInfo) -> LoadedSeries:
     image = sitk.GetImageFromArray(volume)
     del volume
     first = sorted_headers[0]
-    image.SetOrigin(tuple(float(v) for v in first.ImagePositionPatient))
-    image.SetSpacing(spacing)
-    image.SetDirection(tuple(float(v) for v in direction.ravel()))
+    image.SetOrigin(tuple(float(v) for v in grid.origin))
+    image.SetSpacing(grid.spacing)
+    image.SetDirection(tuple(float(v) for v in grid.direction.ravel()))
     return LoadedSeries(
         image=image,
         sop_instance_uids=tuple(str(ds.SOPInstanceUID) for ds in sorted_headers),

@@ -39,13 +39,14 @@ from typing import Any
 
 import pydicom
 
-from cad_node.config import DestinationConfig, Settings
+from cad_node.config import DEFAULT_OBJECT_KINDS, DestinationConfig, ObjectKind, Settings
 from cad_node.export.retry import RetryPolicy
 from cad_node.export.sender import ObjectResult, OutboundObject, SendReport, send_objects
 from cad_node.jobs.routing import RouteStep, plan_routes
 from cad_node.jobs.states import JobState
 from cad_node.jobs.store import Job, JobStore
 from cad_node.logs import job_logger
+from cad_node.models.device import resolve_device
 
 __all__ = [
     "MANIFEST_NAME",
@@ -62,26 +63,6 @@ LOG = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
 #: File holding the reasons an object was quarantined.
 QUARANTINE_REASON_NAME = "reasons.txt"
-
-
-def resolve_device(device: str) -> str:
-    """Resolve ``jobs.device``: ``auto`` -> ``cuda`` when available, else ``cpu``.
-
-    A CUDA device asked for on a host without CUDA falls back to ``cpu`` with
-    a warning, so a worker always starts.
-    """
-    try:
-        import torch
-
-        has_cuda = bool(torch.cuda.is_available())
-    except Exception:  # torch missing or broken CUDA runtime
-        has_cuda = False
-    if device == "auto":
-        return "cuda" if has_cuda else "cpu"
-    if device.startswith("cuda") and not has_cuda:
-        LOG.warning("device %s requested but CUDA is not available: using cpu", device)
-        return "cpu"
-    return device
 
 
 @dataclass
@@ -166,13 +147,13 @@ class JobRunner:
         """Directory of a job's quarantined objects."""
         return self.storage / "quarantine" / job.node_name
 
-    def _kinds(self) -> list[str]:
-        kinds: list[str] = []
+    def _kinds(self) -> list[ObjectKind]:
+        kinds: list[ObjectKind] = []
         for dest in self.settings.destinations:
             for k in dest.objects:
                 if k not in kinds:
                     kinds.append(k)
-        return kinds or ["sr", "seg", "sc"]
+        return kinds or list(DEFAULT_OBJECT_KINDS)
 
     # -- analyse ------------------------------------------------------------
     def analyse(self, job_id: int) -> Job:

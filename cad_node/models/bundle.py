@@ -200,6 +200,12 @@ class OutputSpec(_Strict):
     positive_class: str = "nodule"
     #: Suggested operating threshold on the probability.
     threshold: float = Field(0.5, ge=0.0, le=1.0)
+    #: Operating threshold of the *pipeline's* final probability, chosen by
+    #: ``cad-train`` from a stated rule (``operating_rule``); findings at or
+    #: above it are reported.  ``None``: the pipeline derives its own.
+    operating_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    #: The rule that chose ``operating_threshold`` (one sentence, for the card).
+    operating_rule: str | None = None
 
 
 class BundleManifest(_Strict):

@@ -23,28 +23,13 @@ import SimpleITK as sitk  # noqa: N813
 import torch
 
 from cad_node.models.bundle import ModelBundle
+from cad_node.models.device import torch_device
 from cad_node.models.patches import extract_patches
 
 if TYPE_CHECKING:  # pragma: no cover
     from cad_node.results.findings import ModelIdentity
 
-__all__ = ["CandidateScorer", "resolve_device"]
-
-
-def resolve_device(device: str) -> torch.device:
-    """Map ``auto``/``cpu``/``cuda[:N]`` to a torch device.
-
-    Raises
-    ------
-    ValueError
-        CUDA requested but not available.
-    """
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return dev
+__all__ = ["CandidateScorer"]
 
 
 class CandidateScorer:
@@ -70,7 +55,7 @@ class CandidateScorer:
             raise ValueError(f"threads must be >= 1, not {threads}")
         self.bundle = bundle
         self.threads = threads
-        self.device = resolve_device(device)
+        self.device = torch_device(device)
         self.spec = bundle.manifest.input
         self.network = bundle.build_network(self.device)
 
@@ -83,6 +68,11 @@ class CandidateScorer:
     def threshold(self) -> float:
         """The bundle's suggested operating threshold on the probability."""
         return self.bundle.manifest.output.threshold
+
+    @property
+    def operating_threshold(self) -> float | None:
+        """The pipeline operating threshold chosen by the bundle's rule, if it has one."""
+        return self.bundle.manifest.output.operating_threshold
 
     def patches(self, image: sitk.Image, centers_mm: npt.ArrayLike) -> npt.NDArray[np.float32]:
         """Normalised input patches ``(N, 1, D, H, W)`` for ``centers_mm``."""

@@ -31,11 +31,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Literal
 
 from pydicom import Dataset
 
-from cad_node.config import ResultsConfig
+from cad_node.config import DEFAULT_OBJECT_KINDS, ObjectKind, ResultsConfig
 from cad_node.results._common import BuildContext
 from cad_node.results.findings import AnalysisResult, AnalysisStatus
 from cad_node.results.validate import ValidationReport, validate
@@ -49,12 +48,10 @@ __all__ = [
     "validate",
 ]
 
-ObjectKindName = Literal["sr", "seg", "sc", "gsps", "kos"]
-
-#: Every object kind the node can emit (``DestinationConfig.objects``).
-OBJECT_KINDS: tuple[str, ...] = ("sr", "seg", "sc", "gsps", "kos")
-#: Default output profile.
-DEFAULT_OBJECTS: tuple[str, ...] = ("sr", "seg", "sc")
+#: Every object kind the node can emit: all of :class:`cad_node.config.ObjectKind`.
+OBJECT_KINDS: tuple[ObjectKind, ...] = tuple(ObjectKind)
+#: Default output profile (:data:`cad_node.config.DEFAULT_OBJECT_KINDS`).
+DEFAULT_OBJECTS: tuple[ObjectKind, ...] = DEFAULT_OBJECT_KINDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +60,8 @@ class ResultObject:
 
     Attributes
     ----------
-    kind : str
-        ``"sr"``, ``"seg"``, ``"sc"``, ``"gsps"`` or ``"kos"``.
+    kind : ObjectKind
+        The object's kind (``str(kind)`` is ``"sr"``, ``"seg"``, ...).
     dataset : pydicom.Dataset
         The object (a highdicom SOP instance), ready to write or send.
     index : int
@@ -73,7 +70,7 @@ class ResultObject:
         Short description, e.g. ``"key image Nodule 1"``, ``"summary page"``.
     """
 
-    kind: str
+    kind: ObjectKind
     dataset: Dataset
     index: int = 1
     role: str = ""
@@ -89,7 +86,7 @@ def build_results(
     source: Sequence[Dataset],
     *,
     settings: ResultsConfig,
-    objects: Sequence[str] = DEFAULT_OBJECTS,
+    objects: Sequence[ObjectKind] = DEFAULT_OBJECT_KINDS,
     input_fingerprint: str | None = None,
 ) -> list[ResultObject]:
     """Build the DICOM objects an output profile asks for.
@@ -102,8 +99,9 @@ def build_results(
         Received instances of the analysed series (any order).
     settings : ResultsConfig
         Manufacturer, institution, disclaimer.
-    objects : sequence of str
+    objects : sequence of ObjectKind
         Kinds to build (``DestinationConfig.objects``), default SR+SEG+SC.
+        Strings are converted where they enter (configuration, CLI options).
     input_fingerprint : str, optional
         Fingerprint of the input set; default sha256 of the sorted SOP
         Instance UIDs of the analysed series.
@@ -118,9 +116,12 @@ def build_results(
     ValueError
         Unknown object kind, missing model identity, inconsistent source.
     """
+    # No conversion here (StrEnum members equal their spelling); only a check.
     unknown = [k for k in objects if k not in OBJECT_KINDS]
     if unknown:
-        raise ValueError(f"unknown result object kind(s) {unknown}; known: {list(OBJECT_KINDS)}")
+        raise ValueError(
+            f"unknown result object kind(s) {unknown}; known: {[str(k) for k in ObjectKind]}"
+        )
     wanted = set(objects)
     ctx = BuildContext.create(result, source, settings, input_fingerprint)
     completed = result.status is AnalysisStatus.COMPLETED
@@ -128,37 +129,38 @@ def build_results(
 
     seg = None
     has_masks = bool(result.organ_masks) or any(f.mask is not None for f in result.findings)
-    if "seg" in wanted and completed and has_masks:
+    if ObjectKind.SEG in wanted and completed and has_masks:
         from cad_node.results.seg import build_seg
 
         seg = build_seg(ctx)
-        out.append(ResultObject("seg", seg.dataset, 1, "segmentation"))
-    if "sr" in wanted:
+        out.append(ResultObject(ObjectKind.SEG, seg.dataset, 1, "segmentation"))
+    if ObjectKind.SR in wanted:
         from cad_node.results.sr import build_sr
 
-        out.append(ResultObject("sr", build_sr(ctx, seg), 1, "TID 1500 measurement report"))
+        sr = build_sr(ctx, seg)
+        out.append(ResultObject(ObjectKind.SR, sr, 1, "TID 1500 measurement report"))
     key_images: list[ResultObject] = []
-    if "sc" in wanted:
+    if ObjectKind.SC in wanted:
         from cad_node.results.sc import build_key_images, build_summary_page
 
         if completed:
             for i, (tid, ds) in enumerate(build_key_images(ctx), start=1):
-                key_images.append(ResultObject("sc", ds, i, f"key image {tid}"))
+                key_images.append(ResultObject(ObjectKind.SC, ds, i, f"key image {tid}"))
         out.extend(key_images)
         out.append(
             ResultObject(
-                "sc",
+                ObjectKind.SC,
                 build_summary_page(ctx, len(key_images) + 1),
                 len(key_images) + 1,
                 "summary page",
             )
         )
-    if "gsps" in wanted and completed and result.findings:
+    if ObjectKind.GSPS in wanted and completed and result.findings:
         from cad_node.results.gsps import build_gsps
 
-        out.append(ResultObject("gsps", build_gsps(ctx), 1, "presentation state"))
-    if "kos" in wanted and completed and result.findings:
+        out.append(ResultObject(ObjectKind.GSPS, build_gsps(ctx), 1, "presentation state"))
+    if ObjectKind.KOS in wanted and completed and result.findings:
         from cad_node.results.kos import build_kos
 
-        out.append(ResultObject("kos", build_kos(ctx), 1, "key object selection"))
+        out.append(ResultObject(ObjectKind.KOS, build_kos(ctx), 1, "key object selection"))
     return out

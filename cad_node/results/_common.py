@@ -1,10 +1,12 @@
-"""Shared pieces of the result builders: source geometry, codes, timestamps.
+"""Shared pieces of the result builders: source series, codes, timestamps.
 
 Contract of :class:`SourceSeries`: it takes the received instances of the
 analysed series in any order (duplicates by SOP Instance UID allowed), checks
 that they form one consistent image series, and offers them sorted along the
-slice normal.  It never reorders a mask: masks are mapped to instances by SOP
-Instance UID only.
+slice normal.  Geometry and its messy-series policy are
+:mod:`cad_node.imaging.geometry`'s, the same code the volume loader uses, so
+a result describes the geometry that was analysed.  It never reorders a mask:
+masks are mapped to instances by SOP Instance UID only.
 """
 
 from __future__ import annotations
@@ -17,13 +19,19 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import highdicom as hd
-import numpy as np
 from pydicom import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sr.coding import Code
 from pydicom.uid import PYDICOM_ROOT_UID
 
 from cad_node.config import ResultsConfig
+from cad_node.imaging.geometry import (
+    ImagePlane,
+    SeriesError,
+    SliceStack,
+    sort_slices,
+    unique_instances,
+)
 from cad_node.results.findings import AnalysisResult, ModelIdentity
 from cad_node.results.uids import UidFactory, input_fingerprint
 
@@ -74,13 +82,6 @@ class SeriesNumber(enum.IntEnum):
     KOS = 9005
 
 
-#: Tolerance for "same slice position" along the slice normal, mm.
-POSITION_TOLERANCE_MM = 1e-3
-#: Smallest |row x column| of a usable Image Orientation (Patient) (unit vectors
-#: at right angles give 1; parallel or zero vectors give 0).
-_MIN_NORMAL_LENGTH = 0.5
-
-
 @dataclasses.dataclass(frozen=True)
 class SourceSeries:
     """The analysed source instances of one series, checked and sorted.
@@ -89,14 +90,18 @@ class SourceSeries:
     ----------
     images : tuple of pydicom.Dataset
         Unique instances (by SOP Instance UID); for cross-sectional images
-        sorted by position along the slice normal, otherwise by Instance
-        Number then SOP Instance UID.
+        sorted along the slice normal (:func:`cad_node.imaging.geometry.sort_slices`),
+        otherwise by Instance Number then SOP Instance UID.
     by_uid : dict
         SOP Instance UID -> dataset.
+    stack : SliceStack or None
+        The sorted image planes (``stack.planes[k]`` is ``images[k]``'s); None
+        for images without patient geometry (e.g. radiographs).
     """
 
     images: tuple[Dataset, ...]
     by_uid: dict[str, Dataset]
+    stack: SliceStack | None = None
 
     @classmethod
     def from_datasets(
@@ -115,12 +120,14 @@ class SourceSeries:
         Raises
         ------
         ValueError
-            Empty input, several studies, the same SOP Instance UID with
-            different content, or no instance of the analysed series.
+            Empty input, several studies, no instance of the analysed series,
+            or a geometry :mod:`cad_node.imaging.geometry` refuses
+            (:class:`~cad_node.imaging.geometry.SeriesError`: e.g. the same SOP
+            Instance UID with different positions, mixed orientations).
         """
         if not source:
             raise ValueError("no source instances given")
-        by_uid: dict[str, Dataset] = {}
+        chosen: list[Dataset] = []
         for number, ds in enumerate(source, start=1):
             if not isinstance(ds, Dataset):
                 raise TypeError(f"source item {number} is a {type(ds).__name__}, not a Dataset")
@@ -130,30 +137,30 @@ class SourceSeries:
             ):
                 continue
             _check_instance(ds, number)
-            uid = str(ds.SOPInstanceUID)
-            prev = by_uid.get(uid)
-            if prev is not None:
-                if _position(prev) != _position(ds):
-                    raise ValueError(
-                        f"SOP Instance UID {uid} occurs twice with different positions"
-                    )
-                continue
-            by_uid[uid] = ds
-        if not by_uid:
+            chosen.append(ds)
+        if not chosen:
             raise ValueError(f"no source instance belongs to series {series_instance_uid}")
-        studies = {str(ds.StudyInstanceUID) for ds in by_uid.values()}
+        keep, _ = unique_instances(chosen)
+        unique = [chosen[k] for k in keep]
+        by_uid = {str(ds.SOPInstanceUID): ds for ds in unique}
+        studies = {str(ds.StudyInstanceUID) for ds in unique}
         if len(studies) != 1:
             raise ValueError(f"source instances span {len(studies)} studies: {sorted(studies)}")
-        images = sorted(by_uid.values(), key=lambda d: str(d.SOPInstanceUID))
-        if all(_position(ds) is not None for ds in images):
-            # The sort axis must not depend on file order: it is the normal of
-            # the most common orientation (ties: the one of the lowest UID).
-            normal = _normal(_reference_image(images))
-            images.sort(
-                key=lambda d: (float(np.dot(normal, _position(d))), str(d.SOPInstanceUID))  # type: ignore[arg-type]
+        planes = [ImagePlane.from_dataset(ds) for ds in unique]
+        with_plane = [p for p in planes if p is not None]
+        if with_plane and len(with_plane) < len(planes):
+            raise SeriesError(
+                f"{len(planes) - len(with_plane)} of {len(planes)} source instances lack "
+                "Image Position (Patient) that the others carry"
             )
-        else:
-            images.sort(key=lambda d: (int(d.get("InstanceNumber") or 0), str(d.SOPInstanceUID)))
+        if with_plane:
+            stack = sort_slices(with_plane)
+            return cls(
+                images=tuple(unique[k] for k in stack.order), by_uid=by_uid, stack=stack
+            )
+        images = sorted(
+            unique, key=lambda d: (int(d.get("InstanceNumber") or 0), str(d.SOPInstanceUID))
+        )
         return cls(images=tuple(images), by_uid=by_uid)
 
     @property
@@ -169,12 +176,21 @@ class SourceSeries:
     @property
     def is_ct(self) -> bool:
         """True for a cross-sectional CT series with patient geometry."""
-        return str(self.first.get("Modality", "")) == "CT" and _position(self.first) is not None
+        return str(self.first.get("Modality", "")) == "CT" and self.stack is not None
 
     @property
     def has_geometry(self) -> bool:
         """True when every image has Image Position/Orientation (Patient)."""
-        return all(_position(d) is not None for d in self.images)
+        return self.stack is not None
+
+    def plane(self, uid: str) -> ImagePlane | None:
+        """The image plane of source instance ``uid`` (None without geometry)."""
+        if self.stack is None:
+            return None
+        for p in self.stack.planes:
+            if p.sop_instance_uid == uid:
+                return p
+        return None
 
 
 #: Attributes every source instance must carry (SOP Common, General Study,
@@ -189,84 +205,17 @@ _REQUIRED_SOURCE_ATTRIBUTES = (
 )
 
 
-def _numbers(ds: Dataset, keyword: str, count: int) -> list[float] | None:
-    value = ds.get(keyword)
-    if value is None:
-        return None
-    values = list(value) if isinstance(value, MultiValue | list | tuple) else [value]
-    try:
-        out = [float(v) for v in values]
-    except (TypeError, ValueError):
-        return None
-    return out if len(out) == count and all(np.isfinite(out)) else None
-
-
 def _check_instance(ds: Dataset, number: int) -> None:
     """Raise ValueError naming the instance when it cannot be used as a source.
 
-    Required: :data:`_REQUIRED_SOURCE_ATTRIBUTES`; an instance with Image
-    Position (Patient) also needs a usable Image Orientation (Patient) (six
-    numbers, non-parallel unit row/column directions, PS3.3 C.7.6.2.1.1) and
-    Pixel Spacing (two positive numbers), which SEG, SR and SC geometry use.
+    Required: :data:`_REQUIRED_SOURCE_ATTRIBUTES`, and a plane that
+    :meth:`cad_node.imaging.geometry.ImagePlane.from_dataset` accepts.
     """
     name = str(ds.get("SOPInstanceUID") or f"#{number}")
     missing = [kw for kw in _REQUIRED_SOURCE_ATTRIBUTES if not ds.get(kw)]
     if missing:
         raise ValueError(f"source instance {name} lacks {', '.join(missing)}")
-    if ds.get("ImagePositionPatient") is None:
-        return
-    if _numbers(ds, "ImagePositionPatient", 3) is None:
-        raise ValueError(f"source instance {name} has an invalid Image Position (Patient)")
-    iop = _numbers(ds, "ImageOrientationPatient", 6)
-    if iop is None or np.linalg.norm(np.cross(iop[:3], iop[3:])) < _MIN_NORMAL_LENGTH:
-        raise ValueError(
-            f"source instance {name} has Image Position (Patient) but no usable "
-            "Image Orientation (Patient)"
-        )
-    spacing = _numbers(ds, "PixelSpacing", 2)
-    if spacing is None or min(spacing) <= 0:
-        raise ValueError(
-            f"source instance {name} has Image Position (Patient) but no usable Pixel Spacing"
-        )
-
-
-def _position(ds: Dataset) -> tuple[float, float, float] | None:
-    ipp = ds.get("ImagePositionPatient")
-    if ipp is None or len(ipp) != 3:
-        return None
-    return (float(ipp[0]), float(ipp[1]), float(ipp[2]))
-
-
-def _reference_image(images: Sequence[Dataset]) -> Dataset:
-    """First image (by SOP Instance UID) of the most common orientation.
-
-    ``images`` must be sorted by SOP Instance UID, so the choice depends only on
-    the set of images, never on the order the files arrived in.
-    """
-    groups: dict[tuple[float, ...], list[Dataset]] = {}
-    for ds in images:
-        key = tuple(round(float(v), 4) for v in ds.ImageOrientationPatient)
-        groups.setdefault(key, []).append(ds)
-    # max() keeps the first of equal-sized groups: the one holding the lowest UID.
-    return max(groups.values(), key=len)[0]
-
-
-def _normal(ds: Dataset) -> np.ndarray:
-    iop = np.asarray([float(v) for v in ds.ImageOrientationPatient], dtype=float)
-    return np.cross(iop[:3], iop[3:])
-
-
-def position(ds: Dataset) -> np.ndarray:
-    """Image Position (Patient) of ``ds`` as an array (ValueError when absent)."""
-    p = _position(ds)
-    if p is None:
-        raise ValueError(f"instance {ds.SOPInstanceUID} has no Image Position (Patient)")
-    return np.asarray(p)
-
-
-def normal(ds: Dataset) -> np.ndarray:
-    """Unit slice normal (row direction x column direction) of ``ds``."""
-    return _normal(ds)
+    ImagePlane.from_dataset(ds, f"source instance {name}")
 
 
 def _parse_da(value: object) -> datetime.date | None:

@@ -19,7 +19,13 @@ from skimage import measure
 
 from cad_node.results._common import BuildContext, SeriesNumber, processing_equipment
 from cad_node.results.findings import Finding
-from cad_node.results.sc import CONTOUR_RGB, LUNG_WINDOW, _pixel_of, key_slice_uid
+from cad_node.results.sc import (
+    CONTOUR_RGB,
+    LUNG_WINDOW,
+    _circle_radius_px,
+    _pixel_of,
+    key_slice_uid,
+)
 from cad_node.results.sr import region_polyline
 
 __all__ = ["GRAPHIC_LAYER", "build_gsps"]
@@ -79,7 +85,7 @@ def _graphics(
         )
     if not objects and finding.center_mm is not None and "ImageOrientationPatient" in ds:
         cx, cy = _pixel_of(ds, finding.center_mm)
-        radius = max((finding.long_axis_mm or 10.0) / 2 / float(ds.PixelSpacing[1]), 4.0)
+        radius = _circle_radius_px(finding, ds)
         objects.append(
             hd.pr.GraphicObject(
                 graphic_type=hd.pr.GraphicTypeValues.CIRCLE,

@@ -7,7 +7,8 @@
   burned in (:data:`CONTOUR_RGB`) and a short label (:data:`LABEL_RGB`):
   the mask boundary (one pixel outside the mask) when a mask exists, else the
   2-D box/polygon, else a circle of the long-axis diameter around the centre.
-  The key slice is the slice with the largest mask area, else the slice
+  The key slice is the slice of the largest in-plane extent (the SR's planar
+  group measures on it, :func:`cad_node.results.sr.key_slice_axes`), else the slice
   nearest the centre, else the region's image.
 * **Summary page** per study: the findings table, algorithm name, version and
   Device UID, the analysis status (failure reason / "No findings") and the
@@ -28,15 +29,14 @@ from pydicom import Dataset
 from pydicom.pixels.processing import apply_modality_lut
 from scipy import ndimage
 
+from cad_node.imaging.geometry import ImagePlane, patient_orientation_letters
 from cad_node.results._common import (
     BuildContext,
     SeriesNumber,
     ensure_character_set,
-    normal,
-    position,
 )
 from cad_node.results.findings import AnalysisStatus, Finding
-from cad_node.results.sr import region_polyline
+from cad_node.results.sr import key_slice_axes, region_polyline
 
 __all__ = [
     "CONTOUR_RGB",
@@ -100,26 +100,32 @@ def key_slice_uid(ctx: BuildContext, finding: Finding) -> str:
     if finding.recist_axes_px is not None and finding.region is not None:
         return finding.region.sop_instance_uid  # the slice the RECIST axes were measured on
     if finding.mask is not None:
-        areas = finding.mask.array.reshape(finding.mask.array.shape[0], -1).sum(axis=1)
-        if areas.max() > 0:
-            return finding.mask.sop_instance_uids[int(np.argmax(areas))]
+        found = key_slice_axes(ctx, finding)
+        if found is not None:  # the slice the SR's planar group measures on
+            return str(found[0].SOPInstanceUID)
     if finding.region is not None:
         return finding.region.sop_instance_uid
-    if finding.center_mm is not None and ctx.source.has_geometry:
-        nrm = normal(ctx.source.first)
-        target = float(np.dot(nrm, finding.center_mm))
-        best = min(ctx.source.images, key=lambda d: abs(float(np.dot(nrm, position(d))) - target))
-        return str(best.SOPInstanceUID)
+    if finding.center_mm is not None and ctx.source.stack is not None:
+        return str(ctx.source.images[ctx.source.stack.nearest(finding.center_mm)].SOPInstanceUID)
     raise ValueError(f"finding {finding.tracking_id!r} has no location on a received image")
+
+
+def _plane(ds: Dataset) -> ImagePlane:
+    plane = ImagePlane.from_dataset(ds)
+    if plane is None:
+        raise ValueError(f"instance {ds.SOPInstanceUID} has no Image Position (Patient)")
+    return plane
 
 
 def _pixel_of(ds: Dataset, point_mm: tuple[float, float, float]) -> tuple[float, float]:
     """(column, row) of a patient point projected on image ``ds``."""
-    iop = np.asarray([float(v) for v in ds.ImageOrientationPatient])
-    row_dir, col_dir = iop[:3], iop[3:]
-    dr, dc = (float(v) for v in ds.PixelSpacing)  # row spacing, column spacing
-    d = np.asarray(point_mm) - position(ds)
-    return float(np.dot(d, row_dir) / dc), float(np.dot(d, col_dir) / dr)
+    return _plane(ds).patient_to_pixel(point_mm)
+
+
+def _circle_radius_px(finding: Finding, ds: Dataset) -> float:
+    """Radius of the circle drawn for a finding without outline: half its long
+    axis (10 mm when unknown) in columns of ``ds``, at least 4 pixels."""
+    return max((finding.long_axis_mm or 10.0) / 2 / _plane(ds).pixel_spacing[1], 4.0)
 
 
 def _draw_recist(rgb: np.ndarray, finding: Finding, uid: str) -> None:
@@ -158,8 +164,7 @@ def _draw_finding(
         anchor = (min(p[0] for p in pts), min(p[1] for p in pts))
     elif finding.center_mm is not None:
         cx, cy = _pixel_of(ds, finding.center_mm)
-        spacing = float(ds.PixelSpacing[1])
-        radius = max((finding.long_axis_mm or 10.0) / 2 / spacing, 4.0)
+        radius = _circle_radius_px(finding, ds)
         draw.ellipse(
             [cx - radius, cy - radius, cx + radius, cy + radius], outline=CONTOUR_RGB, width=2
         )
@@ -181,16 +186,7 @@ def _label(finding: Finding) -> str:
 
 def _patient_orientation(ds: Dataset) -> tuple[str, str]:
     if "ImageOrientationPatient" in ds:
-        iop = [float(v) for v in ds.ImageOrientationPatient]
-
-        def letters(v: list[float]) -> str:
-            pos, neg = ("L", "P", "H"), ("R", "A", "F")
-            order = sorted(range(3), key=lambda i: -abs(v[i]))
-            return (
-                "".join((pos[i] if v[i] > 0 else neg[i]) for i in order if abs(v[i]) > 0.25) or "L"
-            )
-
-        return letters(iop[:3]), letters(iop[3:])
+        return patient_orientation_letters([float(v) for v in ds.ImageOrientationPatient])
     po = ds.get("PatientOrientation")
     if po is not None and len(po) == 2 and all(po):
         return str(po[0]), str(po[1])

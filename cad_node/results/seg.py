@@ -20,8 +20,10 @@ Contract
     at the same position): the instance the masks do not touch is left out;
     when masks draw on both copies a :class:`ValueError` names them;
   - non-axial series: handled through Image Orientation (Patient);
-  - inconsistent geometry (size, orientation, spacing, frame of reference), or
-    a mask referencing an instance not received: :class:`ValueError`.
+  - inconsistent geometry (size, orientation, spacing, frame of reference):
+    refused by :func:`cad_node.imaging.geometry.sort_slices` when the
+    context is built; a mask referencing an instance not received:
+    :class:`ValueError`.
 """
 
 from __future__ import annotations
@@ -34,12 +36,11 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from cad_node.imaging.geometry import SliceStack
 from cad_node.results._common import (
     ALGORITHM_FAMILY,
-    POSITION_TOLERANCE_MM,
     BuildContext,
     SeriesNumber,
-    position,
     processing_equipment,
 )
 from cad_node.results.findings import FindingSite, ImageMask
@@ -86,24 +87,6 @@ class SegResult:
             if s.tracking_id == tracking_id:
                 return s
         return None
-
-
-def _check_geometry(images: tuple[Dataset, ...]) -> None:
-    ref = images[0]
-    ref_iop = np.asarray([float(v) for v in ref.ImageOrientationPatient])
-    ref_ps = np.asarray([float(v) for v in ref.PixelSpacing])
-    for ds in images[1:]:
-        uid = ds.SOPInstanceUID
-        if (ds.Rows, ds.Columns) != (ref.Rows, ref.Columns):
-            raise ValueError(
-                f"instance {uid} is {ds.Rows}x{ds.Columns}, not {ref.Rows}x{ref.Columns}"
-            )
-        if not np.allclose([float(v) for v in ds.ImageOrientationPatient], ref_iop, atol=1e-4):
-            raise ValueError(f"instance {uid} has a different Image Orientation (Patient)")
-        if not np.allclose([float(v) for v in ds.PixelSpacing], ref_ps, atol=1e-4):
-            raise ValueError(f"instance {uid} has a different Pixel Spacing")
-        if ds.get("FrameOfReferenceUID") != ref.get("FrameOfReferenceUID"):
-            raise ValueError(f"instance {uid} has a different Frame of Reference UID")
 
 
 def _segments(
@@ -177,10 +160,9 @@ def build_seg(ctx: BuildContext) -> SegResult:
     if not segs:
         raise ValueError("the result carries no masks; there is nothing to segment")
     src = ctx.source
-    if not src.has_geometry:
+    if src.stack is None:
         raise ValueError("SEG needs source images with Image Position/Orientation (Patient)")
     images = src.images
-    _check_geometry(images)
     rows, cols = int(images[0].Rows), int(images[0].Columns)
     index_of = {str(ds.SOPInstanceUID): i for i, ds in enumerate(images)}
     fractional = any(m.is_fractional for _, m, _, _ in segs)
@@ -204,7 +186,7 @@ def build_seg(ctx: BuildContext) -> SegResult:
             if frame.any():
                 frames[i] = frame
         touched.append(frames)
-    used = _resolve_duplicates(images, touched)
+    used = _resolve_duplicates(images, src.stack, touched)
 
     keep = sorted(used)
     new_index = {old: new for new, old in enumerate(keep)}
@@ -264,20 +246,16 @@ def build_seg(ctx: BuildContext) -> SegResult:
 
 
 def _resolve_duplicates(
-    images: tuple[Dataset, ...], touched: list[dict[int, np.ndarray]]
+    images: tuple[Dataset, ...], stack: SliceStack, touched: list[dict[int, np.ndarray]]
 ) -> set[int]:
-    """Indices of source images the SEG references, dropping unused duplicates."""
-    groups: list[list[int]] = []
-    last: np.ndarray | None = None
-    for i, ds in enumerate(images):
-        p = position(ds)
-        if last is not None and np.linalg.norm(p - last) <= POSITION_TOLERANCE_MM:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-        last = p
+    """Indices of source images the SEG references, dropping unused duplicates.
+
+    ``images[k]`` is the image of ``stack.planes[k]``; instances at one slice
+    position are those :meth:`~cad_node.imaging.geometry.SliceStack.position_groups`
+    groups.
+    """
     used: set[int] = set()
-    for group in groups:
+    for group in stack.position_groups():
         if len(group) == 1:
             used.add(group[0])
             continue

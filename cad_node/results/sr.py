@@ -39,6 +39,7 @@ from typing import Any
 
 import highdicom as hd
 import numpy as np
+from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
@@ -48,12 +49,14 @@ from cad_node.results._common import (
     processing_equipment,
 )
 from cad_node.results.findings import AnalysisStatus, Finding, Region2D
+from cad_node.results.planar import Bidirectional, bidirectional_axes, key_frame, planar_group
 from cad_node.results.seg import SegResult
 
 __all__ = [
     "ProcedureReported",
     "SummaryCode",
     "build_sr",
+    "key_slice_axes",
     "procedure_reported",
     "recist_group",
     "region_polyline",
@@ -180,6 +183,102 @@ def _referenced_segment(
     )
 
 
+def key_slice_axes(ctx: BuildContext, finding: Finding) -> tuple[Dataset, Bidirectional] | None:
+    """The key slice of a masked finding and its long/short axes and outline on it.
+
+    The key slice is the source image whose mask frame has the largest
+    in-plane extent (:func:`cad_node.results.planar.key_frame`), frames taken
+    in source order.  None for a finding without a mask on a received image.
+    """
+    mask = finding.mask
+    if mask is None:
+        return None
+    frames = [
+        (ctx.source.images.index(ctx.source.by_uid[u]), k)
+        for k, u in enumerate(mask.sop_instance_uids)
+        if u in ctx.source.by_uid
+    ]
+    if not frames:
+        return None
+    frames.sort()
+    binary = np.stack([np.asarray(mask.array[k]) > 0.5 for _, k in frames])
+    first = ctx.source.images[frames[0][0]]
+    spacing = (float(first.PixelSpacing[0]), float(first.PixelSpacing[1]))
+    best = key_frame(binary, spacing)
+    if best is None:
+        return None
+    image = ctx.source.images[frames[best][0]]
+    spacing = (float(image.PixelSpacing[0]), float(image.PixelSpacing[1]))
+    axes = bidirectional_axes(binary[best], spacing)
+    assert axes is not None
+    return image, axes
+
+
+def _planar_ct_group(
+    ctx: BuildContext,
+    index: int,
+    finding: Finding,
+    algo: hd.sr.AlgorithmIdentification,
+    common: dict[str, object],
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | None:
+    """TID 1410 group of a CT finding on its key slice (bidirectional axes, outline)."""
+    found = key_slice_axes(ctx, finding)
+    if found is None:
+        return None
+    image, axes = found
+    others = [
+        m
+        for m in _measurements(finding, algo)
+        if m[0].ConceptNameCodeSequence[0].CodeValue
+        not in (codes.SCT.LongAxis.value, codes.SCT.ShortAxis.value)
+    ]
+    return planar_group(
+        identifier=finding.tracking_id,
+        tracking_uid=ctx.tracking_uid(index),
+        image=image,
+        region=axes.outline,
+        finding_type=common["finding_type"],  # type: ignore[arg-type]
+        lengths=[axes.long_axis, axes.short_axis],
+        measurements=others,
+        algorithm=algo,
+        finding_sites=common["finding_sites"] or (),  # type: ignore[arg-type]
+    )
+
+
+def _groups(ctx: BuildContext, index: int, finding: Finding, seg: SegResult | None) -> list[Any]:
+    """The measurement groups of one finding: planar (key slice) first, then volumetric.
+
+    OHIF merges groups that share a Tracking UID and places the finding on the
+    first top-level SCOORD, so the planar group of a CT finding comes first.
+    """
+    group = _group(ctx, index, finding, seg)
+    if not isinstance(group, hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations):
+        return [group]
+    algo = _algorithm(ctx)
+    planar = _planar_ct_group(ctx, index, finding, algo, _common_items(ctx, index, finding, algo))
+    return [group] if planar is None else [planar, group]
+
+
+def _algorithm(ctx: BuildContext) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(
+        name=ctx.model.name, version=ctx.model.version, manufacturer=ctx.model.manufacturer
+    )
+
+
+def _common_items(
+    ctx: BuildContext, index: int, finding: Finding, algo: hd.sr.AlgorithmIdentification
+) -> dict[str, object]:
+    ft = finding.finding_type
+    return {
+        "finding_type": Code(ft.code, "SCT", ft.meaning),
+        "finding_sites": (
+            [hd.sr.FindingSite(Code(finding.site.code, "SCT", finding.site.meaning))]
+            if finding.site
+            else None
+        ),
+    }
+
+
 def _group(
     ctx: BuildContext, index: int, finding: Finding, seg: SegResult | None
 ) -> (
@@ -188,9 +287,7 @@ def _group(
 ):
     if finding.recist_axes_px is not None and finding.region is not None:
         return recist_group(ctx, index, finding)
-    algo = hd.sr.AlgorithmIdentification(
-        name=ctx.model.name, version=ctx.model.version, manufacturer=ctx.model.manufacturer
-    )
+    algo = _algorithm(ctx)
     tracking = hd.sr.TrackingIdentifier(uid=ctx.tracking_uid(index), identifier=finding.tracking_id)
     ft = finding.finding_type
     common: dict[str, object] = {
@@ -258,42 +355,25 @@ def _group(
     )
 
 
-def _axis_scoord(points: list[tuple[float, float]], image: Any) -> hd.sr.ScoordContentItem:
-    """SCOORD POLYLINE (2 points) INFERRED FROM, with its SELECTED FROM image (TID 300/320)."""
-    item = hd.sr.ScoordContentItem(
-        name=codes.DCM.ImageRegion,
-        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-        graphic_data=np.asarray(points, dtype=np.float32),
-        relationship_type=hd.sr.RelationshipTypeValues.INFERRED_FROM,
-    )
-    item.ContentSequence = hd.sr.ContentSequence([
-        hd.sr.ImageContentItem(
-            name=codes.DCM.SourceOfMeasurement,
-            referenced_sop_class_uid=str(image.SOPClassUID),
-            referenced_sop_instance_uid=str(image.SOPInstanceUID),
-            relationship_type=hd.sr.RelationshipTypeValues.SELECTED_FROM,
-        )
-    ])
-    return item
-
-
 def recist_group(
     ctx: BuildContext, index: int, finding: Finding
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    """TID 1410 planar ROI on the key slice with RECIST long and short axes.
+    """TID 1410 planar group of a finding measured on its key slice (``recist_axes_px``).
 
-    The Image Region is the finding's ``region`` (its box on the key slice);
-    the Long Axis and Short Axis NUMs each carry, INFERRED FROM, a 2-point
-    SCOORD POLYLINE of the axis on the key slice (the form OHIF reads a
-    bidirectional measurement from); type as Finding Site; probability as
-    Certainty of Finding.  Self-contained until the generic TID 1410 group
-    builder lands.
+    Built with :func:`cad_node.results.planar.planar_group` (Bidirectional):
+    the Image Region is the finding's ``region`` (its box on the key slice),
+    the Long Axis and Short Axis NUMs come first, each with the 2-point SCOORD
+    POLYLINE of the axis INFERRED FROM; their values are the polylines'
+    lengths on the key slice's Pixel Spacing; type as Finding Site,
+    probability as Certainty of Finding (after the axes).
 
     Raises
     ------
     ValueError
-        The key slice was not received.
+        The key slice was not received, or a point lies outside it.
     """
+    from cad_node.results.planar import LinearMeasurement, PlanarRegion, polyline_length_mm
+
     assert finding.region is not None and finding.recist_axes_px is not None
     image = ctx.source.by_uid.get(finding.region.sop_instance_uid)
     if image is None:
@@ -301,38 +381,34 @@ def recist_group(
             f"finding {finding.tracking_id!r} references SOP Instance "
             f"{finding.region.sop_instance_uid}, which was not received"
         )
-    algo = hd.sr.AlgorithmIdentification(
-        name=ctx.model.name, version=ctx.model.version, manufacturer=ctx.model.manufacturer
+    spacing = (float(image.PixelSpacing[0]), float(image.PixelSpacing[1]))
+    pts = np.asarray(finding.recist_axes_px, dtype=np.float32)
+    lengths = [
+        LinearMeasurement(name, round(polyline_length_mm(p, spacing), 2), p)
+        for name, p in ((codes.SCT.LongAxis, pts[0:2]), (codes.SCT.ShortAxis, pts[2:4]))
+    ]
+    algo = _algorithm(ctx)
+    common = _common_items(ctx, index, finding, algo)
+    others = [
+        m
+        for m in _measurements(finding, algo)
+        if m[0].ConceptNameCodeSequence[0].CodeValue
+        not in (codes.SCT.LongAxis.value, codes.SCT.ShortAxis.value)
+    ]
+    (x0, y0), (x1, y1) = finding.region.points[:2]
+    region = (PlanarRegion.box((x0, y0), (x1, y1)) if finding.region.kind == "box"
+              else PlanarRegion.polygon(finding.region.points))
+    return planar_group(
+        identifier=finding.tracking_id,
+        tracking_uid=ctx.tracking_uid(index),
+        image=image,
+        region=region,
+        finding_type=common["finding_type"],  # type: ignore[arg-type]
+        lengths=lengths,
+        measurements=others,
+        algorithm=algo,
+        finding_sites=common["finding_sites"] or (),  # type: ignore[arg-type]
     )
-    ft = finding.finding_type
-    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=ctx.tracking_uid(index), identifier=finding.tracking_id),
-        referenced_region=hd.sr.ImageRegion(
-            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-            graphic_data=region_polyline(finding.region),
-            source_image=hd.sr.SourceImageForRegion.from_source_image(image),
-        ),
-        finding_type=Code(ft.code, "SCT", ft.meaning),
-        algorithm_id=algo,
-        measurements=_measurements(finding, algo) or None,
-        finding_sites=(
-            [hd.sr.FindingSite(Code(finding.site.code, "SCT", finding.site.meaning))]
-            if finding.site else None
-        ),
-    )
-    axes = {codes.SCT.LongAxis.value: finding.recist_axes_px[0:2],
-            codes.SCT.ShortAxis.value: finding.recist_axes_px[2:4]}
-    for item in group[0].ContentSequence:
-        if item.ValueType != "NUM":
-            continue
-        pts = axes.get(item.ConceptNameCodeSequence[0].CodeValue)
-        if pts is None:
-            continue
-        children = list(getattr(item, "ContentSequence", []) or [])
-        children.append(_axis_scoord([(float(x), float(y)) for x, y in pts], image))
-        item.ContentSequence = hd.sr.ContentSequence(children)
-    return group
 
 
 def _qualitative(ctx: BuildContext) -> hd.sr.ContainerContentItem:
@@ -402,7 +478,7 @@ def build_sr(ctx: BuildContext, seg: SegResult | None = None) -> hd.sr.Comprehen
         )
     )
     groups: list[Any] = (
-        [_group(ctx, i, f, seg) for i, f in enumerate(ctx.result.findings)]
+        [g for i, f in enumerate(ctx.result.findings) for g in _groups(ctx, i, f, seg)]
         if ctx.result.status is AnalysisStatus.COMPLETED
         else []
     )

@@ -5,8 +5,9 @@ Public API: :class:`NodeServer` (SCP + spool + study assembler, in-process),
 context tables in :mod:`cad_node.scp.contexts`.
 """
 
+from cad_node.scp.admission import Admission, AdmissionEvent, RejectReason
 from cad_node.scp.contexts import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION_SOP_CLASS
-from cad_node.scp.server import ABORT_SLACK_BYTES, Admission, NodeServer, RejectReason
+from cad_node.scp.server import ABORT_SLACK_BYTES, NodeServer
 from cad_node.scp.status import Status
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "TRANSFER_SYNTAXES",
     "VERIFICATION_SOP_CLASS",
     "Admission",
+    "AdmissionEvent",
     "NodeServer",
     "RejectReason",
     "Status",

@@ -80,6 +80,7 @@ __all__ = [
     "InsufficientStorageError",
     "Spool",
     "SpoolLockedError",
+    "SpoolOutcome",
     "StoreResult",
     "StoreStatus",
     "UIDMismatchError",
@@ -119,8 +120,11 @@ class SpoolLockedError(RuntimeError):
     """Another process already writes to this spool."""
 
 
-class StoreStatus(Enum):
-    """Outcome of :meth:`Spool.store` (both mean: answer Success)."""
+class SpoolOutcome(Enum):
+    """What :meth:`Spool.store` did with an instance (both mean: answer Success).
+
+    Not a DIMSE status (those are :class:`cad_node.dimse.Status`).
+    """
 
     #: Newly written and indexed.
     STORED = "stored"
@@ -128,11 +132,16 @@ class StoreStatus(Enum):
     DUPLICATE = "duplicate"
 
 
+#: Former name of :class:`SpoolOutcome`, kept while ``cad_node/scp/server.py``
+#: (reworked in parallel) still imports it.
+StoreStatus = SpoolOutcome
+
+
 @dataclass(frozen=True)
 class StoreResult:
     """What :meth:`Spool.store` did."""
 
-    status: StoreStatus
+    status: SpoolOutcome
     instance_id: int
     header: DatasetHeader
     size: int
@@ -502,7 +511,7 @@ class Spool:
             "stored instance %d sop=%s study=%s (%d bytes)",
             instance_id, sop_instance_uid, header.study_instance_uid, size,
         )
-        return StoreResult(StoreStatus.STORED, instance_id, header, size)
+        return StoreResult(SpoolOutcome.STORED, instance_id, header, size)
 
     def _duplicate(
         self,
@@ -526,4 +535,4 @@ class Spool:
                 "kept the first copy (policy keep-first)",
                 header.sop_instance_uid, header.study_instance_uid, calling_ae, instance_id,
             )
-        return StoreResult(StoreStatus.DUPLICATE, instance_id, header, size)
+        return StoreResult(SpoolOutcome.DUPLICATE, instance_id, header, size)

@@ -453,3 +453,53 @@ def test_gsps_outlines_on_mask_boundary_and_kos_key_slice(
         if i.ValueType == "IMAGE"
     ]
     assert refs == [key_uid]
+
+
+def test_sr_planar_and_volumetric_groups_per_finding(
+    built: dict[str, list[tuple[ResultObject, Path]]], source: list[Dataset]
+) -> None:
+    """Each CT finding: a TID 1410 group on its key slice, then its TID 1411 group.
+
+    Read back with highdicom's TID 1500 content API and printed by dsrdump;
+    the planar long axis is the length of its own POLYLINE on the slice's
+    Pixel Spacing, and the slice is the one of the largest in-plane extent.
+    """
+    ((_, path),) = built["sr"]
+    sr = hd.sr.srread(path)
+    planar = sr.content.get_planar_roi_measurement_groups()
+    volumetric = sr.content.get_volumetric_roi_measurement_groups()
+    assert len(planar) == len(volumetric) == 1
+    (p,), (v,) = planar, volumetric
+    assert p.tracking_uid == v.tracking_uid
+    assert p.tracking_identifier == "Cornerstone3DTools@^0.1.0:Bidirectional:Nodule 1"
+    assert v.tracking_identifier == "Nodule 1"
+    assert p.reference_type == codes_dcm_image_region()
+    by_uid = {str(d.SOPInstanceUID): d for d in source}
+    (long_axis,) = p.get_measurements(name=hd.sr.CodedConcept("103339001", "SCT", "Long Axis"))
+    num = next(
+        it for it in p[0].ContentSequence
+        if it.ValueType == "NUM" and it.ConceptNameCodeSequence[0].CodeValue == "103339001"
+    )
+    (scoord,) = [it for it in num.ContentSequence if it.ValueType == "SCOORD"]
+    assert scoord.RelationshipType == "INFERRED FROM" and scoord.GraphicType == "POLYLINE"
+    ref = scoord.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+    image = by_uid[str(ref)]
+    pts = np.asarray(scoord.GraphicData, float).reshape(-1, 2)
+    dr, dc = (float(x) for x in image.PixelSpacing)
+    length = float(np.hypot((pts[1, 0] - pts[0, 0]) * dc, (pts[1, 1] - pts[0, 1]) * dr))
+    assert abs(length - long_axis.value) < 0.05
+    # the planar group's own region is on the same slice
+    region = next(it for it in p[0].ContentSequence if it.ValueType == "SCOORD")
+    assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == ref
+    exe = require_program(DSRDUMP)
+    out = subprocess.run(
+        [exe, "+Pl", str(path)], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    assert out.count(f'"Tracking Unique Identifier")="{p.tracking_uid}"') == 2
+    assert '"Tracking Identifier")="Cornerstone3DTools@^0.1.0:Bidirectional:Nodule 1"' in out
+    assert re.search(r'<inferred from SCOORD:\(,,"Image Region"\)=\(POLYLINE', out)
+    assert '"Referenced Segment"' in out and "SCOORD3D" in out
+
+
+def codes_dcm_image_region() -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept("111030", "DCM", "Image Region")

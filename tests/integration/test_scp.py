@@ -3,9 +3,9 @@
 Where dcmtk cannot produce the bad input (invalid or mismatched command UIDs,
 garbage or zero-length data sets) a pynetdicom SCU sends hand-crafted Part-10
 files in raw ("chunked") mode, so the bytes on the wire are exactly the ones
-written here.  Those SCUs run in this process; the node relaxes pynetdicom's
-UI validator process-wide (it validates UIDs itself), which also lets the SCU
-encode them.
+written here.  Those SCUs run in this process with pynetdicom's UI validator
+relaxed by the test itself (:func:`send_raw`): the node relaxes it only in its
+own association threads.
 """
 
 from __future__ import annotations
@@ -247,7 +247,10 @@ def send_raw(port: int, files: list[Path], contexts: list[tuple[str, str]]) -> l
     for cls, syntax in contexts:
         ae.add_requested_context(cls, syntax)
     previous = _config.STORE_SEND_CHUNKED_DATASET
+    previous_ui = _config.VALIDATORS["UI"]
     _config.STORE_SEND_CHUNKED_DATASET = True
+    # this SCU must be able to send invalid UIDs on purpose
+    _config.VALIDATORS["UI"] = lambda value: (True, "")
     try:
         assoc = ae.associate("127.0.0.1", port, ae_title="CADNODE")
         assert assoc.is_established
@@ -259,6 +262,7 @@ def send_raw(port: int, files: list[Path], contexts: list[tuple[str, str]]) -> l
         assoc.release()
     finally:
         _config.STORE_SEND_CHUNKED_DATASET = previous
+        _config.VALIDATORS["UI"] = previous_ui
     return statuses
 
 
@@ -397,7 +401,7 @@ def test_fast_c_store_rsp_encoding_matches_pynetdicom(status: int, sop_instance:
     from pynetdicom.dimse_messages import C_STORE_RSP
     from pynetdicom.dimse_primitives import C_STORE
 
-    from cad_node.scp.server import encode_c_store_rsp
+    from cad_node.scp.wire import encode_c_store_rsp
 
     rsp = C_STORE()
     rsp.MessageIDBeingRespondedTo = 517
@@ -420,7 +424,7 @@ def test_c_store_rq_decoded_without_pydicom(sop_instance: str) -> None:
     from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
     from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 
-    from cad_node.scp.server import decode_c_store_rq
+    from cad_node.scp.wire import decode_c_store_rq
 
     req = C_STORE()
     req.MessageID = 4321

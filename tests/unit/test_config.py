@@ -71,3 +71,30 @@ def test_config_check_exit_codes(tmp_path: Path) -> None:
     res = subprocess.run([CAD_NODE, "config", "check", str(bad)], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 2 and "node.port" in res.stderr
+
+
+def test_object_kinds_become_the_enum_once_at_the_config_edge(tmp_path: Path) -> None:
+    from cad_node.config import DEFAULT_OBJECT_KINDS, ObjectKind, parse_object_kinds
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "destinations:\n"
+        "  - {name: a, ae_title: A, host: 127.0.0.1, port: 104, objects: [kos, sr]}\n"
+        "  - {name: b, ae_title: B, host: 127.0.0.1, port: 105}\n"
+    )
+    a, b = load_config(cfg, environ={}).destinations
+    assert a.objects == [ObjectKind.KOS, ObjectKind.SR]
+    assert all(type(k) is ObjectKind for k in a.objects)
+    assert tuple(b.objects) == DEFAULT_OBJECT_KINDS == ("sr", "seg", "sc")
+    assert [str(k) for k in ObjectKind] == ["sr", "seg", "sc", "gsps", "kos"]  # YAML spelling
+    for bad, key in (("[sr, pdf]", "destinations.0.objects.1"), ("[sr, sr]", "objects"),
+                     ("[]", "destinations.0.objects")):
+        dest = f"{{name: a, ae_title: A, host: h, port: 1, objects: {bad}}}"
+        cfg.write_text(f"destinations: [{dest}]\n")
+        with pytest.raises(ConfigError) as info:
+            load_config(cfg, environ={})
+        assert key in str(info.value), info.value
+    assert parse_object_kinds(" seg,gsps ") == [ObjectKind.SEG, ObjectKind.GSPS]
+    for bad in ("sr,pdf", "", "sr,sr"):
+        with pytest.raises(ValueError, match="kind"):
+            parse_object_kinds(bad)

@@ -21,9 +21,10 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from cad_node.config import DestinationConfig, RetryConfig
+from cad_node.dimse import Status
 from cad_node.export.retry import RetryPolicy
 from cad_node.export.sender import OutboundObject, echo, send_objects
-from cad_node.export.status import SendOutcome, StoreStatus, classify_status
+from cad_node.export.status import SendOutcome, classify_status
 from tests.conftest import free_port, require_data
 from tests.system.conftest import OrthancServer
 
@@ -78,7 +79,7 @@ class _StatusSCP:
 
 
 def test_status_classes_follow_ps34_annex_b() -> None:
-    assert classify_status(StoreStatus.SUCCESS) is SendOutcome.STORED
+    assert classify_status(Status.SUCCESS) is SendOutcome.STORED
     assert classify_status(0xB007) is SendOutcome.STORED
     for code in (0xA700, 0xA7FF, 0xA710):
         assert classify_status(code) is SendOutcome.RETRYABLE

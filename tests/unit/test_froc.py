@@ -130,7 +130,8 @@ def test_candidate_cap() -> None:
     # 101 > 100 candidates: threshold = 101st highest = 0.005; keep p > 0.005 -> the 100 FPs.
     assert capped.n_candidates == 100
     assert (capped.n_true_positives, capped.n_false_negatives) == (0, 1)
-    assert capped.sensitivity_at == pytest.approx((0.0,) * 7)
+    # nothing detected: undefined (NaN, as the reference script), not 0
+    assert not capped.defined and all(np.isnan(v) for v in capped.sensitivity_at)
     # Without the cap the hit is found after all 100 FPs: (100/20 = 5 FPs/scan, 1.0) -> at
     # 8 FPs/scan (beyond the last point) the sensitivity is 1.0, at 4 it is still 0.
     uncapped = luna16_froc(refs, [*fps, hit], series_uids=uids, max_candidates=0)
@@ -231,3 +232,39 @@ def test_dice_by_hand() -> None:
 
 def test_fp_rates_are_luna16s() -> None:
     assert LUNA16_FP_RATES == (1 / 8, 1 / 4, 1 / 2, 1, 2, 4, 8)
+
+
+def test_jump_exactly_on_a_rate_is_read_as_the_reference_script_does() -> None:
+    # 7 scans; scan A holds two nodules (r = 5 mm) and every mark.  7 FPs at
+    # 0.99..0.93, a hit on nodule 1 at 0.9, 18 more FPs at 0.5..0.33, a hit on
+    # nodule 2 at 0.1: 25 FPs in all.
+    refs = [ReferenceNodule("A", (0.0, 0.0, 0.0), 10.0),
+            ReferenceNodule("A", (200.0, 0.0, 0.0), 10.0)]
+    cands = [Candidate("A", far(i), 0.99 - 0.01 * i) for i in range(7)]
+    cands.append(Candidate("A", (1.0, 0.0, 0.0), 0.9))
+    cands += [Candidate("A", far(7 + i), 0.5 - 0.01 * i) for i in range(18)]
+    cands.append(Candidate("A", (201.0, 0.0, 0.0), 0.1))
+    r = luna16_froc(refs, cands, list("ABCDEFG"))
+    assert (r.n_true_positives, r.n_false_positives) == (2, 25)
+    # Exactly, the jump 0 -> 0.5 sits at 7/7 = 1 FP/scan.  The reference script
+    # computes fpr * nFP / nScans = (7/25) * 25 / 7 = 1.0000000000000002 (one
+    # rounding step above 1), so np.interp at 1 reads the foot of the jump: 0.
+    assert (7 / 25) * 25 / 7 > 1.0
+    # 1/8, 1/4, 1/2: 0; 1: 0 (not 0.5); 2 (14 FPs): 0.5; 4 and 8, beyond the last
+    # point (25/7 = 3.57 FPs/scan, sensitivity 1): 1.
+    assert r.sensitivity_at == pytest.approx((0, 0, 0, 0, 0.5, 1, 1))
+    assert r.cpm == pytest.approx(2.5 / 7)
+
+
+def test_nothing_detected_is_undefined_not_zero() -> None:
+    refs = [ReferenceNodule("A", (0.0, 0.0, 0.0), 10.0)]
+    cands = [Candidate("A", far(i), 0.9 - 0.1 * i) for i in range(3)]
+    r = luna16_froc(refs, cands, bootstrap=20)
+    assert (r.n_true_positives, r.n_false_positives, r.n_false_negatives) == (0, 3, 1)
+    assert not r.defined
+    assert np.isnan(r.cpm) and all(np.isnan(v) for v in r.sensitivity_at)
+    d = r.to_dict()
+    assert d["cpm"] is None and d["cpm_note"] == "undefined (no true positive)"
+    from trainer.froc import luna16_markdown
+
+    assert "CPM: undefined (no true positive)" in luna16_markdown(r, title="t")

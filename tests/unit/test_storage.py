@@ -20,7 +20,7 @@ from cad_node.storage import (
     MissingAttributeError,
     Spool,
     SpoolLockedError,
-    StoreStatus,
+    SpoolOutcome,
     UIDMismatchError,
     free_bytes,
     inspect_dataset,
@@ -117,7 +117,7 @@ def test_real_ct_series_is_stored_durably_and_indexed(spool: Spool, lidc_dir: Pa
     files = sorted(lidc_dir.glob("*.dcm"))
     assert len(files) == 133
     results = [store(spool, f) for f in files]
-    assert all(r.status is StoreStatus.STORED for r in results)
+    assert all(r.status is SpoolOutcome.STORED for r in results)
     assert spool.index.counts() == {"patient": 1, "study": 1, "series": 1, "instance": 133}
     stored = spool_files(spool)
     assert len(stored) == 133
@@ -144,14 +144,14 @@ def test_duplicates_keep_the_first_copy(spool: Spool, tmp_path: Path) -> None:
     first_file = spool_files(spool)[0]
     first_sha = hashlib.sha256(first_file.read_bytes()).hexdigest()
     again = store(spool, path)
-    assert again.status is StoreStatus.DUPLICATE and again.instance_id == first.instance_id
+    assert again.status is SpoolOutcome.DUPLICATE and again.instance_id == first.instance_id
     # same SOP Instance UID, different bytes: still the first copy is kept
     ds = dcmread(path)
     ds.PatientName = "Someone^Else"
     other = tmp_path / "other.dcm"
     ds.save_as(other)
     changed = store(spool, other)
-    assert changed.status is StoreStatus.DUPLICATE
+    assert changed.status is SpoolOutcome.DUPLICATE
     assert spool_files(spool) == [first_file]
     assert hashlib.sha256(first_file.read_bytes()).hexdigest() == first_sha
     assert spool.index.counts()["instance"] == 1
@@ -203,7 +203,7 @@ def test_lock_recovery_and_reader_in_another_process(tmp_path: Path, lidc_dir: P
         adopted = sp.index.instance(7)
         assert adopted is not None and adopted.path == shard / "0000000007.dcm"
         result = store(sp, files[2])  # the sender's resend is a duplicate now
-        assert result.status is StoreStatus.DUPLICATE and result.instance_id == 7
+        assert result.status is SpoolOutcome.DUPLICATE and result.instance_id == 7
         study_uid = adopted.study_instance_uid
         code = (
             "import sys; from cad_node.storage import Spool; "

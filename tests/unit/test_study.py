@@ -10,7 +10,7 @@ import pytest
 from pydicom import dcmread
 
 from cad_node.config import StudyConfig
-from cad_node.storage import Spool, StoreStatus
+from cad_node.storage import Spool, SpoolOutcome
 from cad_node.study import StudyAssembler, StudyComplete
 from tests.unit.test_storage import store
 
@@ -55,11 +55,11 @@ def test_hand_off_once_duplicates_silent_new_instance_reopens(
         assert asm.poll(last + 100) == []  # exactly once
 
         # the same study sent again: all duplicates, no new generation
-        assert all(store(spool, f).status is StoreStatus.DUPLICATE for f in ct_files[:-1])
+        assert all(store(spool, f).status is SpoolOutcome.DUPLICATE for f in ct_files[:-1])
         assert asm.poll(time.time() + 1000) == []
 
         # one new instance after the hand-off reopens the study
-        assert store(spool, ct_files[-1]).status is StoreStatus.STORED
+        assert store(spool, ct_files[-1]).status is SpoolOutcome.STORED
         state = spool.index.study(study_uid)
         assert state is not None and state.pending
         assert asm.poll(state.last_received + 1) == []
@@ -151,7 +151,7 @@ def test_own_results_echoed_back_do_not_reopen(tmp_path: Path, ct_files: list[Pa
         for f in ct_files[:3]:
             store(spool, f)
         assert len(asm.poll(time.time() + 5)) == 1
-        assert store(spool, echoed).status is StoreStatus.STORED
+        assert store(spool, echoed).status is SpoolOutcome.STORED
         study = spool.index.studies()[0]
         assert not study.pending and study.num_instances == 4
         assert asm.poll(time.time() + 50) == []

@@ -83,7 +83,9 @@ SCORER_BUNDLE = "ct-nodule-scorer"
 #: "nodules" (Lung-RADS, Brock nodule count).  The classical score is not
 #: calibrated; this point was chosen by inspecting ONE case (LIDC-IDRI-0001:
 #: vessel branchings with blobness < ~0.35 fall below it) and is not validated.
-#: With the CNN scorer the threshold is sqrt(this x the bundle's threshold).
+#: With the CNN scorer the threshold is the bundle's ``operating_threshold`` (chosen
+#: by ``cad-train`` from a stated rule) or, for bundles without one,
+#: sqrt(this x the bundle's threshold).
 CLASSICAL_OPERATING_THRESHOLD = 0.9
 #: At most this many findings are reported, most probable first.
 MAX_FINDINGS = 10
@@ -287,8 +289,12 @@ class CtChestPipeline:
         threshold = CLASSICAL_OPERATING_THRESHOLD
         if scorer is not None:
             identity = scorer.identity
-            # a candidate exactly at both operating points lands exactly on this one
-            threshold = float(np.sqrt(CLASSICAL_OPERATING_THRESHOLD * float(scorer.threshold)))
+            if scorer.operating_threshold is not None:
+                # chosen by cad-train from the rule stated in the bundle's model card
+                threshold = float(scorer.operating_threshold)
+            else:
+                # a candidate exactly at both operating points lands exactly on this one
+                threshold = float(np.sqrt(CLASSICAL_OPERATING_THRESHOLD * float(scorer.threshold)))
             if cands:
                 cnn = scorer.score(series.image, np.array([c.center_mm for c in cands]))
                 prob = np.sqrt(prob * np.clip(cnn, 0.0, 1.0))

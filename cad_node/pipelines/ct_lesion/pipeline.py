@@ -318,7 +318,9 @@ class CtLesionPipeline:
             if device == "cpu":
                 torch.set_num_threads(previous)
         lesions = group_across_slices(dets)
-        threshold = float(bundle.manifest.output.threshold)
+        out_spec = bundle.manifest.output
+        threshold = float(out_spec.operating_threshold if out_spec.operating_threshold is not None
+                          else out_spec.threshold)
         report("measuring", 0.85)
         findings = self._findings(series, lesions, threshold)
         lap("measurement")

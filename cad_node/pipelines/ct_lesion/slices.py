@@ -25,7 +25,7 @@ the input are reported in the source image's pixel coordinates.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -194,7 +194,7 @@ def volume_inputs(
 
 def key_slice_input(
     key_hu: npt.NDArray[np.generic], spacing_xy: tuple[float, float],
-    neighbours: dict[float, npt.NDArray[np.generic]] | None = None,
+    neighbours: Mapping[float, npt.NDArray[np.generic]] | None = None,
     grid: SliceGrid | None = None,
 ) -> tuple[npt.NDArray[np.float32], SliceGrid]:
     """Network input ``(3, H, W)`` for one key slice and whatever neighbours exist.

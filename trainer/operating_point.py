@@ -1,0 +1,262 @@
+"""The operating threshold of the CT pipeline, chosen by a stated rule (not by eye).
+
+The rule (:class:`OperatingRuleConfig`, ``operating_point`` in a training
+config) is read on what the node itself reports: the ``ct-chest`` pipeline,
+run end to end with the freshly trained scorer, on
+
+* the held-out synthetic volumes of :mod:`trainer.heldout` (findings inside
+  the held-out slab; a finding whose centre lies strictly within an inserted
+  nodule's radius is a true positive, a second one on the same nodule is
+  neither, every other finding is a false positive), and
+* each real negative scan (``data.real_negatives``): every finding outside the
+  scan's irrelevant-finding regions (its sub-consensus LIDC reader clusters,
+  LUNA16's "irrelevant findings") is a false positive.
+
+The threshold is the lowest one at which the held-out synthetic set has at
+most ``fp_per_scan`` false positives per scan **and** no real negative scan has
+more than ``max_per_negative_scan`` false positives, never below
+``min_threshold``.  It is placed halfway between the lowest admitted and the
+highest rejected reported probability (4 decimals, the precision of the
+reported probabilities).  The pipeline reports at most
+:data:`~cad_node.pipelines.ct_chest.pipeline.MAX_FINDINGS` findings per scan;
+the threshold is never put below the lowest probability reported by a scan
+that hit that cap, where the counts would be incomplete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from trainer.config import TrainConfig, resolve_ct_dir
+from trainer.insertion import ExclusionZone, InsertedNodule, LungBackground
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from cad_node.imaging.volume import LoadedSeries
+
+__all__ = [
+    "ScanFindings",
+    "choose_threshold",
+    "describe_rule",
+    "label_findings",
+    "measure_operating_point",
+]
+
+
+@dataclass(frozen=True)
+class ScanFindings:
+    """The reported findings of one scan: probability, centre and label each.
+
+    ``labels``: 1 true positive, 0 false positive, -1 neither (a second hit on
+    a nodule, or inside an irrelevant-finding region).
+    """
+
+    scan_id: str
+    probabilities: npt.NDArray[np.float64]
+    centers_mm: npt.NDArray[np.float64]
+    labels: npt.NDArray[np.int8]
+    n_nodules: int = 0
+    #: The scan reported as many findings as the pipeline ever reports.
+    capped: bool = False
+
+
+def describe_rule(fp_per_scan: float, max_per_negative_scan: int, min_threshold: float,
+                  negative_scans: Sequence[str]) -> str:
+    """The rule in one sentence (manifest ``operating_rule`` and model card)."""
+    neg = ", ".join(negative_scans) or "none"
+    return (
+        f"lowest threshold of the ct-chest pipeline's final probability at which the "
+        f"held-out synthetic set has at most {fp_per_scan:g} false positive(s) per scan "
+        f"and no real negative scan ({neg}) has more than {max_per_negative_scan} "
+        f"finding(s) outside its irrelevant-finding regions; never below {min_threshold:g}"
+    )
+
+
+def label_findings(
+    probabilities: npt.NDArray[np.float64],
+    centers_mm: npt.NDArray[np.float64],
+    nodules: Sequence[InsertedNodule],
+    ignore: Sequence[ExclusionZone],
+) -> npt.NDArray[np.int8]:
+    """Label findings (most probable first) as LUNA16 does: 1 hit, 0 FP, -1 neither."""
+    labels = np.zeros(len(probabilities), dtype=np.int8)
+    found: set[int] = set()
+    for i in np.argsort(-probabilities, kind="stable"):
+        c = centers_mm[i]
+        hits = [j for j, n in enumerate(nodules)
+                if np.linalg.norm(c - np.asarray(n.center_mm)) < n.diameter_mm / 2]
+        if hits:
+            new = [j for j in hits if j not in found]
+            labels[i] = 1 if new else -1
+            found.update(hits)
+        elif any(np.linalg.norm(c - np.asarray(z.center_mm)) < z.radius_mm for z in ignore):
+            labels[i] = -1
+    return labels
+
+
+def _fp_at(scans: Sequence[ScanFindings], t: float) -> list[int]:
+    return [int(((s.probabilities >= t) & (s.labels == 0)).sum()) for s in scans]
+
+
+def choose_threshold(
+    synthetic: Sequence[ScanFindings],
+    negatives: Sequence[ScanFindings],
+    *,
+    fp_per_scan: float,
+    max_per_negative_scan: int,
+    min_threshold: float,
+) -> dict[str, Any]:
+    """Apply the rule of the module docstring; return the threshold and what it gives."""
+    probs = np.unique(np.round(np.concatenate(
+        [s.probabilities for s in [*synthetic, *negatives]] + [np.zeros(0)]), 4))
+    floor = max([min_threshold] + [float(s.probabilities.min()) for s in [*synthetic, *negatives]
+                                   if s.capped and s.probabilities.size])
+
+    def ok(t: float) -> bool:
+        syn = sum(_fp_at(synthetic, t)) <= fp_per_scan * max(len(synthetic), 1)
+        neg = all(n <= max_per_negative_scan for n in _fp_at(negatives, t))
+        return syn and neg
+
+    floor = round(floor, 4)
+    candidates = sorted({floor} | {float(v) for v in probs if v >= floor})
+    admitted = [t for t in candidates if ok(t)]
+    if not admitted:
+        threshold = 1.0
+    elif admitted[0] == floor:
+        threshold = floor
+    else:
+        # no reported probability lies between the highest rejected candidate
+        # and the lowest admitted one: halfway between them
+        rejected = max(t for t in candidates if t < admitted[0])
+        threshold = round((admitted[0] + rejected) / 2, 4)
+    n_nod = sum(s.n_nodules for s in synthetic)
+    tp = sum(int(((s.probabilities >= threshold) & (s.labels == 1)).sum()) for s in synthetic)
+    return {
+        "threshold": threshold,
+        "heldout_synthetic": {
+            "scans": len(synthetic),
+            "nodules": n_nod,
+            "true_positives": tp,
+            "sensitivity": round(tp / n_nod, 4) if n_nod else None,
+            "false_positives": sum(_fp_at(synthetic, threshold)),
+            "fp_per_scan": round(sum(_fp_at(synthetic, threshold)) / max(len(synthetic), 1), 4),
+        },
+        "real_negative_scans": [
+            {
+                "scan": s.scan_id,
+                "false_positives": fp,
+                "findings_above": [
+                    {"probability": round(float(p), 4),
+                     "center_mm": [round(float(v), 1) for v in c],
+                     "label": "false positive" if lab == 0 else "irrelevant finding"}
+                    for p, c, lab in zip(s.probabilities, s.centers_mm, s.labels, strict=True)
+                    if p >= threshold
+                ],
+            }
+            for s, fp in zip(negatives, _fp_at(negatives, threshold), strict=True)
+        ],
+    }
+
+
+def _run_pipeline(series: LoadedSeries, models_dir: Path) -> tuple[
+    npt.NDArray[np.float64], npt.NDArray[np.float64], bool
+]:
+    """Reported findings (probabilities, centres) of the ct-chest pipeline on ``series``."""
+    from cad_node.pipelines.ct_chest.pipeline import MAX_FINDINGS, CtChestPipeline
+
+    result = CtChestPipeline(models_dir=models_dir).run(series, device="cpu")
+    p = np.asarray([f.probability for f in result.findings], dtype=np.float64)
+    c = np.asarray([f.center_mm for f in result.findings], dtype=np.float64).reshape(-1, 3)
+    return p, c, len(result.findings) >= MAX_FINDINGS
+
+
+def _load_series(directory: Path) -> LoadedSeries:
+    from cad_node.imaging import load_series
+
+    files = sorted(f for f in directory.rglob("*")
+                   if f.is_file() and f.suffix.lower() in {".dcm", ""})
+    return load_series(files)
+
+
+def irrelevant_regions(series_dir: Path, series: LoadedSeries) -> list[ExclusionZone]:
+    """The sub-consensus reader clusters of a series' LIDC XML (LUNA16 irrelevant findings)."""
+    from trainer import lidc
+
+    xml = lidc.find_lidc_xml(series_dir, series.series_instance_uid)
+    if xml is None:
+        return []
+    ann = lidc.parse_lidc_xml(xml, series_instance_uid=series.series_instance_uid)
+    pos = {
+        u: (float(ds.ImagePositionPatient[0]), float(ds.ImagePositionPatient[1]),
+            float(ds.ImagePositionPatient[2]))
+        for u, ds in zip(series.sop_instance_uids, series.datasets, strict=True)
+    }
+    ann, _ = lidc.remap_rois_by_z(ann, pos)
+    ds0 = series.datasets[0]
+    ps = (float(ds0.PixelSpacing[0]), float(ds0.PixelSpacing[1]))
+    clusters = lidc.cluster_nodules(ann, pos, ps, rows=int(ds0.Rows), cols=int(ds0.Columns))
+    return [
+        ExclusionZone((float(f.center_mm[0]), float(f.center_mm[1]), float(f.center_mm[2])),
+                      max(f.diameter_mm / 2, 5.0))
+        for f in lidc.luna16_consensus(ann, clusters, pos, ps)
+        if f.kind == "irrelevant" and f.source == "cluster"
+    ]
+
+
+def measure_operating_point(
+    cfg: TrainConfig,
+    net: torch.nn.Module,
+    bg: LungBackground,
+    heldout_volumes: Sequence[tuple[npt.NDArray[np.float32], list[InsertedNodule]]],
+    config_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Run the pipeline with ``net`` on the held-out and real negative scans; apply the rule."""
+    from trainer.checkpoint import bundle_meta
+    from trainer.export import write_bundle
+
+    rule = cfg.operating_point
+    assert rule is not None
+    meta = bundle_meta(cfg)
+    with tempfile.TemporaryDirectory(prefix="cad-train-op-") as tmp:
+        models = Path(tmp)
+        from cad_node.pipelines.ct_chest.pipeline import SCORER_BUNDLE
+
+        write_bundle(models, name=SCORER_BUNDLE, version=cfg.bundle.version,
+                     state_dict=net.state_dict(), task=meta["task"],
+                     architecture=meta["architecture"], input_spec=meta["input"],
+                     output_spec=meta["output"], training_data={"note": "operating point run"})
+        base = _load_series(resolve_ct_dir(cfg.data.ct[0], config_dir))
+        z0, z1 = cfg.data.heldout_z_mm
+        excl = [ExclusionZone(e.center_mm, e.radius_mm) for e in cfg.data.exclusions]
+        synthetic: list[ScanFindings] = []
+        for r, (hu, truth) in enumerate(heldout_volumes):
+            series = dataclasses.replace(base, image=bg.to_image(hu))
+            p, c, capped = _run_pipeline(series, models)
+            inside = (c[:, 2] >= z0) & (c[:, 2] <= z1)
+            p, c = p[inside], c[inside]
+            synthetic.append(ScanFindings(f"heldout-{r}", p, c, label_findings(p, c, truth, excl),
+                                          n_nodules=len(truth), capped=capped))
+        negatives: list[ScanFindings] = []
+        for rn in cfg.data.real_negatives:
+            directory = resolve_ct_dir(rn.ct, config_dir)
+            series = _load_series(directory)
+            zones = irrelevant_regions(directory, series) if rn.lidc_xml else []
+            zones += [ExclusionZone(e.center_mm, e.radius_mm) for e in rn.exclusions]
+            p, c, capped = _run_pipeline(series, models)
+            negatives.append(ScanFindings(rn.ct, p, c, label_findings(p, c, [], zones),
+                                          capped=capped))
+    out = choose_threshold(synthetic, negatives, fp_per_scan=rule.fp_per_scan,
+                           max_per_negative_scan=rule.max_per_negative_scan,
+                           min_threshold=rule.min_threshold)
+    out["rule"] = describe_rule(rule.fp_per_scan, rule.max_per_negative_scan,
+                                rule.min_threshold, [rn.ct for rn in cfg.data.real_negatives])
+    return out
