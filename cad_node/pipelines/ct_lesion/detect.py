@@ -151,27 +151,26 @@ def group_across_slices(dets: Sequence[Detection2D], link_iou: float = LINK_IOU,
     across slices never reports one lesion twice).
     """
     lesions: list[Lesion3D] = []
+    by_slice: dict[int, list[tuple[Lesion3D, Detection2D]]] = {}
     for d in sorted(dets, key=lambda d: -d.score):
         best: Lesion3D | None = None
         best_iou = 0.0
         absorbed = False
-        for les in lesions:
-            for m in les.members:
-                gap = abs(m.slice_index - d.slice_index)
-                if gap > max_slice_gap:
-                    continue
+        for z in range(d.slice_index - max_slice_gap, d.slice_index + max_slice_gap + 1):
+            for les, m in by_slice.get(z, ()):
                 ov = float(box_iou(d.box, [m.box])[0])
                 if ov < link_iou:
                     continue
-                if gap == 0:
+                if z == d.slice_index:
                     absorbed = True
                 elif ov > best_iou:
                     best, best_iou = les, ov
         if absorbed:
             continue
-        if best is not None and all(m.slice_index != d.slice_index for m in best.members):
-            best.members.append(d)
-        else:
-            lesions.append(Lesion3D([d]))
+        if best is None or any(m.slice_index == d.slice_index for m in best.members):
+            best = Lesion3D([])
+            lesions.append(best)
+        best.members.append(d)
+        by_slice.setdefault(d.slice_index, []).append((best, d))
     lesions.sort(key=lambda les: -les.score)
     return lesions

@@ -297,6 +297,11 @@ class CtLesionPipeline:
             sx, sy, sz = series.image.GetSpacing()
             lap("load model")
             report("detecting", 0.1)
+            out_spec = bundle.manifest.output
+            threshold = float(out_spec.operating_threshold
+                              if out_spec.operating_threshold is not None else out_spec.threshold)
+            # boxes below half the operating threshold only ever extend a lesion's span
+            min_score = max(0.01, 0.5 * threshold)
             dets: list[Detection2D] = []
             grid = None
             nz = hu.shape[0]
@@ -304,7 +309,7 @@ class CtLesionPipeline:
                 idx = list(range(z0, min(nz, z0 + CHUNK)))
                 x, grid = volume_inputs(hu, (sz, sy, sx), idx, grid)
                 rows, cols = hu.shape[1:]
-                for d in detect_inputs(net, x, idx):
+                for d in detect_inputs(net, x, idx, min_score):
                     b = grid.to_source([d.box])[0]
                     # clipped to the image; a box left with less than a pixel is dropped
                     x1, x2 = float(np.clip(b[0], 0, cols - 1)), float(np.clip(b[2], 0, cols - 1))
@@ -318,9 +323,6 @@ class CtLesionPipeline:
             if device == "cpu":
                 torch.set_num_threads(previous)
         lesions = group_across_slices(dets)
-        out_spec = bundle.manifest.output
-        threshold = float(out_spec.operating_threshold if out_spec.operating_threshold is not None
-                          else out_spec.threshold)
         report("measuring", 0.85)
         findings = self._findings(series, lesions, threshold)
         lap("measurement")
