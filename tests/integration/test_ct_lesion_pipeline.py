@@ -27,7 +27,7 @@ def lesion_run(lidc_series: Any) -> Any:
 @pytest.fixture(scope="module")
 def forced(lesion_run: Any, lidc_series: Any) -> list[Finding]:
     """The three best 3-D candidates as findings, whatever the operating threshold."""
-    return CtLesionPipeline()._findings(lidc_series, lesion_run.lesions[:3], 0.0)
+    return CtLesionPipeline()._findings(lidc_series, lesion_run.lesions[:3], 0.0)[0]
 
 
 def test_real_ct_completes_with_one_finding_per_lesion(lesion_run: Any) -> None:
@@ -117,3 +117,19 @@ def test_reconcile_leaves_lung_findings_to_ct_chest(
     # only a completed ct-chest result of the same series counts
     other = chest.model_copy(update={"series_instance_uid": "1.2.3"})
     assert reconcile_with(res, other, lidc_series.image) is res
+
+
+def test_reconcile_refills_from_the_next_ranked_lesions(
+    ct_chest_lidc_run: Any, lidc_series: Any
+) -> None:
+    pipeline = CtLesionPipeline()
+    result = pipeline.run(lidc_series)
+    out = pipeline.reconcile(result, [ct_chest_lidc_run.result], lidc_series)
+    assert len(out.findings) <= 10
+    assert [f.tracking_id for f in out.findings] == [f"Lesion {i}"
+                                                      for i in range(1, len(out.findings) + 1)]
+    chest = ct_chest_lidc_run.result
+    for f in out.findings:  # none inside ct-chest's lungs
+        again = reconcile_with(out.model_copy(update={"findings": [f]}), chest, lidc_series.image)
+        assert again.findings == [f]
+    assert out.measurements["lesion_count"] == len(out.findings)

@@ -83,6 +83,9 @@ BUNDLE_NAME = "ct-lesion"
 CHEST_PIPELINE = "ct-chest"
 #: At most this many findings are reported.
 MAX_FINDINGS = 10
+#: Lesions measured beyond the reported ones, as a reserve for :meth:`CtLesionPipeline.reconcile`
+#: (reported findings ct-chest covers are replaced by the next-ranked ones).
+RESERVE_FACTOR = 3
 #: Fewest slices of a usable series (the 2.5-D input needs neighbours).
 MIN_SLICES = 3
 #: Largest slice interval analysed (the routing rule asks thickness <= 5 mm).
@@ -202,6 +205,9 @@ class CtLesionPipeline:
     def __init__(self, models_dir: Path | None = None, threads: int = 2) -> None:
         self.models_dir = models_dir
         self.threads = threads
+        #: Series UID -> (lesions ranked after the reported ones, threshold), measured
+        #: only when :meth:`reconcile` needs them.
+        self._reserve: dict[str, tuple[list[Lesion3D], float]] = {}
 
     def run(
         self,
@@ -223,9 +229,29 @@ class CtLesionPipeline:
 
     def reconcile(self, result: AnalysisResult, others: Sequence[AnalysisResult],
                   series: LoadedSeries | None = None) -> AnalysisResult:
-        """Apply :func:`reconcile_with` against every ct-chest result in ``others``."""
+        """Apply :func:`reconcile_with` against every ct-chest result in ``others``.
+
+        The findings dropped are replaced by the next-ranked lesions of the
+        same run (at or above the operating threshold, kept in reserve by
+        :meth:`run_detailed`) that the rule keeps, up to :data:`MAX_FINDINGS`.
+        """
+        pending = self._reserve.pop(result.series_instance_uid, None)
+        reserve: list[Finding] = []
+        if pending is not None and series is not None and any(
+                o.pipeline == CHEST_PIPELINE for o in others):
+            rest, threshold = pending
+            reserve = self._findings(series, rest, threshold,
+                                     limit=RESERVE_FACTOR * MAX_FINDINGS)[0]
+        if reserve and result.status is AnalysisStatus.COMPLETED:
+            result = result.model_copy(update={"findings": [*result.findings, *reserve]})
         for other in others:
             result = reconcile_with(result, other, series.image if series is not None else None)
+        if len(result.findings) > MAX_FINDINGS or reserve:
+            kept = [f.model_copy(update={"tracking_id": f"Lesion {i}"})
+                    for i, f in enumerate(result.findings[:MAX_FINDINGS], start=1)]
+            result = result.model_copy(update={
+                "findings": kept,
+                "measurements": {**result.measurements, "lesion_count": float(len(kept))}})
         return result
 
     def _check(self, series: LoadedSeries) -> None:
@@ -324,7 +350,8 @@ class CtLesionPipeline:
                 torch.set_num_threads(previous)
         lesions = group_across_slices(dets)
         report("measuring", 0.85)
-        findings = self._findings(series, lesions, threshold)
+        findings, used = self._findings(series, lesions, threshold)
+        self._reserve[series.series_instance_uid] = (list(lesions[used:]), threshold)
         lap("measurement")
         notes = [f"operating threshold {threshold:g} (ct-lesion bundle)",
                  f"{len(dets)} slice detections grouped into {len(lesions)} 3-D candidates; "
@@ -339,15 +366,19 @@ class CtLesionPipeline:
         return CtLesionRun(result, dets, lesions, timings)
 
     def _findings(self, series: LoadedSeries, lesions: Sequence[Lesion3D],
-                  threshold: float) -> list[Finding]:
+                  threshold: float, limit: int = MAX_FINDINGS) -> tuple[list[Finding], int]:
+        """Measured findings of the best lesions at or above ``threshold`` (at most
+        ``limit``) and the number of lesions consumed."""
         hu = sitk.GetArrayViewFromImage(series.image)
         sx, sy, _ = series.image.GetSpacing()
         uids = series.sop_instance_uids
         rows, cols = hu.shape[1:]
         out: list[Finding] = []
+        used = 0
         for les in lesions:
-            if les.score < threshold or len(out) >= MAX_FINDINGS:
-                continue
+            if les.score < threshold or len(out) >= limit:
+                break
+            used += 1
             members = sorted(les.members, key=lambda d: d.slice_index)
             masks = [lesion_mask(hu[d.slice_index], d.box, (sx, sy)).mask for d in members]
             axes: list[RecistAxes | None] = []
@@ -393,4 +424,4 @@ class CtLesionPipeline:
             ))
             log.debug("lesion %d: type %s p %.3f", rank, LESION_TYPE_NAMES[type_code - 1],
                       les.score)
-        return out
+        return out, used
