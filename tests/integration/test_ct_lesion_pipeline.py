@@ -20,8 +20,13 @@ LONG_AXIS, SHORT_AXIS = "103339001", "103340004"
 
 
 @pytest.fixture(scope="module")
-def lesion_run(lidc_series: Any) -> Any:
-    return CtLesionPipeline().run_detailed(lidc_series)
+def lesion_pipeline() -> CtLesionPipeline:
+    return CtLesionPipeline()
+
+
+@pytest.fixture(scope="module")
+def lesion_run(lesion_pipeline: CtLesionPipeline, lidc_series: Any) -> Any:
+    return lesion_pipeline.run_detailed(lidc_series)
 
 
 @pytest.fixture(scope="module")
@@ -120,11 +125,9 @@ def test_reconcile_leaves_lung_findings_to_ct_chest(
 
 
 def test_reconcile_refills_from_the_next_ranked_lesions(
-    ct_chest_lidc_run: Any, lidc_series: Any
+    lesion_pipeline: CtLesionPipeline, lesion_run: Any, ct_chest_lidc_run: Any, lidc_series: Any
 ) -> None:
-    pipeline = CtLesionPipeline()
-    result = pipeline.run(lidc_series)
-    out = pipeline.reconcile(result, [ct_chest_lidc_run.result], lidc_series)
+    out = lesion_pipeline.reconcile(lesion_run.result, [ct_chest_lidc_run.result], lidc_series)
     assert len(out.findings) <= 10
     assert [f.tracking_id for f in out.findings] == [f"Lesion {i}"
                                                       for i in range(1, len(out.findings) + 1)]
