@@ -2,7 +2,7 @@
 
 Usage::
 
-    .venv/bin/python bench/ct_lesion.py [--threads 2] [--repeat 3]
+    .venv/bin/python bench/ct_lesion.py [--threads 1] [--repeat 3]
 
 Each run is a fresh subprocess (its own peak RSS, ``getrusage``): load the
 series (``cad_node.imaging.load_series``), run ``CtLesionPipeline`` with the
@@ -69,7 +69,7 @@ def _run(which: str, threads: int) -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     runs = [_run("ct-lesion", args.threads) for _ in range(args.repeat)]

@@ -197,12 +197,14 @@ class CtLesionPipeline:
     models_dir : Path, optional
         Where the ``ct-lesion`` bundle is (default: the repository's ``models/``).
     threads : int
-        Torch intra-op threads on CPU.
+        Torch intra-op threads on CPU.  One by default: on the shared 2-core
+        host the 133-slice CT took 3.4 s on one thread and 22 s on two
+        (threads competing with the other processes; bench/ct_lesion.py).
     """
 
     name = PIPELINE_NAME
 
-    def __init__(self, models_dir: Path | None = None, threads: int = 2) -> None:
+    def __init__(self, models_dir: Path | None = None, threads: int = 1) -> None:
         self.models_dir = models_dir
         self.threads = threads
         #: Series UID -> (lesions ranked after the reported ones, threshold), measured
