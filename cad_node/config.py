@@ -34,9 +34,13 @@ from pydantic import (
 )
 
 __all__ = [
+    "BUILTIN_RULES",
+    "CHEST_XR_RULE_NAME",
     "DEFAULT_CONFIG_PATH",
     "DEFAULT_OBJECT_KINDS",
     "ENV_PREFIX",
+    "OUTPUT_PROFILES",
+    "AuditConfig",
     "ConfigError",
     "DestinationConfig",
     "JobsConfig",
@@ -45,6 +49,7 @@ __all__ = [
     "ObjectKind",
     "PeerConfig",
     "ResultsConfig",
+    "RetentionConfig",
     "RetryConfig",
     "RoutingConfig",
     "RoutingRule",
@@ -53,8 +58,12 @@ __all__ = [
     "SeriesMatch",
     "Settings",
     "StudyConfig",
+    "WebConfig",
+    "WebToken",
+    "chest_xr_rule",
     "load_config",
     "parse_object_kinds",
+    "resolve_paths",
     "validate_ae_title",
 ]
 
@@ -87,6 +96,19 @@ class ObjectKind(enum.StrEnum):
 
 #: Output profile of a destination that names none: SR + SEG + SC.
 DEFAULT_OBJECT_KINDS: tuple[ObjectKind, ...] = (ObjectKind.SR, ObjectKind.SEG, ObjectKind.SC)
+
+
+#: Named output profiles for ``destinations[].objects``: what each viewer
+#: family shows (tested and described in docs/viewers.md).
+OUTPUT_PROFILES: dict[str, tuple[ObjectKind, ...]] = {
+    #: OHIF 3: SR measurements (panel), SEG overlays, SC key images + summary
+    #: page; it flags GSPS and KOS as unsupported.
+    "ohif": (ObjectKind.SR, ObjectKind.SEG, ObjectKind.SC),
+    #: Image-only PACS viewers: burned-in key images/summary and GSPS outlines.
+    "legacy-pacs": (ObjectKind.SC, ObjectKind.GSPS),
+    #: Everything (vendor neutral archives, Weasis, 3D Slicer).
+    "archive": tuple(ObjectKind),
+}
 
 
 def parse_object_kinds(text: str) -> list[ObjectKind]:
@@ -152,6 +174,15 @@ def _validate_host(value: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9\-.]*[A-Za-z0-9])?", value):
             raise ValueError(f"host {value!r} is neither an IP address nor a hostname") from None
     return value
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class _Strict(BaseModel):
@@ -292,11 +323,15 @@ class DestinationConfig(_Strict):
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
-    #: Result object kinds this destination receives (output profile).
-    #: YAML strings become :class:`ObjectKind` members here (lax for this field only).
+    #: Result object kinds this destination receives (output profile): a list
+    #: of kinds, or a profile name (:data:`OUTPUT_PROFILES`: ohif, legacy-pacs,
+    #: archive).  YAML strings become :class:`ObjectKind` members here (lax for this field only).
     objects: list[Annotated[ObjectKind, Strict(False)]] = Field(
         default_factory=_default_objects, min_length=1
     )
+    #: Also send the candidates below the operating point (SR, labelled "below
+    #: operating point", and the summary page; never SEG, key images, GSPS, KOS).
+    below_operating_point: bool = False
     #: Association/DIMSE timeout towards this destination, seconds.
     timeout_s: float = Field(30.0, gt=0, le=3600)
     #: Send over DICOM TLS (``port`` is then the destination's TLS port).
@@ -311,6 +346,20 @@ class DestinationConfig(_Strict):
     @classmethod
     def _host(cls, v: str) -> str:
         return _validate_host(v)
+
+    @field_validator("objects", mode="before")
+    @classmethod
+    def _profile(cls, v: object) -> object:
+        """``objects: ohif`` names a profile (:data:`OUTPUT_PROFILES`); a list names kinds."""
+        if isinstance(v, str):
+            kinds = OUTPUT_PROFILES.get(v)
+            if kinds is None:
+                raise ValueError(
+                    f"unknown output profile {v!r}; use one of {sorted(OUTPUT_PROFILES)} "
+                    f"or a list of kinds from {[str(k) for k in ObjectKind]}"
+                )
+            return list(kinds)
+        return v
 
     @field_validator("objects")
     @classmethod
@@ -372,9 +421,15 @@ class JobsConfig(_Strict):
     #: Torch device for inference: ``auto`` picks CUDA when present, else CPU.
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     retry: RetryConfig = RetryConfig()
+    #: Seconds between a worker's heartbeats to the job table.
+    heartbeat_s: float = Field(5.0, gt=0, le=600)
+    #: A claimed job whose worker has not heart-beat for this long is re-published.
+    claim_lease_s: float = Field(30.0, gt=0)
 
     @model_validator(mode="after")
     def _limits(self) -> JobsConfig:
+        if self.claim_lease_s < 2 * self.heartbeat_s:
+            raise ValueError("claim_lease_s must be at least 2 x heartbeat_s")
         if self.hard_time_limit_s <= self.soft_time_limit_s:
             raise ValueError("hard_time_limit_s must be > soft_time_limit_s")
         if self.visibility_timeout_s <= self.hard_time_limit_s:
@@ -421,10 +476,65 @@ class RoutingRule(_Strict):
     series: Literal["best", "all"] = "best"
 
 
-class RoutingConfig(_Strict):
-    """Routing rules, evaluated in order; every matching rule yields a job step."""
+#: Built-in rule for frontal chest radiographs (pipeline ``cxr``): CR or DX,
+#: Body Part Examined chest or unset, View Position PA, AP or unset.  The
+#: pipeline itself refuses, with a reason in a failure SR, what the header
+#: match cannot see (DX For Processing, a lateral Patient Orientation, an
+#: image too small).
+CHEST_XR_RULE_NAME = "chest-xr"
 
-    rules: list[RoutingRule] = Field(default_factory=list)
+
+def chest_xr_rule() -> RoutingRule:
+    """The built-in ``chest-xr`` routing rule (see :data:`CHEST_XR_RULE_NAME`)."""
+    return RoutingRule(
+        name=CHEST_XR_RULE_NAME,
+        pipeline="cxr",
+        series="all",
+        match=SeriesMatch(
+            modality=["CR", "DX"],
+            body_part=["CHEST", "THORAX", ""],
+            view_position=["PA", "AP", ""],
+        ),
+    )
+
+
+#: The built-in routing rules, used when the configuration has no ``routing``
+#: section (or no ``routing.rules`` key).  One entry per shipped pipeline: a
+#: pipeline package that lands appends its rule here (chest X-ray, CT lesion).
+BUILTIN_RULES: list[RoutingRule] = [
+    RoutingRule(
+        name="chest-ct",
+        pipeline="ct-chest",
+        series="best",
+        match=SeriesMatch(modality=["CT"], image_type=["ORIGINAL"], orientation="axial",
+                          slice_thickness_mm=[0.0, 3.0], min_instances=40),
+    ),
+    chest_xr_rule(),
+]
+
+
+def _builtin_rules() -> list[RoutingRule]:
+    return list(BUILTIN_RULES)
+
+
+class RoutingConfig(_Strict):
+    """Routing rules, evaluated in order; every matching rule yields a job step.
+
+    Without a ``rules`` key the :data:`BUILTIN_RULES` apply; ``rules: []``
+    explicitly means "analyse nothing" (``config check`` and start-up warn).
+    """
+
+    rules: list[RoutingRule] = Field(default_factory=_builtin_rules)
+
+    @property
+    def builtin(self) -> bool:
+        """True when the rules are the built-in ones (no ``rules`` key given)."""
+        return "rules" not in self.model_fields_set
+
+    @property
+    def analyses_nothing(self) -> bool:
+        """True when the configuration explicitly has no routing rule."""
+        return not self.rules
 
 
 class ModelsConfig(_Strict):
@@ -440,8 +550,51 @@ class ResultsConfig(_Strict):
     disclaimer: str = Field("Not for diagnostic use", min_length=1, max_length=200)
     manufacturer: str = Field("cad-node", min_length=1, max_length=64)
     institution_name: str | None = None
-    #: Run dciodvfy in the conformance gate when it is installed.
+    #: Run dciodvfy (/usr/bin/dciodvfy) in the conformance gate; with it
+    #: missing, every object fails the gate (false: objects go out unchecked).
     use_dciodvfy: bool = True
+
+
+_DATABASE_URL = r"^(sqlite:///|postgresql(\+psycopg)?://|postgres://)"
+
+
+class StorageConfig(_Strict):
+    """Where the spool index and the job table live, and how workers get a study.
+
+    The defaults are the embedded single-machine node: SQLite files below
+    ``node.storage_dir``, workers reading the spool's files directly.
+    """
+
+    #: ``None``: SQLite files below ``node.storage_dir``.  ``postgresql://user@host:port/db``:
+    #: the index and the job table in one PostgreSQL database (several hosts).
+    database_url: str | None = None
+    #: Receiver: serve the read-only, study-scoped WADO-RS endpoint on this address
+    #: (``None``: off).  Workers on other hosts fetch their study from it.
+    wado_host: str | None = None
+    wado_port: int = Field(8043, ge=1, le=65535)
+    #: Worker: base URL of the receiver's WADO-RS endpoint; ``None`` reads the spool's
+    #: files directly (same host).  The study-scoped token comes with the job.
+    fetch_url: str | None = Field(None, pattern=r"^https?://")
+    #: Receiver: file holding the key that signs the study-scoped tokens (created, 0600,
+    #: when missing); ``None`` means ``<storage_dir>/wado.key``.
+    token_key_file: str | None = None
+
+    @field_validator("database_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(_DATABASE_URL, v):
+            raise ValueError("database_url must start with sqlite:/// or postgresql://")
+        return v
+
+    @property
+    def jobs_database_url(self) -> str | None:
+        """URL of the job table (``None``: the SQLite file below ``storage_dir``)."""
+        return self.database_url
+
+    @property
+    def index_database_url(self) -> str | None:
+        """URL of the spool index (``None``: the SQLite file in the spool)."""
+        return self.database_url
 
 
 class MetricsConfig(_Strict):
@@ -450,6 +603,52 @@ class MetricsConfig(_Strict):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(9464, ge=1, le=65535)
+
+
+class WebToken(_Strict):
+    """A bearer token allowed to use the write actions of the REST API."""
+
+    #: Who holds it; recorded as the actor of audit events.
+    name: str = Field(pattern=r"^[A-Za-z0-9_.@-]{1,64}$")
+    token: str = Field(min_length=16, max_length=256)
+
+
+class WebConfig(_Strict):
+    """REST API and status page (``cad_node.web``): off by default, loopback by default."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    #: Tokens for write actions (retry, resend, replay, reload, C-ECHO).
+    tokens: list[WebToken] = Field(default_factory=list)
+    #: Environment variable that may hold one more token (named ``env``).
+    token_env: str = Field("CAD_NODE_API_TOKEN", pattern=r"^[A-Z_][A-Z0-9_]*$")
+    #: Seconds between refreshes of the status page.
+    refresh_s: float = Field(2.0, ge=0.5, le=300)
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        return _validate_host(v)
+
+
+class AuditConfig(_Strict):
+    """Audit trail: JSON lines under ``storage_dir/audit/``, rotated by size."""
+
+    enabled: bool = True
+    #: Rotate the file when it grows beyond this many bytes.
+    max_bytes: int = Field(10 * 1024**2, ge=1024)
+    #: Rotated files kept (``audit.jsonl.1`` ... ``.N``).
+    backups: int = Field(10, ge=1, le=1000)
+
+
+class RetentionConfig(_Strict):
+    """Deletion of spooled studies once every destination acknowledged their results."""
+
+    #: Days after the last acknowledgement a study is deleted; ``null`` keeps studies forever.
+    days: float | None = Field(None, ge=0)
+    #: How often ``cad-node serve`` applies the policy (seconds).
+    interval_s: float = Field(3600.0, gt=0)
 
 
 class Settings(_Strict):
@@ -464,6 +663,10 @@ class Settings(_Strict):
     models: ModelsConfig = ModelsConfig()
     results: ResultsConfig = ResultsConfig()
     metrics: MetricsConfig = MetricsConfig()
+    web: WebConfig = WebConfig()
+    audit: AuditConfig = AuditConfig()
+    retention: RetentionConfig = RetentionConfig()
+    storage: StorageConfig = StorageConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @model_validator(mode="after")
@@ -485,6 +688,21 @@ class Settings(_Strict):
             if dest.name == name:
                 return dest
         raise KeyError(f"no destination named {name!r}")
+
+    def warnings(self) -> list[str]:
+        """Configuration that is valid but probably not what the operator wants."""
+        out: list[str] = []
+        if self.routing.analyses_nothing:
+            out.append("routing.rules is empty: the node stores studies but analyses nothing")
+        if not self.destinations:
+            out.append("destinations is empty: results are built but sent nowhere")
+        if self.web.enabled and not _is_loopback(self.web.host):
+            out.append(f"web.host {self.web.host} is not loopback: anyone who can reach it reads "
+                       "the status page (patient IDs, study UIDs) without a token")
+        if not self.peers and not self.node.accept_any:
+            out.append("peers is empty and node.accept_any is false: every association is "
+                       "rejected")
+        return out
 
 
 def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
@@ -555,6 +773,26 @@ def load_config(
         raise ConfigError(f"{cfg_path}: top level must be a mapping of sections")
     data = _apply_env(raw, os.environ if environ is None else environ)
     try:
-        return Settings.model_validate(data)
+        settings = Settings.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, str(cfg_path))) from None
+    return resolve_paths(settings, cfg_path.resolve().parent)
+
+
+def resolve_paths(settings: Settings, base: Path) -> Settings:
+    """Make ``node.storage_dir`` and an explicit ``models.dir`` absolute against ``base``.
+
+    Relative paths in a configuration file mean "relative to the file's
+    directory", never to the current directory of whoever starts the node.
+    ``models.dir`` left at its default keeps the bundle lookup of
+    :func:`cad_node.models.default_models_dir`.
+    """
+    node = settings.node
+    update: dict[str, Any] = {}
+    if not Path(node.storage_dir).is_absolute():
+        update["node"] = node.model_copy(
+            update={"storage_dir": str((base / node.storage_dir).resolve())})
+    if "dir" in settings.models.model_fields_set and not Path(settings.models.dir).is_absolute():
+        update["models"] = settings.models.model_copy(
+            update={"dir": str((base / settings.models.dir).resolve())})
+    return settings.model_copy(update=update) if update else settings

@@ -22,9 +22,7 @@ survive restarts):
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, start_http_server
@@ -77,6 +75,14 @@ class JobTableCollector(Collector):
         for state, n in self.store.count_by_state().items():
             gauge.add_metric([state.value], n)
         yield gauge
+        from cad_node.jobs.routing import not_routed_reason
+
+        not_routed = GaugeMetricFamily("cad_node_jobs_not_routed",
+                                       "Jobs no routing rule matched (state failed).")
+        not_routed.add_metric([], float(sum(
+            1 for j in self.store.list_jobs(states=[JobState.FAILED], limit=None)
+            if not_routed_reason(j.error) is not None and j.superseded_by is None)))
+        yield not_routed
         turnarounds = [j.turnaround_s for j in self.store.list_jobs(states=[JobState.SENT],
                                                                     limit=None)]
         values = [t for t in turnarounds if t is not None]
@@ -90,14 +96,8 @@ class JobTableCollector(Collector):
         failures = CounterMetricFamily("cad_node_send_failures",
                                        "Failed send attempts by resulting state.",
                                        labels=["state"])
-        with sqlite3.connect(Path(self.store.path), timeout=10) as conn:
-            rows = conn.execute(
-                "SELECT state, COUNT(*) FROM job_events WHERE error IS NOT NULL AND attempt > 0"
-                " AND state IN (?, ?, ?) GROUP BY state",
-                (JobState.RESULTS_READY.value, JobState.FAILED.value, JobState.DEAD.value),
-            ).fetchall()
-        for state, n in rows:
-            failures.add_metric([state], float(n))
+        for state, n in self.store.send_failure_counts().items():
+            failures.add_metric([state.value], float(n))
         yield failures
 
 

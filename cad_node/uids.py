@@ -22,6 +22,7 @@ __all__ = [
     "UID_MAX_LENGTH",
     "InvalidUIDError",
     "is_valid_uid",
+    "lenient_uid",
     "normalize_uid",
     "uid_problem",
     "validate_uid",
@@ -33,6 +34,8 @@ UID_MAX_LENGTH = 64
 _COMPONENT = re.compile(r"0|[1-9][0-9]*")
 #: A whole valid UID (PS3.5 9.1) apart from the length limit; ASCII digits only.
 _UID = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
+#: Digits and dots with no empty component: what :func:`lenient_uid` accepts.
+_DIGIT_COMPONENTS = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 
 
 class InvalidUIDError(ValueError):
@@ -131,3 +134,57 @@ def validate_uid(value: str, what: str = "UID") -> str:
         shown = normalized if len(normalized) <= 80 else normalized[:77] + "..."
         raise InvalidUIDError(f"{what} {shown!r} is invalid: {problem}")
     return normalized
+
+
+def lenient_uid(value: str, what: str = "UID") -> tuple[str, str | None]:
+    """Normalize and check a peer-supplied UID with the SCP's lenient policy.
+
+    Real modalities send UIDs with a component that starts with ``0``
+    (``1.2.840.0113...``): PS3.5 9.1 forbids it, pydicom reads it, and
+    refusing such a study would lose it.  Such a UID is accepted and its
+    defect returned, so the caller can store the instance and flag it.
+    Everything that could be dangerous or is unreadable is still refused.
+
+    Parameters
+    ----------
+    value : str
+        Raw UID value (trailing NULL/space padding is removed).
+    what : str, optional
+        Name of the attribute, used in messages.
+
+    Returns
+    -------
+    tuple of (str, str or None)
+        The normalized UID, and ``None`` or the defect that was tolerated
+        (``"<what> component N has a leading zero"``).
+
+    Raises
+    ------
+    InvalidUIDError
+        Empty; longer than :data:`UID_MAX_LENGTH`; a character other than
+        ``0-9`` and ``.`` (so no ``/``, ``..`` path traversal or control
+        characters); an empty component (leading, trailing or doubled dot).
+    TypeError
+        ``value`` is not a ``str``.
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, not {type(value).__name__}")
+    normalized = normalize_uid(value)
+    if len(normalized) <= UID_MAX_LENGTH and _UID.fullmatch(normalized):
+        return normalized, None
+    problem = uid_problem(normalized)
+    if (
+        problem is not None
+        and problem.endswith("has a leading zero")
+        and len(normalized) <= UID_MAX_LENGTH
+        and _DIGIT_COMPONENTS.fullmatch(normalized)
+    ):
+        return normalized, f"{what} {problem[4:]}"
+    if problem is None:  # pragma: no cover - the regex and uid_problem agree
+        return normalized, None
+    if problem.endswith("has a leading zero"):  # and something worse later on
+        problem = "UID has an empty component or a character other than 0-9 and '.'"
+        if len(normalized) > UID_MAX_LENGTH:
+            problem = f"UID has {len(normalized)} characters, more than {UID_MAX_LENGTH}"
+    shown = normalized if len(normalized) <= 80 else normalized[:77] + "..."
+    raise InvalidUIDError(f"{what} {shown!r} is invalid: {problem}")

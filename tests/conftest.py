@@ -2,18 +2,31 @@
 
 Data lives outside the repository (``CAD_NODE_TEST_DATA``, default
 ``../shared/data``).  Tests that need it skip with a reason when it is missing,
-except under ``CI=true``, where a missing data set is a failure.
+except under ``CI=true``, where a missing data set is a failure.  The files
+that ship inside pydicom are read from there (:func:`pydicom_data`), so the
+tests that need only those never skip.
+
+pydicom raises on invalid values during the tests, as highdicom's own
+conftest makes it (``enforce_valid_values``, in pydicom 3
+``settings.reading_validation_mode`` - which also governs values assigned to
+a data set - and ``settings.writing_validation_mode`` set to ``RAISE``): a
+builder that writes an invalid value fails its test.  A test that must handle
+invalid values on purpose (a hostile peer's data set, a source file with a
+bad value) marks itself ``@pytest.mark.invalid_values`` and runs with
+pydicom's default (warn).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 from pathlib import Path
+from typing import NoReturn
 
+import pydicom
 import pytest
+from pydicom import config as pydicom_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,6 +39,7 @@ DSRDUMP = "/usr/bin/dsrdump"
 DCIODVFY = "/usr/bin/dciodvfy"
 ORTHANC = "/usr/sbin/Orthanc"
 REDIS_SERVER = "/usr/bin/redis-server"
+SYSTEMD_ANALYZE = "/usr/bin/systemd-analyze"
 
 
 def in_ci() -> bool:
@@ -39,28 +53,87 @@ def data_root() -> Path:
     return Path(env) if env else (REPO_ROOT.parent / "shared" / "data")
 
 
+#: Folder of ``data_root()`` that mirrors pydicom's bundled test files.
+PYDICOM_TEST_FILES = "pydicom-test-files"
+
+
+def pydicom_data(name: str) -> Path:
+    """A test file that ships inside pydicom (``pydicom.data.get_testdata_file``).
+
+    Never downloads (``download=False``): a name pydicom does not bundle is a
+    test error, not missing data.
+    """
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name, download=False)
+    if not isinstance(path, str):
+        pytest.fail(f"{name} is not bundled with pydicom {pydicom.__version__}")
+    return Path(path)
+
+
+def _bundled_with_pydicom(name: str) -> bool:
+    from pydicom.data import get_testdata_file
+
+    return isinstance(get_testdata_file(name, download=False), str)
+
+
 def require_data(*parts: str) -> Path:
-    """Return ``data_root()/parts``; skip (or fail under CI) when it is missing."""
+    """Return ``data_root()/parts``; skip (or fail under CI) when it is missing.
+
+    ``require_data("pydicom-test-files", name)`` returns :func:`pydicom_data`
+    when pydicom bundles ``name``: those tests need no shared data.
+    """
+    if len(parts) == 2 and parts[0] == PYDICOM_TEST_FILES and _bundled_with_pydicom(parts[1]):
+        return pydicom_data(parts[1])
     path = data_root().joinpath(*parts)
     if not path.exists():
-        msg = f"test data {path} is missing (set CAD_NODE_TEST_DATA)"
-        if in_ci():
-            pytest.fail(msg + " — required under CI=true")
-        pytest.skip(msg)
+        skip_or_fail(f"test data {path} is missing (set CAD_NODE_TEST_DATA)")
     return path
+
+
+def skip_or_fail(reason: str) -> NoReturn:
+    """Skip the test with ``reason``; under ``CI=true`` fail it instead."""
+    if in_ci():
+        pytest.fail(reason + " — required under CI=true")
+    pytest.skip(reason)
 
 
 def require_program(path: str) -> str:
-    """Return ``path`` if it is an executable; skip (or fail under CI) otherwise."""
+    """Return ``path`` if it is an executable; skip (or fail under CI) otherwise.
+
+    Only the absolute path counts, never a program of the same name on
+    ``PATH``: with the venv active that would be pynetdicom's ``storescu``.
+    """
+    if not os.path.isabs(path):
+        raise ValueError(f"peer programs are called by absolute path, not {path!r}")
     if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-        resolved = shutil.which(os.path.basename(path))
-        msg = f"peer program {path} is not installed (make peers)"
-        if resolved is None:
-            if in_ci():
-                pytest.fail(msg + " — required under CI=true")
-            pytest.skip(msg)
-        return resolved
+        skip_or_fail(f"peer program {path} is not installed (make peers)")
     return path
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "invalid_values: the test handles invalid DICOM values on purpose"
+    )
+    # Session-wide, so module- and session-scoped fixtures that build objects
+    # run under it too.
+    pydicom_config.settings.reading_validation_mode = pydicom_config.RAISE
+    pydicom_config.settings.writing_validation_mode = pydicom_config.RAISE
+
+
+@pytest.fixture(autouse=True)
+def _lenient_pydicom_when_marked(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """pydicom's default (warn) for a test marked ``invalid_values``."""
+    if request.node.get_closest_marker("invalid_values") is None:
+        yield
+        return
+    settings = pydicom_config.settings
+    before = settings.reading_validation_mode, settings.writing_validation_mode
+    settings.reading_validation_mode = settings.writing_validation_mode = pydicom_config.WARN
+    try:
+        yield
+    finally:
+        settings.reading_validation_mode, settings.writing_validation_mode = before
 
 
 def free_port() -> int:

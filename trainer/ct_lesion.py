@@ -639,9 +639,10 @@ bundle's figures rest on 9 (test) and 14 (val) lesions: very wide uncertainty.
 Trained mostly on synthetic lesions in two chest CTs; kidney and pelvis types
 never seen; the real training slices are liver only, and after the fine-tuning
 on them the type head calls most candidates "liver" (on LIDC-IDRI-0001 all ten
-reported candidates are typed liver, none is a known lesion): the type is not
-informative.  On a chest CT without lesions outside the lungs it still reports
-up to 10 candidates above the operating threshold; they are false positives.  With the full DeepLesion,
+reported candidates are typed liver; LIDC annotates lung nodules only, so none can
+be checked): the type is not informative.  It reports up to 10 candidates above
+the operating threshold on any CT; most are expected to be false positives.
+With the full DeepLesion,
 point `data.dl_info` of `trainer/configs/ct-lesion.yaml` at `DL_info.csv` and
 `data.deeplesion_root` at the download: its `train` rows are then trained on.
 """

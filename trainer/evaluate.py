@@ -268,4 +268,10 @@ def register(app: typer.Typer) -> None:
     from trainer.ct_lesion import evaluate_command as ct_lesion_cmd
 
     ev.command("ct-lesion")(ct_lesion_cmd)
+    from trainer.cxr_lungs import register_evaluate as register_cxr_evaluate
+
+    register_cxr_evaluate(ev)  # cad-train evaluate cxr-lungs, cxr-plausibility
+    from trainer.cxr_abnormal import register_evaluate as register_abnormal_evaluate
+
+    register_abnormal_evaluate(ev)  # cad-train evaluate cxr-abnormal-cv (issue #12 baseline)
     app.add_typer(ev, name="evaluate")

@@ -750,4 +750,7 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(2) from None
         raise typer.Exit(_report(results, problems))
 
+    from trainer.cxr_data import register_prepare as register_cxr_prepare
+
+    register_cxr_prepare(prepare_app)  # jsrt, montgomery, shenzhen, png-masks
     app.add_typer(prepare_app, name="prepare")

@@ -372,8 +372,10 @@ def register(app: typer.Typer) -> None:
 
     @app.command("train")
     def train_cmd(
-        model: Annotated[str, typer.Argument(
-            help=f"Model to train: {', '.join(MODELS)}, ct-lesion.")],
+        model: Annotated[
+            str, typer.Argument(
+                help=f"Model to train: {', '.join(MODELS)}, cxr-lungs, ct-lesion.")
+        ],
         config: Annotated[Path, typer.Argument(help="YAML training config.")],
         out: Annotated[
             Path | None, typer.Option(help="Run directory (default runs/<model>).")
@@ -400,6 +402,16 @@ def register(app: typer.Typer) -> None:
                 _console.print(f"[red]error:[/red] {exc}")
                 raise typer.Exit(2) from None
             _console.print(f"final checkpoint: {final}")
+            return
+        if model in ("cxr-lungs",):  # chest radiographs: trainer.cxr_lungs
+            from trainer.cxr_lungs import train_command as cxr_train
+
+            try:
+                bundle_dir = cxr_train(model, config, out, None, force=False)
+            except (ValueError, FileNotFoundError) as exc:
+                _console.print(f"[red]error:[/red] {exc}")
+                raise typer.Exit(2) from None
+            _console.print(f"bundle: {bundle_dir}")
             return
         try:
             cfg = load_train_config(config)

@@ -30,6 +30,8 @@ COMMAND_MODULES: list[str] = [
     "destinations",
     "status",
     "analyze",
+    "peers",
+    "spool",
 ]
 
 

@@ -30,19 +30,19 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cad_node.config import (
+    BUILTIN_RULES,
     DEFAULT_CONFIG_PATH,
     DEFAULT_OBJECT_KINDS,
     ConfigError,
     ObjectKind,
     RoutingRule,
-    SeriesMatch,
     Settings,
     load_config,
     parse_object_kinds,
 )
-from cad_node.imaging import SeriesError, SeriesInfo, group_series, load_series, select_series
+from cad_node.imaging import SeriesError, SeriesInfo, group_series, select_series
 from cad_node.imaging.series import sources_of
-from cad_node.pipelines import get_pipeline
+from cad_node.pipelines import get_pipeline, load_input
 from cad_node.results.findings import AnalysisResult, AnalysisStatus
 
 __all__ = ["DEFAULT_RULE", "EXIT_FAILED", "EXIT_INPUT_ERROR", "analyze", "register"]
@@ -52,14 +52,8 @@ EXIT_FAILED = 1
 #: Exit status for unusable arguments / nothing to analyse.
 EXIT_INPUT_ERROR = 2
 
-#: Rule used when no configuration file is available (same as the shipped one).
-DEFAULT_RULE = RoutingRule(
-    name="chest-ct",
-    pipeline="ct-chest",
-    series="best",
-    match=SeriesMatch(modality=["CT"], image_type=["ORIGINAL"], orientation="axial",
-                      slice_thickness_mm=[0.0, 3.0], min_instances=40),
-)
+#: First built-in rule (kept for callers of the old name); see BUILTIN_RULES.
+DEFAULT_RULE = BUILTIN_RULES[0]
 
 
 def _settings(config: Path | None) -> Settings:
@@ -163,7 +157,7 @@ def analyze(
     except ConfigError as exc:
         err.print(str(exc), markup=False)
         raise typer.Exit(EXIT_INPUT_ERROR) from None
-    rules = list(settings.routing.rules) or [DEFAULT_RULE]
+    rules = list(settings.routing.rules)
     try:
         kinds = parse_object_kinds(objects)
     except ValueError as exc:
@@ -199,7 +193,7 @@ def analyze(
                       console=console, transient=False) as bar:
             task = bar.add_task(f"{rule.pipeline} #{n}", total=1.0, stage="loading series")
             try:
-                loaded = load_series(info)
+                loaded = load_input(rule.pipeline, info)
             except SeriesError as exc:
                 result = _failed(rule.pipeline, info, f"series cannot be loaded: {exc}")
             else:
@@ -230,7 +224,10 @@ def analyze(
         else:
             console.print(_findings_table(result))
             for k, v in {**result.measurements, **result.qualitative}.items():
-                console.print(f"  {k}: {v:.1f}" if isinstance(v, float) else f"  {k}: {v}",
+                # Ratios (e.g. the cardiothoracic ratio) need more than one decimal.
+                console.print(f"  {k}: {v:.1f}" if isinstance(v, float) and abs(v) >= 10
+                              else f"  {k}: {v:.3f}" if isinstance(v, float)
+                              else f"  {k}: {v}",
                               markup=False)
             for note in result.notes:
                 console.print(f"  note: {note}", markup=False)

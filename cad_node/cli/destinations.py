@@ -1,4 +1,4 @@
-"""``cad-node destinations list|echo NAME``: check the result destinations."""
+"""``cad-node destinations list|add|remove|echo``: the result destinations."""
 
 from __future__ import annotations
 
@@ -58,6 +58,40 @@ def echo(
     status = f"status 0x{result.status:04X}" if result.status is not None else result.error
     Console(stderr=True).print(f"{name} ({where}): C-ECHO failed: {status}", highlight=False)
     raise typer.Exit(EXIT_ECHO_FAILED)
+
+
+@destinations_app.command("add")
+def add(
+    name: Annotated[str, typer.Argument(help="Destination name (letters, digits, _.-).")],
+    ae_title: Annotated[str, typer.Argument(help="Its AE title.")],
+    host: Annotated[str, typer.Argument(help="Its IP address or host name.")],
+    port: Annotated[int, typer.Argument(help="Its DICOM port.")],
+    objects: Annotated[str | None, typer.Option(
+        help="Output profile, comma-separated (sr,seg,sc,gsps,kos); default sr,seg,sc.")] = None,
+    config: ConfigOpt = DEFAULT_CONFIG_PATH,
+    reload: Annotated[bool, typer.Option(
+        "--reload", help="Send SIGHUP to the running node so it applies the change now.")] = False,
+) -> None:
+    """Add a result destination (validated, atomic, comments kept)."""
+    from cad_node.cli.peers import _edit
+    from cad_node.configedit import add_destination
+
+    kinds = [k.strip() for k in objects.split(",") if k.strip()] if objects else None
+    _edit(add_destination, config, reload, name, ae_title, host, port, kinds)
+
+
+@destinations_app.command("remove")
+def remove(
+    name: Annotated[str, typer.Argument(help="Destination name.")],
+    config: ConfigOpt = DEFAULT_CONFIG_PATH,
+    reload: Annotated[bool, typer.Option(
+        "--reload", help="Send SIGHUP to the running node so it applies the change now.")] = False,
+) -> None:
+    """Remove the destination NAME."""
+    from cad_node.cli.peers import _edit
+    from cad_node.configedit import remove_destination
+
+    _edit(remove_destination, config, reload, name)
 
 
 def register(app: typer.Typer) -> None:

@@ -27,7 +27,7 @@ def _ts(value: float | None) -> str:
 def _store(settings: Settings):  # type: ignore[no-untyped-def]
     from cad_node.jobs.store import JobStore
 
-    return JobStore.for_storage(settings.node.storage_dir)
+    return JobStore.from_settings(settings)
 
 
 @jobs_app.command("list")
@@ -103,37 +103,18 @@ def show(job_id: int, config: ConfigOpt = DEFAULT_CONFIG_PATH) -> None:
 
 
 def _act(job_id: int, config: Path, resend: bool) -> None:
-    from cad_node.jobs.celery_app import configure_app
-    from cad_node.jobs.runner import JobRunner
-    from cad_node.jobs.states import JobState
+    from cad_node.audit import cli_actor
+    from cad_node.jobs.actions import resend_job, retry_job
     from cad_node.jobs.store import InvalidTransitionError, JobNotFoundError
-    from cad_node.jobs.tasks import publish_analyse, publish_send
 
     settings = load_settings_or_exit(config)
     store = _store(settings)
     err = Console(stderr=True)
     try:
-        job = store.get(job_id)
+        (resend_job if resend else retry_job)(settings, store, job_id, actor=cli_actor())
     except JobNotFoundError:
         err.print(f"no job {job_id}", highlight=False)
         raise typer.Exit(EXIT_USAGE) from None
-    configure_app(settings)
-    runner = JobRunner(settings, store, device="cpu")
-    try:
-        if resend:
-            if job.state not in (JobState.SENT, JobState.FAILED, JobState.DEAD):
-                raise InvalidTransitionError(f"job {job_id} is {job.state.value}")
-            if not runner.manifest(job):
-                raise InvalidTransitionError(f"job {job_id} has no results to send; use retry")
-            forgotten = store.forget_sent(job_id)
-            publish_send(store, job_id, reset_attempts=True,
-                         detail=f"jobs resend ({forgotten} acknowledgement(s) forgotten)")
-        else:
-            if job.state not in (JobState.FAILED, JobState.DEAD):
-                raise InvalidTransitionError(
-                    f"job {job_id} is {job.state.value}; retry applies to failed/dead jobs")
-            runner.discard_results(job)
-            publish_analyse(store, job_id, reset_attempts=True, detail="jobs retry")
     except InvalidTransitionError as exc:
         err.print(str(exc), highlight=False)
         raise typer.Exit(EXIT_USAGE) from None

@@ -22,6 +22,7 @@ from rich.table import Table
 
 from cad_node.config import (
     DEFAULT_OBJECT_KINDS,
+    OUTPUT_PROFILES,
     ConfigError,
     ResultsConfig,
     load_config,
@@ -53,8 +54,13 @@ def report(
     source: Annotated[Path, typer.Option("--source", help="Folder with the source DICOM files.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder.")],
     objects: Annotated[
-        str, typer.Option("--objects", help="Comma-separated kinds: sr,seg,sc,gsps,kos.")
+        str, typer.Option("--objects", help="Comma-separated kinds: sr,seg,sc,gsps,kos, "
+                          "or a profile: ohif, legacy-pacs, archive.")
     ] = ",".join(DEFAULT_OBJECT_KINDS),
+    below_operating_point: Annotated[
+        bool, typer.Option("--below-operating-point/--at-operating-point",
+                           help="Also report candidates below the operating point (labelled).")
+    ] = False,
     config: Annotated[
         Path | None, typer.Option("--config", help="Node YAML (results section).")
     ] = None,
@@ -65,7 +71,8 @@ def report(
     """Build SR/SEG/SC/... for SOURCE from FINDINGS and write them to OUT."""
     err = Console(stderr=True)
     try:
-        kinds = parse_object_kinds(objects)
+        profile = OUTPUT_PROFILES.get(objects.strip())
+        kinds = list(profile) if profile is not None else parse_object_kinds(objects)
     except ValueError as exc:
         err.print(f"--objects: {exc}", markup=False)
         raise typer.Exit(EXIT_INPUT_ERROR) from None
@@ -87,7 +94,8 @@ def report(
         datasets = _read_source(source)
         if not datasets:
             raise ValueError(f"{source}: no DICOM files")
-        built = build_results(result, datasets, settings=settings, objects=kinds)
+        built = build_results(result, datasets, settings=settings, objects=kinds,
+                              below_operating_point=below_operating_point)
     except (ValueError, TypeError) as exc:
         err.print(f"cannot build results: {exc}", markup=False)
         raise typer.Exit(EXIT_INPUT_ERROR) from None

@@ -58,9 +58,11 @@ def status(
 ) -> None:
     """Show queues, workers and recent jobs with their turnaround."""
     settings = load_settings_or_exit(config)
+    from cad_node.jobs.routing import NOT_ROUTED, not_routed_reason
+    from cad_node.jobs.states import JobState
     from cad_node.jobs.store import JobStore
 
-    store = JobStore.for_storage(settings.node.storage_dir)
+    store = JobStore.from_settings(settings)
     out = Console()
     broker = settings.jobs.broker_url or "embedded SQLite"
     qt = Table(title=f"queues ({broker.split('@')[-1]})")
@@ -74,6 +76,9 @@ def status(
     st.add_column("jobs", justify="right")
     for state, n in store.count_by_state().items():
         st.add_row(state.value, str(n))
+    st.add_row(f"({NOT_ROUTED}, among failed)", str(sum(
+        1 for j in store.list_jobs(states=[JobState.FAILED], limit=None)
+        if not_routed_reason(j.error) is not None and j.superseded_by is None)))
     out.print(st)
     wt = Table(title="workers")
     for col in ("worker", "pid", "queues", "device", "last seen", "alive"):
@@ -89,8 +94,11 @@ def status(
         jt.add_column(col)
     for job in store.list_jobs(limit=limit):
         ta = f"{job.turnaround_s:.1f} s" if job.turnaround_s is not None else "-"
-        jt.add_row(str(job.job_id), job.study_instance_uid, job.state.value,
-                   _ts(job.completed_at), ta, str(job.attempts), (job.error or "")[:60])
+        reason = not_routed_reason(job.error)
+        shown = NOT_ROUTED if reason is not None else job.state.value
+        error = reason if reason is not None else (job.error or "")
+        jt.add_row(str(job.job_id), job.study_instance_uid, shown,
+                   _ts(job.completed_at), ta, str(job.attempts), error[:80])
     out.print(jt)
 
 

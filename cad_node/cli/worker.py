@@ -21,27 +21,28 @@ import typer
 from rich.console import Console
 
 from cad_node.cli._common import EXIT_USAGE, load_settings_or_exit
-from cad_node.config import DEFAULT_CONFIG_PATH
+from cad_node.config import DEFAULT_CONFIG_PATH, Settings
 
-#: Seconds between worker heartbeats written to the job table.
-HEARTBEAT_INTERVAL_S = 5.0
 #: Seconds between checks that the owning ``serve`` is still alive (embedded worker).
 PARENT_POLL_S = 1.0
 _QUEUES = ("inference", "io")
 
 
-def _heartbeat(storage_dir: str, hostname: str, queues: list[str], device: str) -> None:
+def _heartbeat(settings: Settings, hostname: str, queues: list[str], device: str) -> None:
+    """Heartbeat to the job table, and re-publish jobs of workers that stopped beating."""
     from cad_node.jobs.store import JobStore
+    from cad_node.jobs.tasks import reap
 
-    store = JobStore.for_storage(storage_dir)
+    store = JobStore.from_settings(settings)
     started = time.time()
     pid = os.getpid()
     while True:
         try:
             store.heartbeat(hostname, pid, queues, device, started)
-        except Exception:  # a locked or missing table must not kill the worker
+            reap(store, settings.jobs.claim_lease_s)
+        except Exception:  # a locked or unreachable table must not kill the worker
             pass
-        time.sleep(HEARTBEAT_INTERVAL_S)
+        time.sleep(settings.jobs.heartbeat_s)
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -82,7 +83,7 @@ def worker(
     runner = configure_worker(settings, device=device)
     app = configure_app(settings)
     name = (hostname or f"cad-node-{os.getpid()}@%h").replace("%h", socket.gethostname())
-    threading.Thread(target=_heartbeat, args=(settings.node.storage_dir, name, wanted,
+    threading.Thread(target=_heartbeat, args=(settings, name, wanted,
                                               runner.device), daemon=True).start()
     from cad_node.jobs.service import PARENT_PID_ENV
 

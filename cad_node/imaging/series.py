@@ -242,8 +242,9 @@ def _mismatch(info: SeriesInfo, match: SeriesMatch) -> str | None:
     if match.orientation is not None and info.orientation != match.orientation:
         found = sorted(str(o) for o in info.orientations)
         return f"orientation {'/'.join(found)} is not {match.orientation}"
+    # An empty string in ``view_position`` admits instances without View Position.
     if match.view_position is not None and not (
-        info.view_positions and info.view_positions <= {v.upper() for v in match.view_position}
+        (info.view_positions or {""}) <= {v.upper() for v in match.view_position}
     ):
         return f"ViewPosition {sorted(info.view_positions)} not in {match.view_position}"
     if info.n_instances < match.min_instances:

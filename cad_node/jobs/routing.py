@@ -5,7 +5,9 @@ the series of the study (headers only, :func:`cad_node.imaging.group_series`);
 each series the rule selects (:func:`cad_node.imaging.select_series`) becomes
 one :class:`RouteStep`.  A study no rule matches yields an empty plan whose
 ``reasons`` say, per series, why it was not used; the job then ends in
-``failed`` with those reasons as its error (see :mod:`cad_node.jobs.runner`).
+``failed`` with the error ``"not routed: <reasons>"`` (:data:`NOT_ROUTED`, see
+:mod:`cad_node.jobs.runner`), shown as "not routed" by ``cad-node status``,
+the web page and the ``cad_node_jobs_not_routed`` metric.
 """
 
 from __future__ import annotations
@@ -20,7 +22,18 @@ from pydicom.dataset import Dataset
 from cad_node.config import RoutingConfig
 from cad_node.imaging import SeriesInfo, group_series, select_series
 
-__all__ = ["RouteStep", "RoutingPlan", "plan_routes"]
+__all__ = ["NOT_ROUTED", "RouteStep", "RoutingPlan", "not_routed_reason", "plan_routes"]
+
+#: Prefix of the error of a job no routing rule matched (status, web page, metrics).
+NOT_ROUTED = "not routed"
+
+
+def not_routed_reason(error: str | None) -> str | None:
+    """The reason a job was not routed, or None when its ``error`` says something else."""
+    prefix = NOT_ROUTED + ": "
+    if error is not None and error.startswith(prefix):
+        return error[len(prefix):]
+    return None
 
 
 @dataclass(frozen=True)

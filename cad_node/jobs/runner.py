@@ -13,9 +13,19 @@ Stages
 ``send`` (queue ``io``)
     C-STORE the stored objects to every destination, each receiving the kinds
     of its profile.  Objects already acknowledged are never sent again.
-    Retryable failures keep the job in ``results-ready`` with a retry time
-    from :class:`cad_node.export.retry.RetryPolicy`; the horizon exhausted
-    means ``dead``; a permanent failure means ``failed``.
+    Each destination's outcome is kept per ``(job, destination)``
+    (:class:`cad_node.jobs.store.DestinationStatus`): ``acknowledged``,
+    ``retrying`` (a retry time from :class:`cad_node.export.retry.RetryPolicy`),
+    ``failed`` (a permanent status) or ``exhausted`` (retry horizon reached).
+
+    Several destinations: a permanent failure at one never stops delivery to
+    the others.  The job stays ``results-ready`` while any destination is
+    still retrying, and only settled destinations are skipped on the retry.
+    When every destination has settled, the job is ``sent`` if all of them
+    acknowledged, ``failed`` if any failed permanently, else ``dead``.  A
+    fresh send sequence (the first send, or an operator's ``jobs retry`` /
+    ``jobs resend``, which reset the attempts) tries failed and exhausted
+    destinations again.
 
 Files below ``storage_dir`` are named from node ids and object kinds only,
 never from UIDs or other peer-supplied strings.  Result objects are
@@ -42,9 +52,9 @@ import pydicom
 from cad_node.config import DEFAULT_OBJECT_KINDS, DestinationConfig, ObjectKind, Settings
 from cad_node.export.retry import RetryPolicy
 from cad_node.export.sender import ObjectResult, OutboundObject, SendReport, send_objects
-from cad_node.jobs.routing import RouteStep, plan_routes
+from cad_node.jobs.routing import NOT_ROUTED, RouteStep, plan_routes
 from cad_node.jobs.states import JobState
-from cad_node.jobs.store import Job, JobStore
+from cad_node.jobs.store import DestinationStatus, Job, JobStore
 from cad_node.logs import job_logger
 from cad_node.models.device import resolve_device
 
@@ -61,6 +71,8 @@ LOG = logging.getLogger(__name__)
 
 #: Name of the manifest listing a job's result files (written last, atomically).
 MANIFEST_NAME = "manifest.json"
+#: Seconds per analyse stage (route, load, inference, build, validate), for the web timeline.
+TIMINGS_NAME = "timings.json"
 #: File holding the reasons an object was quarantined.
 QUARANTINE_REASON_NAME = "reasons.txt"
 
@@ -133,7 +145,7 @@ class JobRunner:
                  device: str | None = None) -> None:
         self.settings = settings
         self.storage = Path(settings.node.storage_dir).resolve()
-        self.store = store if store is not None else JobStore.for_storage(self.storage)
+        self.store = store if store is not None else JobStore.from_settings(settings)
         self.device = resolve_device(device or settings.jobs.device)
         self.retry_policy = RetryPolicy.from_config(settings.jobs.retry)
         self.timings: dict[int, StageTimings] = {}
@@ -147,13 +159,26 @@ class JobRunner:
         """Directory of a job's quarantined objects."""
         return self.storage / "quarantine" / job.node_name
 
-    def _kinds(self) -> list[ObjectKind]:
+    def _kinds(self, below_operating_point: bool = False) -> list[ObjectKind]:
+        """Kinds wanted by the destinations of one variant (default: at the operating point)."""
         kinds: list[ObjectKind] = []
         for dest in self.settings.destinations:
+            if dest.below_operating_point != below_operating_point:
+                continue
             for k in dest.objects:
                 if k not in kinds:
                     kinds.append(k)
-        return kinds or list(DEFAULT_OBJECT_KINDS)
+        if not kinds and not below_operating_point:
+            return list(DEFAULT_OBJECT_KINDS)
+        return kinds
+
+    def _variants(self) -> list[bool]:
+        """Object variants to build: at the operating point, and with sub-threshold
+        candidates when a destination's profile asks for them."""
+        out = [False] if self._kinds(False) else []
+        if any(d.below_operating_point for d in self.settings.destinations):
+            out.append(True)
+        return out or [False]
 
     # -- analyse ------------------------------------------------------------
     def analyse(self, job_id: int) -> Job:
@@ -176,10 +201,14 @@ class JobRunner:
         for path, reason in plan.unreadable.items():
             log.warning("unusable instance %s: %s", path, reason)
         if not plan.steps:
-            reasons = "; ".join(r for rs in plan.reasons.values() for r in rs) or "no series"
-            log.info("no routing rule matched: %s", reasons)
+            if not self.settings.routing.rules:
+                reasons = "routing.rules is empty (the configuration analyses nothing)"
+            else:
+                reasons = "no routing rule matched: " + (
+                    "; ".join(r for rs in plan.reasons.values() for r in rs) or "no series")
+            log.warning("%s: %s", NOT_ROUTED, reasons)
             return self.store.transition(job_id, JobState.FAILED,
-                                         error=f"no routing rule matched: {reasons}"[:2000])
+                                         error=f"{NOT_ROUTED}: {reasons}"[:2000])
         out_dir = self.results_dir(job)
         out_dir.mkdir(parents=True, exist_ok=True)
         manifest: list[dict[str, Any]] = []
@@ -198,7 +227,13 @@ class JobRunner:
             quarantined.extend(bad)
             if failure is not None:
                 failures.append(failure)
+        _atomic_write_bytes(out_dir / TIMINGS_NAME, json.dumps(timings.stages).encode())
         _atomic_write_bytes(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
+        superseded = self.store.get(job_id).superseded_by
+        if superseded is not None:  # the study reopened while this job ran
+            log.info("superseded by job %d while running: results not sent", superseded)
+            return self.store.transition(job_id, JobState.FAILED,
+                                         error=f"superseded by job {superseded} while running")
         detail = f"{len(manifest)} object(s) built in {sum(timings.stages.values()):.1f} s " + \
             ", ".join(f"{k} {v:.2f}s" for k, v in timings.stages.items())
         if not manifest:
@@ -216,12 +251,12 @@ class JobRunner:
         self, job: Job, n: int, step: RouteStep, out_dir: Path, timings: StageTimings,
         earlier: list[Any] | None = None,
     ) -> tuple[list[dict[str, Any]], list[str], str | None]:
-        from cad_node.imaging import load_series
+        from cad_node.pipelines import load_input
         from cad_node.results import build_results
         from cad_node.results.findings import AnalysisStatus
 
         t0 = time.monotonic()
-        loaded = load_series(step.paths)
+        loaded = load_input(step.pipeline, step.paths)
         timings.add("load", time.monotonic() - t0)
         t0 = time.monotonic()
         result = run_pipeline(step.pipeline, loaded, device=self.device,
@@ -236,6 +271,7 @@ class JobRunner:
             raise PipelineFailedError(f"pipeline {step.pipeline} failed: {reason}")
         t0 = time.monotonic()
         sources = [pydicom.dcmread(p) for p in step.paths]
+        timings.add("build", time.monotonic() - t0)
         # Result UIDs derive from this: the analysed instances *and* the study
         # generation's content fingerprint, so a re-run of the same job (crash,
         # redelivery) rebuilds identical objects while a reopened study whose
@@ -243,12 +279,20 @@ class JobRunner:
         fingerprint = hashlib.sha256(
             "\n".join([job.fingerprint, *sorted(loaded.sop_instance_uids)]).encode()
         ).hexdigest()
-        objects = build_results(result, sources, settings=self.settings.results,
-                                objects=self._kinds(), input_fingerprint=fingerprint)
-        timings.add("build", time.monotonic() - t0)
-        t0 = time.monotonic()
-        entries, bad = self.gate_and_store(job, n, step.pipeline, objects, sources, out_dir)
-        timings.add("validate", time.monotonic() - t0)
+        entries: list[dict[str, Any]] = []
+        bad: list[str] = []
+        for below in self._variants():
+            t0 = time.monotonic()
+            objects = build_results(result, sources, settings=self.settings.results,
+                                    objects=self._kinds(below), input_fingerprint=fingerprint,
+                                    below_operating_point=below)
+            timings.add("build", time.monotonic() - t0)
+            t0 = time.monotonic()
+            got, failed = self.gate_and_store(job, n, step.pipeline, objects, sources, out_dir,
+                                              below_operating_point=below)
+            entries += got
+            bad += failed
+            timings.add("validate", time.monotonic() - t0)
         failure = None
         if result.status is AnalysisStatus.FAILED:
             failure = f"analysis failed ({step.pipeline}): {result.failure_reason}"
@@ -258,7 +302,7 @@ class JobRunner:
 
     def gate_and_store(
         self, job: Job, n: int, pipeline: str, objects: Sequence[Any],
-        sources: Sequence[pydicom.Dataset], out_dir: Path,
+        sources: Sequence[pydicom.Dataset], out_dir: Path, below_operating_point: bool = False,
     ) -> tuple[list[dict[str, Any]], list[str]]:
         """Pass each object through the conformance gate; store or quarantine it.
 
@@ -276,6 +320,9 @@ class JobRunner:
             The analysed source instances.
         out_dir : Path
             The job's results directory.
+        below_operating_point : bool
+            The objects are the variant with sub-threshold candidates (file
+            names ``stepNN_below_op_...``; sent only to destinations asking for it).
 
         Returns
         -------
@@ -289,7 +336,7 @@ class JobRunner:
         entries: list[dict[str, Any]] = []
         bad: list[str] = []
         for obj in objects:
-            name = f"step{n:02d}_{obj.filename}"
+            name = f"step{n:02d}_{'below_op_' if below_operating_point else ''}{obj.filename}"
             report = validate(obj, sources, others=objects,
                               use_dciodvfy=self.settings.results.use_dciodvfy)
             if not report.ok:
@@ -311,6 +358,8 @@ class JobRunner:
                 "sop_instance_uid": str(obj.dataset.SOPInstanceUID),
                 "transfer_syntax_uid": str(obj.dataset.file_meta.TransferSyntaxUID),
                 "role": obj.role,
+                "dciodvfy_ran": report.dciodvfy_ran,
+                "below_operating_point": below_operating_point,
             })
         return entries, bad
 
@@ -335,37 +384,66 @@ class JobRunner:
             return SendDecision(SendStep.SKIPPED)
         entries = self.manifest(job)
         out_dir = self.results_dir(job)
+        now = time.time() if now is None else now
         t0 = time.monotonic()
-        reports: list[SendReport] = []
+        prior = self.store.destinations(job_id)
+        outcome: dict[str, DestinationStatus] = {}
+        errors: dict[str, str] = {}
+        total = 0
         for dest in self.settings.destinations:
+            before = prior.get(dest.name)
+            if before is not None and (
+                    before.state is DestinationStatus.ACKNOWLEDGED
+                    or (job.attempts > 0 and before.state in (DestinationStatus.FAILED,
+                                                             DestinationStatus.EXHAUSTED))):
+                outcome[dest.name] = before.state  # settled earlier in this send sequence
+                if before.error:
+                    errors[dest.name] = before.error
+                continue
             objs = [OutboundObject(e["kind"], out_dir / e["file"], e["sop_class_uid"],
                                    e["sop_instance_uid"], e["transfer_syntax_uid"])
-                    for e in entries if e["kind"] in dest.objects]
-            reports.append(self._send_to(job, dest, objs))
+                    for e in entries if e["kind"] in dest.objects
+                    and bool(e.get("below_operating_point", False)) == dest.below_operating_point]
+            rep = self._send_to(job, dest, objs)
+            total += len(rep.stored)
+            if rep.permanent:
+                state = DestinationStatus.FAILED
+                errors[dest.name] = "; ".join(
+                    f"{r.obj.kind} {r.error}" for r in rep.permanent)[:1000]
+            elif rep.retryable:
+                state = DestinationStatus.RETRYING
+                errors[dest.name] = "; ".join(sorted({str(r.error) for r in rep.retryable}))[:1000]
+            else:
+                state = DestinationStatus.ACKNOWLEDGED
+            outcome[dest.name] = state
+            self.store.record_destination(job_id, dest.name, state, error=errors.get(dest.name),
+                                          count_attempt=state is not DestinationStatus.ACKNOWLEDGED,
+                                          now=now)
         self.timings.setdefault(job_id, StageTimings()).add("send", time.monotonic() - t0)
-        retryable = [(rep.destination, r) for rep in reports for r in rep.retryable]
-        permanent = [(rep.destination, r) for rep in reports for r in rep.permanent]
-        now = time.time() if now is None else now
-        if permanent:
-            error = "; ".join(f"{d}: {r.obj.kind} {r.error}" for d, r in permanent)[:2000]
+        error = "; ".join(f"{d}: {e}" for d, e in errors.items())[:2000] or None
+        retrying = [d for d, s in outcome.items() if s is DestinationStatus.RETRYING]
+        if retrying:
+            first = job.first_failure_at if job.first_failure_at is not None else now
+            retry_at = self.retry_policy.next_retry(job.attempts + 1, first, now)
+            if retry_at is not None:
+                log.warning("send failed (attempt %d), retry in %.1f s: %s", job.attempts + 1,
+                            retry_at - now, error)
+                self.store.transition(job_id, JobState.RESULTS_READY, error=error,
+                                      count_attempt=True, next_attempt_at=retry_at, now=now)
+                return SendDecision(SendStep.RETRY, retry_at=retry_at, error=error)
+            for d in retrying:
+                outcome[d] = DestinationStatus.EXHAUSTED
+                self.store.record_destination(job_id, d, DestinationStatus.EXHAUSTED,
+                                              error=errors.get(d), now=now)
+            log.error("retries exhausted after %d attempt(s): %s", job.attempts + 1, error)
+        if any(s is DestinationStatus.FAILED for s in outcome.values()):
             log.error("permanent send failure: %s", error)
             self.store.transition(job_id, JobState.FAILED, error=error, count_attempt=True)
             return SendDecision(SendStep.FAILED, error=error)
-        if retryable:
-            error = "; ".join(sorted({f"{d}: {r.error}" for d, r in retryable}))[:2000]
-            first = job.first_failure_at if job.first_failure_at is not None else now
-            retry_at = self.retry_policy.next_retry(job.attempts + 1, first, now)
-            if retry_at is None:
-                log.error("retries exhausted after %d attempt(s): %s", job.attempts + 1, error)
-                self.store.transition(job_id, JobState.DEAD, count_attempt=True,
-                                      error=f"retry horizon exhausted: {error}")
-                return SendDecision(SendStep.DEAD, error=error)
-            log.warning("send failed (attempt %d), retry in %.1f s: %s", job.attempts + 1,
-                        retry_at - now, error)
-            self.store.transition(job_id, JobState.RESULTS_READY, error=error,
-                                  count_attempt=True, next_attempt_at=retry_at, now=now)
-            return SendDecision(SendStep.RETRY, retry_at=retry_at, error=error)
-        total = sum(len(rep.stored) for rep in reports)
+        if any(s is DestinationStatus.EXHAUSTED for s in outcome.values()):
+            self.store.transition(job_id, JobState.DEAD, count_attempt=True,
+                                  error=f"retry horizon exhausted: {error}")
+            return SendDecision(SendStep.DEAD, error=error)
         job = self.store.transition(job_id, JobState.SENT,
                                     detail=f"{total} object(s) acknowledged")
         log.info("sent; turnaround %.1f s", job.turnaround_s or 0.0)
@@ -383,11 +461,30 @@ class JobRunner:
         report = send_objects(dest, objs, calling_ae=self.settings.node.ae_title,
                               max_pdu=self.settings.node.max_pdu or 0, skip=done,
                               on_stored=_acked)
+        self._audit_sent(job, dest, report)
         job_logger(LOG, job).info(
             "destination %s: %d stored, %d retryable, %d permanent, %d already sent",
             dest.name, len(report.stored), len(report.retryable), len(report.permanent),
             len(done & {o.sop_instance_uid for o in objs}))
         return report
+
+    def _audit_sent(self, job: Job, dest: DestinationConfig, report: SendReport) -> None:
+        """Record one ``results-sent`` event per destination and send attempt."""
+        from cad_node.audit import AuditEvent, AuditLog, Outcome
+
+        if not report.results:
+            return
+        failed = [r for r in report.results if r not in report.stored]
+        outcome = Outcome.SUCCESS if not failed else (
+            Outcome.MAJOR_FAILURE if report.permanent else Outcome.MINOR_FAILURE)
+        AuditLog.for_settings(self.settings).record(
+            AuditEvent.RESULTS_SENT, outcome=outcome, actor=self.settings.node.ae_title,
+            job_id=job.job_id, study_instance_uid=job.study_instance_uid,
+            destination={"name": dest.name, "ae_title": dest.ae_title, "host": dest.host,
+                         "port": dest.port},
+            instances=[{"sop_instance_uid": r.obj.sop_instance_uid, "kind": r.obj.kind,
+                        "status": r.status, "error": r.error} for r in report.results],
+        )
 
     # -- maintenance ------------------------------------------------------------
     def discard_results(self, job: Job) -> None:

@@ -7,9 +7,11 @@ Contract of :meth:`JobService.on_study_complete`
 ------------------------------------------------
 * Called at least once per study generation, from any thread.
 * Before it returns, the job row is committed (state ``complete``); then the
-  ``analyse`` message is published (state ``queued``).  If publishing fails
-  (broker down) the job stays ``complete`` and :func:`~cad_node.jobs.tasks.reconcile`
-  publishes it later; the hand-off itself never fails because of the broker.
+  ``analyse`` message is published (state ``queued``, token marked
+  published).  If publishing fails (broker down) the job's token stays
+  unpublished and :func:`~cad_node.jobs.tasks.reconcile` publishes it later
+  (at start-up and every :data:`RECONCILE_INTERVAL_S` while serving); the
+  hand-off itself never fails because of the broker.
 * The same ``(study_instance_uid, fingerprint)`` twice yields one job; a
   reopened study yields a new job superseding the old one.
 
@@ -37,6 +39,7 @@ from cad_node.jobs.states import JobState
 from cad_node.jobs.store import Job, JobStore
 from cad_node.jobs.tasks import publish_analyse, reconcile
 from cad_node.logs import job_logger
+from cad_node.storage.records import StudyComplete
 
 __all__ = ["EmbeddedWorker", "JobService"]
 
@@ -46,6 +49,8 @@ LOG = logging.getLogger(__name__)
 _SUPERVISE_INTERVAL_S = 0.5
 #: Do not restart a crashing worker more often than this (seconds).
 _RESTART_BACKOFF_S = 2.0
+#: While serving, jobs whose message never reached the broker are re-published this often.
+RECONCILE_INTERVAL_S = 15.0
 
 
 #: Environment variable telling a worker child the pid of the ``serve`` that owns it.
@@ -83,12 +88,49 @@ class JobService:
 
     def __init__(self, settings: Settings, store: JobStore | None = None) -> None:
         self.settings = settings
-        self.store = store if store is not None else JobStore.for_storage(
-            settings.node.storage_dir)
+        self.store = store if store is not None else JobStore.from_settings(settings)
         configure_app(settings)
 
-    def on_study_complete(self, event: Any) -> Job:
-        """Record and publish a job for a ``StudyComplete`` event (see module contract)."""
+    def on_study_complete(self, event: StudyComplete) -> Job:
+        """Record and publish a job for one study generation: the ingest hand-off.
+
+        Called by the study assembler (``NodeServer(on_study_complete=...)``)
+        at least once per study generation, from any thread.
+
+        Parameters
+        ----------
+        event : StudyComplete
+            The handler may read:
+
+            * ``event.study_id`` - the node's own study id (index primary key);
+            * ``event.study_instance_uid`` - Study Instance UID (validated);
+            * ``event.generation`` - 1, then +1 per reopening; a later
+              generation supersedes the job of an earlier one;
+            * ``event.instances`` - every :class:`~cad_node.storage.records.StoredInstance`
+              of the study so far (paths inside the spool; never modify them);
+            * ``event.fingerprint`` - with ``study_instance_uid`` the
+              idempotency key.
+
+        Returns
+        -------
+        Job
+            The job of ``(study_instance_uid, fingerprint)``, as stored after the
+            call: ``queued`` once published; ``complete`` when the broker could
+            not be reached (:meth:`reconcile` publishes it later); the existing
+            job, in whatever state, when the same key was handed on before.
+
+        Guarantees
+        ----------
+        * The job row is committed before the message is published, and before
+          this returns: an acknowledged study is never lost.
+        * The same key twice yields one job (delivery is at-least-once).
+
+        Raises
+        ------
+        Exception
+            Only what the job table raises (e.g. :class:`sqlite3.Error` on a
+            broken database); a broker failure never propagates.
+        """
         job, created = self.store.record_study_complete(
             study_id=str(event.study_id), study_instance_uid=event.study_instance_uid,
             generation=int(event.generation), fingerprint=event.fingerprint,
@@ -105,21 +147,21 @@ class JobService:
             self._metrics_received(event)
             publish_analyse(self.store, job.job_id)
         except Exception as exc:  # broker unreachable: reconcile() publishes later
-            log.error("could not publish job (stays complete): %s", exc)
+            log.error("could not publish job (reconcile publishes it later): %s", exc)
             return self.store.get(job.job_id)
         log.info("job queued for %d instance(s)", len(job.instances))
         return self.store.get(job.job_id)
 
     @staticmethod
-    def _metrics_received(event: Any) -> None:
+    def _metrics_received(event: StudyComplete) -> None:
         from cad_node import metrics
 
         metrics.JOBS_CREATED.inc()
 
-    def reconcile(self, *, include_in_flight: bool) -> list[int]:
+    def reconcile(self, *, include_in_flight: bool, grace_s: float | None = None) -> list[int]:
         """Re-publish jobs whose messages may be lost (:func:`cad_node.jobs.tasks.reconcile`)."""
         try:
-            return reconcile(self.store, include_in_flight=include_in_flight)
+            return reconcile(self.store, include_in_flight=include_in_flight, grace_s=grace_s)
         except Exception as exc:
             LOG.error("reconcile failed (broker unreachable?): %s", exc)
             return []
@@ -253,9 +295,21 @@ class JobsRuntime:
         self.settings = settings
         self.service = JobService(settings)
         self.worker = EmbeddedWorker(settings, config_path, self.service) if worker else None
+        self._stop = threading.Event()
+        self._reconciler: threading.Thread | None = None
 
-    def on_study_complete(self, event: Any) -> None:
-        """The ``on_study_complete`` callback for :class:`cad_node.scp.NodeServer`."""
+    def _reconcile_loop(self) -> None:
+        """Heal broker outages while serving: publish what never reached the broker."""
+        while not self._stop.wait(RECONCILE_INTERVAL_S):
+            ids = self.service.reconcile(include_in_flight=False)
+            if ids:
+                LOG.info("published job(s) %s that had not reached the broker", ids)
+
+    def on_study_complete(self, event: StudyComplete) -> None:
+        """The ``on_study_complete`` callback for :class:`cad_node.scp.NodeServer`.
+
+        Same contract as :meth:`JobService.on_study_complete`; returns nothing.
+        """
         self.service.on_study_complete(event)
 
     def start(self, server: Any = None) -> None:
@@ -285,8 +339,12 @@ class JobsRuntime:
             ids = self.service.reconcile(include_in_flight=False)
             if ids:
                 LOG.info("published job(s) %s that were handed off but never queued", ids)
+        self._reconciler = threading.Thread(target=self._reconcile_loop, name="reconcile",
+                                            daemon=True)
+        self._reconciler.start()
 
     def stop(self) -> None:
-        """Stop the embedded worker (warm shutdown)."""
+        """Stop the reconcile loop and the embedded worker (warm shutdown)."""
+        self._stop.set()
         if self.worker is not None:
             self.worker.stop()

@@ -1,4 +1,4 @@
-"""The durable job table (SQLite in WAL mode, one file below ``storage_dir``).
+"""The durable job table (SQLAlchemy Core: SQLite by default, PostgreSQL at scale).
 
 Contract
 --------
@@ -9,21 +9,34 @@ Contract
   unchanged yields the same job, never a second one.  A study that comes back
   with a different fingerprint (reopened) gets a new job, and every earlier
   job of that study is marked ``superseded_by`` the new one.
-* Every state change appends an event (state, timestamp, attempt, error,
-  detail) to the per-study timeline.  Transitions outside
-  :func:`cad_node.jobs.states.can_transition` raise :class:`InvalidTransitionError`.
+* A job's state changes in exactly one place, :meth:`JobStore._set_state`,
+  which enforces :func:`cad_node.jobs.states.can_transition` (raising
+  :class:`InvalidTransitionError`) and appends the change (state, timestamp,
+  attempt, error, detail) to the per-study timeline.  Every public method
+  that changes a state (:meth:`~JobStore.transition`, :meth:`~JobStore.enqueue`,
+  :meth:`~JobStore.begin_delivery`, the hand-off itself) goes through it.
 * Each enqueue gives the job a fresh *delivery token*.  A task must call
   :meth:`JobStore.begin_delivery` with the token it was sent with; a stale
   token (the job was re-enqueued, superseded or finished meanwhile) tells the
   task to drop the message, and the delivery limit (``max_deliveries``) is
   enforced here, not in the broker.
+* Claims are transactional: :meth:`~JobStore.begin_delivery` locks the job row
+  (``SELECT ... FOR UPDATE``; SQLite's ``BEGIN IMMEDIATE`` lock) and records
+  the claiming worker; a second delivery of the same message while the
+  claimant's heartbeat is fresh is dropped, so two workers never run one job.
+  :meth:`~JobStore.expired_claims` (``FOR UPDATE SKIP LOCKED``) hands jobs
+  whose worker stopped heart-beating to exactly one re-publisher.
 * Objects acknowledged by a destination are recorded per
   ``(job, destination, SOP Instance UID)``, so a retried or redelivered send
-  never sends an acknowledged object again.
+  never sends an acknowledged object again; each destination's outcome is
+  kept per ``(job, destination)`` (:class:`DestinationState`), and
+  :meth:`~JobStore.acknowledged_by_all` lists jobs every destination
+  acknowledged (what retention may delete).
 
-Every connection is short-lived and opened per call, so the store may be used
-from threads and from several processes at once (SQLite file locking; writes
-take ``BEGIN IMMEDIATE``).
+Schema versions live in the ``schema_version`` table (component ``jobs``,
+see :mod:`cad_node.storage.db`); :data:`MIGRATIONS` lists the steps.  Every
+call is one short transaction on a pooled connection, so the store may be
+used from threads and from several processes (and, on PostgreSQL, hosts).
 """
 
 from __future__ import annotations
@@ -32,20 +45,26 @@ import dataclasses
 import datetime as dt
 import enum
 import json
-import sqlite3
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, RowMapping
+
 from cad_node.jobs.states import ACTIVE_STATES, JobState, can_transition
+from cad_node.storage.db import Database, Migration, retry_on_disconnect, sqlite_url
 
 __all__ = [
     "DB_FILENAME",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
     "Delivery",
+    "DestinationState",
+    "DestinationStatus",
     "InvalidTransitionError",
     "Job",
     "JobEvent",
@@ -54,67 +73,109 @@ __all__ = [
     "SentObject",
 ]
 
-#: File name of the job table below ``storage_dir``.
+#: File name of the SQLite job table below ``storage_dir``.
 DB_FILENAME = "jobs.sqlite"
-_BUSY_TIMEOUT_S = 30.0
+#: Component name of the job table in ``schema_version``.
+COMPONENT = "jobs"
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    job_id INTEGER PRIMARY KEY AUTOINCREMENT,
-    study_id TEXT NOT NULL,
-    study_instance_uid TEXT NOT NULL,
-    generation INTEGER NOT NULL,
-    fingerprint TEXT NOT NULL,
-    state TEXT NOT NULL,
-    state_at REAL NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    deliveries INTEGER NOT NULL DEFAULT 0,
-    error TEXT,
-    created_at REAL NOT NULL,
-    received_at REAL,
-    completed_at REAL,
-    sent_at REAL,
-    token TEXT,
-    next_attempt_at REAL,
-    first_failure_at REAL,
-    supersedes INTEGER,
-    superseded_by INTEGER,
-    instances TEXT NOT NULL,
-    UNIQUE (study_instance_uid, fingerprint)
-);
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
-CREATE INDEX IF NOT EXISTS jobs_study ON jobs (study_instance_uid);
-CREATE TABLE IF NOT EXISTS job_events (
-    event_id INTEGER PRIMARY KEY AUTOINCREMENT,
-    job_id INTEGER NOT NULL REFERENCES jobs (job_id),
-    study_instance_uid TEXT NOT NULL,
-    state TEXT NOT NULL,
-    at REAL NOT NULL,
-    attempt INTEGER NOT NULL,
-    error TEXT,
-    detail TEXT
-);
-CREATE INDEX IF NOT EXISTS job_events_study ON job_events (study_instance_uid);
-CREATE INDEX IF NOT EXISTS job_events_job ON job_events (job_id);
-CREATE TABLE IF NOT EXISTS workers (
-    hostname TEXT PRIMARY KEY,
-    pid INTEGER NOT NULL,
-    queues TEXT NOT NULL,
-    device TEXT NOT NULL,
-    started_at REAL NOT NULL,
-    last_seen REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS sent_objects (
-    job_id INTEGER NOT NULL REFERENCES jobs (job_id),
-    destination TEXT NOT NULL,
-    sop_instance_uid TEXT NOT NULL,
-    sop_class_uid TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    status INTEGER NOT NULL,
-    sent_at REAL NOT NULL,
-    PRIMARY KEY (job_id, destination, sop_instance_uid)
-);
-"""
+METADATA = sa.MetaData()
+JOBS = sa.Table(
+    "jobs", METADATA,
+    sa.Column("job_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("study_id", sa.Text, nullable=False),
+    sa.Column("study_instance_uid", sa.Text, nullable=False),
+    sa.Column("generation", sa.Integer, nullable=False),
+    sa.Column("fingerprint", sa.Text, nullable=False),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("state_at", sa.Float, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("deliveries", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("error", sa.Text),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("received_at", sa.Float),
+    sa.Column("completed_at", sa.Float),
+    sa.Column("sent_at", sa.Float),
+    sa.Column("token", sa.Text),
+    sa.Column("next_attempt_at", sa.Float),
+    sa.Column("first_failure_at", sa.Float),
+    sa.Column("supersedes", sa.Integer),
+    sa.Column("superseded_by", sa.Integer),
+    sa.Column("instances", sa.Text, nullable=False),
+    # version 2: the worker holding the current delivery, and since when
+    sa.Column("claimed_by", sa.Text),
+    sa.Column("claimed_at", sa.Float),
+    # version 2: when the message carrying ``token`` reached the broker (None: not yet)
+    sa.Column("published_at", sa.Float),
+    sa.UniqueConstraint("study_instance_uid", "fingerprint"),
+    sa.Index("jobs_state", "state"),
+    sa.Index("jobs_study", "study_instance_uid"),
+)
+JOB_EVENTS = sa.Table(
+    "job_events", METADATA,
+    sa.Column("event_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.job_id"), nullable=False),
+    sa.Column("study_instance_uid", sa.Text, nullable=False),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("error", sa.Text),
+    sa.Column("detail", sa.Text),
+    sa.Index("job_events_study", "study_instance_uid"),
+    sa.Index("job_events_job", "job_id"),
+)
+WORKERS = sa.Table(
+    "workers", METADATA,
+    sa.Column("hostname", sa.Text, primary_key=True),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("queues", sa.Text, nullable=False),
+    sa.Column("device", sa.Text, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("last_seen", sa.Float, nullable=False),
+)
+SENT_OBJECTS = sa.Table(
+    "sent_objects", METADATA,
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.job_id"), primary_key=True),
+    sa.Column("destination", sa.Text, primary_key=True),
+    sa.Column("sop_instance_uid", sa.Text, primary_key=True),
+    sa.Column("sop_class_uid", sa.Text, nullable=False),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("status", sa.Integer, nullable=False),
+    sa.Column("sent_at", sa.Float, nullable=False),
+)
+# version 2: per-destination outcome of the send stage
+JOB_DESTINATIONS = sa.Table(
+    "job_destinations", METADATA,
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.job_id"), primary_key=True),
+    sa.Column("destination", sa.Text, primary_key=True),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("error", sa.Text),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("acknowledged_at", sa.Float),
+    sa.Index("job_destinations_state", "state"),
+)
+
+
+def _v2(conn: Connection, dialect: str) -> None:
+    conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN claimed_by TEXT"))
+    conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN claimed_at FLOAT"))
+    conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN published_at FLOAT"))
+    JOB_DESTINATIONS.create(conn, checkfirst=True)
+
+
+#: Schema steps of the job table (version 1: the first released schema, no
+#: ``schema_version`` row; it had jobs, job_events, workers, sent_objects).
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(2, "claims (claimed_by, claimed_at), published_at, per-destination outcomes",
+              _v2),
+)
+#: Current schema version of the job table.
+SCHEMA_VERSION = MIGRATIONS[-1].version
+
+
+def _legacy_version(conn: Connection) -> int | None:
+    """A job table written before ``schema_version`` existed is version 1."""
+    return 1 if sa.inspect(conn).has_table("jobs") else None
 
 
 class JobNotFoundError(KeyError):
@@ -162,6 +223,40 @@ class SentObject:
     sent_at: float
 
 
+class DestinationStatus(enum.StrEnum):
+    """Outcome of the send stage at one destination (``job_destinations.state``)."""
+
+    #: Not attempted yet.
+    PENDING = "pending"
+    #: A retryable failure; the send will be tried again.
+    RETRYING = "retrying"
+    #: Every object of the destination's profile acknowledged (possibly none).
+    ACKNOWLEDGED = "acknowledged"
+    #: A permanent failure (0xA9xx, 0xCxxx, SOP class not accepted ...).
+    FAILED = "failed"
+    #: Retried until the retry horizon without success.
+    EXHAUSTED = "exhausted"
+
+
+#: Destination outcomes that end the destination's part of the send stage.
+SETTLED_DESTINATION_STATES = frozenset(
+    {DestinationStatus.ACKNOWLEDGED, DestinationStatus.FAILED, DestinationStatus.EXHAUSTED}
+)
+
+
+@dataclass(frozen=True)
+class DestinationState:
+    """One row of ``job_destinations``: how far a job's send got at one destination."""
+
+    job_id: int
+    destination: str
+    state: DestinationStatus
+    attempts: int
+    error: str | None
+    updated_at: float
+    acknowledged_at: float | None
+
+
 @dataclass(frozen=True)
 class Job:
     """A row of the job table."""
@@ -186,6 +281,11 @@ class Job:
     supersedes: int | None
     superseded_by: int | None
     instances: tuple[dict[str, Any], ...] = field(repr=False)
+    #: Worker holding the current delivery (schema 2), and since when.
+    claimed_by: str | None = None
+    claimed_at: float | None = None
+    #: When the message with the current token reached the broker (None: not yet).
+    published_at: float | None = None
 
     @property
     def turnaround_s(self) -> float | None:
@@ -252,89 +352,125 @@ def instance_record(instance: Any) -> dict[str, Any]:
     return {k: _jsonable(v) for k, v in raw.items()}
 
 
+def _row_dict(row: RowMapping) -> dict[str, Any]:
+    return dict(row)
+
+
 class JobStore:
     """The job table of one node.
 
     Parameters
     ----------
-    path : path-like
-        SQLite file (created with its directory when missing).
+    target : path-like, str URL or Database
+        A SQLite file (created with its directory when missing), a database
+        URL (``sqlite:///...``, ``postgresql://...``) or an open
+        :class:`~cad_node.storage.db.Database`.
     """
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as conn:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.executescript(_SCHEMA)
+    def __init__(self, target: str | Path | Database) -> None:
+        if isinstance(target, Database):
+            self.db = target
+        elif isinstance(target, Path) or "://" not in str(target):
+            self.db = Database(sqlite_url(target))
+        else:
+            self.db = Database(str(target))
+        #: The SQLite file, or None on a server database.
+        self.path: Path | None = (
+            Path(self.db.url.database or "") if self.db.dialect == "sqlite" else None)
+        self.schema_version = self.db.migrate(COMPONENT, METADATA, MIGRATIONS,
+                                              legacy_version=_legacy_version)
 
     @classmethod
-    def for_storage(cls, storage_dir: str | Path) -> JobStore:
-        """Open the job table ``<storage_dir>/jobs.sqlite``."""
+    def for_storage(cls, storage_dir: str | Path, database_url: str | None = None) -> JobStore:
+        """Open the job table: ``database_url`` if given, else ``<storage_dir>/jobs.sqlite``."""
+        if database_url:
+            return cls(database_url)
         return cls(Path(storage_dir) / DB_FILENAME)
 
+    @classmethod
+    def from_settings(cls, settings: Any) -> JobStore:
+        """Open the job table a :class:`cad_node.config.Settings` names."""
+        return cls.for_storage(settings.node.storage_dir, settings.storage.jobs_database_url)
+
+    @property
+    def url(self) -> str:
+        """The database URL (password hidden)."""
+        return self.db.url.render_as_string(hide_password=True)
+
+    def close(self) -> None:
+        """Close pooled connections."""
+        self.db.dispose()
+
     # -- plumbing ---------------------------------------------------------
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA foreign_keys=ON")
-        return conn
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        conn = self._connect()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
-
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        conn = self._connect()
-        try:
-            yield conn
-        finally:
-            conn.close()
-
     @staticmethod
-    def _job(row: sqlite3.Row) -> Job:
-        data = dict(row)
+    def _job(row: RowMapping) -> Job:
+        data = _row_dict(row)
         data["state"] = JobState(data["state"])
         data["instances"] = tuple(json.loads(data["instances"]))
         return Job(**data)
 
     @staticmethod
-    def _row(conn: sqlite3.Connection, job_id: int) -> sqlite3.Row:
-        row = conn.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+    def _row(conn: Connection, job_id: int, *, lock: bool = False) -> RowMapping:
+        query = sa.select(JOBS).where(JOBS.c.job_id == job_id)
+        if lock:
+            query = query.with_for_update()
+        row = conn.execute(query).mappings().first()
         if row is None:
             raise JobNotFoundError(job_id)
-        return row  # type: ignore[no-any-return]
+        return row
 
     @staticmethod
-    def _event(
-        conn: sqlite3.Connection,
-        job_id: int,
-        study_uid: str,
+    def _set_state(
+        conn: Connection,
+        row: RowMapping,
         state: JobState,
+        *,
         at: float,
-        attempt: int,
         error: str | None,
-        detail: str | None,
+        detail: str | None = None,
+        event: bool = True,
+        **fields: Any,
     ) -> None:
-        conn.execute(
-            "INSERT INTO job_events (job_id, study_instance_uid, state, at, attempt, error, detail)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (job_id, study_uid, state.value, at, attempt, error, detail),
-        )
+        """THE state change: check the transition, update the row, append the event.
+
+        Parameters
+        ----------
+        conn : Connection
+            Inside the caller's write transaction (the row was read in it).
+        row : RowMapping
+            The job row as read in this transaction.
+        state : JobState
+            The new state; ``can_transition(row.state, state)`` must hold.
+        at : float
+            Time of the change (``state_at`` and the event's time).
+        error, detail : str, optional
+            The state's error (stored on the row and the event) and the
+            event's free text.
+        event : bool
+            Append a timeline event (False only for a re-enqueue into the
+            same state without news).
+        **fields
+            Other columns to set in the same UPDATE (attempts, token ...).
+
+        Raises
+        ------
+        InvalidTransitionError
+            The transition is not in the table of :mod:`cad_node.jobs.states`.
+        """
+        old = JobState(row["state"])
+        if not can_transition(old, state):
+            raise InvalidTransitionError(
+                f"job {row['job_id']}: {old.value} -> {state.value} not allowed")
+        values = dict(fields, state=state.value, state_at=at, error=error)
+        conn.execute(sa.update(JOBS).where(JOBS.c.job_id == row["job_id"]).values(**values))
+        if event:
+            attempt = int(values.get("attempts", row["attempts"]))
+            conn.execute(sa.insert(JOB_EVENTS).values(
+                job_id=row["job_id"], study_instance_uid=row["study_instance_uid"],
+                state=state.value, at=at, attempt=attempt, error=error, detail=detail))
 
     # -- hand-off ---------------------------------------------------------
+    @retry_on_disconnect
     def record_study_complete(
         self,
         *,
@@ -360,6 +496,11 @@ class JobStore:
         -------
         (Job, bool)
             The job and whether it was created now (False: duplicate hand-off).
+
+        Notes
+        -----
+        The row is inserted in ``received`` (dated by the earliest instance)
+        and moved to ``complete`` through the one state-change function.
         """
         now = time.time() if now is None else now
         records = [instance_record(i) for i in instances]
@@ -367,46 +508,42 @@ class JobStore:
             raise ValueError(f"study {study_instance_uid} handed on without instances")
         received = [t for t in (_epoch(r.get("received_at")) for r in records) if t is not None]
         received_at = min(received) if received else now
-        with self._write() as conn:
-            row = conn.execute(
-                "SELECT * FROM jobs WHERE study_instance_uid = ? AND fingerprint = ?",
-                (study_instance_uid, fingerprint),
-            ).fetchone()
+        with self.db.write() as conn:
+            row = conn.execute(sa.select(JOBS).where(
+                JOBS.c.study_instance_uid == study_instance_uid,
+                JOBS.c.fingerprint == fingerprint)).mappings().first()
             if row is not None:
                 return self._job(row), False
-            previous = conn.execute(
-                "SELECT job_id FROM jobs WHERE study_instance_uid = ? AND superseded_by IS NULL"
-                " ORDER BY job_id DESC",
-                (study_instance_uid,),
-            ).fetchall()
-            supersedes = previous[0]["job_id"] if previous else None
-            cur = conn.execute(
-                "INSERT INTO jobs (study_id, study_instance_uid, generation, fingerprint, state,"
-                " state_at, created_at, received_at, completed_at, supersedes, instances)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    study_id, study_instance_uid, generation, fingerprint,
-                    JobState.COMPLETE.value, now, now, received_at, now, supersedes,
-                    json.dumps(records),
-                ),
-            )
-            job_id = int(cur.lastrowid or 0)
-            self._event(conn, job_id, study_instance_uid, JobState.RECEIVED, received_at, 0,
-                        None, f"{len(records)} instance(s), generation {generation}")
-            self._event(conn, job_id, study_instance_uid, JobState.COMPLETE, now, 0, None,
-                        f"fingerprint {fingerprint}")
-            for prev in previous:
-                conn.execute(
-                    "UPDATE jobs SET superseded_by = ? WHERE job_id = ?", (job_id, prev["job_id"])
-                )
+            previous = [int(r) for r in conn.execute(
+                sa.select(JOBS.c.job_id).where(JOBS.c.study_instance_uid == study_instance_uid,
+                                               JOBS.c.superseded_by.is_(None))
+                .order_by(JOBS.c.job_id.desc()).with_for_update()).scalars()]
+            supersedes = previous[0] if previous else None
+            job_id = int(conn.execute(sa.insert(JOBS).values(
+                study_id=study_id, study_instance_uid=study_instance_uid,
+                generation=generation, fingerprint=fingerprint, state=JobState.RECEIVED.value,
+                state_at=received_at, created_at=now, received_at=received_at,
+                completed_at=now, supersedes=supersedes, instances=json.dumps(records),
+            ).returning(JOBS.c.job_id)).scalar_one())
+            conn.execute(sa.insert(JOB_EVENTS).values(
+                job_id=job_id, study_instance_uid=study_instance_uid,
+                state=JobState.RECEIVED.value, at=received_at, attempt=0, error=None,
+                detail=f"{len(records)} instance(s), generation {generation}"))
+            self._set_state(conn, self._row(conn, job_id), JobState.COMPLETE, at=now,
+                            error=None, detail=f"fingerprint {fingerprint}")
+            if previous:
+                conn.execute(sa.update(JOBS).where(JOBS.c.job_id.in_(previous))
+                             .values(superseded_by=job_id))
             return self._job(self._row(conn, job_id)), True
 
     # -- queries ----------------------------------------------------------
+    @retry_on_disconnect
     def get(self, job_id: int) -> Job:
         """Return job ``job_id``; raise :class:`JobNotFoundError` when there is none."""
-        with self._read() as conn:
+        with self.db.read() as conn:
             return self._job(self._row(conn, job_id))
 
+    @retry_on_disconnect
     def list_jobs(
         self,
         *,
@@ -415,52 +552,68 @@ class JobStore:
         limit: int | None = 50,
     ) -> list[Job]:
         """Jobs, newest first, optionally filtered by state and study."""
-        sql = "SELECT * FROM jobs"
-        where: list[str] = []
-        args: list[Any] = []
+        query = sa.select(JOBS)
         if states:
-            where.append(f"state IN ({','.join('?' * len(states))})")
-            args.extend(s.value for s in states)
+            query = query.where(JOBS.c.state.in_([s.value for s in states]))
         if study_instance_uid is not None:
-            where.append("study_instance_uid = ?")
-            args.append(study_instance_uid)
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY job_id DESC"
+            query = query.where(JOBS.c.study_instance_uid == study_instance_uid)
+        query = query.order_by(JOBS.c.job_id.desc())
         if limit is not None:
-            sql += " LIMIT ?"
-            args.append(limit)
-        with self._read() as conn:
-            return [self._job(r) for r in conn.execute(sql, args).fetchall()]
+            query = query.limit(limit)
+        with self.db.read() as conn:
+            return [self._job(r) for r in conn.execute(query).mappings()]
 
+    @retry_on_disconnect
     def count_by_state(self) -> dict[JobState, int]:
         """Number of jobs in each state (every state present, zero when none)."""
         counts = dict.fromkeys(JobState, 0)
-        with self._read() as conn:
-            for row in conn.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
-                counts[JobState(row["state"])] = int(row["n"])
+        with self.db.read() as conn:
+            for state, n in conn.execute(
+                    sa.select(JOBS.c.state, sa.func.count()).group_by(JOBS.c.state)):
+                counts[JobState(state)] = int(n)
         return counts
+
+    @retry_on_disconnect
+    def table_counts(self) -> dict[str, int]:
+        """Rows per table of the job store (``cad-node db migrate`` checks these)."""
+        with self.db.read() as conn:
+            return {t.name: int(conn.execute(sa.select(sa.func.count()).select_from(t))
+                                .scalar_one())
+                    for t in METADATA.sorted_tables}
 
     def events(self, job_id: int) -> list[JobEvent]:
         """The timeline of one job, oldest first."""
-        return self._events("job_id = ?", (job_id,))
+        return self._events(JOB_EVENTS.c.job_id == job_id)
 
     def timeline(self, study_instance_uid: str) -> list[JobEvent]:
         """The timeline of every job of a study, oldest first."""
-        return self._events("study_instance_uid = ?", (study_instance_uid,))
+        return self._events(JOB_EVENTS.c.study_instance_uid == study_instance_uid)
 
-    def _events(self, where: str, args: tuple[Any, ...]) -> list[JobEvent]:
-        with self._read() as conn:
+    @retry_on_disconnect
+    def _events(self, where: Any) -> list[JobEvent]:
+        with self.db.read() as conn:
+            rows = conn.execute(sa.select(JOB_EVENTS).where(where)
+                                .order_by(JOB_EVENTS.c.at, JOB_EVENTS.c.event_id)).mappings()
+            return [
+                JobEvent(r["job_id"], r["study_instance_uid"], JobState(r["state"]), r["at"],
+                         r["attempt"], r["error"], r["detail"])
+                for r in rows
+            ]
+
+    @retry_on_disconnect
+    def send_failure_counts(self) -> dict[JobState, int]:
+        """Failed send attempts recorded on the timeline, by the state they led to."""
+        wanted = [JobState.RESULTS_READY.value, JobState.FAILED.value, JobState.DEAD.value]
+        with self.db.read() as conn:
             rows = conn.execute(
-                f"SELECT * FROM job_events WHERE {where} ORDER BY at, event_id", args
-            ).fetchall()
-        return [
-            JobEvent(r["job_id"], r["study_instance_uid"], JobState(r["state"]), r["at"],
-                     r["attempt"], r["error"], r["detail"])
-            for r in rows
-        ]
+                sa.select(JOB_EVENTS.c.state, sa.func.count())
+                .where(JOB_EVENTS.c.error.is_not(None), JOB_EVENTS.c.attempt > 0,
+                       JOB_EVENTS.c.state.in_(wanted))
+                .group_by(JOB_EVENTS.c.state)).all()
+        return {JobState(s): int(n) for s, n in rows}
 
     # -- state changes ----------------------------------------------------
+    @retry_on_disconnect
     def transition(
         self,
         job_id: int,
@@ -495,29 +648,26 @@ class JobStore:
         -------
         Job
             The updated row.
+
+        Raises
+        ------
+        InvalidTransitionError
+            The state machine does not allow the change.
         """
         now = time.time() if now is None else now
-        with self._write() as conn:
-            row = self._row(conn, job_id)
-            old = JobState(row["state"])
-            if not can_transition(old, state):
-                raise InvalidTransitionError(
-                    f"job {job_id}: {old.value} -> {state.value} not allowed")
+        with self.db.write() as conn:
+            row = self._row(conn, job_id, lock=True)
             attempts = row["attempts"] + (1 if count_attempt else 0)
             first_failure = row["first_failure_at"]
             if count_attempt and first_failure is None:
                 first_failure = now
             sent_at = now if state is JobState.SENT else row["sent_at"]
-            conn.execute(
-                "UPDATE jobs SET state = ?, state_at = ?, error = ?, attempts = ?,"
-                " next_attempt_at = ?, first_failure_at = ?, sent_at = ? WHERE job_id = ?",
-                (state.value, now, error, attempts, next_attempt_at, first_failure, sent_at,
-                 job_id),
-            )
-            self._event(conn, job_id, row["study_instance_uid"], state, now, attempts, error,
-                        detail)
+            self._set_state(conn, row, state, at=now, error=error, detail=detail,
+                            attempts=attempts, next_attempt_at=next_attempt_at,
+                            first_failure_at=first_failure, sent_at=sent_at)
             return self._job(self._row(conn, job_id))
 
+    @retry_on_disconnect
     def enqueue(self, job_id: int, *, detail: str | None = None,
                 reset_attempts: bool = False, reset_deliveries: bool = True,
                 now: float | None = None,
@@ -529,32 +679,56 @@ class JobStore:
         messages carrying an older token are dropped by :meth:`begin_delivery`.
         ``reset_deliveries=False`` (re-publishing a message a dead worker
         lost) keeps the delivery count, so a job that keeps killing its
-        worker still reaches ``max_deliveries``.
+        worker still reaches ``max_deliveries``.  The claim is released.
         """
         now = time.time() if now is None else now
         token = uuid.uuid4().hex
-        with self._write() as conn:
-            row = self._row(conn, job_id)
+        with self.db.write() as conn:
+            row = self._row(conn, job_id, lock=True)
             old = JobState(row["state"])
-            if old is not state and not can_transition(old, state):
-                raise InvalidTransitionError(
-                    f"job {job_id}: {old.value} -> {state.value} not allowed")
             attempts = 0 if reset_attempts else row["attempts"]
             first_failure = None if reset_attempts else row["first_failure_at"]
             error = None if reset_attempts else row["error"]
             deliveries = 0 if reset_deliveries else row["deliveries"]
-            conn.execute(
-                "UPDATE jobs SET state = ?, state_at = ?, token = ?, deliveries = ?,"
-                " attempts = ?, first_failure_at = ?, error = ? WHERE job_id = ?",
-                (state.value, now, token, deliveries, attempts, first_failure, error, job_id),
-            )
-            if old is not state or detail:
-                self._event(conn, job_id, row["study_instance_uid"], state, now, attempts,
-                            error, detail)
+            self._set_state(conn, row, state, at=now, error=error, detail=detail,
+                            event=old is not state or bool(detail), token=token,
+                            deliveries=deliveries, attempts=attempts,
+                            first_failure_at=first_failure, claimed_by=None, claimed_at=None,
+                            published_at=None)
             return self._job(self._row(conn, job_id)), token
 
-    def begin_delivery(self, job_id: int, token: str, max_deliveries: int) -> tuple[Delivery, Job]:
-        """Count one delivery of a task message and decide whether to run it.
+    @retry_on_disconnect
+    def mark_published(self, job_id: int, token: str) -> None:
+        """Record that the message carrying ``token`` reached the broker (not a state change)."""
+        with self.db.write() as conn:
+            conn.execute(sa.update(JOBS).where(JOBS.c.job_id == job_id, JOBS.c.token == token)
+                         .values(published_at=time.time()))
+
+    @retry_on_disconnect
+    def unpublished(self, older_than_s: float, *, now: float | None = None) -> list[Job]:
+        """Jobs whose message may never have reached the broker, oldest first.
+
+        ``complete`` jobs (handed off, never enqueued), and ``queued`` /
+        ``results-ready`` jobs whose current token was never marked
+        published (the broker was down, or the process died, between the
+        table and the broker) for longer than ``older_than_s``.
+        """
+        now = time.time() if now is None else now
+        c = JOBS.c
+        query = sa.select(JOBS).where(sa.or_(
+            c.state == JobState.COMPLETE.value,
+            sa.and_(c.state.in_([JobState.QUEUED.value, JobState.RESULTS_READY.value]),
+                    c.published_at.is_(None), c.claimed_by.is_(None),
+                    c.state_at < now - older_than_s),
+        )).order_by(c.job_id)
+        with self.db.read() as conn:
+            return [self._job(r) for r in conn.execute(query).mappings()]
+
+    @retry_on_disconnect
+    def begin_delivery(self, job_id: int, token: str, max_deliveries: int,
+                       worker: str | None = None,
+                       lease_s: float | None = None) -> tuple[Delivery, Job]:
+        """Claim a delivered task message: count it and decide whether to run it.
 
         Parameters
         ----------
@@ -565,6 +739,13 @@ class JobStore:
         max_deliveries : int
             A token delivered more often than this kills the job (``dead``):
             the message keeps crashing its worker.
+        worker : str, optional
+            Name of the claiming worker (recorded as ``claimed_by``).
+        lease_s : float, optional
+            With ``worker``: a delivery of the same token while another
+            worker holds the claim and heart-beat within ``lease_s`` seconds
+            is :attr:`Delivery.STALE` (a broker redelivery to a second
+            worker); an expired claim is taken over.
 
         Returns
         -------
@@ -572,68 +753,184 @@ class JobStore:
             The decision and the (updated) job.
         """
         now = time.time()
-        with self._write() as conn:
-            row = self._row(conn, job_id)
+        with self.db.write() as conn:
+            row = self._row(conn, job_id, lock=True)
             state = JobState(row["state"])
             if row["token"] != token or state not in ACTIVE_STATES:
+                return Delivery.STALE, self._job(row)
+            holder = row["claimed_by"]
+            if (worker is not None and lease_s is not None and holder not in (None, worker)
+                    and conn.execute(sa.select(self._live_claim(now - lease_s)
+                                               .where(JOBS.c.job_id == job_id))).scalar()):
                 return Delivery.STALE, self._job(row)
             deliveries = row["deliveries"] + 1
             if deliveries > max_deliveries:
                 error = f"delivered {deliveries} times (max_deliveries={max_deliveries})"
-                conn.execute(
-                    "UPDATE jobs SET state = ?, state_at = ?, deliveries = ?, error = ?"
-                    " WHERE job_id = ?",
-                    (JobState.DEAD.value, now, deliveries, error, job_id),
-                )
-                self._event(conn, job_id, row["study_instance_uid"], JobState.DEAD, now,
-                            row["attempts"], error, None)
+                self._set_state(conn, row, JobState.DEAD, at=now, error=error,
+                                deliveries=deliveries, claimed_by=None, claimed_at=None)
                 return Delivery.DEAD, self._job(self._row(conn, job_id))
-            conn.execute("UPDATE jobs SET deliveries = ? WHERE job_id = ?", (deliveries, job_id))
+            conn.execute(sa.update(JOBS).where(JOBS.c.job_id == job_id).values(
+                deliveries=deliveries, claimed_by=worker, claimed_at=now))
             return Delivery.RUN, self._job(self._row(conn, job_id))
 
-    # -- sent objects -----------------------------------------------------
+    @staticmethod
+    def _live_claim(since: float) -> sa.Exists:
+        """EXISTS: the claimant heart-beat since ``since`` and started before its claim.
+
+        A worker restarted under the same name (its new ``started_at`` is
+        after the claim) does not keep the claims of its previous life.
+        """
+        return sa.exists().where(WORKERS.c.hostname == JOBS.c.claimed_by,
+                                 WORKERS.c.last_seen >= since,
+                                 WORKERS.c.started_at <= JOBS.c.claimed_at)
+
+    @retry_on_disconnect
+    def expired_claims(self, lease_s: float, *, now: float | None = None) -> list[int]:
+        """Release claims whose worker stopped heart-beating; return those jobs.
+
+        A claimed ``queued``/``running``/``results-ready`` job whose worker's
+        last heartbeat is older than ``lease_s`` (or that has none) loses its
+        claim; the caller re-publishes it (:func:`cad_node.jobs.tasks.reap`).
+        The rows are taken ``FOR UPDATE SKIP LOCKED``: of several callers at
+        once, each job goes to exactly one, and none waits for another.
+        """
+        now = time.time() if now is None else now
+        active = [JobState.QUEUED.value, JobState.RUNNING.value, JobState.RESULTS_READY.value]
+        with self.db.write() as conn:
+            ids = [int(i) for i in conn.execute(
+                sa.select(JOBS.c.job_id)
+                .where(JOBS.c.state.in_(active), JOBS.c.claimed_by.is_not(None),
+                       JOBS.c.claimed_at < now - lease_s, ~self._live_claim(now - lease_s))
+                .order_by(JOBS.c.job_id)
+                .with_for_update(skip_locked=True)).scalars()]
+            if ids:
+                conn.execute(sa.update(JOBS).where(JOBS.c.job_id.in_(ids))
+                             .values(claimed_by=None, claimed_at=None))
+            return ids
+
+    # -- sent objects and destinations ------------------------------------
+    @retry_on_disconnect
     def record_sent(self, job_id: int, destination: str, sop_instance_uid: str,
                     sop_class_uid: str, kind: str, status: int) -> None:
         """Record that ``destination`` acknowledged an object (idempotent)."""
-        with self._write() as conn:
-            conn.execute(
-                "INSERT OR IGNORE INTO sent_objects (job_id, destination, sop_instance_uid,"
-                " sop_class_uid, kind, status, sent_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (job_id, destination, sop_instance_uid, sop_class_uid, kind, status, time.time()),
-            )
+        with self.db.write() as conn:
+            exists = conn.execute(sa.select(SENT_OBJECTS.c.job_id).where(
+                SENT_OBJECTS.c.job_id == job_id, SENT_OBJECTS.c.destination == destination,
+                SENT_OBJECTS.c.sop_instance_uid == sop_instance_uid)).first()
+            if exists is None:
+                conn.execute(sa.insert(SENT_OBJECTS).values(
+                    job_id=job_id, destination=destination, sop_instance_uid=sop_instance_uid,
+                    sop_class_uid=sop_class_uid, kind=kind, status=status, sent_at=time.time()))
 
+    @retry_on_disconnect
     def sent_objects(self, job_id: int, destination: str | None = None) -> list[SentObject]:
         """Objects acknowledged for a job (optionally for one destination)."""
-        sql = "SELECT * FROM sent_objects WHERE job_id = ?"
-        args: list[Any] = [job_id]
+        query = sa.select(SENT_OBJECTS).where(SENT_OBJECTS.c.job_id == job_id)
         if destination is not None:
-            sql += " AND destination = ?"
-            args.append(destination)
-        with self._read() as conn:
-            rows = conn.execute(sql + " ORDER BY sent_at", args).fetchall()
-        return [SentObject(**dict(r)) for r in rows]
+            query = query.where(SENT_OBJECTS.c.destination == destination)
+        with self.db.read() as conn:
+            rows = conn.execute(query.order_by(SENT_OBJECTS.c.sent_at)).mappings().all()
+        return [SentObject(**_row_dict(r)) for r in rows]
 
+    @retry_on_disconnect
     def forget_sent(self, job_id: int) -> int:
-        """Forget acknowledgements of a job (``jobs resend``); return how many."""
-        with self._write() as conn:
-            cur = conn.execute("DELETE FROM sent_objects WHERE job_id = ?", (job_id,))
+        """Forget acknowledgements of a job (``jobs resend``); return how many objects."""
+        with self.db.write() as conn:
+            conn.execute(sa.delete(JOB_DESTINATIONS).where(JOB_DESTINATIONS.c.job_id == job_id))
+            cur = conn.execute(sa.delete(SENT_OBJECTS).where(SENT_OBJECTS.c.job_id == job_id))
             return int(cur.rowcount)
 
+    @retry_on_disconnect
+    def record_destination(self, job_id: int, destination: str, state: DestinationStatus,
+                           *, error: str | None = None, count_attempt: bool = False,
+                           now: float | None = None) -> DestinationState:
+        """Record the send stage's outcome at one destination (upsert)."""
+        now = time.time() if now is None else now
+        c = JOB_DESTINATIONS.c
+        with self.db.write() as conn:
+            row = conn.execute(sa.select(JOB_DESTINATIONS).where(
+                c.job_id == job_id, c.destination == destination)
+                .with_for_update()).mappings().first()
+            acked = now if state is DestinationStatus.ACKNOWLEDGED else None
+            if row is None:
+                conn.execute(sa.insert(JOB_DESTINATIONS).values(
+                    job_id=job_id, destination=destination, state=state.value,
+                    attempts=int(count_attempt), error=error, updated_at=now,
+                    acknowledged_at=acked))
+            else:
+                conn.execute(sa.update(JOB_DESTINATIONS).where(
+                    c.job_id == job_id, c.destination == destination).values(
+                    state=state.value, attempts=row["attempts"] + int(count_attempt),
+                    error=error, updated_at=now,
+                    acknowledged_at=acked or row["acknowledged_at"]))
+            out = conn.execute(sa.select(JOB_DESTINATIONS).where(
+                c.job_id == job_id, c.destination == destination)).mappings().one()
+        return self._dest(out)
+
+    @staticmethod
+    def _dest(row: RowMapping) -> DestinationState:
+        data = _row_dict(row)
+        data["state"] = DestinationStatus(data["state"])
+        return DestinationState(**data)
+
+    @retry_on_disconnect
+    def destinations(self, job_id: int) -> dict[str, DestinationState]:
+        """The per-destination outcomes of a job's send stage, by destination name."""
+        with self.db.read() as conn:
+            rows = conn.execute(sa.select(JOB_DESTINATIONS)
+                                .where(JOB_DESTINATIONS.c.job_id == job_id)
+                                .order_by(JOB_DESTINATIONS.c.destination)).mappings().all()
+        return {r["destination"]: self._dest(r) for r in rows}
+
+    @retry_on_disconnect
+    def acknowledged_by_all(self, destinations: Sequence[str], *,
+                            before: float | None = None) -> list[int]:
+        """Jobs whose results every one of ``destinations`` acknowledged.
+
+        Parameters
+        ----------
+        destinations : sequence of str
+            The destination names that must all have acknowledged (the
+            configured destinations; a job is never "done" for an empty list).
+        before : float, optional
+            Only jobs whose last acknowledgement is older than this (epoch s).
+
+        Returns
+        -------
+        list of int
+            Job ids, ascending: the jobs whose results retention may delete.
+        """
+        names = sorted(set(destinations))
+        if not names:
+            return []
+        c = JOB_DESTINATIONS.c
+        query = (sa.select(c.job_id)
+                 .where(c.destination.in_(names), c.state == DestinationStatus.ACKNOWLEDGED.value)
+                 .group_by(c.job_id)
+                 .having(sa.func.count(sa.distinct(c.destination)) == len(names)))
+        if before is not None:
+            query = query.having(sa.func.max(c.acknowledged_at) < before)
+        with self.db.read() as conn:
+            return sorted(int(i) for i in conn.execute(query).scalars())
+
     # -- workers ----------------------------------------------------------
+    @retry_on_disconnect
     def heartbeat(self, hostname: str, pid: int, queues: Sequence[str], device: str,
                   started_at: float) -> None:
         """Record that a worker is alive (``cad-node status`` lists workers from this)."""
-        with self._write() as conn:
-            conn.execute(
-                "INSERT INTO workers (hostname, pid, queues, device, started_at, last_seen)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (hostname) DO UPDATE SET"
-                " pid = excluded.pid, queues = excluded.queues, device = excluded.device,"
-                " started_at = excluded.started_at, last_seen = excluded.last_seen",
-                (hostname, pid, ",".join(queues), device, started_at, time.time()),
-            )
+        now = time.time()
+        values = {"pid": pid, "queues": ",".join(queues), "device": device,
+                  "started_at": started_at, "last_seen": now}
+        with self.db.write() as conn:
+            done = conn.execute(sa.update(WORKERS).where(WORKERS.c.hostname == hostname)
+                                .values(**values)).rowcount
+            if not done:
+                conn.execute(sa.insert(WORKERS).values(hostname=hostname, **values))
 
+    @retry_on_disconnect
     def workers(self) -> list[dict[str, Any]]:
         """Workers that sent a heartbeat, most recent first."""
-        with self._read() as conn:
-            rows = conn.execute("SELECT * FROM workers ORDER BY last_seen DESC").fetchall()
-        return [dict(r) for r in rows]
+        with self.db.read() as conn:
+            rows = conn.execute(sa.select(WORKERS)
+                                .order_by(WORKERS.c.last_seen.desc())).mappings().all()
+        return [_row_dict(r) for r in rows]

@@ -42,6 +42,7 @@ __all__ = [
     "configure_worker",
     "publish_analyse",
     "publish_send",
+    "reap",
     "reconcile",
     "send_task",
 ]
@@ -52,12 +53,23 @@ LOG = logging.getLogger(__name__)
 CONFIG_ENV = "CAD_NODE_CONFIG"
 
 _runtime: dict[str, Any] = {}
+#: A queued job whose message is not marked published after this long is re-published.
+UNPUBLISHED_GRACE_S = 10.0
 
 
 def configure_worker(settings: Settings, device: str | None = None) -> JobRunner:
-    """Set the configuration the tasks of this process use; return its runner."""
+    """Set the configuration the tasks of this process use; return its runner.
+
+    An explicit ``models.dir`` (made absolute against the configuration file
+    by :func:`cad_node.config.load_config`) is where pipelines look for bundles.
+    """
+    if "dir" in settings.models.model_fields_set:
+        os.environ["CAD_NODE_MODELS__DIR"] = settings.models.dir
     runner = JobRunner(settings, device=device)
     _runtime["runner"] = runner
+    from cad_node.live import worker_baseline
+
+    worker_baseline(settings)
     return runner
 
 
@@ -65,16 +77,34 @@ def _runner() -> JobRunner:
     runner = _runtime.get("runner")
     if runner is None:  # a worker started by plain `celery -A`: read the config file
         runner = configure_worker(load_config(os.environ.get(CONFIG_ENV)))
+    from cad_node.live import worker_settings
+
+    reloaded = worker_settings(runner.settings, os.environ.get(CONFIG_ENV))
+    if reloaded is not None:  # `serve` reloaded peers/destinations/routing (SIGHUP)
+        runner.settings = reloaded
     return runner
 
 
 # -- publishing -------------------------------------------------------------
+def _limits() -> dict[str, Any]:
+    """The configured time limits, stated in each message.
+
+    The limits travel in the message, and Celery's ``send_task`` copies them
+    from a task registered in the publishing process, as they were when that
+    process first bound its tasks; stating them explicitly makes every
+    message carry the configuration in force (``jobs.*_time_limit_s``).
+    """
+    return {"soft_time_limit": app.conf.task_soft_time_limit,
+            "time_limit": app.conf.task_time_limit}
+
+
 def publish_analyse(store: JobStore, job_id: int, *, reset_deliveries: bool = True,
                     detail: str | None = None, reset_attempts: bool = False) -> str:
     """Queue the ``analyse`` stage of a job (job table first, then the message)."""
     _, token = store.enqueue(job_id, state=JobState.QUEUED, detail=detail,
                              reset_deliveries=reset_deliveries, reset_attempts=reset_attempts)
-    app.send_task(TASK_ANALYSE, args=(job_id, token), queue=QUEUE_INFERENCE)
+    app.send_task(TASK_ANALYSE, args=(job_id, token), queue=QUEUE_INFERENCE, **_limits())
+    store.mark_published(job_id, token)
     return token
 
 
@@ -85,11 +115,13 @@ def publish_send(store: JobStore, job_id: int, *, countdown: float = 0.0,
     _, token = store.enqueue(job_id, state=JobState.RESULTS_READY, detail=detail,
                              reset_deliveries=reset_deliveries, reset_attempts=reset_attempts)
     app.send_task(TASK_SEND, args=(job_id, token), queue=QUEUE_IO,
-                  countdown=max(0.0, countdown) or None)
+                  countdown=max(0.0, countdown) or None, **_limits())
+    store.mark_published(job_id, token)
     return token
 
 
-def reconcile(store: JobStore, *, include_in_flight: bool) -> list[int]:
+def reconcile(store: JobStore, *, include_in_flight: bool,
+              grace_s: float | None = None) -> list[int]:
     """Re-publish jobs whose message may be lost; return their ids.
 
     Parameters
@@ -100,21 +132,25 @@ def reconcile(store: JobStore, *, include_in_flight: bool) -> list[int]:
         Also re-publish ``queued``, ``running`` and ``results-ready`` jobs.
         True when no worker can be holding them -- the embedded worker is
         (re)started by this process, and the embedded broker loses messages a
-        killed worker had taken.  With an external broker only ``complete``
-        jobs (handed off, never published) are re-published; the broker
-        redelivers the rest after its visibility timeout.
+        killed worker had taken.  Otherwise only jobs whose message never
+        reached the broker are re-published: ``complete`` ones and those
+        enqueued more than :data:`UNPUBLISHED_GRACE_S` ago whose token was
+        never marked published (broker down at publish time, or a crash
+        between the table and the broker); the broker redelivers the rest.
 
     Notes
     -----
     Re-publishing gives the job a new token, so a surviving old message is
     dropped as stale; the delivery count is kept.
     """
-    states = [JobState.COMPLETE]
-    if include_in_flight:
-        states += [JobState.QUEUED, JobState.RUNNING, JobState.RESULTS_READY]
     now = time.time()
+    if include_in_flight:
+        states = [JobState.COMPLETE, JobState.QUEUED, JobState.RUNNING, JobState.RESULTS_READY]
+        todo = sorted(store.list_jobs(states=states, limit=None), key=lambda j: j.job_id)
+    else:
+        todo = store.unpublished(UNPUBLISHED_GRACE_S if grace_s is None else grace_s, now=now)
     done: list[int] = []
-    for job in store.list_jobs(states=states, limit=None):
+    for job in todo:
         if job.superseded_by is not None and job.state is not JobState.RESULTS_READY:
             store.transition(job.job_id, JobState.FAILED,
                              error=f"superseded by job {job.superseded_by}")
@@ -126,6 +162,35 @@ def reconcile(store: JobStore, *, include_in_flight: bool) -> list[int]:
             publish_analyse(store, job.job_id, reset_deliveries=False,
                             detail="re-published after restart")
         done.append(job.job_id)
+    return done
+
+
+def reap(store: JobStore, lease_s: float) -> list[int]:
+    """Re-publish jobs whose worker stopped heart-beating (killed, host lost).
+
+    Any worker (and the receiver) may call this periodically: the expired
+    claims are taken ``FOR UPDATE SKIP LOCKED``
+    (:meth:`~cad_node.jobs.store.JobStore.expired_claims`), so each job is
+    re-published by exactly one caller.  The new message has a new token:
+    the dead worker's message, if the broker ever redelivers it, is stale.
+    The delivery count is kept (a job that kills every worker still ends
+    ``dead`` after ``max_deliveries``).
+    """
+    done: list[int] = []
+    for job_id in store.expired_claims(lease_s):
+        job = store.get(job_id)
+        log = job_logger(LOG, job)
+        detail = f"claim of {job.claimed_by or 'a worker'} expired: re-published"
+        try:
+            if job.state is JobState.RESULTS_READY:
+                publish_send(store, job_id, reset_deliveries=False, detail=detail)
+            else:
+                publish_analyse(store, job_id, reset_deliveries=False, detail=detail)
+        except Exception as exc:  # broker down: reconcile() at the next restart
+            log.error("could not re-publish after an expired claim: %s", exc)
+            continue
+        log.warning("%s", detail)
+        done.append(job_id)
     return done
 
 
@@ -157,8 +222,10 @@ class JobTask(Task):  # type: ignore[misc]
             LOG.exception("could not record the time limit of job %s", job_id)
 
 
-def _begin(runner: JobRunner, job_id: int, token: str) -> bool:
-    decision, job = runner.store.begin_delivery(job_id, token, runner.settings.jobs.max_deliveries)
+def _begin(runner: JobRunner, job_id: int, token: str, worker: str | None) -> bool:
+    jobs = runner.settings.jobs
+    decision, job = runner.store.begin_delivery(job_id, token, jobs.max_deliveries,
+                                                worker=worker, lease_s=jobs.claim_lease_s)
     log = job_logger(LOG, job)
     if decision is Delivery.STALE:
         log.info("dropping stale message (state %s)", job.state.value)
@@ -174,7 +241,7 @@ def _begin(runner: JobRunner, job_id: int, token: str) -> bool:
 def analyse_task(self: Any, job_id: int, token: str) -> None:
     """Route, run pipelines, build and gate results; then queue the send stage."""
     runner = _runner()
-    if not _begin(runner, job_id, token):
+    if not _begin(runner, job_id, token, self.request.hostname):
         return
     job = runner.store.get(job_id)
     log = job_logger(LOG, job)
@@ -204,7 +271,7 @@ def analyse_task(self: Any, job_id: int, token: str) -> None:
 def send_task(self: Any, job_id: int, token: str) -> None:
     """Send a job's results; on a retryable failure queue a delayed retry."""
     runner = _runner()
-    if not _begin(runner, job_id, token):
+    if not _begin(runner, job_id, token, self.request.hostname):
         return
     job = runner.store.get(job_id)
     try:

@@ -52,6 +52,7 @@ __all__ = [
     "InputSpec",
     "ModelBundle",
     "OutputSpec",
+    "RadiographInputSpec",
     "SemVer",
     "default_models_dir",
     "device_uid_from_sha256",
@@ -191,6 +192,24 @@ class InputSpec(_Strict):
         return v
 
 
+class RadiographInputSpec(_Strict):
+    """What a 2-D radiograph network expects (``cxr-*`` bundles).
+
+    The image is letter-boxed to a square, resampled to ``size`` pixels and
+    normalised as ``normalisation`` names (see
+    :func:`cad_node.pipelines.cxr.lungs.network_input`).
+    """
+
+    #: Discriminates this spec from the CT patch :class:`InputSpec`.
+    kind: Literal["radiograph"] = "radiograph"
+    #: Side of the square network input, pixels.
+    size: int = Field(ge=32, le=2048)
+    #: Grey-level normalisation (``histeq``: histogram equalisation to [-1, 1]).
+    normalisation: Literal["histeq"] = "histeq"
+    #: Output channels, in order (e.g. ``["right_lung", "left_lung", "heart"]``).
+    labels: list[str] = Field(default_factory=list)
+
+
 class OutputSpec(_Strict):
     """What the network returns."""
 
@@ -216,7 +235,7 @@ class BundleManifest(_Strict):
     name: str = Field(pattern=BUNDLE_NAME_PATTERN)
     version: str
     task: str = Field(min_length=1)
-    input: InputSpec
+    input: InputSpec | RadiographInputSpec
     output: OutputSpec = OutputSpec()
     #: Network builder name and keyword arguments (see ``cad_node.models.network``).
     architecture: dict[str, Any]

@@ -20,7 +20,14 @@ import torch
 from monai.networks.blocks.convolutions import Convolution, ResidualUnit
 from torch import nn
 
-__all__ = ["DEFAULT_ARCHITECTURE", "ResidualScorer3D", "build_network", "count_parameters"]
+__all__ = [
+    "DEFAULT_ARCHITECTURE",
+    "UNET2D_ARCHITECTURE",
+    "ResidualScorer3D",
+    "build_network",
+    "build_unet2d",
+    "count_parameters",
+]
 
 #: Architecture of the shipped scorer (about 0.3 M parameters, ~1.1 MB float32).
 DEFAULT_ARCHITECTURE: dict[str, Any] = {
@@ -113,6 +120,8 @@ def build_network(architecture: Mapping[str, Any]) -> nn.Module:
     """
     arch = dict(architecture)
     builder = arch.pop("builder", None)
+    if builder == "unet2d":
+        return build_unet2d(arch)
     if builder == "lesion-centernet":
         # the ct-lesion detector (cad_node.pipelines.ct_lesion.network)
         from cad_node.pipelines.ct_lesion.network import LesionCenterNet
@@ -122,12 +131,47 @@ def build_network(architecture: Mapping[str, Any]) -> nn.Module:
         except TypeError as exc:
             raise ValueError(f"invalid architecture {architecture}: {exc}") from None
     if builder != "residual3d":
-        raise ValueError(f"unknown network builder {builder!r} (known: 'residual3d', "
+        raise ValueError(f"unknown network builder {builder!r} (known: 'residual3d', 'unet2d', "
                          "'lesion-centernet')")
     try:
         return ResidualScorer3D(**arch)
     except TypeError as exc:
         raise ValueError(f"invalid architecture {architecture}: {exc}") from None
+
+
+#: Architecture of the shipped ``cxr-lungs`` segmenter: a MONAI residual U-Net
+#: (about 1.6 M parameters) with three sigmoid output channels.
+UNET2D_ARCHITECTURE: dict[str, Any] = {
+    "builder": "unet2d",
+    "in_channels": 1,
+    "out_channels": 3,
+    "channels": [16, 32, 64, 128, 256],
+    "strides": [2, 2, 2, 2],
+    "num_res_units": 2,
+    "norm": "batch",
+    "dropout": 0.0,
+}
+
+
+def build_unet2d(arguments: Mapping[str, Any]) -> nn.Module:
+    """A 2-D :class:`monai.networks.nets.UNet` (residual units) from manifest arguments.
+
+    Raises
+    ------
+    ValueError
+        Missing or invalid arguments.
+    """
+    from monai.networks.nets.unet import UNet
+
+    arch = dict(arguments)
+    arch.pop("builder", None)
+    norm = arch.pop("norm", "batch")
+    if norm not in _NORMS:
+        raise ValueError(f"norm must be one of {sorted(_NORMS)}, not {norm!r}")
+    try:
+        return UNet(spatial_dims=2, norm=_NORMS[norm], **arch)
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise ValueError(f"invalid unet2d architecture {dict(arguments)}: {exc}") from None
 
 
 def count_parameters(net: nn.Module) -> int:

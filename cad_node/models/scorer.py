@@ -22,7 +22,7 @@ import numpy.typing as npt
 import SimpleITK as sitk  # noqa: N813
 import torch
 
-from cad_node.models.bundle import ModelBundle
+from cad_node.models.bundle import InputSpec, ModelBundle
 from cad_node.models.device import torch_device
 from cad_node.models.patches import extract_patches
 
@@ -56,7 +56,10 @@ class CandidateScorer:
         self.bundle = bundle
         self.threads = threads
         self.device = torch_device(device)
-        self.spec = bundle.manifest.input
+        spec = bundle.manifest.input
+        if not isinstance(spec, InputSpec):
+            raise ValueError(f"bundle {bundle.name} {bundle.version} is not a CT patch scorer")
+        self.spec = spec
         self.network = bundle.build_network(self.device)
 
     @property

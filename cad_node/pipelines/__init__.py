@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from cad_node.imaging import LoadedSeries
 from cad_node.results.findings import AnalysisResult
@@ -34,6 +34,7 @@ __all__ = [
     "ProgressCallback",
     "available_pipelines",
     "get_pipeline",
+    "load_input",
     "register_pipeline",
 ]
 
@@ -43,6 +44,7 @@ ProgressCallback = Callable[[str, float], None]
 #: Modules that register pipelines when imported.
 PIPELINE_MODULES: list[str] = [
     "cad_node.pipelines.ct_chest.pipeline",
+    "cad_node.pipelines.cxr.pipeline",
     "cad_node.pipelines.ct_lesion.pipeline",
 ]
 
@@ -60,7 +62,49 @@ class Pipeline(Protocol):
         device: str = "cpu",
         progress: ProgressCallback | None = None,
     ) -> AnalysisResult:
-        """Analyse one series."""
+        """Analyse one series.
+
+        Called by the job runner (:meth:`cad_node.jobs.runner.JobRunner.analyse`)
+        and ``cad-node analyze`` once per series a routing rule selected.
+
+        Parameters
+        ----------
+        series : LoadedSeries
+            Loaded by :func:`cad_node.imaging.load_series`, so its geometry has
+            passed :mod:`cad_node.imaging.geometry` (one orientation, regular
+            slice grid, ``sop_instance_uids[k]`` is slice ``k``).  The pipeline
+            may read ``series.image`` (rescaled values, LPS geometry),
+            ``series.array``, ``series.sop_instance_uids``, ``series.datasets``
+            (headers without pixel data, in slice order), ``series.modality``
+            and ``series.notes``; it must not modify them.
+        device : str
+            ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (already resolved from
+            ``auto`` by the caller).
+        progress : callable, optional
+            ``progress(stage, fraction)`` with ``fraction`` in ``[0, 1]``;
+            called from the pipeline's thread.
+
+        Returns
+        -------
+        AnalysisResult
+            ``series_instance_uid`` is ``series.series_instance_uid``.
+
+            * ``status=COMPLETED``: findings ranked (most probable first), each
+              mask an :class:`~cad_node.results.findings.ImageMask` aligned with
+              ``series`` by SOP Instance UID; ``model`` names the bundle (the
+              result builders refuse a result without it).
+            * ``status=FAILED`` with ``failure_reason`` for input the pipeline
+              cannot analyse (wrong modality, not a chest CT, too few slices,
+              ...): no findings; ``model`` still set so the failure can be
+              reported in an SR.
+
+        Raises
+        ------
+        Exception
+            Never for bad *input* (that is ``FAILED``); only for programming
+            errors or a broken installation (e.g. a missing model bundle), which
+            the job runner records as a job failure.
+        """
         ...
 
 
@@ -105,3 +149,28 @@ def get_pipeline(name: str) -> Pipeline:
     except KeyError:
         raise KeyError(f"no pipeline named {name!r}; available: {sorted(_REGISTRY)}") from None
     return factory()
+
+
+def load_input(name: str, series: Any) -> Any:
+    """Load a routed series the way pipeline ``name`` reads it.
+
+    A pipeline class with a ``load_input(series)`` static method (e.g. ``cxr``,
+    which reads one radiograph and returns a refusal rather than raising)
+    loads its own input; every other pipeline gets
+    :func:`cad_node.imaging.load_series` (which raises
+    :class:`cad_node.imaging.SeriesError` for an unusable series).
+
+    Parameters
+    ----------
+    name : str
+        Registered pipeline name.
+    series : SeriesInfo or sequence of path-like
+        The routed series.
+    """
+    _load_modules()
+    loader = getattr(_REGISTRY.get(name), "load_input", None)
+    if loader is not None:
+        return loader(series)
+    from cad_node.imaging import load_series
+
+    return load_series(series)

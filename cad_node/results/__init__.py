@@ -21,6 +21,10 @@ Contract of :func:`build_results`
 * ``AnalysisStatus.FAILED``: only the SR (stating the failure, no measurement
   groups) and the SC summary page (stating the failure) are built; SEG, key
   images, GSPS and KOS are skipped because there is nothing to show.
+* Only findings at or above the pipeline's operating threshold are carried
+  (:mod:`cad_node.results.operating_point`); the SR and the summary page say
+  how many candidates were below it, and ``below_operating_point=True`` adds
+  those to the SR (labelled) and the summary page, never to SEG/SC/GSPS/KOS.
 * A completed analysis without findings gives an SR saying "no findings"
   (DCM 111241) and a summary page saying so; SEG only if organ masks exist.
 * Builders raise :class:`ValueError` / :class:`TypeError` naming the problem
@@ -35,8 +39,10 @@ from collections.abc import Sequence
 from pydicom import Dataset
 
 from cad_node.config import DEFAULT_OBJECT_KINDS, ObjectKind, ResultsConfig
-from cad_node.results._common import BuildContext
+from cad_node.results._common import BuildContext, SourceSeries
 from cad_node.results.findings import AnalysisResult, AnalysisStatus
+from cad_node.results.operating_point import split_at_operating_point
+from cad_node.results.uids import input_fingerprint as compute_fingerprint
 from cad_node.results.validate import ValidationReport, validate
 
 __all__ = [
@@ -88,6 +94,7 @@ def build_results(
     settings: ResultsConfig,
     objects: Sequence[ObjectKind] = DEFAULT_OBJECT_KINDS,
     input_fingerprint: str | None = None,
+    below_operating_point: bool = False,
 ) -> list[ResultObject]:
     """Build the DICOM objects an output profile asks for.
 
@@ -105,6 +112,12 @@ def build_results(
     input_fingerprint : str, optional
         Fingerprint of the input set; default sha256 of the sorted SOP
         Instance UIDs of the analysed series.
+    below_operating_point : bool
+        Add the candidates below the pipeline's operating threshold to the SR
+        (labelled "below operating point") and the summary page.  By default
+        every object carries only the findings at the operating point
+        (:mod:`cad_node.results.operating_point`).  The variant gets its own
+        UIDs (its SR and summary page say something else).
 
     Returns
     -------
@@ -123,7 +136,13 @@ def build_results(
             f"unknown result object kind(s) {unknown}; known: {[str(k) for k in ObjectKind]}"
         )
     wanted = set(objects)
-    ctx = BuildContext.create(result, source, settings, input_fingerprint)
+    result, operating_point = split_at_operating_point(result, below_operating_point)
+    if below_operating_point:
+        base = input_fingerprint or compute_fingerprint(
+            SourceSeries.from_datasets(source, result.series_instance_uid).by_uid
+        )
+        input_fingerprint = f"{base}:below-operating-point"
+    ctx = BuildContext.create(result, source, settings, input_fingerprint, operating_point)
     completed = result.status is AnalysisStatus.COMPLETED
     out: list[ResultObject] = []
 
@@ -155,7 +174,8 @@ def build_results(
                 "summary page",
             )
         )
-    if ObjectKind.GSPS in wanted and completed and result.findings:
+    drawable = bool(result.findings) or result.radiograph is not None
+    if ObjectKind.GSPS in wanted and completed and drawable:
         from cad_node.results.gsps import build_gsps
 
         out.append(ResultObject(ObjectKind.GSPS, build_gsps(ctx), 1, "presentation state"))

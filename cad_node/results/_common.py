@@ -32,7 +32,8 @@ from cad_node.imaging.geometry import (
     sort_slices,
     unique_instances,
 )
-from cad_node.results.findings import AnalysisResult, ModelIdentity
+from cad_node.results.findings import AnalysisResult, Finding, ModelIdentity
+from cad_node.results.operating_point import OperatingPoint
 from cad_node.results.uids import UidFactory, input_fingerprint
 
 __all__ = [
@@ -45,6 +46,8 @@ __all__ = [
     "ensure_character_set",
     "make_deterministic",
     "processing_equipment",
+    "result_series_number",
+    "series_description",
 ]
 
 #: IHE AIR (RAD TF Suppl. AI Results, "Contributing Equipment Sequence"): the
@@ -73,13 +76,44 @@ _EPOCH = datetime.datetime(1970, 1, 1)
 
 
 class SeriesNumber(enum.IntEnum):
-    """Series Number (0020,0011) of each output series, fixed per object kind."""
+    """Series Number (0020,0011) of each output series, per object kind.
+
+    These are the numbers used after a source series numbered below 9000;
+    after a higher one, the results follow it (:meth:`BuildContext.series_number`),
+    so viewers that sort by Series Number never show them first.
+    """
 
     SEG = 9001
     SR = 9002
     SC = 9003
     GSPS = 9004
     KOS = 9005
+
+
+#: Largest Series Number (VR IS: a signed 32-bit integer, PS3.5 6.2).
+_MAX_IS = 2**31 - 1
+
+
+def result_series_number(kind: SeriesNumber, source_series_number: int | None) -> int:
+    """Series Number of a result series: after the source's, never before it.
+
+    ``kind`` (9001-9005) when the source's number is below 9001, else the
+    source's number plus ``kind - 9000``; capped at the largest IS value.
+    """
+    source = max(int(source_series_number or 0), 0)
+    if source < SeriesNumber.SEG:
+        return int(kind)
+    return min(source + int(kind) - 9000, _MAX_IS)
+
+
+def series_description(what: str, model: ModelIdentity) -> str:
+    """Series Description (0008,103E) of a result series, e.g.
+    ``"AI measurement report - ct-nodule-scorer 1.0.1 - not for diagnosis"``,
+    shortened to the 64 characters of VR LO (the tail goes first)."""
+    text = f"AI {what} - {model.name} {model.version} - not for diagnosis"
+    if len(text) > 64:
+        text = f"AI {what} - {model.name} {model.version}"
+    return text[:64]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -404,6 +438,8 @@ class BuildContext:
     model: ModelIdentity
     uids: UidFactory
     when: datetime.datetime
+    #: Threshold and sub-threshold candidates (``result`` holds the reported findings).
+    operating_point: OperatingPoint = dataclasses.field(default_factory=OperatingPoint)
 
     @classmethod
     def create(
@@ -412,6 +448,7 @@ class BuildContext:
         source: Sequence[Dataset],
         settings: ResultsConfig,
         fingerprint: str | None = None,
+        operating_point: OperatingPoint | None = None,
     ) -> BuildContext:
         """Check inputs and derive the UID factory and timestamp."""
         if result.model is None:
@@ -427,6 +464,7 @@ class BuildContext:
             model=result.model,
             uids=UidFactory(series.study_instance_uid, fp, result.model),
             when=deterministic_datetime(series),
+            operating_point=operating_point or OperatingPoint(),
         )
 
     def finalize(self, ds: Dataset, kind: str) -> None:
@@ -446,11 +484,24 @@ class BuildContext:
         # the same value, so they are never remapped per object.
         keep.add(self.model.device_uid)
         keep.update(self.tracking_uid(i) for i in range(len(self.result.findings)))
+        keep.update(self.tracking_uid_of(f) for f in self.operating_point.reported_below)
         make_deterministic(ds, self.when, self.uids, kind, keep)
+
+    def series_number(self, kind: SeriesNumber) -> int:
+        """Series Number of the ``kind`` result series, after the analysed series'."""
+        value = self.source.first.get("SeriesNumber")
+        try:
+            source = int(value) if value not in (None, "") else None
+        except (TypeError, ValueError):
+            source = None
+        return result_series_number(kind, source)
 
     def tracking_uid(self, index: int) -> str:
         """Tracking UID of finding ``index`` (given one, else derived)."""
-        finding = self.result.findings[index]
+        return self.tracking_uid_of(self.result.findings[index])
+
+    def tracking_uid_of(self, finding: Finding) -> str:
+        """Tracking UID of ``finding`` (given one, else derived from its tracking id)."""
         return finding.tracking_uid or self.uids.uid("tracking", finding.tracking_id)
 
     def common_kwargs(self) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from pydantic import (
 __all__ = [
     "AnalysisResult",
     "AnalysisStatus",
+    "ChestRadiographMeasurements",
     "Finding",
     "FindingSite",
     "FindingType",
@@ -67,6 +68,8 @@ class FindingType(_SnomedConcept):
     LESION = ("52988006", "Lesion")
     #: Qualitative "abnormal" for whole-image chest X-ray classification.
     ABNORMAL = ("263654008", "Abnormal")
+    #: Enlarged cardiac silhouette (chest X-ray: cardiothoracic ratio > 0.50 on PA).
+    CARDIOMEGALY = ("287272002", "Cardiomegaly")
 
 
 class FindingSite(_SnomedConcept):
@@ -80,6 +83,8 @@ class FindingSite(_SnomedConcept):
     RIGHT_LOWER_LOBE = ("266005", "Lower lobe of right lung")
     LEFT_UPPER_LOBE = ("44714003", "Upper lobe of left lung")
     LEFT_LOWER_LOBE = ("41224006", "Lower lobe of left lung")
+    HEART = ("80891009", "Heart")
+    THORAX = ("816094009", "Thorax")
     # DeepLesion coarse lesion types as finding sites (ct-lesion; pydicom's SCT codes)
     BONE = ("272673000", "Bone")
     ABDOMEN = ("818981001", "Abdomen")
@@ -296,6 +301,50 @@ class ModelIdentity(_Model):
     weights_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
 
 
+class ChestRadiographMeasurements(_Model):
+    """Lung areas and the cardiothoracic ratio measured on one frontal radiograph.
+
+    Coordinates are ``(column, row)`` on the *stored* source image
+    (image-relative, as :class:`Region2D`).  Millimetre quantities are None
+    when the image has no pixel spacing (``geometry_note`` says why); the
+    pixel widths and the ratio are always given when measurable.
+    """
+
+    sop_instance_uid: str
+    #: Outlines (closed polygons, >= 3 vertices, not repeated) of the masks.
+    right_lung_outline: list[Point2D] | None = None
+    left_lung_outline: list[Point2D] | None = None
+    heart_outline: list[Point2D] | None = None
+    right_lung_area_cm2: float | None = Field(None, gt=0)
+    left_lung_area_cm2: float | None = Field(None, gt=0)
+    #: Widest horizontal heart extent and widest inner thoracic extent: the
+    #: two end points of each line.
+    heart_line: tuple[Point2D, Point2D] | None = None
+    thorax_line: tuple[Point2D, Point2D] | None = None
+    heart_width_px: float | None = Field(None, gt=0)
+    thorax_width_px: float | None = Field(None, gt=0)
+    heart_width_mm: float | None = Field(None, gt=0)
+    thorax_width_mm: float | None = Field(None, gt=0)
+    #: Heart width / thorax width (PA only); None when not assessable.
+    ctr: float | None = Field(None, gt=0)
+    #: Why the CTR is missing (e.g. "not assessable on an AP view").
+    ctr_not_assessable: str | None = None
+    #: How the mm scale was obtained, or why there is none.
+    geometry_note: str = ""
+
+    @model_validator(mode="after")
+    def _ctr(self) -> ChestRadiographMeasurements:
+        if self.ctr is None and not self.ctr_not_assessable:
+            raise ValueError("a missing CTR needs ctr_not_assessable (the reason)")
+        if self.ctr is not None and (self.heart_line is None or self.thorax_line is None):
+            raise ValueError("a CTR needs its heart and thorax lines")
+        for name in ("right_lung_outline", "left_lung_outline", "heart_outline"):
+            v = getattr(self, name)
+            if v is not None and len(v) < 3:
+                raise ValueError(f"{name} needs at least 3 vertices")
+        return self
+
+
 class AnalysisResult(_Model):
     """Everything one pipeline run over one series produced.
 
@@ -318,6 +367,8 @@ class AnalysisResult(_Model):
     #: Inputs a score could not use (e.g. "patient age missing for Brock").
     notes: list[str] = Field(default_factory=list)
     model: ModelIdentity | None = None
+    #: Chest radiograph lung areas and cardiothoracic ratio (pipeline ``cxr``).
+    radiograph: ChestRadiographMeasurements | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> AnalysisResult:

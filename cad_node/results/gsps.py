@@ -1,8 +1,9 @@
 """Grayscale Softcopy Presentation State (PS3.3 A.33.1) with the CAD graphics.
 
 The same outlines as the SC key images, but as toggleable annotations on the
-original images: one graphic layer ``CAD`` (yellow), per finding and per
-annotated image a closed POLYLINE (mask boundary from
+original images: one graphic layer per finding (``CAD``, ``CAD2``, ... in the
+finding's colour, :func:`cad_node.results.colours.finding_rgb`, as its SEG
+segment and SC outline), per annotated image a closed POLYLINE (mask boundary from
 :func:`skimage.measure.find_contours`, or the 2-D box/polygon, or a CIRCLE of
 the long-axis diameter around the centre on the nearest slice) plus a text
 label, all in PIXEL units (PS3.3 C.10.5.1.2: (0, 0) is the top-left corner of
@@ -17,10 +18,15 @@ import numpy as np
 from pydicom import Dataset
 from skimage import measure
 
-from cad_node.results._common import BuildContext, SeriesNumber, processing_equipment
+from cad_node.results._common import (
+    BuildContext,
+    SeriesNumber,
+    processing_equipment,
+    series_description,
+)
+from cad_node.results.colours import finding_rgb
 from cad_node.results.findings import Finding
 from cad_node.results.sc import (
-    CONTOUR_RGB,
     LUNG_WINDOW,
     _circle_radius_px,
     _pixel_of,
@@ -30,7 +36,7 @@ from cad_node.results.sr import region_polyline
 
 __all__ = ["GRAPHIC_LAYER", "build_gsps"]
 
-#: Name of the graphic layer that holds all CAD annotations (toggle it off to hide them).
+#: Name of the first finding's graphic layer; finding k >= 2 is on ``CAD<k>``.
 GRAPHIC_LAYER = "CAD"
 #: Body Part Examined (0018,0015) defined term (PS3.16 Annex L) for chest studies.
 BODY_PART_CHEST = "CHEST"
@@ -109,13 +115,19 @@ def build_gsps(ctx: BuildContext) -> hd.pr.GrayscaleSoftcopyPresentationState:
     ValueError
         No finding can be drawn on any received image.
     """
-    layer = hd.pr.GraphicLayer(
-        layer_name=GRAPHIC_LAYER,
-        order=1,
-        description="CAD findings",
-        display_color=hd.color.CIELabColor.from_rgb(*CONTOUR_RGB),
-    )
-    per_image: dict[str, tuple[list[hd.pr.GraphicObject], list[hd.pr.TextObject]]] = {}
+    # One layer per finding, in the finding's colour (as its SEG segment and SC outline).
+    layers = [
+        hd.pr.GraphicLayer(
+            layer_name=GRAPHIC_LAYER if index == 0 else f"{GRAPHIC_LAYER}{index + 1}",
+            order=index + 1,
+            description=f"CAD {finding.tracking_id}"[:64],
+            display_color=hd.color.CIELabColor.from_rgb(*finding_rgb(index)),
+        )
+        for index, finding in enumerate(ctx.result.findings)
+    ]
+    per_image: dict[
+        tuple[str, int], tuple[list[hd.pr.GraphicObject], list[hd.pr.TextObject]]
+    ] = {}
     for index, finding in enumerate(ctx.result.findings):
         uids: list[str]
         if finding.mask is not None:
@@ -133,7 +145,7 @@ def build_gsps(ctx: BuildContext) -> hd.pr.GrayscaleSoftcopyPresentationState:
             objects, anchor = _graphics(ctx, finding, index, ds)
             if not objects or anchor is None:
                 continue
-            graphics, texts = per_image.setdefault(uid, ([], []))
+            graphics, texts = per_image.setdefault((uid, index), ([], []))
             graphics.extend(objects)
             texts.append(
                 hd.pr.TextObject(
@@ -145,18 +157,40 @@ def build_gsps(ctx: BuildContext) -> hd.pr.GrayscaleSoftcopyPresentationState:
                     tracking_uid=ctx.tracking_uid(index),
                 )
             )
+    if ctx.result.radiograph is not None:
+        # The radiograph's anatomy (lung and heart outlines, CTR lines) gets a layer of its
+        # own after the findings' layers.
+        anatomy = len(layers)
+        layers.append(
+            hd.pr.GraphicLayer(
+                layer_name=f"{GRAPHIC_LAYER}{anatomy + 1}",
+                order=anatomy + 1,
+                description="CAD lungs, heart and cardiothoracic ratio",
+            )
+        )
+        graphics_, texts_ = radiograph_graphics(ctx)
+        if graphics_:
+            graphics, texts = per_image.setdefault(
+                (ctx.result.radiograph.sop_instance_uid, anatomy), ([], [])
+            )
+            graphics.extend(graphics_)
+            texts.extend(texts_)
     if not per_image:
         raise ValueError("no finding can be drawn on the received images")
-    ordered = [d for d in ctx.source.images if str(d.SOPInstanceUID) in per_image]
+    position = {str(d.SOPInstanceUID): k for k, d in enumerate(ctx.source.images)}
     annotations = [
         hd.pr.GraphicAnnotation(
-            referenced_images=[ds],
-            graphic_layer=layer,
-            graphic_objects=per_image[str(ds.SOPInstanceUID)][0],
-            text_objects=per_image[str(ds.SOPInstanceUID)][1],
+            referenced_images=[ctx.source.by_uid[uid]],
+            graphic_layer=layers[index],
+            graphic_objects=per_image[(uid, index)][0],
+            text_objects=per_image[(uid, index)][1],
         )
-        for ds in ordered
+        for uid, index in sorted(per_image, key=lambda key: (position[key[0]], key[1]))
     ]
+    used = sorted({index for _, index in per_image})
+    layers = [layers[i] for i in used]
+    drawn = {uid for uid, _ in per_image}
+    ordered = [d for d in ctx.source.images if str(d.SOPInstanceUID) in drawn]
     voi = None
     if ctx.source.is_ct:
         width, level = LUNG_WINDOW
@@ -172,7 +206,7 @@ def build_gsps(ctx: BuildContext) -> hd.pr.GrayscaleSoftcopyPresentationState:
     gsps = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=ordered,
         series_instance_uid=ctx.uids.uid("gsps.series"),
-        series_number=int(SeriesNumber.GSPS),
+        series_number=ctx.series_number(SeriesNumber.GSPS),
         sop_instance_uid=ctx.uids.uid("gsps.instance", 1),
         instance_number=1,
         manufacturer=ctx.settings.manufacturer,
@@ -182,10 +216,10 @@ def build_gsps(ctx: BuildContext) -> hd.pr.GrayscaleSoftcopyPresentationState:
         content_label="CAD_FINDINGS",
         content_description=f"CAD {ctx.model.name} {ctx.model.version}"[:64],
         graphic_annotations=annotations,
-        graphic_layers=[layer],
+        graphic_layers=layers,
         voi_lut_transformations=voi,
         contributing_equipment=[processing_equipment(ctx.model, ctx.when)],
-        series_description=f"CAD annotations {ctx.model.name} {ctx.model.version}"[:64],
+        series_description=series_description("annotations", ctx.model),
         **kwargs,
     )
     # General Series Laterality is 2C for paired body parts; naming the body
@@ -193,3 +227,41 @@ def build_gsps(ctx: BuildContext) -> hd.pr.GrayscaleSoftcopyPresentationState:
     gsps.BodyPartExamined = str(ctx.source.first.get("BodyPartExamined") or BODY_PART_CHEST)
     ctx.finalize(gsps, "gsps")
     return gsps
+
+
+def radiograph_graphics(
+    ctx: BuildContext,
+) -> tuple[list[hd.pr.GraphicObject], list[hd.pr.TextObject]]:
+    """Closed outlines of the lungs and heart and the two CTR lines of a radiograph (PIXEL)."""
+    meas = ctx.result.radiograph
+    if meas is None:
+        return [], []
+    graphics: list[hd.pr.GraphicObject] = []
+    texts: list[hd.pr.TextObject] = []
+    named = (("Right lung", meas.right_lung_outline), ("Left lung", meas.left_lung_outline),
+             ("Heart", meas.heart_outline))
+    for name, poly in named:
+        if not poly:
+            continue
+        pts = np.asarray([*poly, poly[0]], dtype=np.float32)
+        graphics.append(hd.pr.GraphicObject(
+            graphic_type=hd.pr.GraphicTypeValues.POLYLINE, graphic_data=pts,
+            units=hd.pr.AnnotationUnitsValues.PIXEL, tracking_id=name,
+            tracking_uid=ctx.uids.uid("cxr.tracking", name.upper().replace(" ", "_"))))
+        x0, y0 = float(pts[:, 0].min()), float(pts[:, 1].min())
+        texts.append(hd.pr.TextObject(
+            text_value=name, units=hd.pr.AnnotationUnitsValues.PIXEL,
+            anchor_point=(x0, max(y0 - 4.0, 0.0)), anchor_point_visible=False))
+    for line in (meas.heart_line, meas.thorax_line):
+        if line is None:
+            continue
+        graphics.append(hd.pr.GraphicObject(
+            graphic_type=hd.pr.GraphicTypeValues.POLYLINE,
+            graphic_data=np.asarray(line, dtype=np.float32),
+            units=hd.pr.AnnotationUnitsValues.PIXEL))
+    if meas.ctr is not None and meas.thorax_line is not None:
+        (x0, y0), _ = meas.thorax_line
+        texts.append(hd.pr.TextObject(
+            text_value=f"CTR {meas.ctr:.2f}", units=hd.pr.AnnotationUnitsValues.PIXEL,
+            anchor_point=(x0, max(y0 - 8.0, 0.0)), anchor_point_visible=False))
+    return graphics, texts

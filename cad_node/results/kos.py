@@ -12,7 +12,12 @@ from __future__ import annotations
 import highdicom as hd
 from pydicom.sr.codedict import codes
 
-from cad_node.results._common import BuildContext, SeriesNumber, processing_equipment
+from cad_node.results._common import (
+    BuildContext,
+    SeriesNumber,
+    processing_equipment,
+    series_description,
+)
 from cad_node.results.sc import key_slice_uid
 
 __all__ = ["KOS_TITLE", "build_kos"]
@@ -55,13 +60,13 @@ def build_kos(ctx: BuildContext) -> hd.ko.KeyObjectSelectionDocument:
         evidence=images,
         content=content,
         series_instance_uid=ctx.uids.uid("kos.series"),
-        series_number=int(SeriesNumber.KOS),
+        series_number=ctx.series_number(SeriesNumber.KOS),
         sop_instance_uid=ctx.uids.uid("kos.instance", 1),
         instance_number=1,
         manufacturer=ctx.settings.manufacturer,
         institution_name=ctx.settings.institution_name,
         contributing_equipment=[processing_equipment(ctx.model, ctx.when)],
-        series_description=f"CAD key objects {ctx.model.name} {ctx.model.version}"[:64],
+        series_description=series_description("key objects", ctx.model),
         **{k: v for k, v in kwargs.items() if k != "institution_name"},
     )
     ctx.finalize(kos, "kos")

@@ -57,6 +57,8 @@ from scipy.spatial import ConvexHull, QhullError
 
 __all__ = [
     "CORNERSTONE_3D_TAG",
+    "LONG_AXIS",
+    "SHORT_AXIS",
     "Bidirectional",
     "LinearMeasurement",
     "PlanarRegion",
@@ -67,6 +69,11 @@ __all__ = [
     "tracking_text",
 ]
 
+#: CID 7470 "Linear Measurements" concepts with PS3.16's code meanings: OHIF's
+#: Bidirectional tool finds its NUMs by the exact meanings "Long Axis" and
+#: "Short Axis" (pydicom's ``codes.SCT.LongAxis`` spells "Long axis").
+LONG_AXIS = Code("103339001", "SCT", "Long Axis")
+SHORT_AXIS = Code("103340004", "SCT", "Short Axis")
 #: Prefix of Tracking Identifiers that Cornerstone3D's SR adapters map to a tool.
 CORNERSTONE_3D_TAG = "Cornerstone3DTools@^0.1.0"
 #: Lengths are reported to 0.01 mm (well inside the 0.05 mm polyline tolerance).
@@ -163,7 +170,7 @@ class LinearMeasurement:
     Parameters
     ----------
     name : pydicom.sr.coding.Code
-        E.g. ``codes.SCT.LongAxis``, ``codes.SCT.ShortAxis``, ``codes.SCT.Length``.
+        E.g. :data:`LONG_AXIS`, :data:`SHORT_AXIS`, ``codes.SCT.Length``.
     value_mm : float
         The length in mm; must agree with the polyline on the image's pixel
         spacing (the viewer measures the polyline again).
@@ -273,10 +280,10 @@ def bidirectional_axes(
         outline = corners
     return Bidirectional(
         long_axis=LinearMeasurement(
-            codes.SCT.LongAxis, round(long_mm, _DECIMALS), np.stack([a, b]) * scale
+            LONG_AXIS, round(long_mm, _DECIMALS), np.stack([a, b]) * scale
         ),
         short_axis=LinearMeasurement(
-            codes.SCT.ShortAxis, round(short_mm, _DECIMALS), np.stack([c, e]) * scale
+            SHORT_AXIS, round(short_mm, _DECIMALS), np.stack([c, e]) * scale
         ),
         outline=PlanarRegion.polygon(outline),
     )
@@ -299,12 +306,13 @@ def key_frame(masks: npt.NDArray[np.bool_], spacing_rc: tuple[float, float]) -> 
 
 
 def _scoord_child(
-    points: npt.NDArray[np.float32], image: Dataset, frames: list[int] | None
+    points: npt.NDArray[np.float32], image: Dataset, frames: list[int] | None,
+    graphic_type: hd.sr.GraphicTypeValues = hd.sr.GraphicTypeValues.POLYLINE,
 ) -> hd.sr.ScoordContentItem:
-    """INFERRED FROM SCOORD POLYLINE "Image Region" SELECTED FROM ``image``."""
+    """INFERRED FROM SCOORD "Image Region" SELECTED FROM ``image``."""
     item = hd.sr.ScoordContentItem(
         name=codes.DCM.ImageRegion,
-        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_type=graphic_type,
         graphic_data=points,
         relationship_type=_INFERRED_FROM,
     )
@@ -345,7 +353,9 @@ def planar_group(
     finding_type : pydicom.sr.coding.Code
     lengths : sequence of LinearMeasurement
         Lengths, each a NUM with its POLYLINE child, first in the group (the
-        first is the one OHIF's tools read).
+        first is the one OHIF's tools read).  Without lengths, a box or point
+        region (``RECTANGLE_ROI``/``PROBE``) is also put inside the first NUM
+        of ``measurements``, for the same reason.
     measurements : sequence of highdicom.sr.Measurement
         Further NUMs (area, volume, probabilities), after the lengths.
     qualitative_evaluations : sequence of highdicom.sr.QualitativeEvaluation
@@ -385,7 +395,7 @@ def planar_group(
             )
     meanings = [m.name.meaning for m in lengths]
     if tool is None:
-        if {codes.SCT.LongAxis.meaning, codes.SCT.ShortAxis.meaning} <= set(meanings):
+        if {LONG_AXIS.meaning, SHORT_AXIS.meaning} <= set(meanings):
             tool = PlanarTool.BIDIRECTIONAL
         elif len(lengths) == 1:
             tool = PlanarTool.LENGTH
@@ -394,8 +404,8 @@ def planar_group(
         elif not lengths and len(region.points) == 5:
             tool = PlanarTool.RECTANGLE_ROI
     if tool is PlanarTool.BIDIRECTIONAL and meanings[:2] != [
-        codes.SCT.LongAxis.meaning,
-        codes.SCT.ShortAxis.meaning,
+        LONG_AXIS.meaning,
+        SHORT_AXIS.meaning,
     ]:
         raise ValueError(f"{identifier}: a bidirectional group starts with Long Axis, Short Axis")
     numeric: list[hd.sr.Measurement] = [
@@ -424,9 +434,14 @@ def planar_group(
     # The polylines go in after construction: highdicom's writer refuses
     # coordinates inside the NUMs of a TID 1410 group (TID 1419 inherits them
     # from the group's region), but OHIF's tools read them only from there.
-    for num, m in zip(numeric, lengths, strict=False):
+    children = [(num, m.points, hd.sr.GraphicTypeValues.POLYLINE)
+                for num, m in zip(numeric, lengths, strict=False)]
+    if not lengths and numeric and tool in (PlanarTool.RECTANGLE_ROI, PlanarTool.PROBE):
+        # the tool takes its graphic from the first NUM: the region it was measured in
+        children.append((numeric[0], region.points, region.graphic_type))
+    for num, points, graphic_type in children:
         item = num[0]  # highdicom templates are lists of content items
         if "ContentSequence" not in item:
             item.ContentSequence = hd.sr.ContentSequence([])
-        item.ContentSequence.append(_scoord_child(m.points, image, frames))
+        item.ContentSequence.append(_scoord_child(points, image, frames, graphic_type))
     return group

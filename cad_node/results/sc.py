@@ -34,14 +34,17 @@ from cad_node.results._common import (
     BuildContext,
     SeriesNumber,
     ensure_character_set,
+    series_description,
 )
+from cad_node.results.colours import finding_rgb
 from cad_node.results.findings import AnalysisStatus, Finding
-from cad_node.results.sr import key_slice_axes, region_polyline
+from cad_node.results.sr import key_slice_axes, operating_point_texts, region_polyline
 
 __all__ = [
     "CONTOUR_RGB",
     "LABEL_RGB",
     "LUNG_WINDOW",
+    "STRUCTURE_RGB",
     "build_key_images",
     "build_summary_page",
     "key_slice_uid",
@@ -49,8 +52,9 @@ __all__ = [
 
 #: Lung window (width, level) in HU for CT key images.
 LUNG_WINDOW = (1500.0, -600.0)
-#: Colour of burned-in outlines; never produced by a grey image (R=G=B).
-CONTOUR_RGB = (255, 255, 0)
+#: Colour of the first finding's burned-in outline; finding k gets
+#: :func:`cad_node.results.colours.finding_rgb` (k), never grey (R=G=B).
+CONTOUR_RGB = finding_rgb(0)
 #: Colour of burned-in labels.
 LABEL_RGB = (0, 255, 255)
 #: Image Laterality (0020,0062), PS3.3 C.7.6.1: "B" = both left and right.
@@ -128,7 +132,8 @@ def _circle_radius_px(finding: Finding, ds: Dataset) -> float:
     return max((finding.long_axis_mm or 10.0) / 2 / _plane(ds).pixel_spacing[1], 4.0)
 
 
-def _draw_recist(rgb: np.ndarray, finding: Finding, uid: str) -> None:
+def _draw_recist(rgb: np.ndarray, finding: Finding, uid: str,
+                 colour: tuple[int, int, int] = CONTOUR_RGB) -> None:
     """Burn the RECIST long and short axes (if any) of ``finding`` on image ``uid``."""
     if finding.recist_axes_px is None or finding.region is None:
         return
@@ -137,36 +142,37 @@ def _draw_recist(rgb: np.ndarray, finding: Finding, uid: str) -> None:
     image = Image.fromarray(rgb)
     draw = ImageDraw.Draw(image)
     p = [(float(x) - 0.5, float(y) - 0.5) for x, y in finding.recist_axes_px]
-    draw.line(p[0:2], fill=CONTOUR_RGB, width=1)
-    draw.line(p[2:4], fill=CONTOUR_RGB, width=1)
+    draw.line(p[0:2], fill=colour, width=1)
+    draw.line(p[2:4], fill=colour, width=1)
     rgb[...] = np.asarray(image)
 
 
 def _draw_finding(
-    rgb: np.ndarray, ctx: BuildContext, finding: Finding, ds: Dataset
+    rgb: np.ndarray, ctx: BuildContext, finding: Finding, ds: Dataset,
+    colour: tuple[int, int, int] = CONTOUR_RGB,
 ) -> tuple[float, float]:
-    """Burn the finding's outline into ``rgb``; return a label anchor (x, y)."""
+    """Burn the finding's outline into ``rgb`` in ``colour``; return a label anchor (x, y)."""
     uid = str(ds.SOPInstanceUID)
     if finding.mask is not None and uid in finding.mask.sop_instance_uids:
         frame = finding.mask.array[finding.mask.sop_instance_uids.index(uid)]
         inside = np.asarray(frame) >= 0.5 if finding.mask.is_fractional else np.asarray(frame, bool)
         if inside.any():
             ring = ndimage.binary_dilation(inside) & ~inside
-            rgb[ring] = CONTOUR_RGB
-            _draw_recist(rgb, finding, uid)
+            rgb[ring] = colour
+            _draw_recist(rgb, finding, uid, colour)
             rows, cols = np.nonzero(inside)
             return float(cols.min()), float(rows.min())
     image = Image.fromarray(rgb)
     draw = ImageDraw.Draw(image)
     if finding.region is not None and finding.region.sop_instance_uid == uid:
         pts = [(float(x), float(y)) for x, y in region_polyline(finding.region)]
-        draw.line(pts, fill=CONTOUR_RGB, width=2)
+        draw.line(pts, fill=colour, width=2)
         anchor = (min(p[0] for p in pts), min(p[1] for p in pts))
     elif finding.center_mm is not None:
         cx, cy = _pixel_of(ds, finding.center_mm)
         radius = _circle_radius_px(finding, ds)
         draw.ellipse(
-            [cx - radius, cy - radius, cx + radius, cy + radius], outline=CONTOUR_RGB, width=2
+            [cx - radius, cy - radius, cx + radius, cy + radius], outline=colour, width=2
         )
         anchor = (cx - radius, cy - radius)
     else:
@@ -176,12 +182,84 @@ def _draw_finding(
 
 
 def _label(finding: Finding) -> str:
+    """Key-image label: what the finding is, its size, and each probability named."""
     text = finding.tracking_id
     if finding.long_axis_mm is not None:
         text += f" {finding.long_axis_mm:.1f} mm"
     if finding.probability is not None:
-        text += f" p={finding.probability:.2f}"
+        text += f", detection certainty {finding.probability:.2f}"
+    if finding.malignancy_probability is not None:
+        text += f", malignancy risk (Brock) {finding.malignancy_probability:.2f}"
     return text
+
+
+def _text_width(font: ImageFont.ImageFont | ImageFont.FreeTypeFont, text: str) -> float:
+    return float(font.getlength(text))
+
+
+def wrap_text(
+    text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: float
+) -> list[str]:
+    """Greedy word wrap of ``text`` into lines at most ``width`` pixels wide.
+
+    A single word wider than ``width`` is cut into pieces that fit.
+    """
+    lines: list[str] = []
+    current = ""
+    for word in text.split():
+        candidate = f"{current} {word}".strip()
+        if _text_width(font, candidate) <= width:
+            current = candidate
+            continue
+        if current:
+            lines.append(current)
+        while _text_width(font, word) > width and len(word) > 1:
+            cut = len(word)
+            while cut > 1 and _text_width(font, word[:cut]) > width:
+                cut -= 1
+            lines.append(word[:cut])
+            word = word[cut:]
+        current = word
+    if current:
+        lines.append(current)
+    return lines or [""]
+
+
+def place_label(
+    text: str, anchor: tuple[float, float], image_size: tuple[int, int], px: int,
+    min_px: int = 9,
+) -> tuple[ImageFont.ImageFont | ImageFont.FreeTypeFont, int, list[str], tuple[float, float]]:
+    """Font, line height, wrapped lines and top-left corner of a label inside the image.
+
+    The label is wrapped to at most half the image width, shrinking the font
+    down to ``min_px`` when that needs more than 3 lines, then to the whole
+    width; on an image too small even for that, the lines that do not fit are
+    cut ("...").  It goes above the anchor when there is room, else below it,
+    shifted left/up so that every line ends inside the image.
+    """
+    width, height = image_size
+    size = px
+    for max_w in (max(width / 2 - 4, 8.0), max(width - 4.0, 8.0)):
+        size = px
+        while True:
+            font = _font(size)
+            lines = wrap_text(text, font, max_w)
+            if len(lines) <= 3 or size <= min_px:
+                break
+            size -= 1
+        if len(lines) <= 3:
+            break
+    line_h = size + 3
+    fit = max(int((height - 4) // line_h), 1)
+    if len(lines) > fit:  # a tiny image: keep what fits, and say that text is cut
+        lines = [*lines[: fit - 1], wrap_text(lines[fit - 1] + "...", font, max_w)[0]]
+    block_h = line_h * len(lines)
+    block_w = max(_text_width(font, ln) for ln in lines)
+    ax, ay = anchor
+    y = ay - block_h - 4 if ay > block_h + 6 else ay + 4
+    y = min(max(y, 2.0), height - block_h - 2)
+    x = min(max(ax, 2.0), width - block_w - 2)
+    return font, line_h, lines, (max(x, 0.0), max(y, 0.0))
 
 
 def _patient_orientation(ds: Dataset) -> tuple[str, str]:
@@ -207,7 +285,7 @@ def _sc(
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
         study_instance_uid=ctx.source.study_instance_uid,
         series_instance_uid=ctx.uids.uid("sc.series"),
-        series_number=int(SeriesNumber.SC),
+        series_number=ctx.series_number(SeriesNumber.SC),
         sop_instance_uid=ctx.uids.uid("sc.instance", index),
         instance_number=index,
         manufacturer=ctx.settings.manufacturer,
@@ -227,7 +305,7 @@ def _sc(
         ),
         patient_orientation=_patient_orientation(ref),
         contributing_equipment=[],
-        series_description=f"CAD key images {ctx.model.name} {ctx.model.version}"[:64],
+        series_description=series_description("key images", ctx.model),
         manufacturer_model_name=ctx.model.name,
         software_versions=ctx.model.version,
         **kwargs,
@@ -252,7 +330,9 @@ def build_key_images(ctx: BuildContext) -> list[tuple[str, hd.sc.SCImage]]:
     if ctx.result.status is not AnalysisStatus.COMPLETED:
         return []
     out: list[tuple[str, hd.sc.SCImage]] = []
-    for index, finding in enumerate(ctx.result.findings, start=1):
+    if ctx.result.radiograph is not None:
+        out.append(("Lungs and heart", radiograph_key_image(ctx, 1)))
+    for index, finding in enumerate(ctx.result.findings, start=len(out) + 1):
         uid = key_slice_uid(ctx, finding)
         ds = ctx.source.by_uid.get(uid)
         if ds is None:
@@ -261,16 +341,23 @@ def build_key_images(ctx: BuildContext) -> list[tuple[str, hd.sc.SCImage]]:
             raise ValueError(f"source instance {uid} has no pixel data for a key image")
         grey = _window(ds, ctx.source.is_ct)
         rgb = np.repeat(grey[..., None], 3, axis=2)
-        ax, ay = _draw_finding(rgb, ctx, finding, ds)
+        colour = finding_rgb(index - 1)  # the finding's SEG/GSPS colour
+        ax, ay = _draw_finding(rgb, ctx, finding, ds, colour)
+        # the outline stays on top of the label wherever they cross
+        outline = np.all(rgb == np.asarray(colour, np.uint8), axis=-1)
         image = Image.fromarray(rgb)
         draw = ImageDraw.Draw(image)
         px = max(_LABEL_PX, rgb.shape[0] // _LABEL_FRACTION)
-        font = _font(px)
-        label = _label(finding)
-        ty = ay - px - 4 if ay > px + 6 else ay + 4
-        draw.text((max(ax, 2.0), ty), label, fill=LABEL_RGB, font=font)
-        draw.text((4, rgb.shape[0] - px - 4), ctx.settings.disclaimer, fill=LABEL_RGB, font=font)
-        pixels = np.asarray(image)
+        size = (rgb.shape[1], rgb.shape[0])
+        font, line_h, lines, (tx, ty) = place_label(_label(finding), (ax, ay), size, px)
+        for k, line in enumerate(lines):
+            draw.text((tx, ty + k * line_h), line, fill=LABEL_RGB, font=font)
+        foot, foot_h, foot_lines, _ = place_label(ctx.settings.disclaimer, (4, 0), size, px)
+        fy = rgb.shape[0] - 4 - len(foot_lines) * foot_h
+        for k, line in enumerate(foot_lines):
+            draw.text((4, fy + k * foot_h), line, fill=LABEL_RGB, font=foot)
+        pixels = np.array(image)
+        pixels[outline] = colour
         sc = _sc(ctx, pixels, ds, index, spacing=True)
         item = Dataset()
         item.ReferencedSOPClassUID = ds.SOPClassUID
@@ -288,8 +375,29 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-#: x offsets (px) of the summary table's columns.
-_TABLE_X = (16, 176, 276, 526, 626, 726, 836)
+#: x offsets (px) of the summary table's columns (headers fit at 18 px).
+_TABLE_X = (16, 150, 230, 330, 420, 510, 600, 780)
+#: Column headers: every probability says what it is (issue #13).
+_TABLE_HEADER = ("ID", "Type", "Site", "Long mm", "Short mm", "Vol mm3",
+                 "Detection certainty", "Malignancy risk (Brock)")
+#: Legend printed under the table.
+PROBABILITY_LEGEND = (
+    "Detection certainty: how sure the algorithm is that this is a finding (not a risk of "
+    "cancer). Malignancy risk (Brock): PanCan/Brock model probability of cancer."
+)
+
+
+def _row(f: Finding) -> tuple[str, ...]:
+    return (
+        f.tracking_id[:14],
+        f.finding_type.meaning[:8],
+        f.site.meaning if f.site else "-",
+        _fmt(f.long_axis_mm, ".1f"),
+        _fmt(f.short_axis_mm, ".1f"),
+        _fmt(f.volume_mm3, ".0f"),
+        _fmt(f.probability, ".2f"),
+        _fmt(f.malignancy_probability, ".2f"),
+    )
 
 
 def summary_lines(ctx: BuildContext) -> list[str | tuple[str, ...]]:
@@ -303,26 +411,25 @@ def summary_lines(ctx: BuildContext) -> list[str | tuple[str, ...]]:
     if result.status is AnalysisStatus.FAILED:
         lines.append(f"ANALYSIS FAILED: {result.failure_reason}")
         lines.append("No result is available; this is not a negative result.")
-    elif not result.findings:
+    elif not result.findings and ctx.operating_point.threshold is None:
         lines.append("No findings.")
-    else:
+    elif result.findings:
         lines.append(f"{len(result.findings)} finding(s):")
-        lines.append(("ID", "Type", "Site", "Long mm", "Short mm", "Vol mm3", "Prob"))
+        lines.append(_TABLE_HEADER)
         for f in result.findings:
-            lines.append(
-                (
-                    f.tracking_id[:16],
-                    f.finding_type.meaning,
-                    f.site.meaning if f.site else "-",
-                    _fmt(f.long_axis_mm, ".1f"),
-                    _fmt(f.short_axis_mm, ".1f"),
-                    _fmt(f.volume_mm3, ".0f"),
-                    _fmt(f.probability, ".2f"),
-                )
-            )
+            lines.append(_row(f))
             if f.center_mm is not None:
                 x, y, z = f.center_mm
                 lines.append(("", f"centre (LPS) {x:.1f}, {y:.1f}, {z:.1f} mm"))
+    if result.status is not AnalysisStatus.FAILED:
+        lines += operating_point_texts(ctx)
+        below = ctx.operating_point.reported_below
+        if below:
+            lines.append("Below the operating point (candidates, NOT findings):")
+            lines.append(_TABLE_HEADER)
+            lines += [_row(f) for f in below]
+        if result.findings or below:
+            lines.append(PROBABILITY_LEGEND)
     for k, v in sorted(result.qualitative.items()):
         lines.append(f"{k}: {v}")
     for k, m in sorted(result.measurements.items()):
@@ -345,11 +452,92 @@ def build_summary_page(ctx: BuildContext, index: int) -> hd.sc.SCImage:
         if isinstance(line, tuple):
             for x, cell in zip(_TABLE_X, line, strict=False):
                 draw.text((x, y), cell, fill=(255, 255, 255), font=font)
-        else:
-            draw.text((16, y), line, fill=(255, 255, 255), font=font)
-        y += math.ceil(_FONT_PX * 1.4)
+            y += math.ceil(_FONT_PX * 1.4)
+            continue
+        for part in wrap_text(line, font, cols - 32):
+            if y > rows - 3 * _FONT_PX:
+                break
+            draw.text((16, y), part, fill=(255, 255, 255), font=font)
+            y += math.ceil(_FONT_PX * 1.4)
     draw.text((16, rows - 2 * _FONT_PX), ctx.settings.disclaimer, fill=(255, 64, 64), font=font)
     sc = _sc(ctx, np.asarray(image), ctx.source.first, index, spacing=False)
     sc.DerivationDescription = "CAD summary page"
+    ensure_character_set(sc)
+    return sc
+
+
+# -- chest radiograph overview: outlines, CTR lines, legend ---------------------------
+
+#: Outline colours of the radiograph overview key image.
+STRUCTURE_RGB = {
+    "right lung": (0, 220, 0),
+    "left lung": (0, 170, 255),
+    "heart": (255, 70, 70),
+}
+#: Colour of the cardiothoracic-ratio lines.
+CTR_LINE_RGB = (255, 0, 255)
+
+
+def radiograph_key_image(ctx: BuildContext, index: int) -> hd.sc.SCImage:
+    """Key image of a chest radiograph: lung and heart outlines, CTR lines, legend.
+
+    The source is rendered for display as the pipeline read it
+    (:func:`cad_node.imaging.radiograph.display_pixels`: VOI, MONOCHROME1).
+
+    Raises
+    ------
+    ValueError
+        No radiograph measurements, or their image was not received.
+    """
+    from cad_node.imaging.radiograph import RadiographRefusedError, display_pixels
+
+    meas = ctx.result.radiograph
+    if meas is None:
+        raise ValueError("the result has no radiograph measurements")
+    ds = ctx.source.by_uid.get(meas.sop_instance_uid)
+    if ds is None or "PixelData" not in ds:
+        raise ValueError(f"radiograph {meas.sop_instance_uid} was not received with pixels")
+    try:
+        grey01, _ = display_pixels(ds)
+        grey = np.round(grey01 * 255.0).astype(np.uint8)
+    except RadiographRefusedError:
+        grey = _window(ds, False)
+    image = Image.fromarray(np.repeat(grey[..., None], 3, axis=2))
+    draw = ImageDraw.Draw(image)
+    width = max(2, grey.shape[0] // 400)
+    for name, poly in (("right lung", meas.right_lung_outline),
+                       ("left lung", meas.left_lung_outline),
+                       ("heart", meas.heart_outline)):
+        if poly:
+            draw.line([*poly, poly[0]], fill=STRUCTURE_RGB[name], width=width)
+    for line in (meas.heart_line, meas.thorax_line):
+        if line is not None:
+            draw.line(list(line), fill=CTR_LINE_RGB, width=width)
+    px = max(_LABEL_PX, grey.shape[0] // _LABEL_FRACTION)
+    font = _font(px)
+    legend = []
+    for name, area in (("right lung", meas.right_lung_area_cm2),
+                       ("left lung", meas.left_lung_area_cm2)):
+        legend.append((f"{name}" + (f" {area:.0f} cm2" if area is not None else ""),
+                       STRUCTURE_RGB[name]))
+    legend.append(("heart", STRUCTURE_RGB["heart"]))
+    if meas.ctr is not None:
+        legend.append((f"CTR {meas.ctr:.2f}", CTR_LINE_RGB))
+    else:
+        legend.append((f"CTR {meas.ctr_not_assessable}", CTR_LINE_RGB))
+    if meas.heart_width_mm is None:
+        legend.append(("no pixel spacing: no mm values", LABEL_RGB))
+    y = 4.0
+    for text, colour in legend:
+        draw.text((4, y), text, fill=colour, font=font)
+        y += px * 1.3
+    draw.text((4, grey.shape[0] - px - 4), ctx.settings.disclaimer, fill=LABEL_RGB, font=font)
+    sc = _sc(ctx, np.asarray(image), ds, index, spacing=True)
+    item = Dataset()
+    item.ReferencedSOPClassUID = ds.SOPClassUID
+    item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+    sc.SourceImageSequence = [item]
+    sc.DerivationDescription = (f"lung and heart outlines and cardiothoracic ratio lines "
+                                f"burned in by {ctx.model.name}")[:1024]
     ensure_character_set(sc)
     return sc

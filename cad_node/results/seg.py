@@ -42,7 +42,9 @@ from cad_node.results._common import (
     BuildContext,
     SeriesNumber,
     processing_equipment,
+    series_description,
 )
+from cad_node.results.colours import finding_rgb
 from cad_node.results.findings import FindingSite, ImageMask
 
 __all__ = ["SegResult", "SegmentInfo", "build_seg"]
@@ -54,12 +56,13 @@ MAX_FRACTIONAL_VALUE = 255
 CATEGORY_ANATOMY = codes.SCT.AnatomicalStructure
 CATEGORY_FINDING = codes.SCT.MorphologicallyAbnormalStructure
 
-#: Recommended display colours (CIELab via sRGB) for organs and findings.
+#: Recommended display colours (CIELab via sRGB) for organs; findings use
+#: :func:`cad_node.results.colours.finding_rgb`, as their SC and GSPS outlines.
 _ORGAN_RGB = {
     FindingSite.RIGHT_LUNG: (128, 174, 128),
     FindingSite.LEFT_LUNG: (111, 184, 210),
+    FindingSite.HEART: (206, 110, 84),
 }
-_FINDING_RGB = (255, 64, 64)
 _OTHER_RGB = (220, 220, 120)
 
 
@@ -130,7 +133,7 @@ def _segments(
             anatomic_regions=(
                 [Code(finding.site.code, "SCT", finding.site.meaning)] if finding.site else None
             ),
-            display_color=hd.color.CIELabColor.from_rgb(*_FINDING_RGB),
+            display_color=hd.color.CIELabColor.from_rgb(*finding_rgb(index)),
         )
         out.append((finding.tracking_id, finding.mask, desc, finding.tracking_id))
         number += 1
@@ -160,7 +163,9 @@ def build_seg(ctx: BuildContext) -> SegResult:
     if not segs:
         raise ValueError("the result carries no masks; there is nothing to segment")
     src = ctx.source
-    if src.stack is None:
+    if src.stack is None and len(src.images) != 1:
+        # One projection radiograph needs no patient geometry (its SEG frame
+        # is the image itself); several images without it cannot be ordered.
         raise ValueError("SEG needs source images with Image Position/Orientation (Patient)")
     images = src.images
     rows, cols = int(images[0].Rows), int(images[0].Columns)
@@ -186,7 +191,11 @@ def build_seg(ctx: BuildContext) -> SegResult:
             if frame.any():
                 frames[i] = frame
         touched.append(frames)
-    used = _resolve_duplicates(images, src.stack, touched)
+    used = (
+        _resolve_duplicates(images, src.stack, touched)
+        if src.stack is not None
+        else {i for frames in touched for i in frames}
+    )
 
     keep = sorted(used)
     new_index = {old: new for new, old in enumerate(keep)}
@@ -214,7 +223,7 @@ def build_seg(ctx: BuildContext) -> SegResult:
         segmentation_type=seg_type,
         segment_descriptions=[d for _, _, d, _ in segs],
         series_instance_uid=ctx.uids.uid("seg.series"),
-        series_number=int(SeriesNumber.SEG),
+        series_number=ctx.series_number(SeriesNumber.SEG),
         sop_instance_uid=ctx.uids.uid("seg.instance", 1),
         instance_number=1,
         manufacturer=ctx.settings.manufacturer,
@@ -224,12 +233,26 @@ def build_seg(ctx: BuildContext) -> SegResult:
         max_fractional_value=MAX_FRACTIONAL_VALUE,
         content_description="CAD segmentation",
         content_label="CAD_SEG",
-        series_description=f"CAD SEG {ctx.model.name} {ctx.model.version}"[:64],
+        series_description=series_description("segmentation", ctx.model),
         omit_empty_frames=True,
         contributing_equipment=[processing_equipment(ctx.model, ctx.when)],
         content_creator_name=None,
         **kwargs,
     )
+    if src.stack is None:
+        # A projection radiograph has no slice thickness; highdicom 0.28 writes a
+        # Pixel Measures item with Pixel Spacing only and then refuses to read
+        # it back (PixelMeasuresSequence.from_sequence needs Slice Thickness).
+        # Without patient geometry the macro is not required (PS3.3 A.51.5), and
+        # the referenced radiograph keeps its own Pixel Spacing.
+        for group in dataset.SharedFunctionalGroupsSequence:
+            if "PixelMeasuresSequence" in group and "SliceThickness" not in (
+                    group.PixelMeasuresSequence[0]):
+                del group.PixelMeasuresSequence
+    if src.stack is None and "PatientOrientation" not in dataset:
+        # General Image Module, Type 2C without patient geometry (PS3.3 C.7.6.1):
+        # the radiograph's own value, possibly empty.
+        dataset.PatientOrientation = src.first.get("PatientOrientation", "")
     setattr(dataset, "ContentDate", ctx.when.strftime("%Y%m%d"))  # noqa: B010 (typed as DA)
     setattr(dataset, "ContentTime", ctx.when.strftime("%H%M%S"))  # noqa: B010
     ctx.finalize(dataset, "seg")

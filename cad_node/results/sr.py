@@ -47,17 +47,35 @@ from cad_node.results._common import (
     BuildContext,
     SeriesNumber,
     processing_equipment,
+    series_description,
 )
 from cad_node.results.findings import AnalysisStatus, Finding, Region2D
-from cad_node.results.planar import Bidirectional, bidirectional_axes, key_frame, planar_group
+from cad_node.results.operating_point import (
+    BELOW_OPERATING_POINT,
+    CAD_OPERATING_POINT,
+    PRESENTATION_OPTIONAL,
+    RENDERING_INTENT,
+)
+from cad_node.results.planar import (
+    LONG_AXIS,
+    SHORT_AXIS,
+    Bidirectional,
+    PlanarRegion,
+    bidirectional_axes,
+    key_frame,
+    planar_group,
+)
 from cad_node.results.seg import SegResult
 
 __all__ = [
+    "CARDIOTHORACIC_RATIO",
+    "LOCAL_CODING_SCHEME",
     "ProcedureReported",
     "SummaryCode",
     "build_sr",
     "key_slice_axes",
     "procedure_reported",
+    "radiograph_groups",
     "recist_group",
     "region_polyline",
 ]
@@ -149,8 +167,8 @@ def _measurements(finding: Finding, algo: hd.sr.AlgorithmIdentification) -> list
                 )
             )
 
-    add(codes.SCT.LongAxis, finding.long_axis_mm, UNIT_MM)
-    add(codes.SCT.ShortAxis, finding.short_axis_mm, UNIT_MM)
+    add(LONG_AXIS, finding.long_axis_mm, UNIT_MM)
+    add(SHORT_AXIS, finding.short_axis_mm, UNIT_MM)
     add(codes.SCT.Volume, finding.volume_mm3, UNIT_MM3)
     add(ATTENUATION_COEFFICIENT, finding.mean_hu, UNIT_HU, codes.SCT.Mean)
     add(CERTAINTY_OF_FINDING, finding.probability, UNIT_NONE)
@@ -201,7 +219,11 @@ def key_slice_axes(ctx: BuildContext, finding: Finding) -> tuple[Dataset, Bidire
     if not frames:
         return None
     frames.sort()
-    binary = np.stack([np.asarray(mask.array[k]) > 0.5 for _, k in frames])
+    # the SC outline's rule: fractional masks at >= 0.5
+    binary = np.stack([
+        np.asarray(mask.array[k]) >= 0.5 if mask.is_fractional else np.asarray(mask.array[k], bool)
+        for _, k in frames
+    ])
     first = ctx.source.images[frames[0][0]]
     spacing = (float(first.PixelSpacing[0]), float(first.PixelSpacing[1]))
     best = key_frame(binary, spacing)
@@ -230,7 +252,7 @@ def _planar_ct_group(
         m
         for m in _measurements(finding, algo)
         if m[0].ConceptNameCodeSequence[0].CodeValue
-        not in (codes.SCT.LongAxis.value, codes.SCT.ShortAxis.value)
+        not in (LONG_AXIS.value, SHORT_AXIS.value)
     ]
     return planar_group(
         identifier=finding.tracking_id,
@@ -343,15 +365,76 @@ def _group(
             f"finding {finding.tracking_id!r} references SOP Instance {region.sop_instance_uid}, "
             "which was not received"
         )
-    frames = [region.frame_number] if region.frame_number is not None else None
-    image_region = hd.sr.ImageRegion(
-        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-        graphic_data=region_polyline(region),
-        source_image=hd.sr.SourceImageForRegion.from_source_image(image, frames),
+    planar = (
+        PlanarRegion.box(region.points[0], region.points[1])
+        if region.kind == "box"
+        else PlanarRegion.polygon(region.points)
     )
+    return planar_group(
+        identifier=finding.tracking_id,
+        tracking_uid=ctx.tracking_uid(index),
+        image=image,
+        region=planar,
+        finding_type=common["finding_type"],  # type: ignore[arg-type]
+        measurements=common["measurements"] or (),  # type: ignore[arg-type]
+        algorithm=algo,
+        finding_sites=common["finding_sites"] or (),  # type: ignore[arg-type]
+        frame_number=region.frame_number,
+    )
+
+
+def _below_group(ctx: BuildContext, finding: Finding) -> Any:
+    """A candidate below the operating point: volumetric group only, labelled.
+
+    No planar group (OHIF would list it with the findings) and no SEG segment;
+    its Tracking Identifier says "(below operating point)", and two
+    qualitative evaluations say it in codes: Rendering Intent "Presentation
+    Optional" (CID 6034, as CAD SR marks sub-threshold marks) and CAD
+    Operating Point "Below operating point".
+    """
+    algo = _algorithm(ctx)
+    common = _common_items(ctx, 0, finding, algo)
+    src = ctx.source
+    for_uid = src.first.get("FrameOfReferenceUID")
+    tracking = hd.sr.TrackingIdentifier(
+        uid=ctx.tracking_uid_of(finding),
+        identifier=f"{finding.tracking_id} (below operating point)",
+    )
+    qualitative = [
+        hd.sr.QualitativeEvaluation(name=RENDERING_INTENT, value=PRESENTATION_OPTIONAL),
+        hd.sr.QualitativeEvaluation(name=CAD_OPERATING_POINT, value=BELOW_OPERATING_POINT),
+    ]
+    kwargs: dict[str, Any] = {
+        "tracking_identifier": tracking,
+        "finding_type": common["finding_type"],
+        "algorithm_id": algo,
+        "measurements": _measurements(finding, algo) or None,
+        "finding_sites": common["finding_sites"],
+        "qualitative_evaluations": qualitative,
+    }
+    if finding.center_mm is not None and for_uid and src.has_geometry:
+        surface = hd.sr.VolumeSurface(
+            graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+            graphic_data=np.asarray([finding.center_mm], dtype=np.float64),
+            frame_of_reference_uid=str(for_uid),
+            source_series=hd.sr.SourceSeriesForSegmentation(str(src.first.SeriesInstanceUID)),
+        )
+        return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            referenced_volume_surface=surface, **kwargs
+        )
+    if finding.region is None or finding.region.sop_instance_uid not in src.by_uid:
+        raise ValueError(f"candidate {finding.tracking_id!r} has no location on a received image")
+    region = finding.region
+    frames = [region.frame_number] if region.frame_number is not None else None
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        referenced_region=image_region,
-        **common,  # type: ignore[arg-type]
+        referenced_region=hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=region_polyline(region),
+            source_image=hd.sr.SourceImageForRegion.from_source_image(
+                src.by_uid[region.sop_instance_uid], frames
+            ),
+        ),
+        **kwargs,
     )
 
 
@@ -411,6 +494,23 @@ def recist_group(
     )
 
 
+def operating_point_texts(ctx: BuildContext) -> list[str]:
+    """What the report says about the operating point (SR comments, summary page)."""
+    op = ctx.operating_point
+    if op.threshold is None or ctx.result.status is AnalysisStatus.FAILED:
+        return []
+    out = [f"Operating point: {op.describe()} (findings below it are not reported as findings)."]
+    if not ctx.result.findings:
+        kind = op.below[0].finding_type.meaning.lower() if op.below else "finding"
+        out.append(f"No {kind} found at the operating point ({op.describe()}).")
+    n = len(op.below)
+    if n:
+        shown = "listed separately, labelled 'below operating point'" if op.include_below else (
+            "not reported")
+        out.append(f"{n} candidate(s) below the operating point: {shown}.")
+    return out
+
+
 def _qualitative(ctx: BuildContext) -> hd.sr.ContainerContentItem:
     result = ctx.result
     if result.status is AnalysisStatus.FAILED:
@@ -430,10 +530,12 @@ def _qualitative(ctx: BuildContext) -> hd.sr.ContainerContentItem:
         )
     ]
     texts: list[str] = []
+    at_op = operating_point_texts(ctx)
     if result.status is AnalysisStatus.FAILED:
         texts.append(f"Analysis failed: {result.failure_reason}")
-    elif not result.findings:
+    elif not result.findings and not at_op:
         texts.append("No findings.")
+    texts += at_op
     texts += [f"{k}: {v}" for k, v in sorted(result.qualitative.items())]
     texts += [f"{k}: {v:g}" for k, v in sorted(result.measurements.items())]
     texts += list(result.notes)
@@ -482,6 +584,10 @@ def build_sr(ctx: BuildContext, seg: SegResult | None = None) -> hd.sr.Comprehen
         if ctx.result.status is AnalysisStatus.COMPLETED
         else []
     )
+    if ctx.result.status is AnalysisStatus.COMPLETED:
+        groups += [_below_group(ctx, f) for f in ctx.operating_point.reported_below]
+    if ctx.result.status is AnalysisStatus.COMPLETED and ctx.result.radiograph is not None:
+        groups.extend(radiograph_groups(ctx))
     procedure = _PROCEDURE_BY_PIPELINE.get(ctx.result.pipeline) or procedure_reported(
         str(ctx.source.first.get("Modality", "")))
     placeholder = not groups
@@ -522,7 +628,7 @@ def build_sr(ctx: BuildContext, seg: SegResult | None = None) -> hd.sr.Comprehen
         evidence=evidence,
         content=root,
         series_instance_uid=ctx.uids.uid("sr.series"),
-        series_number=int(SeriesNumber.SR),
+        series_number=ctx.series_number(SeriesNumber.SR),
         sop_instance_uid=ctx.uids.uid("sr.instance", 1),
         instance_number=1,
         manufacturer=ctx.settings.manufacturer,
@@ -530,10 +636,136 @@ def build_sr(ctx: BuildContext, seg: SegResult | None = None) -> hd.sr.Comprehen
         is_final=True,
         is_verified=False,
         contributing_equipment=[processing_equipment(model, ctx.when)],
-        series_description=f"CAD SR {model.name} {model.version}"[:64],
+        series_description=series_description("measurement report", model),
         manufacturer_model_name=model.name,
         software_versions=model.version,
         **kwargs,
     )
+    if ctx.result.radiograph is not None:
+        sr.CodingSchemeIdentificationSequence = [_local_coding_scheme()]
     ctx.finalize(sr, "sr")
     return sr
+
+
+# -- chest radiograph: lung areas and the cardiothoracic ratio (TID 1410) ----------
+
+#: Coding scheme of the node's own concepts (PS3.16 8.2: "99" prefix = private),
+#: declared in the Coding Scheme Identification Sequence (PS3.3 C.12.1.1.2).
+LOCAL_CODING_SCHEME = "99CADNODE"
+#: No standard code exists for the cardiothoracic ratio in SNOMED CT or DCM.
+CARDIOTHORACIC_RATIO = Code("CTR", LOCAL_CODING_SCHEME, "Cardiothoracic ratio")
+UNIT_CM2 = codes.UCUM.SquareCentimeter
+UNIT_RATIO = codes.UCUM.Ratio
+
+
+def _local_coding_scheme() -> Dataset:
+    item = Dataset()
+    item.CodingSchemeDesignator = LOCAL_CODING_SCHEME
+    item.CodingSchemeName = "cad-node local concepts"
+    item.CodingSchemeResponsibleOrganization = "cad-node"
+    return item
+
+
+def _scoord_in(num: hd.sr.Measurement, points: Any, image: Dataset) -> None:
+    """Put an INFERRED FROM SCOORD POLYLINE (SELECTED FROM ``image``) inside a NUM.
+
+    OHIF's measurement tools read a planar NUM's geometry from there (see
+    :mod:`cad_node.results.planar`).
+    """
+    item = hd.sr.ScoordContentItem(
+        name=codes.DCM.ImageRegion,
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=np.asarray(points, dtype=np.float32),
+        relationship_type=hd.sr.RelationshipTypeValues.INFERRED_FROM,
+    )
+    item.ContentSequence = hd.sr.ContentSequence(
+        [hd.sr.SourceImageForRegion.from_source_image(image)]
+    )
+    content = num[0]
+    if "ContentSequence" not in content:
+        content.ContentSequence = hd.sr.ContentSequence([])
+    content.ContentSequence.append(item)
+
+
+def radiograph_groups(ctx: BuildContext) -> list[Any]:
+    """TID 1410 groups of a chest radiograph's :class:`ChestRadiographMeasurements`.
+
+    * one group per outlined structure (right lung, left lung, heart): the
+      outline as the Image Region, the area (cm², only with a mm scale);
+    * one "Cardiothoracic ratio" group (PA films): NUM Width (mm) of the
+      heart and of the thorax, each qualified by its Finding Site and holding
+      its POLYLINE, then NUM Cardiothoracic ratio.  Without a mm scale the
+      widths are not reported and both POLYLINEs go inside the ratio NUM.
+
+    Raises
+    ------
+    ValueError
+        The measurements reference an image that was not received.
+    """
+    from cad_node.results.findings import FindingSite as Site
+    from cad_node.results.planar import PlanarRegion, planar_group
+
+    meas = ctx.result.radiograph
+    if meas is None:
+        return []
+    image = ctx.source.by_uid.get(meas.sop_instance_uid)
+    if image is None:
+        raise ValueError(f"radiograph measurements reference {meas.sop_instance_uid}, "
+                         "which was not received")
+    algo = _algorithm(ctx)
+    groups: list[Any] = []
+    structures = (
+        (Site.RIGHT_LUNG, meas.right_lung_outline, meas.right_lung_area_cm2),
+        (Site.LEFT_LUNG, meas.left_lung_outline, meas.left_lung_area_cm2),
+        (Site.HEART, meas.heart_outline, None),
+    )
+    for site, poly, area in structures:
+        if poly is None:
+            continue
+        code = Code(site.code, "SCT", site.meaning)
+        numeric = (
+            [hd.sr.Measurement(name=codes.SCT.Area, value=round(float(area), 2), unit=UNIT_CM2,
+                               algorithm_id=algo)]
+            if area is not None else []
+        )
+        groups.append(planar_group(
+            identifier=site.meaning,
+            tracking_uid=ctx.uids.uid("cxr.tracking", site.name),
+            image=image,
+            region=PlanarRegion.polygon(poly),
+            finding_type=code,
+            measurements=numeric,
+            algorithm=algo,
+            finding_sites=[hd.sr.FindingSite(code)],
+        ))
+    if meas.ctr is None or meas.heart_line is None or meas.thorax_line is None:
+        return groups
+    heart = hd.sr.FindingSite(Code(Site.HEART.code, "SCT", Site.HEART.meaning))
+    thorax = hd.sr.FindingSite(Code(Site.THORAX.code, "SCT", Site.THORAX.meaning))
+    ratio = hd.sr.Measurement(name=CARDIOTHORACIC_RATIO, value=round(meas.ctr, 3),
+                              unit=UNIT_RATIO, algorithm_id=algo)
+    numeric = []
+    lines: list[tuple[hd.sr.Measurement, Any]] = []
+    if meas.heart_width_mm is not None and meas.thorax_width_mm is not None:
+        hw = hd.sr.Measurement(name=codes.SCT.Width, value=round(meas.heart_width_mm, 2),
+                               unit=UNIT_MM, finding_sites=[heart], algorithm_id=algo)
+        tw = hd.sr.Measurement(name=codes.SCT.Width, value=round(meas.thorax_width_mm, 2),
+                               unit=UNIT_MM, finding_sites=[thorax], algorithm_id=algo)
+        numeric = [hw, tw, ratio]
+        lines = [(hw, meas.heart_line), (tw, meas.thorax_line)]
+    else:
+        numeric = [ratio]
+        lines = [(ratio, meas.heart_line), (ratio, meas.thorax_line)]
+    groups.append(planar_group(
+        identifier="Cardiothoracic ratio",
+        tracking_uid=ctx.uids.uid("cxr.tracking", "CTR"),
+        image=image,
+        region=PlanarRegion(hd.sr.GraphicTypeValues.POLYLINE, np.asarray(meas.thorax_line)),
+        finding_type=Code(Site.HEART.code, "SCT", Site.HEART.meaning),
+        measurements=numeric,
+        algorithm=algo,
+        finding_sites=[heart],
+    ))
+    for num, points in lines:
+        _scoord_in(num, points, image)
+    return groups

@@ -14,8 +14,11 @@
 3. **References**: every Referenced SOP Instance UID anywhere in the object
    resolves to a received source instance, to another object built in the
    same run (``others``) or to itself.
-4. **dciodvfy** (dicom3tools), when installed and ``use_dciodvfy``: any
-   ``Error`` line fails the object; ``Warning`` lines are reported only.
+4. **dciodvfy** (dicom3tools, called by its absolute path :data:`DCIODVFY`)
+   when ``use_dciodvfy``: any ``Error`` line fails the object; ``Warning``
+   lines are reported only.  With ``use_dciodvfy`` and dciodvfy missing or
+   not runnable the object *fails* (fail closed: an unchecked object is
+   never sent); ``ValidationReport.dciodvfy_ran`` says whether it ran.
 
 The verdict is :class:`ValidationReport` (``ok`` / ``errors`` / ``warnings``).
 The caller (the jobs engine) quarantines objects that are not ``ok`` and logs
@@ -28,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -214,8 +216,12 @@ def _content_names(ds: Dataset) -> set[tuple[str, str]]:
 
 
 def _run_dciodvfy(data: bytes, errors: list[str], warnings: list[str]) -> bool:
-    exe = DCIODVFY if os.access(DCIODVFY, os.X_OK) else shutil.which("dciodvfy")
-    if exe is None:
+    exe = DCIODVFY  # by absolute path only: never whatever "dciodvfy" PATH finds
+    if not os.path.isfile(exe):
+        errors.append(
+            f"dciodvfy ({exe}) is not installed but results.use_dciodvfy is true: install "
+            "dicom3tools, or set results.use_dciodvfy: false to send unchecked objects"
+        )
         return False
     fd, path = tempfile.mkstemp(prefix="cad-node-validate-", suffix=".dcm")
     try:
@@ -267,7 +273,8 @@ def validate(
         Other objects built in the same run, which references may point to
         (e.g. the SR's Referenced Segment points to the SEG).
     use_dciodvfy : bool
-        Run dciodvfy when it is installed (``ResultsConfig.use_dciodvfy``).
+        Run dciodvfy (``ResultsConfig.use_dciodvfy``); when it is missing the
+        object fails the gate.
 
     Returns
     -------

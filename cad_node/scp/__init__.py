@@ -1,8 +1,11 @@
 """The DICOM network edge (C-ECHO and C-STORE SCP).
 
 Public API: :class:`NodeServer` (SCP + spool + study assembler, in-process),
-:class:`Admission`, :class:`Status` (DIMSE statuses) and the presentation
-context tables in :mod:`cad_node.scp.contexts`.
+:class:`Admission` / :class:`AdmissionEvent` (admission policy and its audit
+hook), :class:`Status` (DIMSE statuses) and the presentation context tables
+in :mod:`cad_node.scp.contexts`.  Layers: :mod:`~cad_node.scp.admission`
+(policy), :mod:`~cad_node.scp.wire` (bytes), :mod:`~cad_node.scp._fastpath`
+(pynetdicom overrides, version-guarded), :mod:`~cad_node.scp.server`.
 """
 
 from cad_node.scp.admission import Admission, AdmissionEvent, RejectReason

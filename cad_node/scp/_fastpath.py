@@ -62,6 +62,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.fsm import StateMachine
 from pynetdicom.pdu_primitives import A_ASSOCIATE, P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
@@ -107,6 +108,8 @@ PRIVATE_API: tuple[tuple[type | object, str, tuple[str, ...] | None], ...] = (
     (DULServiceProvider, "receive_pdu", ("self", "wait", "timeout")),
     (DULServiceProvider, "stop_dul", ("self",)),
     (DULServiceProvider, "kill_dul", ("self",)),
+    (StateMachine, "do_action", ("self", "event")),
+    (StateMachine, "__init__", ("self", "dul")),
     (Association, "run_reactor", ("self",)),
     (Association, "_run_reactor", ("self",)),
     (Association, "_serve_request", ("self", "msg", "context_id")),
@@ -227,11 +230,35 @@ def lenient_uid_validation() -> Iterator[None]:
 
 # -- DUL ------------------------------------------------------------------------------
 
+class _GuardedStateMachine(StateMachine):
+    """PS3.8 state machine whose failures end the association instead of the thread.
+
+    pynetdicom's ``do_action`` re-raises whatever an action raises (an
+    A-ABORT PDU with an invalid Source, say, fails when its primitive is
+    built; an event invalid in the current state raises
+    ``InvalidEventError``), which kills the DUL thread with an unhandled
+    exception.  Here the failure is a protocol violation: A-ABORT, close.
+    """
+
+    def do_action(self, event: str) -> None:
+        try:
+            super().do_action(event)
+        except Exception as exc:
+            dul = self.dul
+            if isinstance(dul, _FastDUL):
+                dul.violation(
+                    f"state machine failed on {event} in {self.current_state}: {exc!r}",
+                    AbortReason.UNEXPECTED_PDU_PARAMETER,
+                )
+            dul.kill_dul()
+
+
 class _FastDUL(DULServiceProvider):
     """DUL provider with bounded, deadline-limited PDU reads (see the module docstring)."""
 
     def __init__(self, assoc: Association, request_deadline: float, max_pdu: int) -> None:
         super().__init__(assoc)
+        self.state_machine = _GuardedStateMachine(self)
         #: ``time.monotonic()`` by which the A-ASSOCIATE-RQ must have arrived.
         self.request_deadline = request_deadline
         #: Our maximum PDU (0: unlimited, PS3.8 D.1).

@@ -208,6 +208,18 @@ class Admission:
         self._per_peer: dict[str, int] = {}
         self._busy = 0
 
+    # -- live reload ----------------------------------------------------------
+    def reconfigure(self, settings: Settings) -> None:
+        """Use the ``peers`` of ``settings`` for every decision from now on (live reload).
+
+        Connections in flight keep their slots and their admitted
+        associations are not checked again; ``node.*`` (AE title, limits,
+        ``accept_any``) needs a restart and is not taken.
+        """
+        fresh = Admission(settings)
+        with self._lock:
+            self.peers, self.addresses = fresh.peers, fresh.addresses
+
     # -- observers ------------------------------------------------------------
     def notify(self, event: AdmissionEvent) -> None:
         """Report ``event`` to every observer (exceptions are logged, not raised)."""

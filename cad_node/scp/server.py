@@ -38,10 +38,18 @@ Contract at the edge (what a peer can and cannot make the node do)
   set fragment without a command or on another presentation context than its
   command's, a C-STORE on a context that was not accepted.  Other
   associations are not affected.
-* **UIDs.**  pynetdicom's UI validator is relaxed in the node's own
-  association threads only, so a command UID pynetdicom would refuse to
-  decode reaches :mod:`cad_node.uids`, which decides (a UID that breaks
-  PS3.5 9.1 is refused with 0xC101).  No path is ever built from a UID.
+* **UIDs: lenient where real modalities are sloppy, strict where it
+  matters** (:func:`cad_node.uids.lenient_uid`).  A UID with a leading-zero
+  component (``1.2.840.0113...``, forbidden by PS3.5 9.1 but common and
+  readable by pydicom) is stored, answered Success and flagged: a WARNING
+  log line with the study UID, and ``DatasetHeader.uid_defects``.  A UID
+  that is empty, longer than 64 characters, has a character other than
+  ``0-9`` and ``.`` (so no ``/`` or ``..``: no path traversal) or an empty
+  component is refused: 0xC101 in the command, 0xA900 in the data set.  The
+  transfer syntax UID is checked strictly.  pynetdicom's UI validator is
+  relaxed in the node's own association threads only, so such a command
+  reaches this policy instead of going unanswered.  No path is ever built
+  from a UID.
 * **Timeouts.**  Finite ACSE, DIMSE and network timeouts; a PDU that stops
   arriving mid-way for ``network_timeout_s`` aborts the association.
 * **DICOM TLS** (``node.tls``): a second listener with the BCP 195 profile
@@ -65,7 +73,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any, cast
 
@@ -101,6 +109,7 @@ from cad_node.uids import InvalidUIDError
 __all__ = [
     "ABORT_SLACK_BYTES",
     "MAX_DATA_SET_BYTES",
+    "AssociationEnd",
     "NodeServer",
 ]
 
@@ -126,6 +135,33 @@ class _AssocState:
     #: set being received is buffered in memory by pynetdicom).
     pending: int = 0
     aborting: bool = False
+    #: Instances newly stored, per Study Instance UID (:class:`AssociationEnd`).
+    studies: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AssociationEnd:
+    """An accepted association ended: what it stored (the audit trail's "instances stored").
+
+    Attributes
+    ----------
+    calling_ae, address : str
+        The peer.
+    how : str
+        ``"released"`` or ``"aborted"``.
+    studies : dict
+        Study Instance UID -> instances newly stored (duplicates not counted).
+    """
+
+    calling_ae: str
+    address: str
+    how: str
+    studies: dict[str, int]
+
+    @property
+    def stored(self) -> int:
+        """Instances newly stored over the association."""
+        return sum(self.studies.values())
 
 
 def _log_hand_off(event: StudyComplete) -> None:
@@ -150,6 +186,9 @@ class NodeServer:
         Told about every admission decision (TCP accept and A-ASSOCIATE-RQ),
         see :class:`cad_node.scp.admission.AdmissionEvent`: the hook for an
         audit trail.
+    on_association_end : callable, optional
+        Called once when an accepted association is released or aborted,
+        from its thread, with an :class:`AssociationEnd`; must not block.
 
     Notes
     -----
@@ -170,9 +209,11 @@ class NodeServer:
         settings: Settings,
         on_study_complete: Callable[[StudyComplete], None] | None = None,
         admission_observers: Iterable[AdmissionObserver] = (),
+        on_association_end: Callable[[AssociationEnd], None] | None = None,
     ) -> None:
         self.settings = settings
         self.on_study_complete = on_study_complete or _log_hand_off
+        self.on_association_end = on_association_end
         self.admission = Admission(settings, admission_observers)
         self.spool: Spool | None = None
         self.assembler: StudyAssembler | None = None
@@ -222,6 +263,8 @@ class NodeServer:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_DATA_RECV, self._on_data),
         ]
+        if self.on_association_end is not None:
+            handlers += [(evt.EVT_RELEASED, self._on_ended), (evt.EVT_ABORTED, self._on_ended)]
         server = ae.make_server(
             (node.host, port),
             evt_handlers=handlers,
@@ -315,6 +358,18 @@ class NodeServer:
             if state is None:
                 state = self._states[assoc] = _AssocState()
             return state
+
+    def _on_ended(self, event: evt.Event) -> None:
+        callback = self.on_association_end
+        if callback is None:
+            return
+        try:
+            callback(AssociationEnd(
+                str(event.assoc.requestor.ae_title).strip(), str(event.assoc.requestor.address),
+                "released" if event.event is evt.EVT_RELEASED else "aborted",
+                dict(self._state(event.assoc).studies)))
+        except Exception:
+            log.exception("association-end callback failed")
 
     def _on_echo(self, event: evt.Event) -> int:
         return int(Status.SUCCESS)
@@ -421,7 +476,15 @@ class NodeServer:
         except OSError as exc:
             log.error("C-STORE failed (I/O error: %s): %s", exc, where)
             return Status.PROCESSING_FAILURE
+        if result.header.uid_defects:
+            log.warning(
+                "stored instance %d with non-conformant UID(s), flagged (%s): study=%s %s",
+                result.instance_id, "; ".join(result.header.uid_defects),
+                result.header.study_instance_uid, where,
+            )
         if result.status is SpoolOutcome.STORED:
+            uid = result.header.study_instance_uid
+            state.studies[uid] = state.studies.get(uid, 0) + 1
             log.debug(
                 "stored instance %d study=%s %s",
                 result.instance_id, result.header.study_instance_uid, where,

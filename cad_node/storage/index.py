@@ -1,7 +1,12 @@
-"""The spool index: patient / study / series / instance tables in SQLite (WAL).
+"""The spool index: patient / study / series / instance tables (SQLAlchemy Core).
 
-Why SQLite in WAL mode
-----------------------
+SQLite in WAL mode by default (one file in the spool); PostgreSQL when
+``storage.database_url`` names one (scale-out, see docs/deployment.md).  The
+connection, pragma, transaction and schema-version rules are those of
+:mod:`cad_node.storage.db`.
+
+Why SQLite in WAL mode for the embedded node
+--------------------------------------------
 * A commit is atomic and, with ``synchronous=FULL`` (the default here), one
   ``fsync`` of the write-ahead log.  The spool opens it with
   ``synchronous=NORMAL`` because it can rebuild lost rows from its fsynced
@@ -15,6 +20,9 @@ Contract
 * Exactly one process writes (the SCP that holds the spool lock, see
   :class:`cad_node.storage.spool.Spool`); any number of processes may read
   through ``SpoolIndex(path, readonly=True)``.
+* Schema versions: component ``index`` in ``schema_version``; an index
+  written before that table existed carries its version in SQLite's
+  ``PRAGMA user_version`` (1 or 2) and is migrated from there.
 * A row in ``instance`` exists only for a file that was fsynced, renamed and
   whose directory was fsynced.  Files are immutable once indexed.
 * ``instance.sha256`` is the hex SHA-256 of the file, or :data:`SHA256_PENDING`
@@ -32,16 +40,19 @@ Contract
 from __future__ import annotations
 
 import hashlib
-import sqlite3
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
+
+from cad_node.storage.db import Database, Migration, sqlite_url
 from cad_node.storage.records import StoredInstance
 
 __all__ = [
+    "COMPONENT",
+    "MIGRATIONS",
     "SCHEMA_VERSION",
     "SHA256_PENDING",
     "DuplicateInstanceError",
@@ -51,64 +62,124 @@ __all__ = [
     "StudyState",
 ]
 
-#: Version of the schema below, kept in ``PRAGMA user_version``.
-SCHEMA_VERSION = 2
+#: Component name of the index in ``schema_version``.
+COMPONENT = "index"
 #: ``instance.sha256`` of a file not hashed yet (see the module docstring).
 SHA256_PENDING = ""
 #: Read size when hashing a stored file.
 _HASH_CHUNK = 1024**2
-#: How long a connection waits for a lock held by another one (ms).
-BUSY_TIMEOUT_MS = 30_000
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS patient (
-    id INTEGER PRIMARY KEY,
-    patient_id TEXT NOT NULL UNIQUE
-);
-CREATE TABLE IF NOT EXISTS study (
-    id INTEGER PRIMARY KEY,
-    study_instance_uid TEXT NOT NULL UNIQUE,
-    patient_pk INTEGER NOT NULL REFERENCES patient(id),
-    accession_number TEXT,
-    first_received REAL NOT NULL,
-    last_received REAL NOT NULL,
-    opened_at REAL NOT NULL,
-    revision INTEGER NOT NULL DEFAULT 0,
-    handed_revision INTEGER NOT NULL DEFAULT 0,
-    generation INTEGER NOT NULL DEFAULT 0,
-    handed_fingerprint TEXT,
-    handed_at REAL
-);
-CREATE TABLE IF NOT EXISTS series (
-    id INTEGER PRIMARY KEY,
-    study_pk INTEGER NOT NULL REFERENCES study(id),
-    series_instance_uid TEXT NOT NULL,
-    modality TEXT,
-    first_received REAL NOT NULL,
-    last_received REAL NOT NULL,
-    num_instances INTEGER NOT NULL DEFAULT 0,
-    UNIQUE (study_pk, series_instance_uid)
-);
-CREATE TABLE IF NOT EXISTS instance (
-    id INTEGER PRIMARY KEY,
-    sop_instance_uid TEXT NOT NULL UNIQUE,
-    series_pk INTEGER NOT NULL REFERENCES series(id),
-    study_pk INTEGER NOT NULL REFERENCES study(id),
-    sop_class_uid TEXT NOT NULL,
-    transfer_syntax_uid TEXT NOT NULL,
-    modality TEXT,
-    relpath TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    sha256 TEXT NOT NULL,
-    received_at REAL NOT NULL,
-    calling_ae TEXT,
-    peer_host TEXT,
-    own_result INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS instance_study ON instance(study_pk);
-CREATE INDEX IF NOT EXISTS series_study ON series(study_pk);
-CREATE INDEX IF NOT EXISTS study_pending ON study(revision, handed_revision);
-"""
+METADATA = sa.MetaData()
+PATIENT = sa.Table(
+    "patient", METADATA,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("patient_id", sa.Text, nullable=False, unique=True),
+)
+STUDY = sa.Table(
+    "study", METADATA,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("study_instance_uid", sa.Text, nullable=False, unique=True),
+    sa.Column("patient_pk", sa.Integer, sa.ForeignKey("patient.id"), nullable=False),
+    sa.Column("accession_number", sa.Text),
+    sa.Column("first_received", sa.Float, nullable=False),
+    sa.Column("last_received", sa.Float, nullable=False),
+    sa.Column("opened_at", sa.Float, nullable=False),
+    sa.Column("revision", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("handed_revision", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("generation", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("handed_fingerprint", sa.Text),
+    sa.Column("handed_at", sa.Float),
+    sa.Index("study_pending", "revision", "handed_revision"),
+)
+SERIES = sa.Table(
+    "series", METADATA,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("study_pk", sa.Integer, sa.ForeignKey("study.id"), nullable=False),
+    sa.Column("series_instance_uid", sa.Text, nullable=False),
+    sa.Column("modality", sa.Text),
+    sa.Column("first_received", sa.Float, nullable=False),
+    sa.Column("last_received", sa.Float, nullable=False),
+    sa.Column("num_instances", sa.Integer, nullable=False, server_default="0"),
+    sa.UniqueConstraint("study_pk", "series_instance_uid"),
+    sa.Index("series_study", "study_pk"),
+)
+INSTANCE = sa.Table(
+    "instance", METADATA,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("sop_instance_uid", sa.Text, nullable=False, unique=True),
+    sa.Column("series_pk", sa.Integer, sa.ForeignKey("series.id"), nullable=False),
+    sa.Column("study_pk", sa.Integer, sa.ForeignKey("study.id"), nullable=False),
+    sa.Column("sop_class_uid", sa.Text, nullable=False),
+    sa.Column("transfer_syntax_uid", sa.Text, nullable=False),
+    sa.Column("modality", sa.Text),
+    sa.Column("relpath", sa.Text, nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("sha256", sa.Text, nullable=False),
+    sa.Column("received_at", sa.Float, nullable=False),
+    sa.Column("calling_ae", sa.Text),
+    sa.Column("peer_host", sa.Text),
+    sa.Column("own_result", sa.Integer, nullable=False, server_default="0"),
+    sa.Index("instance_study", "study_pk"),
+)
+
+
+def _v2(conn: Connection, dialect: str) -> None:
+    conn.execute(sa.text(
+        "ALTER TABLE instance ADD COLUMN own_result INTEGER NOT NULL DEFAULT 0"))
+
+
+#: Schema steps of the index (version 1: the first released schema).
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(2, "instance.own_result (the node's own results echoed back)", _v2),
+)
+#: Current schema version of the index.
+SCHEMA_VERSION = MIGRATIONS[-1].version
+
+
+def _legacy_version(conn: Connection) -> int | None:
+    """Version of an index written before ``schema_version`` (``PRAGMA user_version``)."""
+    if not sa.inspect(conn).has_table("instance"):
+        return None
+    if conn.dialect.name == "sqlite":
+        return int(conn.exec_driver_sql("PRAGMA user_version").scalar() or 1)
+    return 1
+
+
+def _upserts(greatest: str) -> tuple[sa.TextClause, sa.TextClause, sa.TextClause, sa.TextClause]:
+    """The four statements of :meth:`SpoolIndex.add_instance` (SQLite and PostgreSQL).
+
+    ``INSERT ... ON CONFLICT ... DO UPDATE ... RETURNING`` (SQLite >= 3.35,
+    PostgreSQL >= 9.5) creates or updates the patient, study and series rows
+    and returns their keys in one statement each.  In ``DO UPDATE``, a column
+    named by its table is the row's old value.
+    """
+    patient = sa.text(
+        "INSERT INTO patient (patient_id) VALUES (:patient_id) "
+        "ON CONFLICT (patient_id) DO UPDATE SET patient_id = excluded.patient_id RETURNING id")
+    # A new instance (inc = 1) increments the revision and, when the study
+    # had been handed on completely, restarts opened_at; the node's own
+    # results echoed back (inc = 0) change nothing.
+    study = sa.text(
+        "INSERT INTO study (study_instance_uid, patient_pk, accession_number, first_received, "
+        "last_received, opened_at, revision) VALUES (:study_uid, :patient_pk, :accession, :t, "
+        ":t, :t, :inc) ON CONFLICT (study_instance_uid) DO UPDATE SET "
+        "revision = study.revision + :inc, "
+        f"last_received = CASE WHEN :inc = 1 THEN {greatest}(study.last_received, :t) "
+        "ELSE study.last_received END, "
+        "opened_at = CASE WHEN :inc = 1 AND study.revision = study.handed_revision THEN :t "
+        "ELSE study.opened_at END RETURNING id")
+    series = sa.text(
+        "INSERT INTO series (study_pk, series_instance_uid, modality, first_received, "
+        "last_received, num_instances) VALUES (:study_pk, :series_uid, :modality, :t, :t, 1) "
+        "ON CONFLICT (study_pk, series_instance_uid) DO UPDATE SET "
+        "num_instances = series.num_instances + 1, "
+        f"last_received = {greatest}(series.last_received, :t) RETURNING id")
+    instance = sa.text(
+        "INSERT INTO instance (id, sop_instance_uid, series_pk, study_pk, sop_class_uid, "
+        "transfer_syntax_uid, modality, relpath, size, sha256, received_at, calling_ae, "
+        "peer_host, own_result) VALUES (:id, :sop_uid, :series_pk, :study_pk, :sop_class, "
+        ":ts, :modality, :relpath, :size, :sha256, :t, :calling_ae, :peer_host, :own)")
+    return patient, study, series, instance
 
 
 class DuplicateInstanceError(Exception):
@@ -187,22 +258,25 @@ _INSTANCE_FROM = (
 
 
 class SpoolIndex:
-    """SQLite index of the spool.
+    """The index of the spool (SQLite file by default, or a database URL).
 
     Parameters
     ----------
-    db_path : path-like
-        The SQLite database file.
+    db_path : path-like or str
+        The SQLite database file, or a database URL (``postgresql://...``,
+        ``sqlite:///...``; see :mod:`cad_node.storage.db`).
     objects_dir : path-like
         Directory that ``instance.relpath`` is relative to; used to build
         absolute :attr:`StoredInstance.path` values.
     readonly : bool, optional
         Open for reading only (another process, e.g. the worker).  The
         database must already exist.
+    synchronous : {"FULL", "NORMAL"}
+        SQLite's ``synchronous`` pragma (see the module docstring).
 
     Notes
     -----
-    Thread-safe: one connection guarded by a lock.
+    Thread-safe: every call takes a pooled connection for one transaction.
     """
 
     def __init__(
@@ -216,63 +290,39 @@ class SpoolIndex:
         if synchronous not in ("FULL", "NORMAL"):
             raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
         self.synchronous = synchronous
-        self.db_path = Path(db_path)
         self.objects_dir = Path(objects_dir).resolve()
         self.readonly = readonly
-        self._lock = threading.RLock()
-        if readonly:
-            if not self.db_path.exists():
+        text = str(db_path)
+        if isinstance(db_path, Path) or "://" not in text:
+            self.db_path: Path | None = Path(db_path)
+            if readonly and not self.db_path.exists():
                 raise FileNotFoundError(f"spool index {self.db_path} does not exist")
-            uri = f"file:{self.db_path.resolve()}?mode=ro"
-            self._db = sqlite3.connect(
-                uri, uri=True, isolation_level=None, check_same_thread=False,
-                timeout=BUSY_TIMEOUT_MS / 1000,
-            )
+            url = sqlite_url(self.db_path, readonly=readonly)
         else:
-            self._db = sqlite3.connect(
-                str(self.db_path), isolation_level=None, check_same_thread=False,
-                timeout=BUSY_TIMEOUT_MS / 1000,
-            )
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={self.synchronous}")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, 1, SCHEMA_VERSION):
-                raise RuntimeError(
-                    f"spool index {self.db_path} has schema {version}, expected {SCHEMA_VERSION}"
-                )
-            if version == 1:  # 1 -> 2: own_result column
-                self._db.execute(
-                    "ALTER TABLE instance ADD COLUMN own_result INTEGER NOT NULL DEFAULT 0"
-                )
-            self._db.executescript(_SCHEMA)
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            self.db_path = None
+            url = text
+        self.db = Database(url, synchronous=synchronous, readonly=readonly)
+        self.schema_version = self.db.migrate(COMPONENT, METADATA, MIGRATIONS,
+                                              legacy_version=_legacy_version)
+        greatest = "MAX" if self.db.dialect == "sqlite" else "GREATEST"
+        self._sql_patient, self._sql_study, self._sql_series, self._sql_instance = (
+            self.db.prepare(s) for s in _upserts(greatest))
+        dbapi = self.db.engine.dialect.dbapi
+        self._integrity_errors: tuple[type[Exception], ...] = (
+            (IntegrityError,) if dbapi is None else (IntegrityError, dbapi.IntegrityError))
+        self._sql_find = self.db.prepare(sa.select(INSTANCE.c.id).where(
+            INSTANCE.c.sop_instance_uid == sa.bindparam("uid")))
 
     # -- life cycle ---------------------------------------------------------
     def close(self) -> None:
-        """Close the connection."""
-        with self._lock:
-            self._db.close()
+        """Close the pooled connections."""
+        self.db.dispose()
 
     def __enter__(self) -> SpoolIndex:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        if self.readonly:
-            raise PermissionError("spool index opened read-only")
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
 
     # -- writes (SCP process only) -----------------------------------------
     def add_instance(self, rec: NewInstance) -> None:
@@ -287,64 +337,35 @@ class SpoolIndex:
         DuplicateInstanceError
             The SOP Instance UID is already indexed; nothing is changed.
         """
+        t = rec.received_at
+        # On the C-STORE path: prepared statements on the driver cursor
+        # (Database.raw_write), four statements, one transaction.
         try:
-            with self._write() as db:
-                db.execute(
-                    "INSERT INTO patient(patient_id) VALUES (?) ON CONFLICT DO NOTHING",
-                    (rec.patient_id,),
-                )
-                patient_pk = db.execute(
-                    "SELECT id FROM patient WHERE patient_id = ?", (rec.patient_id,)
-                ).fetchone()[0]
-                db.execute(
-                    "INSERT INTO study(study_instance_uid, patient_pk, accession_number, "
-                    "first_received, last_received, opened_at) VALUES (?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT DO NOTHING",
-                    (rec.study_instance_uid, patient_pk, rec.accession_number,
-                     rec.received_at, rec.received_at, rec.received_at),
-                )
-                study_pk = db.execute(
-                    "SELECT id FROM study WHERE study_instance_uid = ?",
-                    (rec.study_instance_uid,),
-                ).fetchone()[0]
-                # opened_at restarts when the study was fully handed on before
-                # this instance (SET expressions see the old row values).  The
-                # node's own results echoed back never reopen a study.
-                if not rec.own_result:
-                    db.execute(
-                        "UPDATE study SET revision = revision + 1, "
-                        "last_received = MAX(last_received, ?), "
-                        "opened_at = CASE WHEN revision = handed_revision THEN ? "
-                        "ELSE opened_at END WHERE id = ?",
-                        (rec.received_at, rec.received_at, study_pk),
-                    )
-                db.execute(
-                    "INSERT INTO series(study_pk, series_instance_uid, modality, first_received, "
-                    "last_received) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                    (study_pk, rec.series_instance_uid, rec.modality, rec.received_at,
-                     rec.received_at),
-                )
-                series_pk = db.execute(
-                    "SELECT id FROM series WHERE study_pk = ? AND series_instance_uid = ?",
-                    (study_pk, rec.series_instance_uid),
-                ).fetchone()[0]
-                db.execute(
-                    "UPDATE series SET num_instances = num_instances + 1, "
-                    "last_received = MAX(last_received, ?) WHERE id = ?",
-                    (rec.received_at, series_pk),
-                )
-                db.execute(
-                    "INSERT INTO instance(id, sop_instance_uid, series_pk, study_pk, "
-                    "sop_class_uid, transfer_syntax_uid, modality, relpath, size, sha256, "
-                    "received_at, calling_ae, peer_host, own_result) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (rec.instance_id, rec.sop_instance_uid, series_pk, study_pk,
-                     rec.sop_class_uid, rec.transfer_syntax_uid, rec.modality, rec.relpath,
-                     rec.size, rec.sha256, rec.received_at, rec.calling_ae, rec.peer_host,
-                     int(rec.own_result)),
-                )
-        except sqlite3.IntegrityError as exc:
-            if "instance.sop_instance_uid" in str(exc):
+            with self.db.raw_write() as cur:
+                p = self._sql_patient
+                cur.execute(p.sql, p.params({"patient_id": rec.patient_id}))
+                patient_pk = cur.fetchone()[0]
+                p = self._sql_study
+                cur.execute(p.sql, p.params({
+                    "study_uid": rec.study_instance_uid, "patient_pk": patient_pk,
+                    "accession": rec.accession_number, "t": t,
+                    "inc": 0 if rec.own_result else 1}))
+                study_pk = cur.fetchone()[0]
+                p = self._sql_series
+                cur.execute(p.sql, p.params({
+                    "study_pk": study_pk, "series_uid": rec.series_instance_uid,
+                    "modality": rec.modality, "t": t}))
+                series_pk = cur.fetchone()[0]
+                p = self._sql_instance
+                cur.execute(p.sql, p.params({
+                    "id": rec.instance_id, "sop_uid": rec.sop_instance_uid,
+                    "series_pk": series_pk, "study_pk": study_pk,
+                    "sop_class": rec.sop_class_uid, "ts": rec.transfer_syntax_uid,
+                    "modality": rec.modality, "relpath": rec.relpath, "size": rec.size,
+                    "sha256": rec.sha256, "t": t, "calling_ae": rec.calling_ae,
+                    "peer_host": rec.peer_host, "own": int(rec.own_result)}))
+        except self._integrity_errors as exc:
+            if "sop_instance_uid" in str(exc):
                 raise DuplicateInstanceError(rec.sop_instance_uid) from None
             raise
 
@@ -355,24 +376,55 @@ class SpoolIndex:
 
         Instances that arrived after the snapshot keep the study pending.
         """
-        with self._write() as db:
-            db.execute(
-                "UPDATE study SET generation = ?, handed_fingerprint = ?, "
-                "handed_revision = MAX(handed_revision, ?), handed_at = ? WHERE id = ?",
-                (generation, fingerprint, revision, now, study_id),
-            )
+        handed = sa.case((STUDY.c.handed_revision > revision, STUDY.c.handed_revision),
+                         else_=revision)
+        with self.db.write() as db:
+            db.execute(sa.update(STUDY).where(STUDY.c.id == study_id).values(
+                generation=generation, handed_fingerprint=fingerprint,
+                handed_revision=handed, handed_at=now))
+
+    def remove_study(self, study_instance_uid: str, *, revision: int) -> bool:
+        """Delete a study's instance, series and study rows (retention).
+
+        Parameters
+        ----------
+        study_instance_uid : str
+            The study.
+        revision : int
+            The revision the caller decided on; when an instance arrived since
+            (the revision moved) nothing is deleted.
+
+        Returns
+        -------
+        bool
+            True when the rows were deleted, False when the study is unknown
+            or its revision changed.
+        """
+        with self.db.write() as db:
+            row = db.execute(sa.select(STUDY.c.id, STUDY.c.revision).where(
+                STUDY.c.study_instance_uid == study_instance_uid)).first()
+            if row is None or int(row.revision) != revision:
+                return False
+            db.execute(sa.delete(INSTANCE).where(INSTANCE.c.study_pk == row.id))
+            db.execute(sa.delete(SERIES).where(SERIES.c.study_pk == row.id))
+            db.execute(sa.delete(STUDY).where(STUDY.c.id == row.id))
+            return True
 
     # -- reads (any process) ------------------------------------------------
     def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
-        with self._lock:
-            return list(self._db.execute(sql, args).fetchall())
+        """Run a read; ``?`` placeholders (numbered here, so any dialect binds them)."""
+        parts = sql.split("?")
+        text = parts[0] + "".join(f":p{i}{part}" for i, part in enumerate(parts[1:]))
+        with self.db.read() as conn:
+            rows = conn.execute(sa.text(text), {f"p{i}": a for i, a in enumerate(args)})
+            return [tuple(r) for r in rows]
 
     def find_instance(self, sop_instance_uid: str) -> int | None:
         """Return the instance id of an indexed SOP Instance UID, or None."""
-        rows = self._query(
-            "SELECT id FROM instance WHERE sop_instance_uid = ?", (sop_instance_uid,)
-        )
-        return int(rows[0][0]) if rows else None  # type: ignore[call-overload]
+        with self.db.raw_read() as cur:  # on the C-STORE path too
+            cur.execute(self._sql_find.sql, self._sql_find.params({"uid": sop_instance_uid}))
+            row = cur.fetchone()
+        return int(row[0]) if row else None
 
     def _hash_file(self, relpath: str) -> str:
         digest = hashlib.sha256()
@@ -385,10 +437,12 @@ class SpoolIndex:
         """Hash the files of ``{instance_id: relpath}``; record them when writable."""
         hashes = {instance_id: self._hash_file(relpath) for instance_id, relpath in pending.items()}
         if hashes and not self.readonly:
-            with self._write() as db:
-                db.executemany(
-                    "UPDATE instance SET sha256 = ? WHERE id = ? AND sha256 = ?",
-                    [(sha, instance_id, SHA256_PENDING) for instance_id, sha in hashes.items()],
+            with self.db.write() as db:
+                db.execute(
+                    sa.text("UPDATE instance SET sha256 = :sha "
+                            "WHERE id = :id AND sha256 = :pending"),
+                    [{"sha": sha, "id": instance_id, "pending": SHA256_PENDING}
+                     for instance_id, sha in hashes.items()],
                 )
         return hashes
 
@@ -525,6 +579,13 @@ class SpoolIndex:
                         float(r[3]), float(r[4]), int(r[5]))  # type: ignore[arg-type,call-overload]
             for r in rows
         ]
+
+    def table_counts(self) -> dict[str, int]:
+        """Rows per table (``cad-node db migrate`` checks these)."""
+        with self.db.read() as conn:
+            return {t.name: int(conn.execute(sa.select(sa.func.count()).select_from(t))
+                                .scalar_one())
+                    for t in METADATA.sorted_tables}
 
     def counts(self) -> dict[str, int]:
         """Numbers of patients, studies, series and instances."""

@@ -26,7 +26,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-from cad_node.uids import InvalidUIDError, validate_uid
+from cad_node.uids import InvalidUIDError, lenient_uid
 
 __all__ = [
     "DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN",
@@ -115,6 +115,9 @@ class DatasetHeader:
     patient_id: str
     accession_number: str | None
     manufacturer: str | None = None
+    #: Tolerated UID defects (e.g. a leading-zero component, see
+    #: :func:`cad_node.uids.lenient_uid`): the instance is stored and flagged.
+    uid_defects: tuple[str, ...] = ()
 
 
 class _Walker:
@@ -239,14 +242,17 @@ def _text(value: bytes | None) -> str | None:
     return text or None
 
 
-def _uid(values: dict[int, bytes], tag: int, name: str) -> str:
+def _uid(values: dict[int, bytes], tag: int, name: str, defects: list[str]) -> str:
     raw = values.get(tag)
     if raw is None or not raw.rstrip(b"\x00 "):
         raise MissingAttributeError(f"{name} is missing or empty")
     try:
-        return validate_uid(raw.decode("latin-1"), name)
+        uid, defect = lenient_uid(raw.decode("latin-1"), name)
     except InvalidUIDError as exc:
         raise MissingAttributeError(str(exc)) from None
+    if defect is not None:
+        defects.append(defect)
+    return uid
 
 
 def inspect_dataset(raw: bytes, transfer_syntax_uid: str) -> DatasetHeader:
@@ -264,8 +270,9 @@ def inspect_dataset(raw: bytes, transfer_syntax_uid: str) -> DatasetHeader:
     Returns
     -------
     DatasetHeader
-        SOP Class/Instance, Study and Series Instance UIDs (all valid), and
-        Modality, Patient ID and Accession Number when present.
+        SOP Class/Instance, Study and Series Instance UIDs (valid, or with a
+        tolerated defect listed in ``uid_defects``), and Modality, Patient ID
+        and Accession Number when present.
 
     Raises
     ------
@@ -273,7 +280,7 @@ def inspect_dataset(raw: bytes, transfer_syntax_uid: str) -> DatasetHeader:
         The data set is empty, truncated or structurally not DICOM.
     MissingAttributeError
         SOP Class UID, SOP Instance UID, Study Instance UID or Series Instance
-        UID is missing, empty or not a valid UID.
+        UID is missing, empty or refused by :func:`cad_node.uids.lenient_uid`.
     """
     if not raw:
         raise MalformedDatasetError("data set is empty (zero length)")
@@ -291,17 +298,23 @@ def inspect_dataset(raw: bytes, transfer_syntax_uid: str) -> DatasetHeader:
     if end != len(raw):  # pragma: no cover - dataset() only returns at the end
         raise MalformedDatasetError(f"trailing bytes after data set at {end}")
     values = walker.values
+    defects: list[str] = []
     return DatasetHeader(
-        sop_class_uid=_uid(values, _SOP_CLASS_UID, "SOP Class UID (0008,0016)"),
-        sop_instance_uid=_uid(values, _SOP_INSTANCE_UID, "SOP Instance UID (0008,0018)"),
-        study_instance_uid=_uid(values, _STUDY_INSTANCE_UID, "Study Instance UID (0020,000D)"),
+        sop_class_uid=_uid(values, _SOP_CLASS_UID, "SOP Class UID (0008,0016)", defects),
+        sop_instance_uid=_uid(
+            values, _SOP_INSTANCE_UID, "SOP Instance UID (0008,0018)", defects
+        ),
+        study_instance_uid=_uid(
+            values, _STUDY_INSTANCE_UID, "Study Instance UID (0020,000D)", defects
+        ),
         series_instance_uid=_uid(
-            values, _SERIES_INSTANCE_UID, "Series Instance UID (0020,000E)"
+            values, _SERIES_INSTANCE_UID, "Series Instance UID (0020,000E)", defects
         ),
         modality=_text(values.get(_MODALITY)),
         patient_id=_text(values.get(_PATIENT_ID)) or "",
         accession_number=_text(values.get(_ACCESSION_NUMBER)),
         manufacturer=_text(values.get(_MANUFACTURER)),
+        uid_defects=tuple(defects),
     )
 
 

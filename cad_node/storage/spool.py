@@ -71,7 +71,7 @@ from cad_node.storage.index import (
     SpoolIndex,
 )
 from cad_node.storage.parse import DatasetHeader, inspect_dataset, split_part10
-from cad_node.uids import validate_uid
+from cad_node.uids import lenient_uid, validate_uid
 
 __all__ = [
     "FILES_PER_DIR",
@@ -428,8 +428,10 @@ class Spool:
         OSError
             Any other write failure.  No file is left behind in every case.
         """
-        sop_class_uid = validate_uid(sop_class_uid, "Affected SOP Class UID")
-        sop_instance_uid = validate_uid(sop_instance_uid, "Affected SOP Instance UID")
+        # the SCP's UID policy: leading-zero components tolerated (and flagged
+        # in the header's uid_defects), anything unsafe refused
+        sop_class_uid, _ = lenient_uid(sop_class_uid, "Affected SOP Class UID")
+        sop_instance_uid, _ = lenient_uid(sop_instance_uid, "Affected SOP Instance UID")
         transfer_syntax_uid = validate_uid(transfer_syntax_uid, "Transfer Syntax UID")
         header = inspect_dataset(dataset, transfer_syntax_uid)
         if header.sop_class_uid != sop_class_uid:

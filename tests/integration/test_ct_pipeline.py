@@ -92,7 +92,7 @@ def test_lungs_are_plausible(ct_chest_lidc_run, lidc_series) -> None:
 
 
 def test_reference_nodule_is_found_ranked_and_measured(ct_chest_lidc_run, reference,
-                                                      readers_long_axis_mm) -> None:
+                                                      readers_long_axis_mm, lidc_series) -> None:
     centre, diameter = reference
     res = ct_chest_lidc_run.result
     # the candidate generator finds it
@@ -119,11 +119,17 @@ def test_reference_nodule_is_found_ranked_and_measured(ct_chest_lidc_run, refere
     assert abs(f.long_axis_mm - readers_long_axis_mm) / readers_long_axis_mm < 0.25
     assert f.site is FindingSite.LEFT_LUNG
     assert f.malignancy_probability is not None
-    # its mask is aligned by UID and covers the reference centre
+    # its mask is aligned by UID: placed into the volume by SOP Instance UID,
+    # its voxels are centred on the LUNA16 reference
     m = f.mask
-    assert m is not None
-    uids = ct_chest_lidc_run.lungs and list(m.sop_instance_uids)
-    assert len(uids) == m.array.shape[0] and m.array.any()
+    assert m is not None and m.array.any()
+    slice_of = {u: k for k, u in enumerate(lidc_series.sop_instance_uids)}
+    assert set(m.sop_instance_uids) <= set(slice_of)
+    placed = np.zeros(lidc_series.shape, bool)
+    for frame, uid in enumerate(m.sop_instance_uids):
+        placed[slice_of[uid]] = m.array[frame]
+    centroid = index_to_lps(lidc_series.image, np.argwhere(placed).mean(axis=0))
+    assert np.linalg.norm(centroid - centre) < diameter / 4, centroid
     assert res.qualitative["lung_rads"] == "4B"
     assert any("patient age missing" in n for n in res.notes)
 

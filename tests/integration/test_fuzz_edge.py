@@ -22,7 +22,9 @@ Targets:
 
 ``CAD_NODE_FUZZ_EXAMPLES`` sets the examples per target (default 100, the
 short run of ``make test``); ``make fuzz`` runs the long campaign.  Crashers
-found are kept as explicit ``@example`` regression fixtures.
+become regression cases: the live fuzzer's A-ABORT PDU with Source 14 (it
+killed the DUL thread) is a parametrised case of
+``tests/integration/test_scp_hostile.py::test_protocol_violation_aborts``.
 """
 
 from __future__ import annotations
@@ -54,8 +56,9 @@ from tests import parrot
 from tests.conftest import data_root, free_port
 
 EXAMPLES = int(os.environ.get("CAD_NODE_FUZZ_EXAMPLES", "100"))
-#: The node must have closed a fuzzed connection this long after the peer's EOF.
-HANG_S = 3.0
+#: The node must have closed a fuzzed connection this long after the peer's EOF
+#: (far below its request timeout: closing on EOF is what is tested).
+HANG_S = 5.0
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.function_scoped_fixture])
@@ -119,7 +122,7 @@ uids = st.text(alphabet="0123456789.", min_size=1, max_size=64)
 
 @FUZZ
 @given(st.binary(max_size=600))
-@example(b"\x00\x00\x00\x01\xff\xff")  # element header cut short (found by the live fuzzer)
+@example(b"\x00\x00\x00\x01\xff\xff")  # an element header cut short
 def test_command_decoder_never_raises(command: bytes) -> None:
     result = decode_c_store_rq(command)
     command_has_data_set(command)
@@ -158,6 +161,9 @@ def spool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spool]:
         s.close()
 
 
+# pydicom's default (warn) validation, as the pipelines read stored files: the walk
+# checks structure, and mutated values (a DS of "0./") are the sender's business.
+@pytest.mark.invalid_values
 @FUZZ
 @given(st.data())
 def test_structure_walk_accepts_only_what_reads_back(spool: Spool, data: st.DataObject) -> None:
@@ -208,7 +214,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NodeServer,
     settings_ = Settings(
         node=NodeConfig(host="127.0.0.1", port=free_port(),
                         storage_dir=str(tmp_path_factory.mktemp("live")), min_free_bytes=0,
-                        association_request_timeout_s=2.0, max_pdu=65536,
+                        association_request_timeout_s=15.0, max_pdu=65536,
                         max_associations=64, max_associations_per_peer=64),
         peers=[PeerConfig(ae_title="PARROT", host="127.0.0.1")],
         study=StudyConfig(series_quiet_s=60, study_quiet_s=120, force_complete_s=300),

@@ -108,7 +108,11 @@ def _scoords(ds: Dataset) -> list[Dataset]:
 
 def test_cxr_sr_scoord_box(built: list[tuple[ResultObject, Path]], cxr: Dataset) -> None:
     sr = pydicom.dcmread(built[0][1])
-    (scoord,) = _scoords(sr)
+    # The box as the group's Image Region, and again inside its first NUM (the
+    # graphic OHIF's RectangleROI tool reads, issue #13); both the same.
+    in_num, scoord = _scoords(sr)  # NUMs come before the region in the group
+    assert in_num.RelationshipType == "INFERRED FROM"
+    assert list(in_num.GraphicData) == list(scoord.GraphicData)
     assert scoord.GraphicType == "POLYLINE"
     pts = np.asarray(scoord.GraphicData, float).reshape(-1, 2)
     (x0, y0), (x1, y1) = BOX

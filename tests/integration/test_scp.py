@@ -268,6 +268,7 @@ def send_raw(port: int, files: list[Path], contexts: list[tuple[str, str]]) -> l
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 @pytest.mark.filterwarnings("ignore:The value length")
+@pytest.mark.invalid_values  # a hostile peer's data sets, on purpose
 def test_bad_uids_and_bad_data_sets_fail_and_server_keeps_serving(
     make_node: Callable[..., Node], tmp_path: Path
 ) -> None:

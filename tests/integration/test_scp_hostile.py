@@ -74,6 +74,23 @@ class Node:
         assert elapsed < 2.0, f"echoscu took {elapsed:.2f} s"
 
 
+@pytest.fixture(autouse=True)
+def no_thread_crashes() -> Iterator[None]:
+    """No node thread may die of an unhandled exception."""
+    crashes: list[str] = []
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        crashes.append(f"{args.thread.name if args.thread else '?'}: {args.exc_value!r}")
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
+    assert crashes == []
+
+
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Node]:
     n = Node(tmp_path / "node")
@@ -213,7 +230,9 @@ def test_500_simultaneous_connects(node: Node) -> None:
     time.sleep(0.5)
     for s in socks:
         s.close()
-    node.wait_free(2.0)
+    # the kernel backlog still holds connections the node accepts after they closed:
+    # each takes a slot for the moment it needs to see EOF
+    node.wait_free(10.0)
     node.echo_ok()
 
 
@@ -269,6 +288,8 @@ def _store_contexts(syntax: str) -> list[bytes]:
     "empty PDV",
     "malformed command set",
     "C-STORE on an unaccepted context",
+    "A-ABORT with an invalid source",  # found by the fuzzer: killed the DUL thread
+    "A-ABORT with an invalid source before association",
 ])
 def test_protocol_violation_aborts(node: Node, case: str) -> None:
     sop_class, sop_instance, syntax, body = _data_set()
@@ -280,6 +301,9 @@ def test_protocol_violation_aborts(node: Node, case: str) -> None:
         p = node.parrot()
         p.send(parrot.associate_rq()[:40])
         p.sock.shutdown(socket.SHUT_WR)
+    elif case == "A-ABORT with an invalid source before association":
+        p = node.parrot()
+        p.send(parrot.pdu(0x07, b"\x00\x00\x0e\x00"))
     elif case == "undecodable A-ASSOCIATE-RQ":
         p = node.parrot()
         p.send(parrot.pdu(0x01, b"\x00\x01" + b"\xff" * 100))
@@ -296,6 +320,7 @@ def test_protocol_violation_aborts(node: Node, case: str) -> None:
             "malformed command set": parrot.p_data((3, 0x03, b"\x00\x00\x00\x01\xff\xff")),
             "C-STORE on an unaccepted context": parrot.p_data((5, 0x03, store),
                                                               (5, 0x02, body)),
+            "A-ABORT with an invalid source": parrot.pdu(0x07, b"\x00\x00\x0e\x00"),
         }[case]
         p.send(pdu)
     assert p.closed_by_node(3.0) in ([], [A_ABORT]), case
@@ -398,5 +423,63 @@ def test_stall_in_the_middle_of_a_pdu_is_aborted(make_node: Callable[..., Node])
     p = _established(node)
     p.send(struct.pack(">BBI", 0x04, 0, 1000) + b"\x00" * 10)
     assert p.closed_by_node(4.0) in ([], [A_ABORT])
+    node.wait_free()
+    node.echo_ok()
+
+
+# -- UID policy ----------------------------------------------------------------------
+
+@pytest.mark.invalid_values  # stores and reads back a leading-zero UID on purpose
+def test_leading_zero_uid_is_stored_and_flagged_traversal_refused(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pydicom import dcmread
+
+    sop_class, sop_instance, syntax, body = _data_set()
+    last = sop_instance.rsplit(".", 1)[1]
+    sloppy = sop_instance[: -len(last)] + "0" + last[1:]  # same length, leading zero
+    assert len(sloppy) == len(sop_instance) and body.count(sop_instance.encode()) == 1
+    p = _established(node, _store_contexts(syntax))
+    p.send(parrot.p_data((3, 0x03, parrot.c_store_rq(sop_class, sloppy)),
+                         (3, 0x02, body.replace(sop_instance.encode(), sloppy.encode()))))
+    with caplog.at_level("WARNING", logger="cad_node.scp"):
+        assert p.receive().status == Status.SUCCESS
+        time.sleep(0.1)
+    assert any("non-conformant UID" in r.getMessage() and "leading zero" in r.getMessage()
+               for r in caplog.records)
+    # a traversal attempt in the command is refused, the association goes on
+    p.send(parrot.p_data((3, 0x03, parrot.c_store_rq(sop_class, "1.2/../../x", 2)),
+                         (3, 0x02, body)))
+    assert p.receive().status == Status.INVALID_UID
+    p.send(parrot.release_rq())
+    assert p.receive().type == A_RELEASE_RP
+    assert node.server.spool is not None
+    stored = sorted(node.server.spool.objects_dir.rglob("*.dcm"))
+    assert len(stored) == 1
+    assert dcmread(stored[0]).SOPInstanceUID == sloppy
+    node.echo_ok()
+
+
+def test_one_oversized_message_is_aborted_mid_way(
+    make_node: Callable[..., Node], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import cad_node.scp.server as server_module
+
+    monkeypatch.setattr(server_module, "ABORT_SLACK_BYTES", 1024**2)
+    node = make_node(max_bytes_per_association=1024**2, max_pdu=1024**2)
+    sop_class, sop_instance, syntax, _ = _data_set()
+    p = _established(node, _store_contexts(syntax))
+    p.send(parrot.p_data((3, 0x03, parrot.c_store_rq(sop_class, sop_instance))))
+    chunk = b"\x00" * (512 * 1024)
+    sent = 0
+    while sent < 8 * 1024**2 and p.send(parrot.p_data((3, 0x00, chunk))):
+        sent += len(chunk)
+    # aborted before the 8 MiB message ended: no response, A-ABORT or a close
+    assert p.closed_by_node(5.0) in ([], [A_ABORT])
+    assert sent < 8 * 1024**2 or any(
+        "in the current message" in r.getMessage() for r in caplog.records)
+    assert node.server.spool is not None
+    assert node.server.spool.index.counts()["instance"] == 0
     node.wait_free()
     node.echo_ok()

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from cad_node.models import load_bundle
 from cad_node.models.scorer import CandidateScorer
-from tests.conftest import free_port
+from tests.conftest import free_port, skip_or_fail
 from trainer.cli import app
 from trainer.insertion import ExclusionZone, LungBackground, insert_nodules
 from trainer.train import (
@@ -134,7 +134,7 @@ def test_ddp_two_cpu_processes_with_gloo(trained: Path, tmp_path: Path) -> None:
     torchrun = Path(sys.executable).parent / "torchrun"
     cad_train = Path(sys.executable).parent / "cad-train"
     if not torchrun.is_file() or not cad_train.is_file():
-        pytest.skip("torchrun / cad-train console scripts are not installed")
+        skip_or_fail(f"torchrun / cad-train console scripts are not installed in {torchrun.parent}")
     run = tmp_path / "ddp"
     run.mkdir()
     for name in ("data.npz", "data_counts.json"):

@@ -34,9 +34,12 @@ class OrthancServer:
     ----------
     workdir : Path
         Holds the configuration, database, storage and log.
+    extra : dict, optional
+        Configuration entries added to (or replacing) the defaults, e.g. the
+        DICOMweb plugin for the browser test.
     """
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, extra: dict[str, Any] | None = None) -> None:
         self.exe = require_program(ORTHANC)
         self.workdir = workdir
         self.dicom_port = free_port()
@@ -46,7 +49,7 @@ class OrthancServer:
         storage = workdir / "storage"
         storage.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / "orthanc.json"
-        self.config_path.write_text(json.dumps({
+        config: dict[str, Any] = {
             "Name": "cad-node-test-pacs",
             "StorageDirectory": str(storage),
             "IndexDirectory": str(storage),
@@ -66,7 +69,9 @@ class OrthancServer:
             "HttpThreadsCount": 4,
             "StorageCompression": False,
             "OverwriteInstances": False,
-        }))
+        }
+        config.update(extra or {})
+        self.config_path.write_text(json.dumps(config))
         self.base = f"http://127.0.0.1:{self.http_port}"
 
     def start(self) -> None:

@@ -11,6 +11,7 @@ synthetic phantom studies (trainer/synthetic.py) to keep the suite short.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -202,7 +203,12 @@ def test_real_ct_results_arrive_in_source_study(
     for ds in datasets:
         assert ds.StudyInstanceUID == study_uid
         report = validate(ds, sources, others=datasets, use_dciodvfy=True)
-        assert report.ok, (ds.Modality, report.errors)
+        assert report.ok and report.dciodvfy_ran, (ds.Modality, report.errors)
+    # The node's own gate ran dciodvfy on every object it sent.
+    manifest = json.loads(
+        (node.settings.node.storage_path / "results" / ct_job.node_name / "manifest.json")
+        .read_text())
+    assert manifest and all(e["dciodvfy_ran"] is True for e in manifest), manifest
     timeline = [e.state.value for e in node.store.events(ct_job.job_id)]
     assert timeline[:3] == ["received", "complete", "queued"] and timeline[-1] == "sent"
     # Prometheus metrics of the running node.

@@ -60,6 +60,7 @@ def test_invalid_inputs() -> None:
     ],
 )
 @pytest.mark.filterwarnings("ignore:Invalid value for VR AS")
+@pytest.mark.invalid_values  # an invalid AS value from a source header, on purpose
 def test_patient_age_for_brock(attrs: dict[str, str], expected: float | None) -> None:
     from pydicom.dataset import Dataset
 

@@ -16,7 +16,7 @@ CAD_NODE = str(Path(sys.executable).with_name("cad-node"))
 def test_shipped_config_has_the_scripted_keys() -> None:
     s = load_config(DEFAULT_CONFIG_PATH, environ={})
     assert (s.node.ae_title, s.node.host, s.node.port, s.node.storage_dir) == (
-        "CADNODE", "0.0.0.0", 11112, "./var")
+        "CADNODE", "0.0.0.0", 11112, str(DEFAULT_CONFIG_PATH.parent.parent / "var"))
     assert ("MODALITY", "127.0.0.1") in [(p.ae_title, p.host) for p in s.peers]
     pacs = s.destination("pacs")
     assert (pacs.ae_title, pacs.host, pacs.port) == ("PACS", "127.0.0.1", 4242)
@@ -98,3 +98,24 @@ def test_object_kinds_become_the_enum_once_at_the_config_edge(tmp_path: Path) ->
     for bad in ("sr,pdf", "", "sr,sr"):
         with pytest.raises(ValueError, match="kind"):
             parse_object_kinds(bad)
+
+
+def test_output_profiles_by_name(tmp_path: Path) -> None:
+    from cad_node.config import OUTPUT_PROFILES, ObjectKind
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "destinations:\n"
+        "  - {name: a, ae_title: A, host: 127.0.0.1, port: 104, objects: legacy-pacs}\n"
+        "  - {name: b, ae_title: B, host: 127.0.0.1, port: 105, objects: archive,\n"
+        "     below_operating_point: true}\n"
+    )
+    a, b = load_config(cfg, environ={}).destinations
+    assert a.objects == [ObjectKind.SC, ObjectKind.GSPS] and not a.below_operating_point
+    assert b.objects == list(ObjectKind) and b.below_operating_point
+    assert OUTPUT_PROFILES["ohif"] == (ObjectKind.SR, ObjectKind.SEG, ObjectKind.SC)
+    cfg.write_text("destinations:\n"
+                   "  - {name: a, ae_title: A, host: 127.0.0.1, port: 104, objects: weasis}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg, environ={})
+    assert "destinations.0.objects" in str(info.value) and "legacy-pacs" in str(info.value)

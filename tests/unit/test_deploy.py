@@ -6,6 +6,7 @@ import configparser
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 import yaml
 
 from cad_node.config import load_config
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, SYSTEMD_ANALYZE, require_program, skip_or_fail
 
 SYSTEMD = REPO_ROOT / "systemd"
 DOCKER = REPO_ROOT / "docker"
@@ -51,12 +52,10 @@ def test_worker_template_uses_instance_as_gpu() -> None:
 
 
 def test_systemd_analyze_verify(tmp_path: Path) -> None:
-    exe = shutil.which("systemd-analyze")
-    if exe is None:
-        pytest.skip("systemd-analyze is not installed")
-    cad_node = REPO_ROOT / ".venv" / "bin" / "cad-node"
+    exe = require_program(SYSTEMD_ANALYZE)  # Debian package systemd (make peers)
+    cad_node = Path(sys.executable).parent / "cad-node"  # the venv running the tests
     if not cad_node.exists():
-        pytest.skip("the venv has no cad-node entry point")
+        skip_or_fail(f"the venv has no cad-node entry point ({cad_node})")
     # Verify with the install prefix pointed at this checkout (ExecStart must exist).
     for name in UNITS:
         text = (SYSTEMD / name).read_text().replace(INSTALL_PREFIX, str(cad_node))

@@ -180,3 +180,88 @@ def test_resend_sends_every_object_again(tmp_path: Path, ct_files: list[Path]) -
     assert scp.received == uids + uids
     details = [e.detail for e in runner.store.events(job.job_id)]
     assert "jobs resend" in details
+
+
+def test_two_destinations_one_permanent_one_retrying(tmp_path: Path,
+                                                     ct_files: list[Path]) -> None:
+    """One destination fails permanently while the other is still retrying.
+
+    Policy (cad_node/jobs/runner.py): the permanent failure does not stop the
+    other destination; the job stays results-ready until every destination
+    has settled, the retry skips the settled one, and then the job is failed
+    (a destination failed permanently) with the other one acknowledged.
+    """
+    from cad_node.jobs.store import DestinationStatus
+
+    refusing = _StatusSCP([0xA900])           # permanent: 0xA900 (PS3.4 B.2.3)
+    busy = _StatusSCP([0xA702, 0x0000])       # retryable once, then stored
+    try:
+        settings = _settings(tmp_path, refusing.port)
+        settings = settings.model_copy(update={"destinations": [
+            settings.destinations[0].model_copy(update={"name": "refusing"}),
+            settings.destinations[0].model_copy(update={"name": "busy", "port": busy.port}),
+        ]})
+        runner = JobRunner(settings, device="cpu")
+        job = _ready_job(runner, ct_files[:1])
+        first = runner.send(job.job_id, now=1000.0)
+        assert first.step is SendStep.RETRY
+        job = runner.store.get(job.job_id)
+        assert job.state is JobState.RESULTS_READY
+        dests = runner.store.destinations(job.job_id)
+        assert dests["refusing"].state is DestinationStatus.FAILED
+        assert "0xA900" in (dests["refusing"].error or "")
+        assert dests["busy"].state is DestinationStatus.RETRYING
+        assert runner.store.acknowledged_by_all(["refusing", "busy"]) == []
+        second = runner.send(job.job_id, now=1002.0)
+    finally:
+        refusing.close()
+        busy.close()
+    assert second.step is SendStep.FAILED
+    job = runner.store.get(job.job_id)
+    assert job.state is JobState.FAILED and "refusing" in (job.error or "")
+    dests = runner.store.destinations(job.job_id)
+    assert dests["busy"].state is DestinationStatus.ACKNOWLEDGED
+    assert dests["refusing"].state is DestinationStatus.FAILED
+    uid = OutboundObject.from_file(ct_files[0], "seg").sop_instance_uid
+    assert refusing.received == [uid]         # the retry did not go to the settled one
+    assert busy.received == [uid, uid]
+    assert runner.store.acknowledged_by_all(["busy"]) == [job.job_id]
+    assert runner.store.acknowledged_by_all(["refusing", "busy"]) == []
+
+
+def test_profiles_and_the_below_operating_point_variant_reach_their_destinations(
+    tmp_path: Path, ct_files: list[Path]
+) -> None:
+    """``objects: ohif`` and ``below_operating_point`` per destination (issue #13/#14).
+
+    The manifest holds both variants of an SR; each destination receives only
+    the one its profile asks for.
+    """
+    plain, below = _StatusSCP([0x0000] * 4), _StatusSCP([0x0000] * 4)
+    try:
+        settings = Settings(
+            node=NodeConfig(storage_dir=str(tmp_path / "var")),
+            destinations=[
+                DestinationConfig(name="ohif", ae_title="STATUSSCP", host="127.0.0.1",
+                                  port=plain.port, objects="ohif", timeout_s=2.0),
+                DestinationConfig(name="qa", ae_title="STATUSSCP", host="127.0.0.1",
+                                  port=below.port, objects=["sr"], timeout_s=2.0,
+                                  below_operating_point=True),
+            ],
+        )
+        assert [str(k) for k in settings.destinations[0].objects] == ["sr", "seg", "sc"]
+        runner = JobRunner(settings, device="cpu")
+        assert runner._variants() == [False, True]
+        assert [str(k) for k in runner._kinds(True)] == ["sr"]
+        job = _ready_job(runner, ct_files)
+        out = runner.results_dir(job)
+        entries = json.loads((out / MANIFEST_NAME).read_text())
+        entries[0]["kind"], entries[1]["kind"] = "sr", "sr"
+        entries[1]["below_operating_point"] = True
+        (out / MANIFEST_NAME).write_text(json.dumps(entries))
+        assert runner.send(job.job_id, now=1000.0).step is SendStep.SENT
+    finally:
+        plain.close()
+        below.close()
+    uids = [OutboundObject.from_file(f, "sr").sop_instance_uid for f in ct_files]
+    assert plain.received == [uids[0]] and below.received == [uids[1]]

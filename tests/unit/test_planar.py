@@ -10,6 +10,8 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import CTImageStorage
 
 from cad_node.results.planar import (
+    LONG_AXIS,
+    SHORT_AXIS,
     LinearMeasurement,
     PlanarRegion,
     PlanarTool,
@@ -90,7 +92,7 @@ def test_group_puts_each_polyline_inside_its_length_num() -> None:
     assert items[0].TextValue == "Cornerstone3DTools@^0.1.0:Bidirectional:Lesion 1"
     nums = [it for it in items if it.ValueType == "NUM"]
     assert [n.ConceptNameCodeSequence[0].CodeValue for n in nums[:2]] == [
-        codes.SCT.LongAxis.value, codes.SCT.ShortAxis.value]
+        LONG_AXIS.value, SHORT_AXIS.value]
     for num in nums[:2]:
         (sc,) = [c for c in num.ContentSequence if c.ValueType == "SCOORD"]
         assert sc.RelationshipType == "INFERRED FROM"
@@ -102,7 +104,7 @@ def test_group_puts_each_polyline_inside_its_length_num() -> None:
     # highdicom parses the group back, lengths included
     parsed = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations.from_sequence([container])
     values = {m.name.value: m.value for m in parsed.get_measurements()}
-    assert values[codes.SCT.LongAxis.value] == pytest.approx(axes.long_axis.value_mm)
+    assert values[LONG_AXIS.value] == pytest.approx(axes.long_axis.value_mm)
 
 
 def test_tool_defaults_and_plain_identifiers() -> None:

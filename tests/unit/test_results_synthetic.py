@@ -34,7 +34,7 @@ from cad_node.results.io import load_result, mask_sidecar_path, save_result
 from cad_node.results.sc import CONTOUR_RGB, summary_lines
 from cad_node.results.seg import build_seg
 from cad_node.results.uids import UidFactory, input_fingerprint
-from tests.conftest import dciodvfy
+from tests.conftest import DCIODVFY, dciodvfy, require_program
 
 MODEL = ModelIdentity(name="phantom-model", version="2.0.0", device_uid="2.25.31337")
 SETTINGS = ResultsConfig(use_dciodvfy=False)
@@ -338,13 +338,12 @@ def test_key_image_circle_at_center_without_mask() -> None:
 
 
 def test_gate_reports_dciodvfy_errors(tmp_path: Path) -> None:
+    require_program(DCIODVFY)
     series = phantom()
     seg = build_results(_result(series, _ball_mask(series)), series, settings=SETTINGS)[0]
     assert seg.kind == "seg"
     report = validate(seg, series, use_dciodvfy=True)
-    if not report.dciodvfy_ran:
-        pytest.skip("dciodvfy is not installed")
-    assert report.ok, report.errors
+    assert report.dciodvfy_ran and report.ok, report.errors
     broken = copy.deepcopy(seg.dataset)
     del broken.SegmentSequence[0].SegmentAlgorithmType
     bad = validate(broken, series, use_dciodvfy=True)
@@ -673,6 +672,24 @@ def test_gate_fails_closed_when_dciodvfy_cannot_run(
     (sr,) = build_results(_result(series, None), series, settings=SETTINGS, objects=("sr",))
     report = validate(sr, series, use_dciodvfy=True)
     assert not report.ok and "could not be run" in report.errors[0], report.errors
+
+
+def test_gate_fails_closed_when_dciodvfy_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    gate = importlib.import_module("cad_node.results.validate")
+    # Not on its absolute path; a "dciodvfy" on PATH must not stand in for it.
+    monkeypatch.setattr(gate, "DCIODVFY", str(tmp_path / "no-such-dir" / "dciodvfy"))
+    monkeypatch.setenv("PATH", f"/usr/bin:{tmp_path}")
+    series = phantom()
+    (sr,) = build_results(_result(series, None), series, settings=SETTINGS, objects=("sr",))
+    report = validate(sr, series, use_dciodvfy=True)
+    assert not report.ok and not report.dciodvfy_ran
+    assert "is not installed but results.use_dciodvfy is true" in report.errors[0]
+    unchecked = validate(sr, series, use_dciodvfy=False)
+    assert unchecked.ok and not unchecked.dciodvfy_ran
 
 
 @pytest.mark.filterwarnings("ignore:The string .* unlikely to represent")  # on purpose

@@ -10,7 +10,7 @@ import pytest
 
 from cad_node.config import RoutingConfig, RoutingRule, SeriesMatch
 from cad_node.jobs.routing import plan_routes
-from tests.conftest import require_data
+from tests.conftest import require_data, skip_or_fail
 
 LIDC_SERIES = "1.3.6.1.4.1.14519.5.2.1.6279.6001.179049373636438705059720603192"
 
@@ -62,18 +62,23 @@ def test_description_regex_and_all_series(mixed_study: list[Path]) -> None:
     assert plan_routes(mixed_study, RoutingConfig(rules=[rule_re])).steps == []
 
 
-def test_cr_view_position_rule() -> None:
+@pytest.mark.parametrize(("view", "routed"), [("PA", True), ("AP", True), ("LL", False)])
+def test_cr_view_position_rule(view: str, routed: bool, tmp_path: Path) -> None:
     cxr_dir = require_data("cxr-dicom-siim")
     files = [p for p in sorted(cxr_dir.rglob("*")) if p.is_file() and p.suffix == ".dcm"]
     if not files:
-        pytest.skip("no CR file in cxr-dicom-siim")
+        skip_or_fail(f"no CR file in {cxr_dir}")
+    # The real CR header, with the View Position under test (the file's own is PA).
     ds = pydicom.dcmread(files[0], stop_before_pixels=True)
-    plan = plan_routes(files[:1], RoutingConfig(rules=[CHEST_CT, CXR]))
-    if str(ds.get("ViewPosition", "")).upper() in {"PA", "AP"}:
-        assert plan.pipelines == ["cxr"]
-    else:
-        assert plan.pipelines == []
-    assert any("Modality" in r for r in plan.reasons[str(ds.SeriesInstanceUID)])
+    assert ds.Modality == "CR"
+    ds.ViewPosition = view
+    path = tmp_path / "cr.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    plan = plan_routes([path], RoutingConfig(rules=[CHEST_CT, CXR]))
+    reasons = plan.reasons[str(ds.SeriesInstanceUID)]
+    assert plan.pipelines == (["cxr"] if routed else [])
+    assert any("Modality" in r for r in reasons)  # why chest-ct did not match
+    assert any("ViewPosition ['LL']" in r for r in reasons) is not routed
 
 
 def test_unreadable_files_are_reported(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ in pyproject.toml: the node's memory and slot guarantees depend on them.
 from __future__ import annotations
 
 import pynetdicom
+import pytest
 from pynetdicom import _config
 
 from cad_node.scp import _fastpath
@@ -25,6 +26,7 @@ def test_private_api_has_the_expected_shape() -> None:
     _fastpath.require_compatible()
 
 
+@pytest.mark.invalid_values  # feeds pynetdicom's UI validator an over-long UID on purpose
 def test_ui_validator_is_looked_up_at_call_time_and_scoped() -> None:
     original = _config.VALIDATORS["UI"]
     assert original("1.2.3")[0] and not original("1." + "2" * 70)[0]

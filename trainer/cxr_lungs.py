@@ -1,0 +1,696 @@
+"""``cad-train train cxr-lungs`` and ``cad-train evaluate cxr-lungs``.
+
+Training
+--------
+A MONAI residual U-Net (:data:`cad_node.models.network.UNET2D_ARCHITECTURE`)
+learns three sigmoid channels (patient's right lung, left lung, heart) from a
+prepared folder (:mod:`trainer.cxr_data`).  The inputs are made by
+:func:`cad_node.pipelines.cxr.lungs.network_input`, the node's own function.
+Augmentation is MONAI's (random affine: rotation, zoom, translation; Gaussian
+noise and smoothing); never a horizontal flip, which would swap the sides.
+Loss: masked BCE + soft Dice per channel (channels a source does not annotate
+do not count).  The split is FIXED in the YAML config: the ``validation``
+cases are never used for training, early stopping or any choice; the final
+epoch's weights are exported as they are.
+
+Evaluation
+----------
+The exported bundle is loaded the way the node loads it and run through
+:func:`cad_node.pipelines.cxr.lungs.segment` (post-processing included) at the
+prepared resolution.  Per structure: Dice, Jaccard and the mean symmetric
+contour distance (mm, from the prepared pixel spacing), each as the mean over
+cases with a case-bootstrap 95% interval.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import numpy as np
+import numpy.typing as npt
+import typer
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+from rich.console import Console
+from scipy import ndimage
+
+from cad_node.models.network import UNET2D_ARCHITECTURE
+from cad_node.pipelines.cxr.lungs import LABELS, NET_SIZE, network_input, segment
+from trainer.cxr_data import PreparedSet, load_prepared
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "CXR_MODELS",
+    "CxrLungsConfig",
+    "bootstrap_ci",
+    "contour_distance_mm",
+    "evaluate_bundle",
+    "load_cxr_config",
+    "train_cxr_lungs",
+]
+
+#: Models this module trains.
+CXR_MODELS = ("cxr-lungs",)
+_console = Console(stderr=True)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _BundleCfg(_Strict):
+    name: str = "cxr-lungs"
+    version: str = "1.0.0"
+
+
+class _DataCfg(_Strict):
+    #: Prepared folder (``cad-train prepare ...``), relative to the working directory.
+    prepared: str
+    #: Human-readable description of the source, written to the model card.
+    description: str = ""
+    terms: str = ""
+
+
+class _SplitCfg(_Strict):
+    #: Held-out cases: never trained or tuned on.
+    validation: list[str] = Field(min_length=1)
+
+
+class _TrainCfg(_Strict):
+    epochs: int = Field(60, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    threads: int = Field(2, ge=1, le=64)
+    #: Store the exported weights as float16 (half the size; evaluated as shipped).
+    half_weights: bool = True
+
+
+class _AugmentCfg(_Strict):
+    rotate_deg: float = 10.0
+    scale: float = 0.12
+    translate_px: float = 16.0
+    noise_std: float = 0.05
+    prob: float = 0.8
+
+
+class CxrLungsConfig(_Strict):
+    """``trainer/configs/cxr-lungs.yaml``."""
+
+    model: str
+    seed: int = 0
+    bundle: _BundleCfg = _BundleCfg()
+    data: _DataCfg
+    split: _SplitCfg
+    size: int = NET_SIZE
+    architecture: dict[str, Any] = Field(default_factory=lambda: dict(UNET2D_ARCHITECTURE))
+    train: _TrainCfg = _TrainCfg()
+    augment: _AugmentCfg = _AugmentCfg()
+    bootstrap: int = Field(2000, ge=100)
+
+
+def load_cxr_config(path: Path) -> CxrLungsConfig:
+    """Read and validate a ``cxr-lungs`` YAML config (errors name the file and key)."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: cannot read config: {exc}") from None
+    try:
+        cfg = CxrLungsConfig.model_validate(raw)
+    except Exception as exc:  # pydantic.ValidationError names the keys
+        raise ValueError(f"{path}: {exc}") from None
+    if cfg.model not in CXR_MODELS:
+        raise ValueError(f"{path}: model {cfg.model!r} is not one of {CXR_MODELS}")
+    return cfg
+
+
+def _split(cfg: CxrLungsConfig, data: PreparedSet) -> tuple[list[str], list[str]]:
+    cases = data.cases
+    missing = sorted(set(cfg.split.validation) - set(cases))
+    if missing:
+        raise ValueError(f"validation case(s) not in {data.root}: {missing[:5]}")
+    val = [c for c in cases if c in set(cfg.split.validation)]
+    train = [c for c in cases if c not in set(cfg.split.validation)]
+    return train, val
+
+
+def _training_arrays(
+    data: PreparedSet, cases: Sequence[str], size: int
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """Network inputs ``(n, s, s)``, targets ``(n, 3, s, s)`` and channel weights ``(n, 3)``."""
+    from cad_node.pipelines.cxr.lungs import letterbox
+
+    xs, ys, ws = [], [], []
+    for case in cases:
+        c = data.load(case)
+        xs.append(network_input(c.image.astype(np.float32) / 255.0, size))
+        ys.append(np.stack([letterbox(c.masks[k].astype(np.float32), size) >= 0.5
+                            for k in LABELS]).astype(np.float32))
+        ws.append(np.asarray([1.0 if k in c.structures else 0.0 for k in LABELS], np.float32))
+    return np.stack(xs), np.stack(ys), np.stack(ws)
+
+
+def _augmenter(cfg: _AugmentCfg, seed: int) -> Any:
+    from monai.transforms import (
+        Compose,
+        RandAffined,
+        RandGaussianNoised,
+        RandGaussianSmoothd,
+    )
+
+    t = Compose([
+        RandAffined(
+            keys=["image", "label"],
+            prob=cfg.prob,
+            rotate_range=np.deg2rad(cfg.rotate_deg),
+            scale_range=(cfg.scale, cfg.scale),
+            translate_range=(cfg.translate_px, cfg.translate_px),
+            mode=("bilinear", "nearest"),
+            padding_mode="border",
+        ),
+        RandGaussianSmoothd(keys=["image"], prob=0.2, sigma_x=(0.3, 1.0), sigma_y=(0.3, 1.0)),
+        RandGaussianNoised(keys=["image"], prob=0.3, std=cfg.noise_std),
+    ])
+    t.set_random_state(seed=seed)
+    return t
+
+
+def _loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    bce = bce.mean(dim=(2, 3))
+    p = torch.sigmoid(logits)
+    inter = (p * target).sum(dim=(2, 3))
+    dice = 1 - (2 * inter + 1) / (p.sum(dim=(2, 3)) + target.sum(dim=(2, 3)) + 1)
+    w = weight.clamp(min=0)
+    return ((bce + dice) * w).sum() / w.sum().clamp(min=1)
+
+
+def train_cxr_lungs(cfg: CxrLungsConfig, out: Path, *, models_dir: Path, force: bool = False
+                    ) -> Path:
+    """Train, export the bundle to ``models_dir`` and evaluate it on the validation split.
+
+    Returns
+    -------
+    Path
+        The bundle directory.
+    """
+    import torch
+
+    from cad_node.models.network import build_network, count_parameters
+    from trainer.export import write_bundle
+
+    torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    data = load_prepared(Path(cfg.data.prepared))
+    train_cases, val_cases = _split(cfg, data)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    x, y, w = _training_arrays(data, train_cases, cfg.size)
+    _console.print(f"{len(train_cases)} training, {len(val_cases)} validation cases; "
+                   f"inputs {x.shape} in {time.monotonic() - t0:.1f} s")
+    net = build_network(cfg.architecture)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.train.lr,
+                            weight_decay=cfg.train.weight_decay)
+    steps_per_epoch = int(np.ceil(len(train_cases) / cfg.train.batch_size))
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.train.lr, total_steps=cfg.train.epochs * steps_per_epoch,
+        pct_start=0.1)
+    aug = _augmenter(cfg.augment, cfg.seed)
+    history: list[dict[str, float]] = []
+    for epoch in range(cfg.train.epochs):
+        net.train()
+        order = rng.permutation(len(train_cases))
+        losses = []
+        te = time.monotonic()
+        for start in range(0, len(order), cfg.train.batch_size):
+            idx = order[start:start + cfg.train.batch_size]
+            xb, yb = [], []
+            for i in idx:
+                d = aug({"image": torch.from_numpy(x[i][None]),
+                         "label": torch.from_numpy(y[i])})
+                xb.append(torch.as_tensor(d["image"]))
+                yb.append(torch.as_tensor(d["label"]))
+            xt = torch.stack(xb).float()
+            yt = (torch.stack(yb) > 0.5).float()
+            loss = _loss(net(xt), yt, torch.from_numpy(w[idx]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)),
+                        "seconds": time.monotonic() - te})
+        _console.print(f"epoch {epoch + 1}/{cfg.train.epochs} loss {np.mean(losses):.4f} "
+                       f"({time.monotonic() - te:.1f} s)")
+        torch.save(net.state_dict(), out / "last.pt")
+    wall = time.monotonic() - t0
+    (out / "history.json").write_text(json.dumps(history, indent=1))
+    state = net.state_dict()
+    if cfg.train.half_weights:
+        state = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
+    provenance = {
+        "trainer": "trainer.cxr_lungs", "seed": cfg.seed, "epochs": cfg.train.epochs,
+        "wall_time_s": round(wall, 1), "threads": cfg.train.threads,
+        "torch": torch.__version__, "python": platform.python_version(),
+        "train_cases": len(train_cases), "validation_cases": val_cases,
+        "final_training_loss": history[-1]["loss"],
+        "parameters": count_parameters(net),
+    }
+    input_spec = {"kind": "radiograph", "size": cfg.size, "normalisation": "histeq",
+                  "labels": list(LABELS)}
+    training_data = {
+        "description": cfg.data.description, "terms": cfg.data.terms,
+        "prepared": cfg.data.prepared, "train_cases": len(train_cases),
+        "validation_cases": len(val_cases),
+    }
+    bundle_dir = write_bundle(
+        models_dir, name=cfg.bundle.name, version=cfg.bundle.version, state_dict=state,
+        task="chest radiograph lung and heart segmentation", architecture=cfg.architecture,
+        input_spec=input_spec, training_data=training_data,
+        output_spec={"kind": "logit", "positive_class": "structure", "threshold": 0.5},
+        provenance=provenance, license_text=LICENSE, intended_use=INTENDED_USE, force=force)
+    metrics = evaluate_bundle(bundle_dir, data, val_cases, bootstrap=cfg.bootstrap,
+                              seed=cfg.seed)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return _finalise(bundle_dir, cfg, state, input_spec, training_data, provenance, metrics,
+                     models_dir)
+
+
+#: Licence of the shipped weights.
+LICENSE = ("Weights: a derived work of the JSRT database and the SCR masks, research and "
+           "education use only, no redistribution beyond those terms; code Apache-2.0")
+#: Intended use of every ``cxr-lungs`` bundle.
+INTENDED_USE = ("Research and engineering use only. Not for diagnostic use. Segments the "
+                "lungs and heart on frontal chest radiographs to place other findings and "
+                "to measure the cardiothoracic ratio; it does not replace a radiologist.")
+
+
+def _finalise(bundle_dir: Path, cfg: CxrLungsConfig, state: dict[str, Any],
+              input_spec: dict[str, Any], training_data: dict[str, Any],
+              provenance: dict[str, Any], metrics: dict[str, Any], models_dir: Path) -> Path:
+    """Rewrite the bundle with the measured metrics and the model card (same weights)."""
+    from trainer.export import write_bundle
+
+    return write_bundle(
+        models_dir, name=cfg.bundle.name, version=cfg.bundle.version, state_dict=state,
+        task="chest radiograph lung and heart segmentation", architecture=cfg.architecture,
+        input_spec=input_spec, training_data=training_data, metrics=metrics,
+        output_spec={"kind": "logit", "positive_class": "structure", "threshold": 0.5},
+        model_card=render_card(cfg, metrics, provenance), provenance=provenance,
+        license_text=LICENSE, intended_use=INTENDED_USE, force=True)
+
+
+def export_checkpoint_as_shipped(cfg: CxrLungsConfig, run_dir: Path, *, models_dir: Path,
+                                 epochs_done: int, final_loss: float, wall_time_s: float,
+                                 reason: str) -> Path:
+    """Export ``run_dir/last.pt`` (a run stopped before ``cfg.train.epochs``) and evaluate it.
+
+    The provenance and model card state how many epochs were run and why the
+    run was stopped; the validation split is still never used for any choice.
+    """
+    import torch
+
+    from cad_node.models.network import build_network, count_parameters
+    from trainer.export import write_bundle
+
+    state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+    net = build_network(cfg.architecture)
+    net.load_state_dict(state)
+    if cfg.train.half_weights:
+        state = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
+    data = load_prepared(Path(cfg.data.prepared))
+    train_cases, val_cases = _split(cfg, data)
+    provenance = {
+        "trainer": "trainer.cxr_lungs", "seed": cfg.seed, "epochs": cfg.train.epochs,
+        "epochs_done": epochs_done, "stopped": reason, "wall_time_s": round(wall_time_s, 1),
+        "threads": cfg.train.threads, "torch": torch.__version__,
+        "python": platform.python_version(), "train_cases": len(train_cases),
+        "validation_cases": val_cases, "final_training_loss": final_loss,
+        "parameters": count_parameters(net),
+    }
+    input_spec = {"kind": "radiograph", "size": cfg.size, "normalisation": "histeq",
+                  "labels": list(LABELS)}
+    training_data = {
+        "description": cfg.data.description, "terms": cfg.data.terms,
+        "prepared": cfg.data.prepared, "train_cases": len(train_cases),
+        "validation_cases": len(val_cases),
+    }
+    bundle_dir = write_bundle(
+        models_dir, name=cfg.bundle.name, version=cfg.bundle.version, state_dict=state,
+        task="chest radiograph lung and heart segmentation", architecture=cfg.architecture,
+        input_spec=input_spec, training_data=training_data,
+        output_spec={"kind": "logit", "positive_class": "structure", "threshold": 0.5},
+        provenance=provenance, license_text=LICENSE, intended_use=INTENDED_USE, force=True)
+    metrics = evaluate_bundle(bundle_dir, data, val_cases, bootstrap=cfg.bootstrap,
+                              seed=cfg.seed)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return _finalise(bundle_dir, cfg, state, input_spec, training_data, provenance, metrics,
+                     models_dir)
+
+
+def contour_distance_mm(a: npt.NDArray[np.bool_], b: npt.NDArray[np.bool_], spacing_mm: float
+                        ) -> float:
+    """Mean symmetric contour distance (mm) between two binary masks.
+
+    The contour of a mask is its pixels with a 4-neighbour outside it; the
+    value is the mean of the distances of every contour pixel of each mask to
+    the other's contour.  ``inf`` when exactly one mask is empty.
+    """
+    if not a.any() and not b.any():
+        return 0.0
+    if not a.any() or not b.any():
+        return float("inf")
+    ca = a & ~ndimage.binary_erosion(a)
+    cb = b & ~ndimage.binary_erosion(b)
+    da = ndimage.distance_transform_edt(~cb, sampling=spacing_mm)
+    db = ndimage.distance_transform_edt(~ca, sampling=spacing_mm)
+    return float((da[ca].sum() + db[cb].sum()) / (ca.sum() + cb.sum()))
+
+
+def bootstrap_ci(values: Sequence[float], *, samples: int = 2000, seed: int = 0,
+                 confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean of ``values`` and its case-bootstrap percentile interval."""
+    v = np.asarray(values, float)
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), size=(samples, len(v)))].mean(axis=1)
+    a = (1 - confidence) / 2
+    return float(v.mean()), float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def _size(bundle: Any) -> int:
+    spec = bundle.manifest.input
+    return int(getattr(spec, "size", NET_SIZE))
+
+
+def evaluate_bundle(bundle_dir: Path, data: PreparedSet, cases: Sequence[str], *,
+                    bootstrap: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Dice, Jaccard and contour distance per structure of a bundle on ``cases``."""
+    import torch
+
+    from cad_node.models.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir.parent.name, models_dir=bundle_dir.parent.parent,
+                         version=bundle_dir.name)
+    net = bundle.build_network("cpu")
+    per: dict[str, dict[str, list[float]]] = {k: {"dice": [], "jaccard": [], "mscd_mm": []}
+                                              for k in LABELS}
+    rows = []
+    t0 = time.monotonic()
+    for case in cases:
+        c = data.load(case)
+        with torch.inference_mode():
+            pred = segment(net, c.image.astype(np.float32) / 255.0,
+                           size=_size(bundle)).as_dict()
+        row: dict[str, Any] = {"case": case}
+        for k in LABELS:
+            if k not in c.structures:
+                continue
+            p, t = pred[k], c.masks[k]
+            inter = float((p & t).sum())
+            s = float(p.sum() + t.sum())
+            dice = 2 * inter / s if s else 1.0
+            jac = inter / float((p | t).sum()) if (p | t).any() else 1.0
+            per[k]["dice"].append(dice)
+            per[k]["jaccard"].append(jac)
+            row[f"{k}_dice"] = round(dice, 4)
+            if c.pixel_spacing_mm is not None:
+                d = contour_distance_mm(p, t, c.pixel_spacing_mm)
+                per[k]["mscd_mm"].append(d)
+                row[f"{k}_mscd_mm"] = round(d, 3)
+        rows.append(row)
+    out: dict[str, Any] = {
+        "split": "validation (fixed in the config, never trained or tuned on)",
+        "cases": len(cases), "bootstrap_samples": bootstrap, "confidence": 0.95,
+        "seconds_per_case": round((time.monotonic() - t0) / max(1, len(cases)), 3),
+        "structures": {},
+    }
+    for k in LABELS:
+        entry: dict[str, Any] = {}
+        for metric, values in per[k].items():
+            if values:
+                mean, lo, hi = bootstrap_ci(values, samples=bootstrap, seed=seed)
+                entry[metric] = {"mean": round(mean, 4), "ci95": [round(lo, 4), round(hi, 4)],
+                                 "min": round(float(np.min(values)), 4), "n": len(values)}
+        out["structures"][k] = entry
+    out["per_case"] = rows
+    return out
+
+
+def _m(metrics: dict[str, Any], k: str, name: str) -> str:
+    e = metrics["structures"].get(k, {}).get(name)
+    if not e:
+        return "n/a"
+    return f"{e['mean']:.3f} (95% CI {e['ci95'][0]:.3f}-{e['ci95'][1]:.3f}; min {e['min']:.3f})"
+
+
+def _stopped(provenance: dict[str, Any]) -> str:
+    if "epochs_done" not in provenance:
+        return ""
+    return (f"\n**The run was stopped after {provenance['epochs_done']} of "
+            f"{provenance['epochs']} epochs** ({provenance['stopped']}); the weights are that "
+            "epoch's, with the one-cycle learning rate not yet fully annealed.\n")
+
+
+def render_card(cfg: CxrLungsConfig, metrics: dict[str, Any], provenance: dict[str, Any]) -> str:
+    """The bundle's MODEL_CARD.md."""
+    rows = "\n".join(
+        f"| {k.replace('_', ' ')} | {_m(metrics, k, 'dice')} | {_m(metrics, k, 'jaccard')} | "
+        f"{_m(metrics, k, 'mscd_mm')} |" for k in LABELS)
+    return f"""# {cfg.bundle.name} {cfg.bundle.version}
+
+**Not for diagnostic use.** Research and engineering use only.
+
+## What it does
+Segments the patient's right lung, left lung and heart on a frontal (PA/AP) chest
+radiograph. A MONAI residual U-Net (`unet2d`: channels
+{cfg.architecture.get('channels')}, {cfg.architecture.get('num_res_units')} residual
+units per level, {provenance.get('parameters')} parameters) sees the radiograph
+letter-boxed to a square and resampled to {cfg.size}x{cfg.size} pixels (256 rather than
+512: the CPU forward pass is about 30x cheaper, measured on this 2-core machine, and the
+probabilities are resampled bilinearly to the full image before thresholding),
+histogram-equalised. Three sigmoid outputs, threshold 0.5; the node keeps the largest
+component of each structure and fills its holes. Weights are stored as float16.
+
+## Training data and its terms
+{cfg.data.description}
+
+{cfg.data.terms}
+
+**These weights are a derived work of the JSRT database and the SCR masks** and carry
+their terms: research and education use, no redistribution of the data. The data
+themselves are not in this bundle or the repository.
+
+{provenance.get('train_cases')} training cases; {metrics['cases']} validation cases, fixed
+in `trainer/configs/cxr-lungs.yaml` before training, never trained on or used for any
+choice (the final epoch's weights are shipped, no early stopping).
+JSRT is one site (digitised film, Japan, 1990s); performance on other sites' images is
+lower and unmeasured against masks (NIH ChestX-ray14 plausibility check: see
+docs/cxr.md).
+
+## Measured on the validation split (as shipped, float16 weights, post-processing on)
+Mean over {metrics['cases']} cases, case-bootstrap 95% interval ({metrics['bootstrap_samples']}
+resamples), at the prepared 512-pixel resolution (0.7 mm pixels):
+
+| structure | Dice | Jaccard | mean symmetric contour distance (mm) |
+|---|---|---|---|
+{rows}
+
+Reference: the SCR second human observer reached Jaccard 0.946 (lungs) and 0.878 (heart)
+(van Ginneken 2006).
+
+## Training
+`cad-train train cxr-lungs trainer/configs/cxr-lungs.yaml`: {cfg.train.epochs} epochs, AdamW
+(lr {cfg.train.lr}, one-cycle), batch {cfg.train.batch_size}, BCE + soft Dice; MONAI
+augmentation (affine: rotation ±{cfg.augment.rotate_deg}°, zoom ±{cfg.augment.scale},
+shift ±{cfg.augment.translate_px} px; Gaussian smoothing and noise; no flips), seed
+{cfg.seed}, {provenance.get('threads')} CPU threads, wall time {provenance.get('wall_time_s')} s,
+torch {provenance.get('torch')}; final training loss {provenance.get('final_training_loss'):.4f}.
+{_stopped(provenance)}
+## Citations
+Shiraishi J et al. Development of a digital image database for chest radiographs with and
+without a lung nodule. AJR 2000;174:71-74. van Ginneken B, Stegmann MB, Loog M.
+Segmentation of anatomical structures in chest radiographs using supervised methods. Med
+Image Anal 2006;10(1):19-40.
+"""
+
+
+def train_command(model: str, config: Path, out: Path | None, models_dir: Path | None,
+                  force: bool) -> Path:
+    """``cad-train train cxr-lungs CONFIG``: train, export, evaluate."""
+    from cad_node.models.bundle import default_models_dir
+
+    cfg = load_cxr_config(config)
+    if cfg.model != model:
+        raise ValueError(f"{config}: config is for {cfg.model!r}, not {model!r}")
+    os.environ.setdefault("OMP_NUM_THREADS", str(cfg.train.threads))
+    return train_cxr_lungs(cfg, out or Path("runs") / model,
+                           models_dir=models_dir or default_models_dir(), force=force)
+
+
+def evaluate_command(bundle: Path, config: Path, out: Path | None) -> dict[str, Any]:
+    """``cad-train evaluate cxr-lungs BUNDLE CONFIG``: metrics on the config's validation split."""
+    cfg = load_cxr_config(config)
+    data = load_prepared(Path(cfg.data.prepared))
+    _, val = _split(cfg, data)
+    metrics = evaluate_bundle(bundle, data, val, bootstrap=cfg.bootstrap, seed=cfg.seed)
+    if out is not None:
+        out.write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def register_evaluate(ev: typer.Typer) -> None:
+    """Add ``cad-train evaluate cxr-lungs`` to the ``evaluate`` group."""
+
+    @ev.command("cxr-lungs")
+    def cxr_lungs_cmd(
+        bundle: Annotated[Path, typer.Argument(help="Bundle folder models/cxr-lungs/<version>.")],
+        config: Annotated[Path, typer.Argument(help="cxr-lungs YAML (its validation split).")],
+        out: Annotated[Path | None, typer.Option(help="Write the metrics JSON here.")] = None,
+    ) -> None:
+        """Dice, Jaccard (bootstrap 95% CI) and contour distance (mm) per structure."""
+        try:
+            metrics = evaluate_command(bundle, config, out)
+        except (ValueError, FileNotFoundError, KeyError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        for k in LABELS:
+            typer.echo(f"{k:11s} Dice {_m(metrics, k, 'dice')}  Jaccard "
+                       f"{_m(metrics, k, 'jaccard')}  MSCD mm {_m(metrics, k, 'mscd_mm')}")
+
+    @ev.command("cxr-plausibility")
+    def cxr_plausibility_cmd(
+        bundle: Annotated[Path, typer.Argument(help="Bundle folder models/cxr-lungs/<version>.")],
+        images: Annotated[Path, typer.Argument(help="Folder of PNG radiographs (no masks).")],
+        entries: Annotated[Path, typer.Argument(help="Data_Entry CSV (view, pixel spacing).")],
+        out: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
+        montage: Annotated[Path | None, typer.Option(help="PNG montage of the outliers.")] = None,
+    ) -> None:
+        """Two plausible lungs on every image of another site (NIH ChestX-ray14)?"""
+        try:
+            report = plausibility(bundle, images, entries)
+        except (ValueError, FileNotFoundError, KeyError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        if out is not None:
+            out.write_text(json.dumps(report, indent=1))
+        bad = [c for c in report["cases"] if c["outlier"]]
+        if montage is not None and bad:
+            outlier_montage(bundle, images, [c["image"] for c in bad], montage)
+        typer.echo(f"{report['images']} images, {report['outliers']} outliers")
+        for c in bad:
+            typer.echo(f"  {c['image']} ({c['view']}): {'; '.join(c['reasons'])}")
+
+
+# -- plausibility on another site's images (no masks): NIH ChestX-ray14 ----------------
+
+#: A lung whose projected area lies outside this range (cm²) is an outlier.
+PLAUSIBLE_LUNG_CM2 = (40.0, 450.0)
+#: Right/left lung area ratio outside this range is an outlier.
+PLAUSIBLE_RIGHT_LEFT = (0.5, 2.5)
+
+
+def plausibility(bundle_dir: Path, images: Path, entries: Path) -> dict[str, Any]:
+    """Segment every PNG of ``images``; flag images without two plausible lungs.
+
+    ``entries`` is a Data_Entry CSV with ``Image Index``, ``View Position`` and
+    ``stored_pixel_spacing_mm`` (the NIH starter set's layout).  An image is an
+    outlier when a lung is missing (two components are always kept, so
+    "missing" means under 1% of the image), a lung area is outside
+    :data:`PLAUSIBLE_LUNG_CM2`, the right/left ratio is outside
+    :data:`PLAUSIBLE_RIGHT_LEFT`, or the lungs are on the wrong sides.
+    """
+    import csv
+
+    from PIL import Image
+
+    from cad_node.models.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir.parent.name, models_dir=bundle_dir.parent.parent,
+                         version=bundle_dir.name)
+    net = bundle.build_network("cpu")
+    with entries.open(newline="", encoding="utf-8") as fh:
+        rows = {r["Image Index"]: r for r in csv.DictReader(fh)}
+    cases: list[dict[str, Any]] = []
+    t0 = time.monotonic()
+    for path in sorted(images.glob("*.png")):
+        row = rows.get(path.name, {})
+        spacing = float(row["stored_pixel_spacing_mm"]) if row.get(
+            "stored_pixel_spacing_mm") else None
+        img = np.asarray(Image.open(path).convert("L"), np.float32) / 255.0
+        m = segment(net, img, size=_size(bundle)).as_dict()
+        n = img.size
+        px = {k: int(v.sum()) for k, v in m.items()}
+        cm2 = {k: (v * spacing * spacing / 100.0 if spacing else None) for k, v in px.items()}
+        reasons = []
+        for k in ("right_lung", "left_lung"):
+            if px[k] < 0.01 * n:
+                reasons.append(f"{k} missing")
+            elif cm2[k] is not None and not (
+                    PLAUSIBLE_LUNG_CM2[0] <= cm2[k] <= PLAUSIBLE_LUNG_CM2[1]):
+                reasons.append(f"{k} {cm2[k]:.0f} cm2")
+        if px["right_lung"] and px["left_lung"]:
+            ratio = px["right_lung"] / px["left_lung"]
+            if not PLAUSIBLE_RIGHT_LEFT[0] <= ratio <= PLAUSIBLE_RIGHT_LEFT[1]:
+                reasons.append(f"right/left area ratio {ratio:.2f}")
+            rc = float(np.nonzero(m["right_lung"])[1].mean())
+            lc = float(np.nonzero(m["left_lung"])[1].mean())
+            if rc >= lc:
+                reasons.append("lungs on the wrong sides")
+        cases.append({"image": path.name, "view": row.get("View Position", ""),
+                      "labels": row.get("Finding Labels", ""),
+                      "right_lung_cm2": None if cm2["right_lung"] is None else round(
+                          cm2["right_lung"], 1),
+                      "left_lung_cm2": None if cm2["left_lung"] is None else round(
+                          cm2["left_lung"], 1),
+                      "outlier": bool(reasons), "reasons": reasons})
+    areas = [c[k] for c in cases for k in ("right_lung_cm2", "left_lung_cm2")
+             if c[k] is not None]
+    return {
+        "images": len(cases), "outliers": sum(c["outlier"] for c in cases),
+        "seconds_per_image": round((time.monotonic() - t0) / max(1, len(cases)), 3),
+        "lung_area_cm2_percentiles": {
+            str(q): round(float(np.percentile(areas, q)), 1) for q in (1, 5, 50, 95, 99)
+        } if areas else {},
+        "rules": {"lung_cm2": PLAUSIBLE_LUNG_CM2, "right_left": PLAUSIBLE_RIGHT_LEFT,
+                  "missing": "< 1% of the image"},
+        "cases": cases,
+    }
+
+
+def outlier_montage(bundle_dir: Path, images: Path, names: Sequence[str], out: Path,
+                    tile: int = 256) -> None:
+    """A PNG montage of ``names`` with predicted outlines (right green, left blue, heart red)."""
+    from PIL import Image, ImageDraw
+
+    from cad_node.models.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir.parent.name, models_dir=bundle_dir.parent.parent,
+                         version=bundle_dir.name)
+    net = bundle.build_network("cpu")
+    cols = min(4, max(1, len(names)))
+    rows = int(np.ceil(len(names) / cols)) or 1
+    sheet = Image.new("RGB", (cols * tile, rows * tile))
+    colours = {"right_lung": (0, 220, 0), "left_lung": (0, 170, 255), "heart": (255, 70, 70)}
+    for i, name in enumerate(names):
+        img = np.asarray(Image.open(images / name).convert("L"), np.float32) / 255.0
+        m = segment(net, img, size=_size(bundle)).as_dict()
+        rgb = np.repeat((img * 255).astype(np.uint8)[..., None], 3, axis=2)
+        for k, mask in m.items():
+            ring = mask & ~ndimage.binary_erosion(mask, iterations=2)
+            rgb[ring] = colours[k]
+        tile_img = Image.fromarray(rgb).resize((tile, tile))
+        ImageDraw.Draw(tile_img).text((4, 4), name, fill=(255, 255, 0))
+        sheet.paste(tile_img, ((i % cols) * tile, (i // cols) * tile))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
