@@ -8,9 +8,10 @@ CONFIG ?= config/cad-node.yaml
 # Debian packages the test-suite drives as real peers (never mocked).
 # systemd ships /usr/bin/systemd-analyze (tests/unit/test_deploy.py verifies the units);
 # chromium + chromium-driver drive the browser tests (selenium); orthanc-dicomweb serves
-# DICOMweb to OHIF in tests/system/test_viewer_ohif.py.
-PEER_PKGS := dcmtk dicom3tools orthanc orthanc-dicomweb redis-server systemd chromium chromium-driver
-PEER_BINS := /usr/bin/storescu /usr/bin/echoscu /usr/bin/dsrdump /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/bin/redis-server /usr/bin/systemd-analyze /usr/bin/chromium /usr/bin/chromedriver \
+# DICOMweb to OHIF in tests/system/test_viewer_ohif.py; postgresql: tests/system/test_scaleout.py
+# runs initdb + pg_ctl from /usr/lib/postgresql/<ver>/bin.
+PEER_PKGS := dcmtk dicom3tools orthanc orthanc-dicomweb redis-server systemd chromium chromium-driver postgresql
+PEER_BINS := /usr/bin/storescu /usr/bin/echoscu /usr/bin/dsrdump /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/bin/redis-server /usr/bin/systemd-analyze /usr/bin/chromium /usr/bin/chromedriver /usr/bin/unshare \
 	/usr/share/orthanc/plugins/libOrthancDicomWeb.so
 # The browser test's OHIF: the built @ohif/app from npm, packed into a cache outside git
 # (tests/system/viewer_peers.py unpacks it there and reuses it across runs).
@@ -33,6 +34,7 @@ venv: $(VENV)/.installed
 
 peers:
 	@missing=0; for b in $(PEER_BINS); do test -x $$b || missing=1; done; \
+	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing=1; \
 	if [ $$missing = 1 ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(PEER_PKGS); \

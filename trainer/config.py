@@ -151,6 +151,9 @@ class OptimConfig(_Strict):
     threads: int = Field(2, ge=0)
     amp: bool = True
     augment: AugmentConfig = AugmentConfig()
+    #: Start from these weights (a bundle's ``weights.pt`` or a state dict;
+    #: relative paths from the repository root): fine-tuning.
+    init_weights: str | None = None
 
 
 class BundleConfig(_Strict):
@@ -178,6 +181,9 @@ class OperatingRuleConfig(_Strict):
     max_per_negative_scan: int = Field(2, ge=0)
     #: The threshold is never below this.
     min_threshold: float = Field(0.5, ge=0, le=1)
+    #: Real negative scans of the rule (default: ``data.real_negatives``); set
+    #: it to apply the rule to scans the weights were not trained on.
+    negative_scans: list[RealNegativeConfig] | None = None
 
 
 class TrainConfig(_Strict):

@@ -132,10 +132,10 @@ def _fit_predict(x_tr: npt.NDArray[np.float64], y_tr: npt.NDArray[np.int_],
         loss = torch.nn.functional.binary_cross_entropy_with_logits(
             z, yt, weight=torch.where(yt > 0, pos_weight, torch.tensor(1.0)))
         loss = loss + l2 * (w * w).sum()
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         return loss
 
-    opt.step(closure)
+    opt.step(closure)  # type: ignore[no-untyped-call]
     with torch.no_grad():
         z = torch.from_numpy((x_te - mu) / sd).float() @ w + b
     out: npt.NDArray[np.float64] = torch.sigmoid(z).numpy().astype(np.float64)
@@ -219,7 +219,7 @@ def run(bundle_dir: Path, images: Path, entries: Path, out: Path | None = None
     return report
 
 
-def register_evaluate(ev: Any) -> None:
+def register_evaluate(ev: typer.Typer) -> None:
     """Add ``cad-train evaluate cxr-abnormal-cv`` to the ``evaluate`` group."""
 
     @ev.command("cxr-abnormal-cv")

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import csv
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -170,9 +170,12 @@ def _read_grey(path: Path) -> npt.NDArray[np.float64]:
 def _to_uint8(arr: npt.NDArray[np.float64]) -> npt.NDArray[np.uint8]:
     if arr.max() <= 255 and arr.min() >= 0:
         return arr.astype(np.uint8)
-    lo, hi = np.percentile(arr, [0.5, 99.5])
-    hi = max(hi, lo + 1)
-    return (np.clip((arr - lo) / (hi - lo), 0, 1) * 255 + 0.5).astype(np.uint8)
+    lo, hi = (float(v) for v in np.percentile(arr, [0.5, 99.5]))
+    hi = max(hi, lo + 1.0)
+    scaled: npt.NDArray[np.uint8] = (np.clip((arr - lo) / (hi - lo), 0, 1) * 255 + 0.5).astype(
+        np.uint8
+    )
+    return scaled
 
 
 def _resize(arr: npt.NDArray[np.float64], shape: tuple[int, int]) -> npt.NDArray[np.float64]:
@@ -338,7 +341,7 @@ def prepare(layout: str, root: Path, out: Path, *, max_size: int = 1024
     return rows, failures
 
 
-def _command(layout: str) -> object:
+def _command(layout: str) -> Callable[..., None]:
     def cmd(
         root: Annotated[Path, typer.Argument(help="Source folder in this layout.")],
         out: Annotated[Path, typer.Argument(help="Output folder (created).")],
@@ -363,7 +366,7 @@ def _command(layout: str) -> object:
 def register_prepare(prepare_app: typer.Typer, layouts: Sequence[str] = LAYOUTS) -> None:
     """Add ``prepare <layout>`` for every chest radiograph layout to ``prepare_app``."""
     for layout in layouts:
-        prepare_app.command(layout)(_command(layout))  # type: ignore[arg-type]
+        prepare_app.command(layout)(_command(layout))
 
 
 def register(app: typer.Typer) -> None:

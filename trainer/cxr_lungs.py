@@ -159,12 +159,9 @@ def _training_arrays(
 
 
 def _augmenter(cfg: _AugmentCfg, seed: int) -> Any:
-    from monai.transforms import (
-        Compose,
-        RandAffined,
-        RandGaussianNoised,
-        RandGaussianSmoothd,
-    )
+    from monai.transforms.compose import Compose
+    from monai.transforms.intensity.dictionary import RandGaussianNoised, RandGaussianSmoothd
+    from monai.transforms.spatial.dictionary import RandAffined
 
     t = Compose([
         RandAffined(
@@ -245,7 +242,7 @@ def train_cxr_lungs(cfg: CxrLungsConfig, out: Path, *, models_dir: Path, force: 
             yt = (torch.stack(yb) > 0.5).float()
             loss = _loss(net(xt), yt, torch.from_numpy(w[idx]))
             opt.zero_grad()
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             sched.step()
             losses.append(loss.item())
@@ -636,9 +633,9 @@ def plausibility(bundle_dir: Path, images: Path, entries: Path) -> dict[str, Any
         for k in ("right_lung", "left_lung"):
             if px[k] < 0.01 * n:
                 reasons.append(f"{k} missing")
-            elif cm2[k] is not None and not (
-                    PLAUSIBLE_LUNG_CM2[0] <= cm2[k] <= PLAUSIBLE_LUNG_CM2[1]):
-                reasons.append(f"{k} {cm2[k]:.0f} cm2")
+            elif (area := cm2[k]) is not None and not (
+                    PLAUSIBLE_LUNG_CM2[0] <= area <= PLAUSIBLE_LUNG_CM2[1]):
+                reasons.append(f"{k} {area:.0f} cm2")
         if px["right_lung"] and px["left_lung"]:
             ratio = px["right_lung"] / px["left_lung"]
             if not PLAUSIBLE_RIGHT_LEFT[0] <= ratio <= PLAUSIBLE_RIGHT_LEFT[1]:

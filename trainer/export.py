@@ -26,7 +26,7 @@ from cad_node.models.bundle import (
     MODEL_CARD_FILE,
     BundleManifest,
     SemVer,
-    device_uid_from_sha256,
+    device_uid_for,
     load_bundle,
     sha256_file,
 )
@@ -60,6 +60,65 @@ def _fmt(v: Any, nd: int = 3) -> str:
     return "n/a" if v is None else str(v)
 
 
+def _extra_sections(metrics: Mapping[str, Any], training_data: Mapping[str, Any]) -> str:
+    """Size bands, real negative scans and the operating point (when measured)."""
+    out: list[str] = []
+    bands = metrics.get("froc_by_size_band") or {}
+    gen = (metrics.get("generator_sensitivity") or {}).get("size_band") or {}
+    if bands:
+        out += ["* Held-out FROC by nodule size band (nodules of the other bands count as",
+                "  irrelevant findings; generator = found by the candidate generator):", "",
+                "| size band | nodules | generator | sensitivity at 1/8 .. 8 FPs/scan | CPM |",
+                "|---|---|---|---|---|"]
+        for name, b in bands.items():
+            sens = ", ".join(_fmt(v, 2) for v in b.get("sensitivity_at") or [])
+            cpm = b.get("cpm_note") or _fmt(b.get("cpm"))
+            out.append(f"| {name} | {b.get('n_nodules')} | {gen.get(name, 'n/a')} | {sens} "
+                       f"| {cpm} |")
+        out.append("")
+    small = metrics.get("generator_sensitivity_small_set")
+    if small and "found" in small:
+        out.append(f"* Candidate generator on a separate small-nodule held-out set "
+                   f"({small['scans']} volumes, diameters {tuple(small['diameter_range_mm'])} "
+                   f"mm): found {small['found']}.")
+    real = training_data.get("real_negative_scans") or []
+    for r in real:
+        out.append(f"* Real negatives in training: `{r['ct']}`, {r['negatives']} of its "
+                   f"{r['candidates']} generator candidates ({r['patches']} patches), "
+                   f"{r['reader_marks_excluded']} reader marks kept out.")
+    op = metrics.get("operating_point")
+    if op:
+        h = op.get("heldout_synthetic") or {}
+        out += ["", "### Operating point", "",
+                f"Threshold **{op.get('threshold')}** on the `ct-chest` pipeline's final "
+                f"probability, chosen by `cad-train` with this rule: {op.get('rule')}.", "",
+                f"* Held-out synthetic set at that threshold: {h.get('true_positives')}/"
+                f"{h.get('nodules')} nodules found (sensitivity {_fmt(h.get('sensitivity'))}), "
+                f"{h.get('false_positives')} false positives in {h.get('scans')} scans "
+                f"({_fmt(h.get('fp_per_scan'), 2)} per scan)."]
+        b = op.get("background_scan")
+        if b:
+            where = "; ".join(f"p {f['probability']} at {tuple(f['center_mm'])} mm ({f['label']})"
+                              for f in b.get("findings_above") or []) or "none"
+            out.append(f"* Real scan `{b['scan']}` (the background CT; its reference nodule was "
+                       f"kept out of training): reference nodule found "
+                       f"{b['reference_found']}/{b['reference_nodules']}, "
+                       f"{b['others_above']} other finding(s) at or above the threshold: "
+                       f"{where}.")
+        for r in op.get("real_negative_scans") or []:
+            where = "; ".join(f"p {f['probability']} at {tuple(f['center_mm'])} mm ({f['label']})"
+                              for f in r.get("findings_above") or []) or "none"
+            out.append(f"* Real negative scan `{r['scan']}`: **{r['false_positives']} false "
+                       f"positive(s)** at the threshold; findings at or above it: {where}. "
+                       + ("This scan also set the threshold (the rule) and gave training "
+                          "negatives: this is not an independent test."
+                          if any(t.get("ct") == r["scan"] for t in real) else
+                          "This scan set the threshold (the rule; it gave no training "
+                          "data): this is not an independent test."))
+        out.append("")
+    return "\n".join(out) + ("\n" if out else "")
+
+
 def render_model_card(
     cfg: Any,
     training_data: Mapping[str, Any],
@@ -85,7 +144,7 @@ def render_model_card(
     lo = froc.get("ci_lower") or []
     hi = froc.get("ci_upper") or []
     froc_rows = "\n".join(
-        f"| {r:g} | {s:.3f} | "
+        f"| {r:g} | {_fmt(s)} | "
         + (f"{lo[i]:.3f}-{hi[i]:.3f}" if i < len(lo) and i < len(hi) else "n/a")
         + " |"
         for i, (r, s) in enumerate(zip(rates, sens, strict=False))
@@ -181,6 +240,7 @@ a separate slab z = {tuple(training_data.get("heldout_z_mm", []))} mm of the sam
   {provenance.get("device")} (a shared, loaded 2-core machine; see
   `docs/benchmarks.md` for a benchmark).
 
+{_extra_sections(metrics, training_data)}
 These numbers are measured on synthetic insertions into the **same patient's**
 CT; they say the model separates inserted nodules from that scan's vessels and
 other structures. They are **not** an estimate of performance on real nodules
@@ -275,7 +335,7 @@ def write_bundle(
                 "metrics": dict(metrics or {}),
                 "weights_file": weights.name,
                 "weights_sha256": sha,
-                "device_uid": device_uid_from_sha256(sha),
+                "device_uid": device_uid_for(sha, (output_spec or {}).get("operating_threshold")),
                 "license": license_text,
                 "intended_use": intended_use,
                 "provenance": dict(provenance or {}),

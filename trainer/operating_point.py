@@ -17,10 +17,10 @@ most ``fp_per_scan`` false positives per scan **and** no real negative scan has
 more than ``max_per_negative_scan`` false positives, never below
 ``min_threshold``.  It is placed halfway between the lowest admitted and the
 highest rejected reported probability (4 decimals, the precision of the
-reported probabilities).  The pipeline reports at most
-:data:`~cad_node.pipelines.ct_chest.pipeline.MAX_FINDINGS` findings per scan;
-the threshold is never put below the lowest probability reported by a scan
-that hit that cap, where the counts would be incomplete.
+reported probabilities).  The pipeline runs here with up to
+:data:`~cad_node.pipelines.ct_chest.pipeline.CHARACTERISE_TOP` findings per
+scan (it reports 10 in service); the threshold is never put below the lowest
+probability of a scan that hit that cap, where the counts would be incomplete.
 """
 
 from __future__ import annotations
@@ -36,7 +36,13 @@ import numpy as np
 import numpy.typing as npt
 
 from trainer.config import TrainConfig, resolve_ct_dir
-from trainer.insertion import ExclusionZone, InsertedNodule, LungBackground
+from trainer.insertion import (
+    ExclusionZone,
+    InsertedNodule,
+    LungBackground,
+    NoduleKind,
+    Placement,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -171,12 +177,15 @@ def _run_pipeline(series: LoadedSeries, models_dir: Path) -> tuple[
     npt.NDArray[np.float64], npt.NDArray[np.float64], bool
 ]:
     """Reported findings (probabilities, centres) of the ct-chest pipeline on ``series``."""
-    from cad_node.pipelines.ct_chest.pipeline import MAX_FINDINGS, CtChestPipeline
+    from cad_node.pipelines.ct_chest.pipeline import CHARACTERISE_TOP, CtChestPipeline
 
-    result = CtChestPipeline(models_dir=models_dir).run(series, device="cpu")
+    # as many findings as the pipeline characterises, not just the 10 it reports,
+    # so that the counts below a high threshold are complete
+    result = CtChestPipeline(models_dir=models_dir, max_findings=CHARACTERISE_TOP).run(
+        series, device="cpu")
     p = np.asarray([f.probability for f in result.findings], dtype=np.float64)
     c = np.asarray([f.center_mm for f in result.findings], dtype=np.float64).reshape(-1, 3)
-    return p, c, len(result.findings) >= MAX_FINDINGS
+    return p, c, len(result.findings) >= CHARACTERISE_TOP
 
 
 def _load_series(directory: Path) -> LoadedSeries:
@@ -225,6 +234,7 @@ def measure_operating_point(
 
     rule = cfg.operating_point
     assert rule is not None
+    scans = cfg.data.real_negatives if rule.negative_scans is None else rule.negative_scans
     meta = bundle_meta(cfg)
     with tempfile.TemporaryDirectory(prefix="cad-train-op-") as tmp:
         models = Path(tmp)
@@ -245,8 +255,13 @@ def measure_operating_point(
             p, c = p[inside], c[inside]
             synthetic.append(ScanFindings(f"heldout-{r}", p, c, label_findings(p, c, truth, excl),
                                           n_nodules=len(truth), capped=capped))
+        # the background CT itself, unmodified: its real (excluded) nodule(s)
+        p, c, _ = _run_pipeline(base, models)
+        reference = [InsertedNodule(e.center_mm, 2 * e.radius_mm, NoduleKind.SOLID,
+                                    Placement.PARENCHYMAL, 0.0) for e in excl]
+        background = (cfg.data.ct[0], p, c, label_findings(p, c, reference, []))
         negatives: list[ScanFindings] = []
-        for rn in cfg.data.real_negatives:
+        for rn in scans:
             directory = resolve_ct_dir(rn.ct, config_dir)
             series = _load_series(directory)
             zones = irrelevant_regions(directory, series) if rn.lidc_xml else []
@@ -257,6 +272,19 @@ def measure_operating_point(
     out = choose_threshold(synthetic, negatives, fp_per_scan=rule.fp_per_scan,
                            max_per_negative_scan=rule.max_per_negative_scan,
                            min_threshold=rule.min_threshold)
+    name, p, c, lab = background
+    t = out["threshold"]
+    out["background_scan"] = {
+        "scan": name,
+        "reference_nodules": len(cfg.data.exclusions),
+        "reference_found": int(((p >= t) & (lab == 1)).sum()),
+        "others_above": int(((p >= t) & (lab != 1)).sum()),
+        "findings_above": [
+            {"probability": round(float(pp), 4), "center_mm": [round(float(v), 1) for v in cc],
+             "label": "reference nodule" if ll == 1 else "other"}
+            for pp, cc, ll in zip(p, c, lab, strict=True) if pp >= t
+        ],
+    }
     out["rule"] = describe_rule(rule.fp_per_scan, rule.max_per_negative_scan,
-                                rule.min_threshold, [rn.ct for rn in cfg.data.real_negatives])
+                                rule.min_threshold, [rn.ct for rn in scans])
     return out

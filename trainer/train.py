@@ -300,7 +300,13 @@ def _new_state(
     """Network, optimiser, one-cycle schedule, GradScaler and weighted BCE of a run."""
     import torch
 
-    net = build_network(cfg.architecture).to(dev)
+    net = build_network(cfg.architecture)
+    if cfg.optim.init_weights is not None:
+        path = Path(cfg.optim.init_weights)
+        if not path.is_absolute():
+            path = Path(__file__).resolve().parent.parent / path
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    net = net.to(dev)
     model: torch.nn.Module = net
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(

@@ -83,6 +83,17 @@ def worker(
     runner = configure_worker(settings, device=device)
     app = configure_app(settings)
     name = (hostname or f"cad-node-{os.getpid()}@%h").replace("%h", socket.gethostname())
+    consume = list(wanted)
+    if settings.storage.fetch_url is not None and "io" in wanted:
+        # No shared storage: sends (and retries) of the results this worker
+        # holds come to its own queue (cad_node.jobs.tasks.results_queue).
+        import shutil
+
+        from cad_node.jobs.tasks import results_queue
+
+        consume.append(results_queue(name))
+        # Studies fetched by an earlier life of this worker (killed mid-job) are scratch.
+        shutil.rmtree(Path(settings.node.storage_dir) / "fetch", ignore_errors=True)
     threading.Thread(target=_heartbeat, args=(settings, name, wanted,
                                               runner.device), daemon=True).start()
     from cad_node.jobs.service import PARENT_PID_ENV
@@ -93,7 +104,7 @@ def worker(
     err.print(f"worker {name}: queues {','.join(wanted)}, device {runner.device}, "
               f"broker {app.conf.broker_url.split('@')[-1]}", highlight=False)
     app.worker_main([
-        "worker", "--queues", ",".join(wanted),
+        "worker", "--queues", ",".join(consume),
         "--concurrency", str(concurrency or settings.jobs.concurrency),
         "--pool", "prefork", "--hostname", name, "--loglevel", settings.log_level,
         "--without-gossip", "--without-mingle", "--without-heartbeat",

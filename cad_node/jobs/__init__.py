@@ -3,8 +3,10 @@
 Modules
 -------
 :mod:`~cad_node.jobs.store`
-    The durable job table (SQLite, WAL): states with timestamps, attempts and
-    errors, the per-study timeline, delivery tokens, acknowledged objects.
+    The durable job table (SQLAlchemy Core: SQLite in WAL mode embedded,
+    PostgreSQL at scale, see :mod:`cad_node.storage.db`): states with
+    timestamps, attempts and errors, the per-study timeline, delivery tokens
+    and claims, per-destination outcomes, acknowledged objects.
 :mod:`~cad_node.jobs.states`
     ``received, complete, queued, running, results-ready, sent, failed, dead``.
 :mod:`~cad_node.jobs.routing`

@@ -181,8 +181,27 @@ class JobRunner:
         return out or [False]
 
     # -- analyse ------------------------------------------------------------
-    def analyse(self, job_id: int) -> Job:
+    def fetch_dir(self, job: Job) -> Path:
+        """Where a worker without shared storage puts the study it fetched."""
+        return self.storage / "fetch" / job.node_name
+
+    def _study_paths(self, job: Job) -> list[str]:
+        """The study's files: the spool's own paths, or fetched from the receiver."""
+        base = self.settings.storage.fetch_url
+        if base is None:
+            return [str(i["path"]) for i in job.instances]
+        from cad_node.storage.wado import fetch_study
+
+        paths = fetch_study(base, job.fetch_token or "", job.instances, self.fetch_dir(job))
+        return [str(p) for p in paths]
+
+    def analyse(self, job_id: int, worker: str | None = None) -> Job:
         """Run the ``analyse`` stage; the job must be ``running``.
+
+        ``worker`` names the worker running it: with ``storage.fetch_url``
+        (a worker that does not share the receiver's storage) the study is
+        fetched from the receiver first, and the job records that this
+        worker holds the results files (its own ``io`` queue sends them).
 
         Returns
         -------
@@ -190,13 +209,25 @@ class JobRunner:
             The job in ``results-ready`` or ``failed``.
         """
         job = self.store.get(job_id)
-        log = job_logger(LOG, job)
         timings = self.timings.setdefault(job_id, StageTimings())
         if job.superseded_by is not None:
             return self.store.transition(job_id, JobState.FAILED,
                                          error=f"superseded by job {job.superseded_by}")
         t0 = time.monotonic()
-        plan = plan_routes([i["path"] for i in job.instances], self.settings.routing)
+        paths = self._study_paths(job)
+        timings.add("fetch", time.monotonic() - t0)
+        try:
+            return self._analyse_files(job, paths, worker, timings)
+        finally:
+            if self.settings.storage.fetch_url is not None:
+                shutil.rmtree(self.fetch_dir(job), ignore_errors=True)
+
+    def _analyse_files(self, job: Job, paths: list[str], worker: str | None,
+                       timings: StageTimings) -> Job:
+        job_id = job.job_id
+        log = job_logger(LOG, job)
+        t0 = time.monotonic()
+        plan = plan_routes(paths, self.settings.routing)
         timings.add("route", time.monotonic() - t0)
         for path, reason in plan.unreadable.items():
             log.warning("unusable instance %s: %s", path, reason)
@@ -242,6 +273,8 @@ class JobRunner:
                 error="every result object failed the conformance gate: " + "; ".join(quarantined),
             )
         log.info("results ready: %s", detail)
+        if self.settings.storage.fetch_url is not None and worker is not None:
+            self.store.set_results_host(job_id, worker)  # the files are on this host only
         # A failed analysis still yields objects that report the failure (SR +
         # summary page); the job records the reason so operators see it.
         return self.store.transition(job_id, JobState.RESULTS_READY, detail=detail,

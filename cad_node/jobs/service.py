@@ -90,6 +90,13 @@ class JobService:
         self.settings = settings
         self.store = store if store is not None else JobStore.from_settings(settings)
         configure_app(settings)
+        self.tokens = None
+        if settings.storage.wado_host is not None:  # remote workers fetch from us
+            from cad_node.storage.wado import StudyTokens, load_or_create_key
+
+            key_file = settings.storage.token_key_file or (
+                Path(settings.node.storage_dir) / "wado.key")
+            self.tokens = StudyTokens(load_or_create_key(key_file))
 
     def on_study_complete(self, event: StudyComplete) -> Job:
         """Record and publish a job for one study generation: the ingest hand-off.
@@ -135,6 +142,8 @@ class JobService:
             study_id=str(event.study_id), study_instance_uid=event.study_instance_uid,
             generation=int(event.generation), fingerprint=event.fingerprint,
             instances=event.instances,
+            fetch_token=(self.tokens.mint(event.study_instance_uid)
+                         if self.tokens is not None else None),
         )
         log = job_logger(LOG, job)
         if not created and job.state is not JobState.COMPLETE:
@@ -297,6 +306,7 @@ class JobsRuntime:
         self.worker = EmbeddedWorker(settings, config_path, self.service) if worker else None
         self._stop = threading.Event()
         self._reconciler: threading.Thread | None = None
+        self.wado: Any = None
 
     def _reconcile_loop(self) -> None:
         """Heal broker outages while serving: publish what never reached the broker."""
@@ -333,6 +343,14 @@ class JobsRuntime:
             except OSError as exc:
                 LOG.error("metrics endpoint %s:%d not started: %s", self.settings.metrics.host,
                           self.settings.metrics.port, exc)
+        storage = self.settings.storage
+        index = getattr(getattr(server, "spool", None), "index", None)
+        if storage.wado_host is not None and index is not None and self.service.tokens:
+            from cad_node.storage.wado import WadoServer, create_app
+
+            self.wado = WadoServer(create_app(index, self.service.tokens), storage.wado_host,
+                                   storage.wado_port)
+            self.wado.start()
         if self.worker is not None:
             self.worker.start()  # reconciles every unfinished job first
         else:
@@ -346,5 +364,7 @@ class JobsRuntime:
     def stop(self) -> None:
         """Stop the reconcile loop and the embedded worker (warm shutdown)."""
         self._stop.set()
+        if self.wado is not None:
+            self.wado.stop()
         if self.worker is not None:
             self.worker.stop()

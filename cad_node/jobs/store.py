@@ -106,6 +106,10 @@ JOBS = sa.Table(
     sa.Column("claimed_at", sa.Float),
     # version 2: when the message carrying ``token`` reached the broker (None: not yet)
     sa.Column("published_at", sa.Float),
+    # version 2: study-scoped token for fetching the study from the receiver (WADO-RS),
+    # and the worker holding the results files when workers do not share storage
+    sa.Column("fetch_token", sa.Text),
+    sa.Column("results_host", sa.Text),
     sa.UniqueConstraint("study_instance_uid", "fingerprint"),
     sa.Index("jobs_state", "state"),
     sa.Index("jobs_study", "study_instance_uid"),
@@ -160,14 +164,16 @@ def _v2(conn: Connection, dialect: str) -> None:
     conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN claimed_by TEXT"))
     conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN claimed_at FLOAT"))
     conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN published_at FLOAT"))
+    conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN fetch_token TEXT"))
+    conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN results_host TEXT"))
     JOB_DESTINATIONS.create(conn, checkfirst=True)
 
 
 #: Schema steps of the job table (version 1: the first released schema, no
 #: ``schema_version`` row; it had jobs, job_events, workers, sent_objects).
 MIGRATIONS: tuple[Migration, ...] = (
-    Migration(2, "claims (claimed_by, claimed_at), published_at, per-destination outcomes",
-              _v2),
+    Migration(2, "claims (claimed_by, claimed_at), published_at, fetch_token, results_host, "
+              "per-destination outcomes", _v2),
 )
 #: Current schema version of the job table.
 SCHEMA_VERSION = MIGRATIONS[-1].version
@@ -286,6 +292,10 @@ class Job:
     claimed_at: float | None = None
     #: When the message with the current token reached the broker (None: not yet).
     published_at: float | None = None
+    #: Study-scoped token for the receiver's WADO-RS endpoint (remote workers).
+    fetch_token: str | None = field(default=None, repr=False)
+    #: Worker that holds the results files (workers without shared storage), or None.
+    results_host: str | None = None
 
     @property
     def turnaround_s(self) -> float | None:
@@ -480,6 +490,7 @@ class JobStore:
         fingerprint: str,
         instances: Sequence[Any],
         now: float | None = None,
+        fetch_token: str | None = None,
     ) -> tuple[Job, bool]:
         """Record a "study complete" hand-off durably.
 
@@ -491,6 +502,9 @@ class JobStore:
             The study's ``StoredInstance`` records (see :func:`instance_record`).
         now : float, optional
             Hand-off time (epoch seconds); ``time.time()`` when omitted.
+        fetch_token : str, optional
+            Study-scoped token a remote worker presents to the receiver's
+            WADO-RS endpoint (:mod:`cad_node.storage.wado`).
 
         Returns
         -------
@@ -524,6 +538,7 @@ class JobStore:
                 generation=generation, fingerprint=fingerprint, state=JobState.RECEIVED.value,
                 state_at=received_at, created_at=now, received_at=received_at,
                 completed_at=now, supersedes=supersedes, instances=json.dumps(records),
+                fetch_token=fetch_token,
             ).returning(JOBS.c.job_id)).scalar_one())
             conn.execute(sa.insert(JOB_EVENTS).values(
                 job_id=job_id, study_instance_uid=study_instance_uid,
@@ -694,8 +709,16 @@ class JobStore:
                             event=old is not state or bool(detail), token=token,
                             deliveries=deliveries, attempts=attempts,
                             first_failure_at=first_failure, claimed_by=None, claimed_at=None,
-                            published_at=None)
+                            published_at=None,
+                            results_host=None if state is JobState.QUEUED else row["results_host"])
             return self._job(self._row(conn, job_id)), token
+
+    @retry_on_disconnect
+    def set_results_host(self, job_id: int, host: str | None) -> None:
+        """Record which worker holds the job's results files (not a state change)."""
+        with self.db.write() as conn:
+            conn.execute(sa.update(JOBS).where(JOBS.c.job_id == job_id)
+                         .values(results_host=host))
 
     @retry_on_disconnect
     def mark_published(self, job_id: int, token: str) -> None:
@@ -711,15 +734,15 @@ class JobStore:
         ``complete`` jobs (handed off, never enqueued), and ``queued`` /
         ``results-ready`` jobs whose current token was never marked
         published (the broker was down, or the process died, between the
-        table and the broker) for longer than ``older_than_s``.
+        table and the broker), in that state for longer than ``older_than_s``
+        (a hand-off still publishing is left alone).
         """
         now = time.time() if now is None else now
         c = JOBS.c
-        query = sa.select(JOBS).where(sa.or_(
+        query = sa.select(JOBS).where(c.state_at < now - older_than_s, sa.or_(
             c.state == JobState.COMPLETE.value,
             sa.and_(c.state.in_([JobState.QUEUED.value, JobState.RESULTS_READY.value]),
-                    c.published_at.is_(None), c.claimed_by.is_(None),
-                    c.state_at < now - older_than_s),
+                    c.published_at.is_(None), c.claimed_by.is_(None)),
         )).order_by(c.job_id)
         with self.db.read() as conn:
             return [self._job(r) for r in conn.execute(query).mappings()]
@@ -790,17 +813,25 @@ class JobStore:
 
         A claimed ``queued``/``running``/``results-ready`` job whose worker's
         last heartbeat is older than ``lease_s`` (or that has none) loses its
-        claim; the caller re-publishes it (:func:`cad_node.jobs.tasks.reap`).
+        claim; so does a ``results-ready`` job whose results are held by such
+        a worker (``results_host``, workers without shared storage).  The
+        caller re-publishes them (:func:`cad_node.jobs.tasks.reap`).
         The rows are taken ``FOR UPDATE SKIP LOCKED``: of several callers at
         once, each job goes to exactly one, and none waits for another.
         """
         now = time.time() if now is None else now
         active = [JobState.QUEUED.value, JobState.RUNNING.value, JobState.RESULTS_READY.value]
         with self.db.write() as conn:
+            holder_alive = sa.exists().where(WORKERS.c.hostname == JOBS.c.results_host,
+                                             WORKERS.c.last_seen >= now - lease_s)
+            claimed = sa.and_(JOBS.c.claimed_by.is_not(None), JOBS.c.claimed_at < now - lease_s,
+                              ~self._live_claim(now - lease_s))
+            orphaned = sa.and_(JOBS.c.state == JobState.RESULTS_READY.value,
+                               JOBS.c.claimed_by.is_(None), JOBS.c.results_host.is_not(None),
+                               JOBS.c.state_at < now - lease_s, ~holder_alive)
             ids = [int(i) for i in conn.execute(
                 sa.select(JOBS.c.job_id)
-                .where(JOBS.c.state.in_(active), JOBS.c.claimed_by.is_not(None),
-                       JOBS.c.claimed_at < now - lease_s, ~self._live_claim(now - lease_s))
+                .where(JOBS.c.state.in_(active), sa.or_(claimed, orphaned))
                 .order_by(JOBS.c.job_id)
                 .with_for_update(skip_locked=True)).scalars()]
             if ids:

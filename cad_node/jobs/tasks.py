@@ -44,6 +44,7 @@ __all__ = [
     "publish_send",
     "reap",
     "reconcile",
+    "results_queue",
     "send_task",
 ]
 
@@ -98,6 +99,11 @@ def _limits() -> dict[str, Any]:
             "time_limit": app.conf.task_time_limit}
 
 
+def results_queue(worker: str) -> str:
+    """The ``io`` queue of one worker: sends of the results it holds go there."""
+    return f"{QUEUE_IO}.{worker}"
+
+
 def publish_analyse(store: JobStore, job_id: int, *, reset_deliveries: bool = True,
                     detail: str | None = None, reset_attempts: bool = False) -> str:
     """Queue the ``analyse`` stage of a job (job table first, then the message)."""
@@ -111,10 +117,16 @@ def publish_analyse(store: JobStore, job_id: int, *, reset_deliveries: bool = Tr
 def publish_send(store: JobStore, job_id: int, *, countdown: float = 0.0,
                  reset_deliveries: bool = True, detail: str | None = None,
                  reset_attempts: bool = False) -> str:
-    """Queue the ``send`` stage of a job, optionally delayed by ``countdown`` seconds."""
-    _, token = store.enqueue(job_id, state=JobState.RESULTS_READY, detail=detail,
-                             reset_deliveries=reset_deliveries, reset_attempts=reset_attempts)
-    app.send_task(TASK_SEND, args=(job_id, token), queue=QUEUE_IO,
+    """Queue the ``send`` stage of a job, optionally delayed by ``countdown`` seconds.
+
+    The message goes to ``io``, or, when a worker without shared storage
+    holds the results files (``job.results_host``), to that worker's own
+    queue (:func:`results_queue`).
+    """
+    job, token = store.enqueue(job_id, state=JobState.RESULTS_READY, detail=detail,
+                               reset_deliveries=reset_deliveries, reset_attempts=reset_attempts)
+    queue = results_queue(job.results_host) if job.results_host else QUEUE_IO
+    app.send_task(TASK_SEND, args=(job_id, token), queue=queue,
                   countdown=max(0.0, countdown) or None, **_limits())
     store.mark_published(job_id, token)
     return token
@@ -180,9 +192,9 @@ def reap(store: JobStore, lease_s: float) -> list[int]:
     for job_id in store.expired_claims(lease_s):
         job = store.get(job_id)
         log = job_logger(LOG, job)
-        detail = f"claim of {job.claimed_by or 'a worker'} expired: re-published"
+        detail = "its worker stopped heart-beating: re-published"
         try:
-            if job.state is JobState.RESULTS_READY:
+            if job.state is JobState.RESULTS_READY and job.results_host is None:
                 publish_send(store, job_id, reset_deliveries=False, detail=detail)
             else:
                 publish_analyse(store, job_id, reset_deliveries=False, detail=detail)
@@ -248,7 +260,7 @@ def analyse_task(self: Any, job_id: int, token: str) -> None:
     detail = f"delivery {job.deliveries} on {self.request.hostname}, device {runner.device}"
     runner.store.transition(job_id, JobState.RUNNING, detail=detail)
     try:
-        job = runner.analyse(job_id)
+        job = runner.analyse(job_id, worker=self.request.hostname)
     except SoftTimeLimitExceeded:
         log.error("soft time limit exceeded")
         runner.store.transition(job_id, JobState.FAILED, error="soft time limit exceeded")

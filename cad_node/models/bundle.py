@@ -55,6 +55,7 @@ __all__ = [
     "RadiographInputSpec",
     "SemVer",
     "default_models_dir",
+    "device_uid_for",
     "device_uid_from_sha256",
     "list_versions",
     "load_bundle",
@@ -104,6 +105,20 @@ class SemVer:
 
     def __str__(self) -> str:
         return f"{self.major}.{self.minor}.{self.patch}"
+
+
+def device_uid_for(sha256: str, operating_threshold: float | None = None) -> str:
+    """The Device UID of a bundle: its weights and, when it has one, its operating point.
+
+    Without an operating threshold this is :func:`device_uid_from_sha256` of
+    the weights (bundles written before operating thresholds existed keep
+    their UID).  With one, the hash of ``"<weights sha256>|operating_threshold=<t>"``
+    is used: the same weights at another operating point are another device.
+    """
+    if operating_threshold is None:
+        return device_uid_from_sha256(sha256)
+    key = f"{sha256}|operating_threshold={float(operating_threshold)!r}".encode()
+    return device_uid_from_sha256(hashlib.sha256(key).hexdigest())
 
 
 def device_uid_from_sha256(sha256: str) -> str:
@@ -260,10 +275,11 @@ class BundleManifest(_Strict):
 
     @model_validator(mode="after")
     def _uid(self) -> BundleManifest:
-        expected = device_uid_from_sha256(self.weights_sha256)
+        expected = device_uid_for(self.weights_sha256, self.output.operating_threshold)
         if self.device_uid != expected:
             raise ValueError(
                 f"device_uid {self.device_uid} is not derived from weights_sha256 "
+                "and output.operating_threshold "
                 f"(expected {expected})"
             )
         if "not for diagnostic use" not in self.intended_use.lower():

@@ -55,6 +55,9 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from scipy.spatial import ConvexHull, QhullError
 
+from cad_node.imaging.geometry import ImagePlane
+from cad_node.imaging.radiograph import radiograph_geometry
+
 __all__ = [
     "CORNERSTONE_3D_TAG",
     "LONG_AXIS",
@@ -201,10 +204,17 @@ class Bidirectional:
 
 
 def _pixel_spacing(image: Dataset) -> tuple[float, float]:
-    spacing = image.get("PixelSpacing") or image.get("ImagerPixelSpacing")
-    if spacing is None or len(spacing) != 2:
+    """``(row, column)`` spacing in mm from the one geometry of each kind of image.
+
+    A cross-sectional image's from its plane (:class:`cad_node.imaging.geometry.ImagePlane`),
+    a radiograph's from :func:`cad_node.imaging.radiograph.radiograph_geometry` (Pixel
+    Spacing, else Imager Pixel Spacing corrected by the magnification factor).
+    """
+    plane = ImagePlane.from_dataset(image)
+    spacing = plane.pixel_spacing if plane is not None else radiograph_geometry(image).spacing_mm
+    if spacing is None:
         raise ValueError(f"image {image.SOPInstanceUID} has no Pixel Spacing for lengths in mm")
-    return float(spacing[0]), float(spacing[1])
+    return spacing
 
 
 def polyline_length_mm(points: npt.ArrayLike, spacing_rc: tuple[float, float]) -> float:

@@ -43,6 +43,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from cad_node.imaging.radiograph import radiograph_geometry
 from cad_node.results._common import (
     BuildContext,
     SeriesNumber,
@@ -201,6 +202,26 @@ def _referenced_segment(
     )
 
 
+def _row_column_spacing(ctx: BuildContext, image: Dataset) -> tuple[float, float]:
+    """Pixel spacing ``(row, column)`` of a source image, in mm.
+
+    A cross-sectional image's comes from its plane (:mod:`cad_node.imaging.geometry`),
+    a radiograph's from :func:`cad_node.imaging.radiograph.radiograph_geometry`.
+
+    Raises
+    ------
+    ValueError
+        The image has no millimetre scale.
+    """
+    plane = ctx.source.plane(str(image.SOPInstanceUID))
+    if plane is not None:
+        return plane.pixel_spacing
+    spacing = radiograph_geometry(image).spacing_mm
+    if spacing is None:
+        raise ValueError(f"image {image.SOPInstanceUID} has no Pixel Spacing for lengths in mm")
+    return spacing
+
+
 def key_slice_axes(ctx: BuildContext, finding: Finding) -> tuple[Dataset, Bidirectional] | None:
     """The key slice of a masked finding and its long/short axes and outline on it.
 
@@ -225,13 +246,11 @@ def key_slice_axes(ctx: BuildContext, finding: Finding) -> tuple[Dataset, Bidire
         for _, k in frames
     ])
     first = ctx.source.images[frames[0][0]]
-    spacing = (float(first.PixelSpacing[0]), float(first.PixelSpacing[1]))
-    best = key_frame(binary, spacing)
+    best = key_frame(binary, _row_column_spacing(ctx, first))
     if best is None:
         return None
     image = ctx.source.images[frames[best][0]]
-    spacing = (float(image.PixelSpacing[0]), float(image.PixelSpacing[1]))
-    axes = bidirectional_axes(binary[best], spacing)
+    axes = bidirectional_axes(binary[best], _row_column_spacing(ctx, image))
     assert axes is not None
     return image, axes
 

@@ -304,6 +304,7 @@ class NodeServer:
                 node.storage_dir,
                 node.min_free_bytes,
                 own_manufacturers=frozenset({self.settings.results.manufacturer}),
+                database_url=self.settings.storage.index_database_url,
             )
             self.assembler = StudyAssembler(
                 self.spool.index, self.settings.study, self.on_study_complete

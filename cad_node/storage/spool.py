@@ -82,7 +82,6 @@ __all__ = [
     "SpoolLockedError",
     "SpoolOutcome",
     "StoreResult",
-    "StoreStatus",
     "UIDMismatchError",
     "encode_file_meta",
     "free_bytes",
@@ -130,11 +129,6 @@ class SpoolOutcome(Enum):
     STORED = "stored"
     #: SOP Instance UID already indexed; the first copy was kept, nothing written.
     DUPLICATE = "duplicate"
-
-
-#: Former name of :class:`SpoolOutcome`, kept while ``cad_node/scp/server.py``
-#: (reworked in parallel) still imports it.
-StoreStatus = SpoolOutcome
 
 
 @dataclass(frozen=True)
@@ -233,13 +227,15 @@ class Spool:
         min_free_bytes: int,
         lock_fd: int,
         own_manufacturers: frozenset[str] = frozenset(),
+        database_url: str | None = None,
     ) -> None:
         self.root = root
         self.own_manufacturers = own_manufacturers
         self.objects_dir = root / "objects"
         self.min_free_bytes = min_free_bytes
         self._lock_fd = lock_fd
-        self.index = SpoolIndex(root / "index.sqlite3", self.objects_dir, synchronous="NORMAL")
+        self.index = SpoolIndex(database_url or root / "index.sqlite3", self.objects_dir,
+                                synchronous="NORMAL")
         self._id_lock = threading.Lock()
         self._next_id = 1
         self._known_dirs: set[Path] = set()
@@ -251,8 +247,13 @@ class Spool:
         storage_dir: str | Path,
         min_free_bytes: int = 0,
         own_manufacturers: frozenset[str] = frozenset(),
+        database_url: str | None = None,
     ) -> Spool:
         """Open (creating if needed) the spool below ``storage_dir`` and recover.
+
+        ``database_url`` puts the index in that database (``storage.database_url``,
+        e.g. PostgreSQL) instead of ``spool/index.sqlite3``; the files stay below
+        ``storage_dir`` and remain the record of every acknowledged instance.
 
         Raises
         ------
@@ -267,7 +268,7 @@ class Spool:
         except BlockingIOError:
             os.close(lock_fd)
             raise SpoolLockedError(f"spool {root} is in use by another process") from None
-        spool = cls(root, min_free_bytes, lock_fd, own_manufacturers)
+        spool = cls(root, min_free_bytes, lock_fd, own_manufacturers, database_url)
         try:
             spool._recover()
         except BaseException:

@@ -214,3 +214,83 @@ def kill_process_tree(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def postgres_bin() -> Path:
+    """The bin directory of Debian's PostgreSQL (``/usr/lib/postgresql/<ver>/bin``)."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
+                   key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
+    if not found:
+        require_program("/usr/lib/postgresql/15/bin/pg_ctl")  # skips, or fails under CI
+    return found[-1].parent
+
+
+class PostgresServer:
+    """A PostgreSQL cluster made by ``initdb`` in a temporary directory, on a free port.
+
+    Runs as the ``postgres`` system user when the tests run as root (``initdb``
+    refuses root); trust authentication on 127.0.0.1 only.
+    """
+
+    def __init__(self) -> None:
+        import tempfile
+
+        self.bin = postgres_bin()
+        self.root = Path(tempfile.mkdtemp(prefix="cad-node-pg-"))
+        self.data = self.root / "data"
+        self.port = free_port()
+        if os.geteuid() == 0:
+            import pwd
+
+            pw = pwd.getpwnam("postgres")
+            os.chown(self.root, pw.pw_uid, pw.pw_gid)
+        self._run("initdb", "-D", str(self.data), "-U", "cad", "--auth=trust", "-E", "UTF8",
+                  "--no-sync", "--no-instructions")
+
+    def _run(self, program: str, *args: str) -> None:
+        cmd = [str(self.bin / program), *args]
+        if os.geteuid() == 0:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+
+    @property
+    def url(self) -> str:
+        """``storage.database_url`` for this server."""
+        return f"postgresql://cad@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> None:
+        """Start the server and wait until it accepts connections."""
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"), "-w",
+                  "-t", "60", "-o",
+                  f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
+                  "-c max_connections=200", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server (``fast``: disconnect clients, clean shutdown)."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
+
+    def restart(self) -> None:
+        """Stop and start again on the same port and data."""
+        self.stop()
+        self.start()
+
+    def cleanup(self) -> None:
+        """Stop if running and remove the cluster."""
+        import shutil
+
+        try:
+            self.stop("immediate")
+        except subprocess.CalledProcessError:
+            pass
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server for the module's tests."""
+    server = PostgresServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()

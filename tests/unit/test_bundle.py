@@ -145,3 +145,14 @@ def test_default_models_dir_resolution(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setenv("CAD_NODE_MODELS__DIR", str(tmp_path / "elsewhere"))
     assert default_models_dir() == tmp_path / "elsewhere"
     assert load_bundle("toy-scorer").version == "1.0.0"
+
+
+def test_device_uid_changes_with_the_operating_threshold() -> None:
+    from cad_node.models.bundle import device_uid_for, device_uid_from_sha256
+
+    sha = "ab" * 32
+    # no operating threshold: the weights alone, as before
+    assert device_uid_for(sha) == device_uid_from_sha256(sha)
+    a, b = device_uid_for(sha, 0.79), device_uid_for(sha, 0.8)
+    assert len({a, b, device_uid_for(sha)}) == 3
+    assert a == device_uid_for(sha, 0.79) and a.startswith("2.25.")

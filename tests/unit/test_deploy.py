@@ -19,7 +19,8 @@ from tests.conftest import REPO_ROOT, SYSTEMD_ANALYZE, require_program, skip_or_
 SYSTEMD = REPO_ROOT / "systemd"
 DOCKER = REPO_ROOT / "docker"
 INSTALL_PREFIX = "/opt/cad-node/.venv/bin/cad-node"
-UNITS = ("cad-node-receiver.service", "cad-node-worker@.service")
+UNITS = ("cad-node-receiver.service", "cad-node-worker@.service",
+         "cad-node-receiver-only.service", "cad-node-worker-only@.service")
 HARDENING = {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
              "PrivateTmp": "yes", "RestrictNamespaces": "yes", "CapabilityBoundingSet": ""}
 
@@ -44,6 +45,17 @@ def test_units_are_hardened(name: str) -> None:
     assert unit["Install"]["WantedBy"] == "multi-user.target"
 
 
+def test_scale_out_variants() -> None:
+    """Receiver-only (no worker, PostgreSQL/WADO config) and worker-only (own storage)."""
+    receiver = _unit("cad-node-receiver-only.service")["Service"]
+    assert "serve --no-worker" in receiver["ExecStart"]
+    worker = _unit("cad-node-worker-only@.service")["Service"]
+    assert "worker " in worker["ExecStart"] and "--device cuda:%i" in worker["ExecStart"]
+    # The worker-only host never writes the receiver's storage directory.
+    assert worker["ReadWritePaths"] == "/var/lib/cad-node-worker"
+    assert "/var/lib/cad-node\n" not in (SYSTEMD / "cad-node-worker-only@.service").read_text()
+
+
 def test_worker_template_uses_instance_as_gpu() -> None:
     exec_start = _unit("cad-node-worker@.service")["Service"]["ExecStart"]
     assert "--device cuda:%i" in exec_start and "--queues inference" in exec_start
@@ -62,7 +74,10 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
         (tmp_path / name).write_text(text)
     instance = tmp_path / "cad-node-worker@0.service"
     shutil.copy(tmp_path / "cad-node-worker@.service", instance)
-    proc = subprocess.run([exe, "verify", str(tmp_path / UNITS[0]), str(instance)],
+    remote = tmp_path / "cad-node-worker-only@0.service"
+    shutil.copy(tmp_path / "cad-node-worker-only@.service", remote)
+    proc = subprocess.run([exe, "verify", str(tmp_path / UNITS[0]), str(instance),
+                           str(tmp_path / UNITS[2]), str(remote)],
                           capture_output=True, text=True, timeout=120)
     ours = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "cad-node" in ln]
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -176,6 +191,16 @@ def test_compose_file_schema() -> None:
         assert flag in redis_cmd
     assert "ports" not in services["redis"]  # private: compose network only
     assert "--no-worker" in services["receiver"]["command"]
+    # Scale-out: PostgreSQL, two workers, none of them on the receiver's volume.
+    assert {"postgres", "worker-2"} <= set(services)
+    assert "ports" not in services["postgres"]
+    receiver_volumes = {v.split(":")[0] for v in services["receiver"]["volumes"]}
+    for name in ("worker", "worker-2", "worker-gpu"):
+        env = services[name]["environment"]
+        assert env["CAD_NODE_STORAGE__FETCH_URL"] == "http://receiver:8043"
+        assert env["CAD_NODE_STORAGE__DATABASE_URL"].startswith("postgresql://")
+        volumes = {v.split(":")[0] for v in services[name]["volumes"]}
+        assert not (volumes & receiver_volumes - {"./cad-node.yaml"}), name
 
 
 def test_compose_checker_catches_mistakes() -> None:

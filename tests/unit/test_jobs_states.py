@@ -224,3 +224,30 @@ def test_version_1_job_table_is_migrated(tmp_path: Path) -> None:
 
     with pytest.raises(DatabaseError, match="version 99"):
         JobStore(path)
+
+
+def test_a_worker_restarted_under_its_name_loses_its_old_claims(tmp_path: Path) -> None:
+    """The claim of a worker's previous life expires even though the name heart-beats again."""
+    store = JobStore(tmp_path / "jobs.sqlite")
+    job_id = _job_in(store, C, "restart")
+    _, token = store.enqueue(job_id)
+    store.heartbeat("w1", 1, ["inference"], "cpu", started_at=0.0)
+    assert store.begin_delivery(job_id, token, 5, worker="w1", lease_s=30)[0] is Delivery.RUN
+    with store.db.write() as conn:
+        conn.execute(sa.update(JOBS).values(claimed_at=10.0))
+    assert store.expired_claims(30, now=20.0) == []  # within the lease
+    store.heartbeat("w1", 2, ["inference"], "cpu", started_at=50.0)  # killed and restarted
+    assert store.expired_claims(30) == [job_id]
+
+
+def test_orphaned_results_are_reaped_when_their_holder_is_gone(tmp_path: Path) -> None:
+    """Results held by a worker (no shared storage) that stopped heart-beating."""
+    store = JobStore(tmp_path / "jobs.sqlite")
+    job_id = _job_in(store, RUN, "orphan")
+    store.heartbeat("w2", 1, ["inference"], "cpu", started_at=0.0)
+    store.transition(job_id, RR, now=1.0)
+    store.set_results_host(job_id, "w2")
+    assert store.expired_claims(30) == []             # w2 alive (heart-beat just now)...
+    with store.db.write() as conn:
+        conn.execute(sa.text("UPDATE workers SET last_seen = 0"))
+    assert store.expired_claims(30) == [job_id]      # ... until it stops

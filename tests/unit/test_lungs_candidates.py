@@ -126,3 +126,36 @@ def test_cut_lungs_are_noted(phantom) -> None:
     mid = (lung_slices[0] + lung_slices[-1]) // 2
     cut = segment_lungs(_image(ph.volume_hu[mid - 15:], origin=ph.origin))
     assert any("beyond the first slice" in n and "partial" in n for n in cut.notes)
+
+
+def _blob_and_tube() -> tuple[np.ndarray, np.ndarray]:
+    """A 6 mm ball and a 4 mm-wide tube along x in air, 1 mm voxels, smoothed."""
+    from scipy import ndimage
+
+    z, y, x = np.mgrid[:40, :40, :40].astype(float)
+    ball = ((z - 20) ** 2 + (y - 20) ** 2 + (x - 20) ** 2 <= 9).astype(np.float32) * 1000
+    tube = ((z - 20) ** 2 + (y - 20) ** 2 <= 4).astype(np.float32) * 1000
+    return (ndimage.gaussian_filter(ball, 1.5).astype(np.float32),
+            ndimage.gaussian_filter(tube, 1.5).astype(np.float32))
+
+
+def test_small_blob_quota_tells_a_ball_from_a_vessel() -> None:
+    from cad_node.pipelines.ct_chest.candidates import _blobness_at
+
+    ball, tube = _blob_and_tube()
+    centre = np.array([[20, 20, 20]], dtype=np.int64)
+    b = _blobness_at([ball, tube], np.array([0], dtype=np.int8), centre, (1.0, 1.0, 1.0))
+    t = _blobness_at([ball, tube], np.array([1], dtype=np.int8), centre, (1.0, 1.0, 1.0))
+    # a ball: three equal negative curvatures -> 1; a tube: one ~0 -> ~0
+    assert b[0] > 0.9 and t[0] < 0.1
+
+
+def test_vesselness_of_a_tube_and_a_ball() -> None:
+    from cad_node.pipelines.ct_chest.candidates import Candidate, candidate_vesselness
+
+    ball, tube = _blob_and_tube()
+    cand = [Candidate((20.0, 20.0, 20.0), (20, 20, 20), 4.0, 100.0)]
+    v_ball = candidate_vesselness(sitk.GetImageFromArray(ball - 1000), cand)
+    v_tube = candidate_vesselness(sitk.GetImageFromArray(tube - 1000), cand)
+    # Frangi: a bright tube scores high, a ball (Rb ~ 1) low
+    assert v_tube[0] > 0.5 > v_ball[0]

@@ -175,9 +175,12 @@ class CtChestPipeline:
 
     name = PIPELINE_NAME
 
-    def __init__(self, models_dir: Path | None = None, use_scorer: bool = True) -> None:
+    def __init__(self, models_dir: Path | None = None, use_scorer: bool = True,
+                 max_findings: int = MAX_FINDINGS) -> None:
         self.models_dir = models_dir
         self.use_scorer = use_scorer
+        #: Findings reported at most (``cad-train``'s operating-point run asks for more).
+        self.max_findings = max_findings
 
     def run(
         self,
@@ -344,7 +347,7 @@ class CtChestPipeline:
             )
             if not clash and p >= MIN_REPORT_PROBABILITY:
                 kept.append((p, c, m))
-            if len(kept) >= MAX_FINDINGS:
+            if len(kept) >= self.max_findings:
                 break
         return kept, len(scored)
 
