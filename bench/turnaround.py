@@ -17,7 +17,10 @@ result files to the same Orthanc (the ``send`` ratio).
 
 Usage::
 
-    .venv/bin/python bench/turnaround.py [--repeat N] [--threads 2]
+    .venv/bin/python bench/turnaround.py [--repeat N] [--threads 2] [--shipped-routing]
+
+``--shipped-routing`` routes with ``config/cad-node.yaml`` (ct-chest and
+ct-lesion on the same series; goal for both: 30 s).
 """
 
 from __future__ import annotations
@@ -54,8 +57,19 @@ def _lidc_files() -> list[Path]:
     return sorted(series[0].glob("*.dcm"))
 
 
-def _one_run(workdir: Path, pacs: OrthancServer, files: list[Path]) -> dict[str, float]:
+def _one_run(workdir: Path, pacs: OrthancServer, files: list[Path],
+             shipped_routing: bool = False) -> dict[str, float]:
     node = Node(workdir / "node", pacs.dicom_port)
+    if shipped_routing:  # the rules of config/cad-node.yaml: ct-chest and ct-lesion
+        import yaml
+
+        from cad_node.config import load_config
+
+        cfg = yaml.safe_load(node.config.read_text())
+        cfg["routing"] = yaml.safe_load((REPO / "config" / "cad-node.yaml").read_text())[
+            "routing"]
+        node.config.write_text(yaml.safe_dump(cfg))
+        node.settings = load_config(node.config)
     node.start()
     try:
         if not node.store.workers():
@@ -104,6 +118,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=1, help="runs (fresh node each)")
     parser.add_argument("--threads", type=int, default=2, help="torch/OMP threads")
+    parser.add_argument("--shipped-routing", action="store_true",
+                        help="route with config/cad-node.yaml (ct-chest and ct-lesion)")
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     os.environ["CAD_NODE_JOBS__DEVICE"] = "cpu"
@@ -117,7 +133,7 @@ def main() -> None:
         try:
             for i in range(args.repeat):
                 pacs.delete_all()
-                runs.append(_one_run(work / f"run{i}", pacs, files))
+                runs.append(_one_run(work / f"run{i}", pacs, files, args.shipped_routing))
                 shutil.rmtree(work / f"run{i}", ignore_errors=True)
         finally:
             pacs.stop()

@@ -265,6 +265,9 @@ def register(app: typer.Typer) -> None:
             raise fail(exc) from None
         typer.echo(f"{value:.6f}")
 
+    from trainer.ct_lesion import evaluate_command as ct_lesion_cmd
+
+    ev.command("ct-lesion")(ct_lesion_cmd)
     from trainer.cxr_lungs import register_evaluate as register_cxr_evaluate
 
     register_cxr_evaluate(ev)  # cad-train evaluate cxr-lungs, cxr-plausibility

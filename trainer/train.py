@@ -379,7 +379,8 @@ def register(app: typer.Typer) -> None:
     @app.command("train")
     def train_cmd(
         model: Annotated[
-            str, typer.Argument(help=f"Model to train: {', '.join(MODELS)}, cxr-lungs.")
+            str, typer.Argument(
+                help=f"Model to train: {', '.join(MODELS)}, cxr-lungs, ct-lesion.")
         ],
         config: Annotated[Path, typer.Argument(help="YAML training config.")],
         out: Annotated[
@@ -396,6 +397,18 @@ def register(app: typer.Typer) -> None:
         ] = False,
     ) -> None:
         """Train MODEL with CONFIG; writes checkpoints, metrics and a model card."""
+        if model == "ct-lesion":  # the lesion detector has its own trainer
+            from trainer import ct_lesion
+
+            try:
+                lcfg = ct_lesion.load_config(config)
+                final = ct_lesion.train_ct_lesion(lcfg, out or Path("runs") / model,
+                                                  config_dir=config.parent)
+            except (ValueError, FileNotFoundError) as exc:
+                _console.print(f"[red]error:[/red] {exc}")
+                raise typer.Exit(2) from None
+            _console.print(f"final checkpoint: {final}")
+            return
         if model in ("cxr-lungs",):  # chest radiographs: trainer.cxr_lungs
             from trainer.cxr_lungs import train_command as cxr_train
 

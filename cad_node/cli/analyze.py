@@ -186,6 +186,12 @@ def analyze(
 
     summary: list[dict[str, Any]] = []
     status = 0
+    # as the job runner does: a pipeline with ``reconcile`` (ct-lesion) runs after
+    # the others on its series and sees their results (no finding reported twice)
+    from cad_node.jobs.runner import _reconciles
+
+    jobs.sort(key=lambda job: _reconciles(job[0].pipeline))
+    earlier: dict[str, list[Any]] = {}
     for n, (rule, info) in enumerate(jobs, start=1):
         t0 = time.perf_counter()
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
@@ -206,6 +212,11 @@ def analyze(
                     result = _failed(rule.pipeline, info, str(exc).strip("'\""))
                 else:
                     result = pipeline.run(loaded, device=device, progress=progress)
+                    before = earlier.setdefault(info.series_instance_uid, [])
+                    reconcile = getattr(pipeline, "reconcile", None)
+                    if callable(reconcile) and before:
+                        result = reconcile(result, list(before), loaded)
+                    before.append(result)
             bar.update(task, completed=1.0, stage=result.status.value)
         elapsed = time.perf_counter() - t0
         entry: dict[str, Any] = {

@@ -236,8 +236,15 @@ class JobRunner:
         manifest: list[dict[str, Any]] = []
         quarantined: list[str] = []
         failures: list[str] = []
-        for n, step in enumerate(plan.steps, start=1):
-            entries, bad, failure = self._analyse_step(job, n, step, out_dir, timings)
+        # Several pipelines may analyse one series (e.g. ct-chest and ct-lesion).
+        # A pipeline with a ``reconcile`` method runs after the others on its
+        # series and sees their results, so one finding is never reported twice.
+        earlier: dict[str, list[Any]] = {}
+        steps = sorted(plan.steps, key=lambda s: _reconciles(s.pipeline))
+        for n, step in enumerate(steps, start=1):
+            entries, bad, failure = self._analyse_step(
+                job, n, step, out_dir, timings,
+                earlier.setdefault(step.series.series_instance_uid, []))
             manifest.extend(entries)
             quarantined.extend(bad)
             if failure is not None:
@@ -265,7 +272,8 @@ class JobRunner:
                                      error="; ".join([*failures, *quarantined]) or None)
 
     def _analyse_step(
-        self, job: Job, n: int, step: RouteStep, out_dir: Path, timings: StageTimings
+        self, job: Job, n: int, step: RouteStep, out_dir: Path, timings: StageTimings,
+        earlier: list[Any] | None = None,
     ) -> tuple[list[dict[str, Any]], list[str], str | None]:
         from cad_node.pipelines import load_input
         from cad_node.results import build_results
@@ -275,7 +283,10 @@ class JobRunner:
         loaded = load_input(step.pipeline, step.paths)
         timings.add("load", time.monotonic() - t0)
         t0 = time.monotonic()
-        result = run_pipeline(step.pipeline, loaded, device=self.device)
+        result = run_pipeline(step.pipeline, loaded, device=self.device,
+                              earlier=earlier or ())
+        if earlier is not None:
+            earlier.append(result)
         timings.add("inference", time.monotonic() - t0)
         if getattr(result, "model", None) is None:
             # Without a model identity no conformant result object can be built
@@ -505,8 +516,22 @@ class JobRunner:
         shutil.rmtree(self.results_dir(job), ignore_errors=True)
 
 
-def run_pipeline(name: str, series: Any, *, device: str) -> Any:
+def _reconciles(name: str) -> bool:
+    """Whether pipeline ``name`` reconciles its result with earlier ones (runs last)."""
+    from cad_node.pipelines import get_pipeline
+
+    try:
+        return callable(getattr(get_pipeline(name), "reconcile", None))
+    except KeyError:
+        return False
+
+
+def run_pipeline(name: str, series: Any, *, device: str, earlier: Sequence[Any] = ()) -> Any:
     """Run the registered pipeline ``name`` (:func:`cad_node.pipelines.get_pipeline`).
+
+    When the pipeline has a ``reconcile(result, others, series)`` method, it
+    is applied with the ``earlier`` results of other pipelines on the same
+    series (e.g. ct-lesion leaves lung findings to ct-chest).
 
     Raises
     ------
@@ -515,4 +540,9 @@ def run_pipeline(name: str, series: Any, *, device: str) -> Any:
     """
     from cad_node.pipelines import get_pipeline
 
-    return get_pipeline(name).run(series, device=device)
+    pipeline = get_pipeline(name)
+    result = pipeline.run(series, device=device)
+    reconcile = getattr(pipeline, "reconcile", None)
+    if callable(reconcile) and earlier:
+        result = reconcile(result, list(earlier), series)
+    return result

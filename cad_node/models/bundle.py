@@ -194,8 +194,9 @@ class InputSpec(_Strict):
     @field_validator("patch_size")
     @classmethod
     def _size(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
-        if any(s < 4 or s > 256 for s in v):
-            raise ValueError("patch_size components must lie in [4, 256]")
+        # z may be a few slices (the 2.5-D ct-lesion input stacks 3)
+        if v[0] < 3 or v[0] > 256 or any(s < 4 or s > 256 for s in v[1:]):
+            raise ValueError("patch_size must be (z in [3, 256], y and x in [4, 256])")
         return v
 
     @field_validator("hu_window")

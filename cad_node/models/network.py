@@ -122,8 +122,17 @@ def build_network(architecture: Mapping[str, Any]) -> nn.Module:
     builder = arch.pop("builder", None)
     if builder == "unet2d":
         return build_unet2d(arch)
+    if builder == "lesion-centernet":
+        # the ct-lesion detector (cad_node.pipelines.ct_lesion.network)
+        from cad_node.pipelines.ct_lesion.network import LesionCenterNet
+
+        try:
+            return LesionCenterNet(**arch)
+        except TypeError as exc:
+            raise ValueError(f"invalid architecture {architecture}: {exc}") from None
     if builder != "residual3d":
-        raise ValueError(f"unknown network builder {builder!r} (known: 'residual3d', 'unet2d')")
+        raise ValueError(f"unknown network builder {builder!r} (known: 'residual3d', 'unet2d', "
+                         "'lesion-centernet')")
     try:
         return ResidualScorer3D(**arch)
     except TypeError as exc:

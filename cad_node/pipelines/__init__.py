@@ -45,6 +45,7 @@ ProgressCallback = Callable[[str, float], None]
 PIPELINE_MODULES: list[str] = [
     "cad_node.pipelines.ct_chest.pipeline",
     "cad_node.pipelines.cxr.pipeline",
+    "cad_node.pipelines.ct_lesion.pipeline",
 ]
 
 

@@ -85,6 +85,14 @@ class FindingSite(_SnomedConcept):
     LEFT_LOWER_LOBE = ("41224006", "Lower lobe of left lung")
     HEART = ("80891009", "Heart")
     THORAX = ("816094009", "Thorax")
+    # DeepLesion coarse lesion types as finding sites (ct-lesion; pydicom's SCT codes)
+    BONE = ("272673000", "Bone")
+    ABDOMEN = ("818981001", "Abdomen")
+    MEDIASTINUM = ("72410000", "Mediastinum")
+    LIVER = ("10200004", "Liver")
+    KIDNEY = ("64033007", "Kidney")
+    SOFT_TISSUE = ("87784001", "Soft tissue")
+    PELVIS = ("816092008", "Pelvis")
 
 
 class NoduleType(enum.Enum):
@@ -250,6 +258,9 @@ class Finding(_Model):
     malignancy_probability: float | None = Field(None, ge=0.0, le=1.0)
     #: Per-finding mask (excluded from JSON; give masks separately).
     mask: ImageMask | None = Field(None, exclude=True)
+    #: RECIST end points on ``region``'s image, ``(column, row)`` pixels as
+    #: ``region.points``: long axis (2 points) then short axis (2 points).
+    recist_axes_px: list[Point2D] | None = None
 
     @field_validator("outline_mm")
     @classmethod
@@ -262,6 +273,11 @@ class Finding(_Model):
     def _located(self) -> Finding:
         if self.center_mm is None and self.region is None:
             raise ValueError(f"finding {self.tracking_id!r} needs center_mm or region")
+        if self.recist_axes_px is not None:
+            if len(self.recist_axes_px) != 4:
+                raise ValueError("recist_axes_px needs 4 points (long axis, then short axis)")
+            if self.region is None:
+                raise ValueError("recist_axes_px needs the region (key slice) they lie on")
         if (
             self.long_axis_mm is not None
             and self.short_axis_mm is not None

@@ -101,6 +101,8 @@ def _window(ds: Dataset, is_ct: bool) -> np.ndarray:
 
 def key_slice_uid(ctx: BuildContext, finding: Finding) -> str:
     """SOP Instance UID of the source image a finding's key image shows."""
+    if finding.recist_axes_px is not None and finding.region is not None:
+        return finding.region.sop_instance_uid  # the slice the RECIST axes were measured on
     if finding.mask is not None:
         found = key_slice_axes(ctx, finding)
         if found is not None:  # the slice the SR's planar group measures on
@@ -130,6 +132,21 @@ def _circle_radius_px(finding: Finding, ds: Dataset) -> float:
     return max((finding.long_axis_mm or 10.0) / 2 / _plane(ds).pixel_spacing[1], 4.0)
 
 
+def _draw_recist(rgb: np.ndarray, finding: Finding, uid: str,
+                 colour: tuple[int, int, int] = CONTOUR_RGB) -> None:
+    """Burn the RECIST long and short axes (if any) of ``finding`` on image ``uid``."""
+    if finding.recist_axes_px is None or finding.region is None:
+        return
+    if finding.region.sop_instance_uid != uid:
+        return
+    image = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(image)
+    p = [(float(x) - 0.5, float(y) - 0.5) for x, y in finding.recist_axes_px]
+    draw.line(p[0:2], fill=colour, width=1)
+    draw.line(p[2:4], fill=colour, width=1)
+    rgb[...] = np.asarray(image)
+
+
 def _draw_finding(
     rgb: np.ndarray, ctx: BuildContext, finding: Finding, ds: Dataset,
     colour: tuple[int, int, int] = CONTOUR_RGB,
@@ -142,6 +159,7 @@ def _draw_finding(
         if inside.any():
             ring = ndimage.binary_dilation(inside) & ~inside
             rgb[ring] = colour
+            _draw_recist(rgb, finding, uid, colour)
             rows, cols = np.nonzero(inside)
             return float(cols.min()), float(rows.min())
     image = Image.fromarray(rgb)

@@ -77,6 +77,7 @@ __all__ = [
     "key_slice_axes",
     "procedure_reported",
     "radiograph_groups",
+    "recist_group",
     "region_polyline",
 ]
 
@@ -93,6 +94,12 @@ _PROCEDURE_BY_MODALITY = {
     "CT": ProcedureReported.CT_CHEST,
     "CR": ProcedureReported.CHEST_XRAY,
     "DX": ProcedureReported.CHEST_XRAY,
+}
+
+
+#: Pipelines whose procedure is not the modality's default (ct-lesion: CT of any region).
+_PROCEDURE_BY_PIPELINE = {
+    "ct-lesion": Code("77477000", "SCT", "Computed tomography"),
 }
 
 
@@ -319,6 +326,8 @@ def _group(
     hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
     | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
 ):
+    if finding.recist_axes_px is not None and finding.region is not None:
+        return recist_group(ctx, index, finding)
     algo = _algorithm(ctx)
     tracking = hd.sr.TrackingIdentifier(uid=ctx.tracking_uid(index), identifier=finding.tracking_id)
     ft = finding.finding_type
@@ -448,6 +457,62 @@ def _below_group(ctx: BuildContext, finding: Finding) -> Any:
     )
 
 
+def recist_group(
+    ctx: BuildContext, index: int, finding: Finding
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 planar group of a finding measured on its key slice (``recist_axes_px``).
+
+    Built with :func:`cad_node.results.planar.planar_group` (Bidirectional):
+    the Image Region is the finding's ``region`` (its box on the key slice),
+    the Long Axis and Short Axis NUMs come first, each with the 2-point SCOORD
+    POLYLINE of the axis INFERRED FROM; their values are the polylines'
+    lengths on the key slice's Pixel Spacing; type as Finding Site,
+    probability as Certainty of Finding (after the axes).
+
+    Raises
+    ------
+    ValueError
+        The key slice was not received, or a point lies outside it.
+    """
+    from cad_node.results.planar import LinearMeasurement, PlanarRegion, polyline_length_mm
+
+    assert finding.region is not None and finding.recist_axes_px is not None
+    image = ctx.source.by_uid.get(finding.region.sop_instance_uid)
+    if image is None:
+        raise ValueError(
+            f"finding {finding.tracking_id!r} references SOP Instance "
+            f"{finding.region.sop_instance_uid}, which was not received"
+        )
+    spacing = (float(image.PixelSpacing[0]), float(image.PixelSpacing[1]))
+    pts = np.asarray(finding.recist_axes_px, dtype=np.float32)
+    lengths = [
+        LinearMeasurement(name, round(polyline_length_mm(p, spacing), 2), p)
+        for name, p in ((codes.SCT.LongAxis, pts[0:2]), (codes.SCT.ShortAxis, pts[2:4]))
+    ]
+    algo = _algorithm(ctx)
+    common = _common_items(ctx, index, finding, algo)
+    others = [
+        m
+        for m in _measurements(finding, algo)
+        if m[0].ConceptNameCodeSequence[0].CodeValue
+        not in (codes.SCT.LongAxis.value, codes.SCT.ShortAxis.value)
+    ]
+    (x0, y0), (x1, y1) = finding.region.points[:2]
+    region = (PlanarRegion.box((x0, y0), (x1, y1)) if finding.region.kind == "box"
+              else PlanarRegion.polygon(finding.region.points))
+    return planar_group(
+        identifier=finding.tracking_id,
+        tracking_uid=ctx.tracking_uid(index),
+        image=image,
+        region=region,
+        finding_type=common["finding_type"],  # type: ignore[arg-type]
+        lengths=lengths,
+        measurements=others,
+        algorithm=algo,
+        finding_sites=common["finding_sites"] or (),  # type: ignore[arg-type]
+    )
+
+
 def operating_point_texts(ctx: BuildContext) -> list[str]:
     """What the report says about the operating point (SR comments, summary page)."""
     op = ctx.operating_point
@@ -542,7 +607,8 @@ def build_sr(ctx: BuildContext, seg: SegResult | None = None) -> hd.sr.Comprehen
         groups += [_below_group(ctx, f) for f in ctx.operating_point.reported_below]
     if ctx.result.status is AnalysisStatus.COMPLETED and ctx.result.radiograph is not None:
         groups.extend(radiograph_groups(ctx))
-    procedure = procedure_reported(str(ctx.source.first.get("Modality", "")))
+    procedure = _PROCEDURE_BY_PIPELINE.get(ctx.result.pipeline) or procedure_reported(
+        str(ctx.source.first.get("Modality", "")))
     placeholder = not groups
     if placeholder:
         # highdicom insists on one measurement group; TID 1500 does not (rows
