@@ -140,8 +140,8 @@ def test_cli_analyze_writes_results(phantom_case, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "Nodule 1" in result.output and "lung_rads:" in result.output
     summary = json.loads((out / "summary.json").read_text())
-    # the default routing runs ct-chest and, on the same series, ct-lesion
-    assert sorted(a["pipeline"] for a in summary["analyses"]) == ["ct-chest", "ct-lesion"]
+    # the default routing runs ct-chest only (ct-lesion is opt-in)
+    assert sorted(a["pipeline"] for a in summary["analyses"]) == ["ct-chest"]
     (entry,) = [a for a in summary["analyses"] if a["pipeline"] == "ct-chest"]
     assert entry["status"] == "completed"
     assert entry["series_instance_uid"] == series.series_instance_uid

@@ -1,7 +1,8 @@
 """ct-lesion end to end: storescu -> cad-node serve -> Orthanc, beside ct-chest and alone.
 
 The node runs the routing rules shipped in ``config/cad-node.yaml`` (chest-ct
-for chest or unlabelled CTs, ct-lesion for every axial CT up to 5 mm).
+for chest or unlabelled CTs) plus its opt-in ct-lesion rule (every axial CT up
+to 5 mm).
 
 1. The real LIDC-IDRI-0001 chest CT: ct-chest and ct-lesion both analyse it;
    their SR/SEG/SC land in the source study, every object at 0 dciodvfy
@@ -32,6 +33,12 @@ from tests.system.test_e2e import _DONE, Node, _results_in_pacs, _study_uid
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
+#: The opt-in rule of config/cad-node.yaml (commented out there).
+CT_LESION_RULE = {
+    "name": "ct-lesion", "pipeline": "ct-lesion", "series": "best",
+    "match": {"modality": ["CT"], "image_type": ["ORIGINAL"], "orientation": "axial",
+              "slice_thickness_mm": [0.0, 5.0], "min_instances": 3},
+}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +47,8 @@ def lesion_node(orthanc: OrthancServer, tmp_path_factory: pytest.TempPathFactory
     n = Node(tmp_path_factory.mktemp("lesion-node"), orthanc.dicom_port)
     shipped = yaml.safe_load((REPO / "config" / "cad-node.yaml").read_text())
     cfg = yaml.safe_load(n.config.read_text())
-    cfg["routing"] = shipped["routing"]
+    # the shipped rules plus the opt-in ct-lesion rule commented out in cad-node.yaml
+    cfg["routing"] = {"rules": [*shipped["routing"]["rules"], CT_LESION_RULE]}
     cfg["jobs"]["soft_time_limit_s"] = 600
     cfg["jobs"]["hard_time_limit_s"] = 660
     cfg["jobs"]["visibility_timeout_s"] = 700
