@@ -119,6 +119,10 @@ class Cluster:
                       fetch_url=f"http://127.0.0.1:{self.wado_port}")
         env = dict(os.environ, HOME=str(host / "home"), TMPDIR=str(host / "tmp"),
                    OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+                   # the worker imports the test pipelines (tests.unit.job_pipelines) from
+                   # the checkout, as another host would have the node's code installed
+                   PYTHONPATH=os.pathsep.join(
+                       p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
                    **{GATE_ENV: str(self.root / "gate")})
         hidden = self.receiver_storage
         log = open(host / "worker.log", "ab")
