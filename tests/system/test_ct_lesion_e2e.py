@@ -42,6 +42,21 @@ CT_LESION_RULE = {
 
 
 @pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
+    """An Orthanc of this module's own.
+
+    The session's Orthanc must not hold this module's ct-lesion results of the
+    real CT: test_e2e later checks that study's result set exactly.
+    """
+    server = OrthancServer(tmp_path_factory.mktemp("orthanc-lesion"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
 def lesion_node(orthanc: OrthancServer, tmp_path_factory: pytest.TempPathFactory
                 ) -> Iterator[Node]:
     n = Node(tmp_path_factory.mktemp("lesion-node"), orthanc.dicom_port)
