@@ -380,7 +380,7 @@ def register(app: typer.Typer) -> None:
     def train_cmd(
         model: Annotated[
             str, typer.Argument(
-                help=f"Model to train: {', '.join(MODELS)}, cxr-lungs, ct-lesion.")
+                help=f"Model to train: {', '.join(MODELS)}, cxr-lungs, cxr-abnormal, ct-lesion.")
         ],
         config: Annotated[Path, typer.Argument(help="YAML training config.")],
         out: Annotated[
@@ -408,6 +408,16 @@ def register(app: typer.Typer) -> None:
                 _console.print(f"[red]error:[/red] {exc}")
                 raise typer.Exit(2) from None
             _console.print(f"final checkpoint: {final}")
+            return
+        if model == "cxr-abnormal":  # chest radiographs, issue #12: trainer.cxr_abnormal_train
+            from trainer.cxr_abnormal_train import train_command as abnormal_train
+
+            try:
+                bundle_dir = abnormal_train(config, out, None, cross_validation=evaluate)
+            except (ValueError, FileNotFoundError, FileExistsError) as exc:
+                _console.print(f"[red]error:[/red] {exc}")
+                raise typer.Exit(2) from None
+            _console.print(f"bundle: {bundle_dir}")
             return
         if model in ("cxr-lungs",):  # chest radiographs: trainer.cxr_lungs
             from trainer.cxr_lungs import train_command as cxr_train

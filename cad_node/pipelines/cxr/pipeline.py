@@ -187,7 +187,65 @@ class CxrPipeline:
         size = spec.size if isinstance(spec, RadiographInputSpec) else NET_SIZE
         masks = segment(net, series.pixels, size=size)
         report("measuring", 0.8)
-        return self._measure(series, masks.right_lung, masks.left_lung, masks.heart, identity)
+        result = self._measure(series, masks.right_lung, masks.left_lung, masks.heart, identity)
+        report("scoring abnormality", 0.9)
+        return self._with_abnormality(result, series, masks.right_lung, masks.left_lung, device)
+
+    # -- part 2: abnormal probability and boxes (issue #12) ---------------------
+    def _with_abnormality(self, result: AnalysisResult, rg: Radiograph,
+                          right: npt.NDArray[np.bool_], left: npt.NDArray[np.bool_],
+                          device: str) -> AnalysisResult:
+        """Add the ``cxr-abnormal`` probability, decision and boxes to a completed result.
+
+        Without a bundle the result says so in a note and carries no number;
+        an unusable bundle is a note too (the part-1 result still stands).
+        """
+        from cad_node.pipelines.cxr.abnormal import (
+            ABNORMAL_BUNDLE,
+            analyse_radiograph,
+            load_abnormal_model,
+        )
+
+        if result.status is not AnalysisStatus.COMPLETED:
+            return result
+        notes = list(result.notes)
+        try:
+            model = load_abnormal_model(self.models_dir, device)
+        except FileNotFoundError:
+            notes.append(f"abnormality model not installed (no {ABNORMAL_BUNDLE} bundle): no "
+                         "abnormal probability is reported")
+            return result.model_copy(update={"notes": notes})
+        except ValueError as exc:
+            log.warning("cxr: %s bundle unusable for study %s: %s", ABNORMAL_BUNDLE,
+                        rg.study_instance_uid, exc)
+            notes.append(f"abnormality model {ABNORMAL_BUNDLE!r} unusable: {exc}")
+            return result.model_copy(update={"notes": notes})
+        ab = analyse_radiograph(model, rg, right | left)
+        right_s, left_s = rg.to_stored(right), rg.to_stored(left)
+        findings = list(result.findings)
+        for n, box in enumerate(ab.boxes, start=1):
+            r0, r1, c0, c1 = int(box.y0), int(np.ceil(box.y1)), int(box.x0), int(np.ceil(box.x1))
+            in_right = int(right_s[r0:r1, c0:c1].sum())
+            in_left = int(left_s[r0:r1, c0:c1].sum())
+            site = (FindingSite.RIGHT_LUNG if in_right > in_left else FindingSite.LEFT_LUNG
+                    if in_left > in_right else FindingSite.LUNG)
+            findings.append(Finding(
+                tracking_id=f"{box.finding_type.meaning} {n}",
+                finding_type=box.finding_type, site=site, probability=round(box.probability, 4),
+                region=Region2D(sop_instance_uid=rg.sop_instance_uid, kind="box",
+                                points=[(box.x0, box.y0), (box.x1, box.y1)])))
+        measurements = dict(result.measurements)
+        measurements["abnormal_probability"] = round(ab.probability, 4)
+        measurements["abnormal_threshold"] = round(ab.threshold, 4)
+        qualitative = dict(result.qualitative)
+        recall = ("" if ab.normal_recall is None else
+                  f"; {ab.normal_recall:.0%} of validation normals fall below it")
+        qualitative["abnormal_decision"] = (
+            f"{ab.decision} (probability {ab.probability:.3f} "
+            f"{'>=' if ab.abnormal else '<'} operating threshold {ab.threshold:.3f}: "
+            f"{ab.operating_rule}{recall})")
+        return result.model_copy(update={"findings": findings, "measurements": measurements,
+                                         "qualitative": qualitative, "notes": notes})
 
     def _tb_statement(self) -> str:
         """What the report says about TB screening (issue #12: no number without a bundle)."""
