@@ -51,7 +51,9 @@ Contract at the edge (what a peer can and cannot make the node do)
   reaches this policy instead of going unanswered.  No path is ever built
   from a UID.
 * **Timeouts.**  Finite ACSE, DIMSE and network timeouts; a PDU that stops
-  arriving mid-way for ``network_timeout_s`` aborts the association.
+  arriving mid-way for ``network_timeout_s``, or is not complete
+  ``pdu_deadline_s`` after its first byte arrived (a slow dribble that each
+  read alone would allow), aborts the association.
 * **DICOM TLS** (``node.tls``): a second listener with the BCP 195 profile
   (TLS 1.2+, its cipher suites), a client certificate from ``ca_bundle``
   required unless ``require_client_certificate`` is false.
@@ -275,6 +277,7 @@ class NodeServer:
         server.admission = self.admission
         server.store_handler = self._on_fast_store
         server.request_timeout = node.association_request_timeout_s
+        server.pdu_deadline_s = node.pdu_deadline_s
         server.tls_context = tls
         # Registered like AE.start_server() does, so AE.shutdown() stops it.
         ae._servers.append(server)

@@ -72,11 +72,16 @@ ABORT_SOURCE_PROVIDER = 0x02
 class PDUError(Exception):
     """The peer broke PDU framing; ``reason`` goes into the A-ABORT."""
 
-    def __init__(self, message: str, reason: AbortReason, *, peer_closed: bool = False) -> None:
+    def __init__(
+        self, message: str, reason: AbortReason, *, peer_closed: bool = False,
+        timed_out: bool = False,
+    ) -> None:
         super().__init__(message)
         self.reason = reason
-        #: The peer closed its socket (or went silent): no A-ABORT is owed.
+        #: The peer closed its socket: no A-ABORT is owed.
         self.peer_closed = peer_closed
+        #: The PDU was not complete by the reader's deadline.
+        self.timed_out = timed_out
 
 
 def encode_a_abort(reason: AbortReason, source: int = ABORT_SOURCE_PROVIDER) -> bytes:
@@ -116,7 +121,9 @@ def read_pdu(
     ------
     PDUError
         Unknown PDU type, a length over ``max_length``, the peer closing
-        mid-PDU (truncated PDU) or the deadline passing.
+        mid-PDU (truncated PDU, ``peer_closed``) or the deadline passing
+        (``timed_out``; checked before every ``recv_into``, which the caller
+        bounds with its socket timeout).
     OSError
         From ``recv_into``.
     """
@@ -166,7 +173,7 @@ def _fill(
     while pos < end:
         if deadline is not None and time.monotonic() > deadline:
             raise PDUError("PDU not complete before the deadline", AbortReason.NOT_SPECIFIED,
-                           peer_closed=True)
+                           timed_out=True)
         n = recv_into(view[pos:], end - pos)
         if not n:
             return pos
