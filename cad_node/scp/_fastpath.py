@@ -8,8 +8,10 @@ decodes every C-STORE command through pydicom.  The private subclasses below
 change exactly that, and nothing else:
 
 * :class:`_FastDUL` - PDUs read by :func:`cad_node.scp.wire.read_pdu`
-  (chunked, the buffer grows only as bytes arrive); before acceptance any
-  PDU longer than :data:`~cad_node.scp.wire.MAX_ASSOCIATE_PDU_BYTES`, after
+  (chunked, the buffer grows only as bytes arrive); an A-ASSOCIATE-RQ longer
+  than :data:`~cad_node.scp.wire.MAX_ASSOCIATE_PDU_BYTES` gets an
+  A-ASSOCIATE-RJ after its header alone was read; before acceptance any
+  other PDU longer than that, after
   it a P-DATA-TF longer than our maximum PDU, an unknown PDU type, a
   truncated or undecodable PDU, a socket silent past its deadline and, after
   acceptance, a PDU not complete ``node.pdu_deadline_s`` after its first byte
@@ -80,6 +82,7 @@ from cad_node.scp.wire import (
     command_has_data_set,
     decode_c_store_rq,
     encode_a_abort,
+    encode_a_associate_rj,
     encode_c_store_rsp,
     encode_c_store_rsp_raw,
     read_pdu,
@@ -146,6 +149,10 @@ _REQUEST_POLL_S = 0.05
 #: How far a blocking read may run past a PDU's deadline (seconds), see
 #: :meth:`_FastDUL._bounded_recv`.
 _DEADLINE_SLACK_S = 0.25
+#: After an A-ASSOCIATE-RJ, how long the rest of the peer's request is read
+#: and dropped before the socket closes (seconds), and the buffer it goes to.
+_REJECT_DRAIN_S = 0.5
+_REJECT_DRAIN_CHUNK = 64 * 1024
 
 
 class IncompatiblePynetdicomError(RuntimeError):
@@ -313,6 +320,9 @@ class _FastDUL(DULServiceProvider):
         try:
             data = read_pdu(self._bounded_recv(sock, deadline), self._max_length, deadline)
         except PDUError as exc:
+            if pre_accept and exc.too_long == PDUType.A_ASSOCIATE_RQ:
+                self.refuse_request(str(exc))
+                return
             if exc.timed_out and not pre_accept:
                 why = f"PDU not complete within node.pdu_deadline_s = {self.pdu_deadline_s} s"
             else:
@@ -364,6 +374,43 @@ class _FastDUL(DULServiceProvider):
             return recv_into(view, size)
 
         return bounded
+
+    def refuse_request(self, why: str) -> None:
+        """Answer an over-long A-ASSOCIATE-RQ with A-ASSOCIATE-RJ (PS3.8 9.3.4), then close.
+
+        Only the PDU header was read.  The reject is followed by our FIN;
+        what the peer still sends is read into a fixed buffer and dropped
+        for at most :data:`_REJECT_DRAIN_S` (closing with unread data would
+        reset the connection and could destroy the reject in flight).
+        """
+        if self.violated:
+            return
+        self.violated = True
+        address = self.assoc.requestor.address
+        log.warning("A-ASSOCIATE-RQ from %s refused: %s; A-ASSOCIATE-RJ", address, why)
+        server = getattr(self.assoc, "_server", None)
+        if isinstance(server, _Server):
+            server.admission.notify(AdmissionEvent("associate", False, address,
+                                                   "request-too-long"))
+        wrapper = cast(AssociationSocket, self.socket)
+        sock = wrapper.socket if wrapper is not None else None
+        if sock is not None:
+            try:
+                sock.settimeout(0.5)
+                sock.sendall(encode_a_associate_rj(*RejectReason.REQUEST_TOO_LONG.value))
+                sock.shutdown(socket.SHUT_WR)
+                sink = bytearray(_REJECT_DRAIN_CHUNK)
+                until = time.monotonic() + _REJECT_DRAIN_S
+                while (left := until - time.monotonic()) > 0:
+                    sock.settimeout(left)
+                    if not sock.recv_into(sink):
+                        break
+            except OSError:
+                pass
+        if wrapper is not None and wrapper.socket is not None:
+            wrapper.close()  # queues Evt17
+        else:
+            self.event_queue.put("Evt17")
 
     def violation(self, why: str, reason: AbortReason, *, send_abort: bool = True) -> None:
         """End the association: log, A-ABORT (unless the peer is gone), close the socket.

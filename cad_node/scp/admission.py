@@ -70,6 +70,9 @@ class RejectReason(enum.Enum):
     CALLED_AE_NOT_RECOGNIZED = (0x01, 0x01, 0x07)
     #: Rejected-transient, service-provider (presentation), local-limit-exceeded.
     LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)
+    #: Rejected-permanent, service-provider (presentation), local-limit-exceeded:
+    #: an A-ASSOCIATE-RQ longer than the node reads before acceptance.
+    REQUEST_TOO_LONG = (0x01, 0x03, 0x02)
 
     @property
     def result(self) -> int:
@@ -110,7 +113,8 @@ class AdmissionEvent:
     reason : str
         Short machine-readable reason (``"admitted"``, ``"not-a-peer"``,
         ``"global-limit"``, ``"peer-limit"``, ``"backlog-full"``,
-        ``"called-ae"``, ``"calling-ae"``, ``"address"``, ``"busy"``).
+        ``"called-ae"``, ``"calling-ae"``, ``"address"``, ``"busy"``,
+        ``"request-too-long"``).
     calling_ae, called_ae : str
         AE titles (empty at the ``connect`` stage).
     """

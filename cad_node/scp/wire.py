@@ -74,7 +74,7 @@ class PDUError(Exception):
 
     def __init__(
         self, message: str, reason: AbortReason, *, peer_closed: bool = False,
-        timed_out: bool = False,
+        timed_out: bool = False, too_long: int | None = None,
     ) -> None:
         super().__init__(message)
         self.reason = reason
@@ -82,6 +82,9 @@ class PDUError(Exception):
         self.peer_closed = peer_closed
         #: The PDU was not complete by the reader's deadline.
         self.timed_out = timed_out
+        #: The type of a PDU whose length field was over the limit (only its
+        #: header was read), else None.
+        self.too_long = too_long
 
 
 def encode_a_abort(reason: AbortReason, source: int = ABORT_SOURCE_PROVIDER) -> bytes:
@@ -141,7 +144,7 @@ def read_pdu(
     if length > limit:
         raise PDUError(
             f"PDU type 0x{pdu_type:02X} announces {length} bytes, more than the {limit} "
-            "accepted now", AbortReason.INVALID_PDU_PARAMETER_VALUE,
+            "accepted now", AbortReason.INVALID_PDU_PARAMETER_VALUE, too_long=pdu_type,
         )
     total = PDU_HEADER + length
     buf = bytearray(min(total, PDU_HEADER + _FIRST_CHUNK))

@@ -148,9 +148,16 @@ def test_huge_announced_lengths_keep_memory_flat_and_are_closed(node: Node) -> N
         p = node.parrot()
         p.send(struct.pack(">BBI", 0x01, 0, length))
         parrots.append(p)
-    for p in parrots:
-        assert p.closed_by_node(3.0) in ([], [A_ABORT])
+    for p in parrots:  # an A-ASSOCIATE-RQ that long is rejected after its header
+        assert p.closed_by_node(3.0) == [A_ASSOCIATE_RJ]
         p.close()
+    # any other PDU type that long before acceptance: A-ABORT
+    p = node.parrot()
+    p.send(struct.pack(">BBI", 0x04, 0, 1 << 30))
+    assert p.closed_by_node(3.0) in ([], [A_ABORT])
+    p.close()
+    rejected = [e for e in node.events if e.reason == "request-too-long"]
+    assert len(rejected) == 5 and not any(e.accepted for e in rejected)
     assert _rss() - idle < 50 * 1024**2, f"RSS grew by {(_rss() - idle) / 1e6:.0f} MB"
     node.wait_free()
     node.echo_ok()
@@ -436,8 +443,8 @@ def test_odd_association_requests_end_cleanly(node: Node, case: str) -> None:
     p = node.parrot()
     p.send(rq)
     reply = p.receive(3.0)
-    if len(rq) > 64 * 1024:
-        assert reply.type in (0, A_ABORT), reply
+    if len(rq) > 64 * 1024:  # over the pre-acceptance cap: rejected-permanent, local limit
+        assert reply.type == A_ASSOCIATE_RJ and reply.body[1:4] == b"\x01\x03\x02", reply
     else:
         assert reply.type in (A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ABORT, 0), reply
         if reply.type == A_ASSOCIATE_AC:
