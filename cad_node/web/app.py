@@ -40,6 +40,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from cad_node.config import Settings
 from cad_node.jobs.routing import NOT_ROUTED, not_routed_reason
+from cad_node.jobs.runner import ANALYSIS_FAILED
 from cad_node.jobs.states import JobState
 from cad_node.jobs.store import Job, JobNotFoundError, JobStore
 from cad_node.storage.index import SpoolIndex
@@ -134,7 +135,8 @@ def study_timeline(job: Job, store: JobStore, settings: Settings) -> list[dict[s
         reason = not_routed_reason(job.error)
         if reason is not None:
             errors["routed"] = f"{NOT_ROUTED}: {reason}"
-        elif job.state is JobState.FAILED and at["validated"] is None:
+        elif (job.state is JobState.FAILED and at["validated"] is None) or (
+                job.error.startswith(ANALYSIS_FAILED)):  # e.g. a refused radiograph
             errors["analysed"] = job.error
         else:
             errors["sent"] = job.error
