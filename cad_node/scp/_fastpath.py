@@ -356,9 +356,21 @@ class _FastDUL(DULServiceProvider):
 
     def _lower_timeout(self, timeout: float) -> None:
         """``settimeout`` of :func:`~cad_node.scp.wire.read_pdu` (the DUL thread's socket)."""
+        sock = self._peer_socket()
+        if sock is not None:
+            self._set_timeout(sock, timeout)
+
+    def _peer_socket(self) -> socket.socket | None:
+        wrapper = cast(AssociationSocket, self.socket)
+        return wrapper.socket if wrapper is not None else None
+
+    def _close_transport(self) -> None:
+        """Close the socket (which queues Evt17), or queue Evt17 if it is gone already."""
         wrapper = cast(AssociationSocket, self.socket)
         if wrapper is not None and wrapper.socket is not None:
-            self._set_timeout(wrapper.socket, timeout)
+            wrapper.close()
+        else:
+            self.event_queue.put("Evt17")
 
     def refuse_request(self, why: str) -> None:
         """Answer an over-long A-ASSOCIATE-RQ with A-ASSOCIATE-RJ (PS3.8 9.3.4), then close.
@@ -377,8 +389,7 @@ class _FastDUL(DULServiceProvider):
         if isinstance(server, _Server):
             server.admission.notify(AdmissionEvent("associate", False, address,
                                                    "request-too-long"))
-        wrapper = cast(AssociationSocket, self.socket)
-        sock = wrapper.socket if wrapper is not None else None
+        sock = self._peer_socket()
         if sock is not None:
             try:
                 sock.settimeout(0.5)
@@ -392,10 +403,7 @@ class _FastDUL(DULServiceProvider):
                         break
             except OSError:
                 pass
-        if wrapper is not None and wrapper.socket is not None:
-            wrapper.close()  # queues Evt17
-        else:
-            self.event_queue.put("Evt17")
+        self._close_transport()
 
     def violation(self, why: str, reason: AbortReason, *, send_abort: bool = True) -> None:
         """End the association: log, A-ABORT (unless the peer is gone), close the socket.
@@ -416,18 +424,14 @@ class _FastDUL(DULServiceProvider):
             log.warning("protocol violation by %r@%s: %s; A-ABORT", calling, address, why)
         else:
             log.info("connection from %r@%s ended: %s", calling, address, why)
-        wrapper = cast(AssociationSocket, self.socket)
-        sock = wrapper.socket if wrapper is not None else None
+        sock = self._peer_socket()
         if sock is not None and send_abort:
             try:
                 sock.settimeout(0.5)
                 sock.sendall(encode_a_abort(reason))
             except OSError:
                 pass
-        if wrapper is not None and wrapper.socket is not None:
-            wrapper.close()  # queues Evt17
-        else:
-            self.event_queue.put("Evt17")
+        self._close_transport()
 
 
 # -- association ----------------------------------------------------------------------
