@@ -88,6 +88,7 @@ class SeriesNumber(enum.IntEnum):
     SC = 9003
     GSPS = 9004
     KOS = 9005
+    PM = 9006
 
 
 #: Largest Series Number (VR IS: a signed 32-bit integer, PS3.5 6.2).
