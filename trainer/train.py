@@ -380,7 +380,7 @@ def register(app: typer.Typer) -> None:
     def train_cmd(
         model: Annotated[
             str, typer.Argument(
-                help=f"Model to train: {', '.join(MODELS)}, cxr-lungs, ct-lesion.")
+                help=f"Model to train: {', '.join(MODELS)}, cxr-lungs, cxr-tb, ct-lesion.")
         ],
         config: Annotated[Path, typer.Argument(help="YAML training config.")],
         out: Annotated[
@@ -408,6 +408,16 @@ def register(app: typer.Typer) -> None:
                 _console.print(f"[red]error:[/red] {exc}")
                 raise typer.Exit(2) from None
             _console.print(f"final checkpoint: {final}")
+            return
+        if model == "cxr-tb":  # the chest X-ray TB head: trainer.cxr_tb
+            from trainer.cxr_tb import train_command as tb_train
+
+            try:
+                bundle_dir = tb_train(config, out, None)
+            except (ValueError, FileNotFoundError) as exc:
+                _console.print(f"[red]error:[/red] {exc}")
+                raise typer.Exit(2) from None
+            _console.print(f"bundle: {bundle_dir}")
             return
         if model in ("cxr-lungs",):  # chest radiographs: trainer.cxr_lungs
             from trainer.cxr_lungs import train_command as cxr_train

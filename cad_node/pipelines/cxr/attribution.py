@@ -101,8 +101,8 @@ class _Logit:
     def __init__(self, net: torch.nn.Module) -> None:
         self.net = net
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.net(x)
+    def __call__(self, x: torch.Tensor, *extra: object) -> torch.Tensor:
+        out: torch.Tensor = self.net(x, *extra)
         return out.reshape(x.shape[0], -1)[:, 0]
 
 
@@ -114,8 +114,8 @@ def _wrapped(net: torch.nn.Module) -> torch.nn.Module:
             super().__init__()
             self.inner = inner
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            out: torch.Tensor = self.inner(x)
+        def forward(self, x: torch.Tensor, *extra: object) -> torch.Tensor:
+            out: torch.Tensor = self.inner(x, *extra)
             return out.reshape(x.shape[0], -1)[:, :1]
 
     return LogitModule(net).eval()
@@ -145,8 +145,12 @@ def _blurred(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def attribute(net: torch.nn.Module, x: torch.Tensor,
               method: AttributionMethod | str = AttributionMethod.INTEGRATED_GRADIENTS,
-              steps: int = IG_STEPS) -> npt.NDArray[np.float32]:
+              steps: int = IG_STEPS, extra: tuple[object, ...] = ()
+              ) -> npt.NDArray[np.float32]:
     """Signed attribution ``(H, W)`` of ``x`` (``(1, C, H, W)``) towards the abnormality logit.
+
+    ``extra`` are further arguments of ``net.forward`` after ``x`` (e.g. the
+    ``cxr-abnormal`` network's lung grid); they are not attributed.
 
     Raises
     ------
@@ -165,9 +169,11 @@ def attribute(net: torch.nn.Module, x: torch.Tensor,
         baseline = _blurred(inp, BASELINE_SIGMA_FRACTION * side)
         if method is AttributionMethod.INTEGRATED_GRADIENTS:
             attr = IntegratedGradients(_Logit(net)).attribute(
-                inp, baselines=baseline, n_steps=steps, internal_batch_size=steps)
+                inp, baselines=baseline, additional_forward_args=extra or None,
+                n_steps=steps, internal_batch_size=steps)
         else:
-            attr = DeepLift(_wrapped(net)).attribute(inp, baselines=baseline, target=0)
+            attr = DeepLift(_wrapped(net)).attribute(
+                inp, baselines=baseline, target=0, additional_forward_args=extra or None)
     out = attr.detach().sum(dim=1)[0].cpu().numpy()
     return np.ascontiguousarray(out, dtype=np.float32)
 
@@ -196,6 +202,7 @@ def lung_heatmap(
     to_image: Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]],
     method: AttributionMethod | str = AttributionMethod.INTEGRATED_GRADIENTS,
     steps: int = IG_STEPS,
+    extra: tuple[object, ...] = (),
 ) -> Attribution:
     """The smoothed, lung-restricted heatmap of the abnormality model (module recipe).
 
@@ -212,10 +219,12 @@ def lung_heatmap(
         Maps an ``(H, W)`` network-input array to the analysis image's shape.
     method, steps
         Attribution method and Integrated Gradients steps.
+    extra : tuple
+        Further arguments of ``net.forward`` (not attributed).
     """
     start = time.perf_counter()
     method = AttributionMethod(method)
-    raw = attribute(net, x, method, steps)
+    raw = attribute(net, x, method, steps, extra)
     positive = np.maximum(raw, 0.0)
     smooth = ndimage.gaussian_filter(positive, SMOOTH_SIGMA_FRACTION * max(raw.shape))
     heat = to_image(smooth.astype(np.float32))
