@@ -14,20 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from cad_node.pipelines.cxr.tb import TB_BUNDLE, load_tb_model
 from cad_node.results.findings import FindingType
-from trainer.cxr_synthetic import make_radiograph, write_labelled_set
-from trainer.cxr_tb import (
-    TrainingError,
-    load_tb_config,
-    read_clinical_readings,
-    read_tbx11k,
-    reading_label,
-    train_cxr_tb,
-)
+from tests.tb_bundle import make_tb_bundle
+from trainer.cxr_synthetic import make_radiograph
+from trainer.cxr_tb import TrainingError, read_clinical_readings, read_tbx11k, reading_label
 
 # The reading formats of the NLM sets (Jaeger 2014): Montgomery, then Shenzhen.
 MONTGOMERY_NORMAL = "Patient's Sex: F\nPatient's Age: 045Y\n\nnormal\n"
@@ -82,20 +75,8 @@ def test_tbx11k_coco(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tb_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("tb")
-    write_labelled_set(root / "data", 48, size=64, seed=3)
-    cfg_path = root / "cxr-tb.yaml"
-    cfg_path.write_text(yaml.safe_dump({
-        "model": "cxr-tb", "data": {"layout": "png-labels", "root": "data"},
-        "bundle": {"name": TB_BUNDLE, "version": "0.0.1"}, "size": 64, "epochs": 6,
-        "batch_size": 16, "learning_rate": 0.003, "bootstrap": 50,
-        "architecture": {"builder": "cxr-tb", "channels": [8, 16, 16], "hidden": 16,
-                         "dropout": 0.0}}))
-    cfg = load_tb_config(cfg_path)
-    return train_cxr_tb(cfg, root / "run", root / "models")
+    return make_tb_bundle(root, root / "models")
 
 
 def test_train_export_load_infer(tb_bundle: Path) -> None:
