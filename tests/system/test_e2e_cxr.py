@@ -160,8 +160,8 @@ def _check_part2(datasets: list[pydicom.Dataset], seg: pydicom.Dataset,
     group = _whole_image_group(sr, "Abnormal")
     assert group is not None, "no image-level abnormal group in the SR"
     nums = group["nums"]
-    assert isinstance(nums, dict) and {"Certainty of finding", "Operating threshold"} <= set(nums)
-    p, t = nums["Certainty of finding"], nums["Operating threshold"]
+    assert isinstance(nums, dict) and {"Certainty of Finding", "Operating threshold"} <= set(nums)
+    p, t = nums["Certainty of Finding"], nums["Operating threshold"]
     assert 0.0 <= p <= 1.0 and 0.0 < t < 1.0
     assert group["decision"] == (["Present"] if p >= t else ["Absent"])
     texts = [str(i.TextValue) for i in _items(sr) if i.ValueType == "TEXT"]
@@ -209,7 +209,7 @@ def test_tb_probability_once_a_bundle_is_installed(
     group = _whole_image_group(sr, "Tuberculosis")
     assert group is not None, "no TB group in the SR"
     nums = group["nums"]
-    assert isinstance(nums, dict) and 0.0 <= nums["Certainty of finding"] <= 1.0
+    assert isinstance(nums, dict) and 0.0 <= nums["Certainty of Finding"] <= 1.0
     texts = [str(i.TextValue) for i in _items(sr) if i.ValueType == "TEXT"]
     assert not any("TB screening not installed" in x for x in texts)
     assert any(x.startswith("Tuberculosis probability") for x in texts), texts
