@@ -120,7 +120,7 @@ def test_part2_objects(cr: Dataset, tmp_path: Path) -> None:
     (box,) = [g for k, g in groups.items() if k.endswith(":Abnormal 1")]  # OHIF RectangleROI
     assert box["nums"] == {"Certainty of Finding": 0.71}
     scoords = [i for i in _all(sr) if i.ValueType == "SCOORD"]
-    assert [list(map(float, s.GraphicData)) for s in scoords][0] == [
+    assert list(map(float, scoords[0].GraphicData)) == [
         200.0, 300.0, 400.0, 300.0, 400.0, 500.0, 200.0, 500.0, 200.0, 300.0]
     texts = [str(i.TextValue) for i in _all(sr) if i.ValueType == "TEXT"]
     assert any(t.startswith("Abnormal probability 0.710") and "POSITIVE" in t for t in texts)
