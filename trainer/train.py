@@ -380,7 +380,8 @@ def register(app: typer.Typer) -> None:
     def train_cmd(
         model: Annotated[
             str, typer.Argument(
-                help=f"Model to train: {', '.join(MODELS)}, cxr-lungs, cxr-tb, ct-lesion.")
+                help=f"Model to train: {', '.join(MODELS)}, cxr-lungs, cxr-abnormal, cxr-tb, "
+                     "ct-lesion.")
         ],
         config: Annotated[Path, typer.Argument(help="YAML training config.")],
         out: Annotated[
@@ -415,6 +416,16 @@ def register(app: typer.Typer) -> None:
             try:
                 bundle_dir = tb_train(config, out, None)
             except (ValueError, FileNotFoundError) as exc:
+                _console.print(f"[red]error:[/red] {exc}")
+                raise typer.Exit(2) from None
+            _console.print(f"bundle: {bundle_dir}")
+            return
+        if model == "cxr-abnormal":  # chest radiographs, issue #12: trainer.cxr_abnormal_train
+            from trainer.cxr_abnormal_train import train_command as abnormal_train
+
+            try:
+                bundle_dir = abnormal_train(config, out, None, cross_validation=evaluate)
+            except (ValueError, FileNotFoundError, FileExistsError) as exc:
                 _console.print(f"[red]error:[/red] {exc}")
                 raise typer.Exit(2) from None
             _console.print(f"bundle: {bundle_dir}")

@@ -193,7 +193,8 @@ class CxrPipeline:
         result = self._measure(series, masks.right_lung, masks.left_lung, masks.heart, identity)
         if result.status is not AnalysisStatus.COMPLETED:
             return result
-        # part 2 (issue #12): abnormal probability, boxes, heatmap, TB (pipelines/cxr/triage.py)
+        # part 2 (issue #12): abnormal probability and boxes (cxr-abnormal), attribution
+        # heatmap, TB probability (cxr-tb): pipelines/cxr/triage.py
         from cad_node.pipelines.cxr.triage import add_part2
 
         return add_part2(result, series, masks.right_lung, masks.left_lung, self.models_dir,

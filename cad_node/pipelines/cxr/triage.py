@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -59,30 +59,25 @@ ATTRIBUTION_FOR: Literal["abnormal", "all"] = "abnormal"
 ATTRIBUTION_METHOD = AttributionMethod.INTEGRATED_GRADIENTS
 
 
-def _site(stored_masks: dict[FindingSite, ImageMask], x: float, y: float) -> FindingSite | None:
-    """The lung whose stored mask holds pixel ``(x, y)`` (else the nearer lung's centroid)."""
-    best: tuple[float, FindingSite] | None = None
-    for site in (FindingSite.RIGHT_LUNG, FindingSite.LEFT_LUNG):
-        mask = stored_masks.get(site)
-        if mask is None:
-            continue
-        frame = np.asarray(mask.array[0], bool)
-        r = min(max(int(y), 0), frame.shape[0] - 1)
-        c = min(max(int(x), 0), frame.shape[1] - 1)
-        if frame[r, c]:
-            return site
-        rows, cols = np.nonzero(frame)
-        if len(rows):
-            d = float(np.hypot(cols.mean() - x, rows.mean() - y))
-            if best is None or d < best[0]:
-                best = (d, site)
-    return None if best is None else best[1]
+def _site(rg: Radiograph, right: npt.NDArray[np.bool_], left: npt.NDArray[np.bool_],
+          x0: float, y0: float, x1: float, y1: float) -> FindingSite:
+    """The lung holding most of a stored-pixel box (either lung on a tie: "Lung")."""
+    right_s, left_s = rg.to_stored(right), rg.to_stored(left)
+    r0, r1, c0, c1 = int(y0), int(np.ceil(y1)), int(x0), int(np.ceil(x1))
+    in_right = int(np.asarray(right_s[r0:r1, c0:c1]).sum())
+    in_left = int(np.asarray(left_s[r0:r1, c0:c1]).sum())
+    if in_right > in_left:
+        return FindingSite.RIGHT_LUNG
+    return FindingSite.LEFT_LUNG if in_left > in_right else FindingSite.LUNG
 
 
 def _abnormality(
-    rg: Radiograph, lungs: npt.NDArray[np.bool_], result: AnalysisResult,
-    models_dir: Path | None, device: str, notes: list[str],
+    rg: Radiograph, right: npt.NDArray[np.bool_], left: npt.NDArray[np.bool_],
+    models_dir: Path | None, device: str, update: dict[str, Any],
 ) -> tuple[ImageClassification | None, list[Finding], ImageMask | None, str | None]:
+    """The abnormality part; ``update`` holds the result's notes, measurements, qualitative."""
+    lungs = right | left
+    notes: list[str] = update["notes"]
     from cad_node.pipelines.cxr.abnormal import (
         ABNORMAL_BUNDLE,
         analyse_radiograph,
@@ -92,12 +87,13 @@ def _abnormality(
     try:
         model = load_abnormal_model(models_dir, device)
     except FileNotFoundError:
-        notes.append(f"abnormality triage not installed (no {ABNORMAL_BUNDLE} bundle): no "
-                     "abnormal probability, boxes or heatmap are reported")
+        notes.append(f"abnormality model not installed (no {ABNORMAL_BUNDLE} bundle): no "
+                     "abnormal probability is reported")
         return None, [], None, None
     except ValueError as exc:
-        notes.append(f"{ABNORMAL_BUNDLE} bundle unusable ({exc}): no abnormal probability, "
-                     "boxes or heatmap are reported")
+        log.warning("cxr: %s bundle unusable for study %s: %s", ABNORMAL_BUNDLE,
+                    rg.study_instance_uid, exc)
+        notes.append(f"abnormality model {ABNORMAL_BUNDLE!r} unusable: {exc}")
         return None, [], None, None
     res = analyse_radiograph(model, rg, lungs)
     rule = res.operating_rule
@@ -106,13 +102,20 @@ def _abnormality(
     classification = ImageClassification(
         finding_type=model.finding_type, probability=res.probability,
         threshold=res.threshold, operating_rule=rule or None, model=res.model)
+    update["measurements"]["abnormal_probability"] = round(res.probability, 4)
+    update["measurements"]["abnormal_threshold"] = round(res.threshold, 4)
+    recall = ("" if res.normal_recall is None else
+              f"; {res.normal_recall:.0%} of validation normals fall below it")
+    update["qualitative"]["abnormal_decision"] = (
+        f"{res.decision} (probability {res.probability:.3f} "
+        f"{'>=' if res.abnormal else '<'} operating threshold {res.threshold:.3f}: "
+        f"{res.operating_rule}{recall})")
     findings = []
     for k, box in enumerate(res.boxes, start=1):
-        cx, cy = box.centre
         findings.append(Finding(
             tracking_id=f"{box.finding_type.meaning} {k}",
             finding_type=box.finding_type,
-            site=_site(result.organ_masks, cx, cy),
+            site=_site(rg, right, left, box.x0, box.y0, box.x1, box.y1),
             probability=round(box.probability, 4),
             region=Region2D(sop_instance_uid=rg.sop_instance_uid, kind="box",
                             points=[(box.x0, box.y0), (box.x1, box.y1)]),
@@ -166,13 +169,16 @@ def add_part2(
 
     ``right`` / ``left`` are the lung masks on the analysis image (``rg.pixels``).
     """
-    lungs = np.asarray(right, bool) | np.asarray(left, bool)
+    right, left = np.asarray(right, bool), np.asarray(left, bool)
+    lungs = right | left
     notes = list(result.notes)
+    update: dict[str, Any] = {"notes": notes, "measurements": dict(result.measurements),
+                              "qualitative": dict(result.qualitative)}
     classifications: list[ImageClassification] = []
     start = time.perf_counter()
     if report is not None:
-        report("abnormality triage", 0.85)
-    abnormal, boxes, heat, method = _abnormality(rg, lungs, result, models_dir, device, notes)
+        report("scoring abnormality", 0.85)
+    abnormal, boxes, heat, method = _abnormality(rg, right, left, models_dir, device, update)
     if abnormal is not None:
         classifications.append(abnormal)
     if report is not None:
@@ -186,5 +192,5 @@ def add_part2(
         "classifications": classifications,
         "attribution": heat,
         "attribution_method": method,
-        "notes": notes,
+        **update,
     })
