@@ -31,8 +31,6 @@ Contract of :func:`build_pm`
 
 from __future__ import annotations
 
-import copy
-
 import highdicom as hd
 import numpy as np
 from pydicom import Dataset
@@ -59,6 +57,8 @@ _DIRECTIONS: dict[str, tuple[float, float, float]] = {
     "P": (0.0, 1.0, 0.0), "A": (0.0, -1.0, 0.0),
     "H": (0.0, 0.0, 1.0), "F": (0.0, 0.0, -1.0),
 }
+#: Pixel Data, Float Pixel Data, Double Float Pixel Data (PS3.6): not copied.
+_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 #: A frontal chest film shown in the standard way: rows towards L, columns towards F.
 _FRONTAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
 
@@ -82,10 +82,12 @@ def orientation_of(ds: Dataset) -> tuple[float, float, float, float, float, floa
 
 def _geometry_source(ctx: BuildContext, ds: Dataset) -> Dataset:
     """A header copy of ``ds`` with the map's own plane (see the module docstring)."""
-    src = copy.copy(ds)  # shallow: only top-level attributes are replaced
-    for kw in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
-        if kw in src:
-            delattr(src, kw)
+    # A new dataset holding the header elements: the received instance is never changed
+    # (pydicom's copy.copy shares the element dictionary).
+    src = Dataset()
+    for elem in ds:
+        if elem.tag not in _PIXEL_TAGS:
+            src.add(elem)
     if "FrameOfReferenceUID" not in src or "ImageOrientationPatient" not in src:
         src.FrameOfReferenceUID = ctx.uids.uid("pm.frame_of_reference")
         src.ImageOrientationPatient = list(orientation_of(ds))

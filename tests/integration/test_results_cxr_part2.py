@@ -145,3 +145,9 @@ def test_pm_needs_a_heatmap(cr: Dataset) -> None:
     result = _result(cr).model_copy(update={"attribution": None})
     objs = build_results(result, [cr], settings=SETTINGS, objects=("sr", "pm"))
     assert [str(o.kind) for o in objs] == ["sr"]
+
+
+def test_pm_leaves_the_source_untouched(cr: Dataset) -> None:
+    before = {e.keyword for e in cr}
+    build_results(_result(cr), [cr], settings=ResultsConfig(use_dciodvfy=False), objects=("pm",))
+    assert {e.keyword for e in cr} == before and "PixelData" in cr
