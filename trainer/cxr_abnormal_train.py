@@ -83,6 +83,8 @@ SENSITIVITY = 0.99
 FROC_CANDIDATES = 10
 RULES = ("max", "whole", "fusion")
 _console = Console(stderr=True)
+#: ``cxr-lungs`` bundle path -> (architecture, down-path weights), loaded once per process.
+_LUNGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
 
 
 # --------------------------------------------------------------------------- model
@@ -97,17 +99,19 @@ def new_network(cfg: AbnormalConfig, scales: list[tuple[float, float]], image_ru
     from cad_node.models.network import build_network
     from cad_node.pipelines.cxr.abnormal_net import AbnormalNet, down_path
 
-    lb = Path(cfg.lungs_bundle)
-    bundle = load_bundle(lb.parent.name, models_dir=lb.parent.parent, version=lb.name)
-    enc = dict(bundle.manifest.architecture)
+    key = str(Path(cfg.lungs_bundle).resolve())
+    if key not in _LUNGS:
+        lb = Path(key)
+        bundle = load_bundle(lb.parent.name, models_dir=lb.parent.parent, version=lb.name)
+        src = torch.nn.ModuleList(down_path(bundle.build_network("cpu")))
+        _LUNGS[key] = (dict(bundle.manifest.architecture), src.state_dict())
+    enc, enc_state = _LUNGS[key]
     arch = {"builder": "cxr-abnormal", "scales": [list(s) for s in scales], "encoder": enc,
             "width": cfg.train.width, "projection": cfg.train.projection,
             "image_rule": image_rule, "dropout": cfg.train.dropout}
     net = build_network(arch)
     assert isinstance(net, AbnormalNet)
-    lungs = bundle.build_network("cpu")
-    src = torch.nn.ModuleList(down_path(lungs))
-    net.encoder.load_state_dict(src.state_dict(), strict=True)
+    net.encoder.load_state_dict(enc_state, strict=True)
     for p in [*net.encoder.parameters(), *net.project16.parameters()]:
         p.requires_grad_(False)
     net.encoder.eval()
