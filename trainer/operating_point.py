@@ -187,7 +187,7 @@ def choose_threshold(
                 "findings_above": [
                     {"probability": round(float(p), 4),
                      "center_mm": [round(float(v), 1) for v in c],
-                     "label": "false positive" if lab == 0 else "irrelevant finding"}
+                     "label": "false positive" if lab == 0 else "not counted"}
                     for p, c, lab in zip(s.probabilities, s.centers_mm, s.labels, strict=True)
                     if p >= threshold
                 ],
