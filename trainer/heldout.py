@@ -160,7 +160,9 @@ def evaluate_heldout_set(
             cand_scores = score_points(net, hu, bg, cand, cfg.input, dev)
         nod_scores = score_points(net, hu, bg, centers, cfg.input, dev)
         neg = lab == 0
-        all_scores += [nod_scores, cand_scores[neg]]
+        # patch AUCs are the CNN's own (nodule centres are scored by the CNN alone)
+        cnn_cand = cand_scores if ctx is None else 1.0 / (1.0 + np.exp(-ctx.logits))
+        all_scores += [nod_scores, cnn_cand[neg]]
         all_labels += [np.ones(len(nod_scores)), np.zeros(int(neg.sum()))]
         dense = dense_structure_points(bg, hu, 600, rng, d.heldout_z_mm, min_pleura_mm=3.0)
         dense = dense[label_points(dense, truth, excl, d.negative_margin_mm) == 0]
