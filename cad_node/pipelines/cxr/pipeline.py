@@ -12,6 +12,11 @@ Stages (each reported through ``progress``):
 3. measurements (:mod:`.measure`): lung areas (cm², only with a mm scale), the
    CTR on PA films ("not assessable" on AP or without a stated view), and a
    "Cardiomegaly" finding (the heart outline) when CTR > 0.50 on PA.
+4. part 2 (:mod:`.triage`, issue #12), each from its optional bundle: the
+   abnormal probability and decision at the operating point with the boxes of
+   an abnormal image (``cxr-abnormal``), the lung-restricted attribution
+   heatmap, and the TB probability (``cxr-tb``; without it the report says TB
+   screening is not installed and gives no number).
 
 Contract of :meth:`CxrPipeline.run`
 -----------------------------------
@@ -74,8 +79,6 @@ log = logging.getLogger(__name__)
 PIPELINE_NAME = "cxr"
 #: Name of the lung/heart segmentation bundle (``models/cxr-lungs/<version>``).
 LUNGS_BUNDLE = "cxr-lungs"
-#: Optional tuberculosis bundle (issue #12); without it the SR says TB screening is absent.
-TB_BUNDLE = "cxr-tb"
 #: Right/left lung area ratios outside this range get a note (NIH check, docs/cxr.md).
 PLAUSIBLE_RIGHT_LEFT = (0.5, 2.5)
 #: A chest film narrower than this (mm) means the header's pixel spacing is suspect.
@@ -188,74 +191,14 @@ class CxrPipeline:
         masks = segment(net, series.pixels, size=size)
         report("measuring", 0.8)
         result = self._measure(series, masks.right_lung, masks.left_lung, masks.heart, identity)
-        report("scoring abnormality", 0.9)
-        return self._with_abnormality(result, series, masks.right_lung, masks.left_lung, device)
-
-    # -- part 2: abnormal probability and boxes (issue #12) ---------------------
-    def _with_abnormality(self, result: AnalysisResult, rg: Radiograph,
-                          right: npt.NDArray[np.bool_], left: npt.NDArray[np.bool_],
-                          device: str) -> AnalysisResult:
-        """Add the ``cxr-abnormal`` probability, decision and boxes to a completed result.
-
-        Without a bundle the result says so in a note and carries no number;
-        an unusable bundle is a note too (the part-1 result still stands).
-        """
-        from cad_node.pipelines.cxr.abnormal import (
-            ABNORMAL_BUNDLE,
-            analyse_radiograph,
-            load_abnormal_model,
-        )
-
         if result.status is not AnalysisStatus.COMPLETED:
             return result
-        notes = list(result.notes)
-        try:
-            model = load_abnormal_model(self.models_dir, device)
-        except FileNotFoundError:
-            notes.append(f"abnormality model not installed (no {ABNORMAL_BUNDLE} bundle): no "
-                         "abnormal probability is reported")
-            return result.model_copy(update={"notes": notes})
-        except ValueError as exc:
-            log.warning("cxr: %s bundle unusable for study %s: %s", ABNORMAL_BUNDLE,
-                        rg.study_instance_uid, exc)
-            notes.append(f"abnormality model {ABNORMAL_BUNDLE!r} unusable: {exc}")
-            return result.model_copy(update={"notes": notes})
-        ab = analyse_radiograph(model, rg, right | left)
-        right_s, left_s = rg.to_stored(right), rg.to_stored(left)
-        findings = list(result.findings)
-        for n, box in enumerate(ab.boxes, start=1):
-            r0, r1, c0, c1 = int(box.y0), int(np.ceil(box.y1)), int(box.x0), int(np.ceil(box.x1))
-            in_right = int(right_s[r0:r1, c0:c1].sum())
-            in_left = int(left_s[r0:r1, c0:c1].sum())
-            site = (FindingSite.RIGHT_LUNG if in_right > in_left else FindingSite.LEFT_LUNG
-                    if in_left > in_right else FindingSite.LUNG)
-            findings.append(Finding(
-                tracking_id=f"{box.finding_type.meaning} {n}",
-                finding_type=box.finding_type, site=site, probability=round(box.probability, 4),
-                region=Region2D(sop_instance_uid=rg.sop_instance_uid, kind="box",
-                                points=[(box.x0, box.y0), (box.x1, box.y1)])))
-        measurements = dict(result.measurements)
-        measurements["abnormal_probability"] = round(ab.probability, 4)
-        measurements["abnormal_threshold"] = round(ab.threshold, 4)
-        qualitative = dict(result.qualitative)
-        recall = ("" if ab.normal_recall is None else
-                  f"; {ab.normal_recall:.0%} of validation normals fall below it")
-        qualitative["abnormal_decision"] = (
-            f"{ab.decision} (probability {ab.probability:.3f} "
-            f"{'>=' if ab.abnormal else '<'} operating threshold {ab.threshold:.3f}: "
-            f"{ab.operating_rule}{recall})")
-        return result.model_copy(update={"findings": findings, "measurements": measurements,
-                                         "qualitative": qualitative, "notes": notes})
+        # part 2 (issue #12): abnormal probability and boxes (cxr-abnormal), attribution
+        # heatmap, TB probability (cxr-tb): pipelines/cxr/triage.py
+        from cad_node.pipelines.cxr.triage import add_part2
 
-    def _tb_statement(self) -> str:
-        """What the report says about TB screening (issue #12: no number without a bundle)."""
-        from cad_node.models.bundle import list_versions
-
-        if not list_versions(TB_BUNDLE, self.models_dir):
-            return (f"TB screening not installed (no {TB_BUNDLE} bundle): no tuberculosis "
-                    "probability is reported")
-        return (f"a {TB_BUNDLE} bundle is installed but this version has no TB inference: "
-                "no tuberculosis probability is reported")
+        return add_part2(result, series, masks.right_lung, masks.left_lung, self.models_dir,
+                         device, report)
 
     @staticmethod
     def _failed(series: Radiograph | RefusedInput, reason: str, identity: ModelIdentity
@@ -352,7 +295,6 @@ class CxrPipeline:
             measurements["cardiothoracic_ratio"] = round(ctr, 3)
         else:
             qualitative["cardiothoracic_ratio"] = str(why)
-        notes.append(self._tb_statement())
         findings: list[Finding] = []
         if ctr is not None and ctr > CARDIOMEGALY_CTR and meas.heart_outline is not None:
             qualitative["cardiomegaly"] = (
