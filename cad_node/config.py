@@ -271,6 +271,10 @@ class NodeConfig(_Strict):
     dimse_timeout_s: float = Field(60.0, gt=0, le=3600)
     #: Network (idle socket) timeout, seconds.
     network_timeout_s: float = Field(120.0, gt=0, le=3600)
+    #: After acceptance, seconds a PDU may take from its first byte to its last
+    #: before the association is aborted (a 4 MiB ``max_pdu`` then needs at
+    #: least ~70 KB/s); bounds a slow dribble that each read alone would allow.
+    pdu_deadline_s: float = Field(60.0, gt=0, le=3600)
     #: Bytes a single association may store before further C-STOREs are refused.
     max_bytes_per_association: int = Field(8 * 1024**3, ge=1)
     #: Below this much free space on the spool filesystem C-STORE answers 0xA700.

@@ -25,9 +25,12 @@ Contract at the edge (what a peer can and cannot make the node do)
   ``node.ae_title`` (reason 7) and the calling AE title **and** source
   address must match one ``peers`` entry (reason 3 / reason 1).
 * **Bounded memory.**  PDUs are read in chunks into a buffer that grows only
-  as bytes arrive.  Before acceptance a PDU longer than 64 KiB, after it a
-  P-DATA-TF longer than our maximum PDU (``node.max_pdu``), gets an A-ABORT
-  and the socket closes; a command set is capped at 64 KiB.  A C-STORE whose
+  as bytes arrive.  Before acceptance an A-ASSOCIATE-RQ longer than 64 KiB
+  gets an A-ASSOCIATE-RJ (rejected-permanent, service-provider presentation,
+  local-limit-exceeded) once its 6-byte header is read, any other PDU that
+  long an A-ABORT; after acceptance a P-DATA-TF longer than our maximum PDU
+  (``node.max_pdu``) gets an A-ABORT; the socket then closes.  A command set
+  is capped at 64 KiB.  A C-STORE whose
   data set would take the association past ``max_bytes_per_association`` is
   refused with 0xA700; an association that keeps sending more than
   :data:`ABORT_SLACK_BYTES` beyond the cap, or a single message larger than
@@ -51,7 +54,9 @@ Contract at the edge (what a peer can and cannot make the node do)
   reaches this policy instead of going unanswered.  No path is ever built
   from a UID.
 * **Timeouts.**  Finite ACSE, DIMSE and network timeouts; a PDU that stops
-  arriving mid-way for ``network_timeout_s`` aborts the association.
+  arriving mid-way for ``network_timeout_s``, or is not complete
+  ``pdu_deadline_s`` after its first byte arrived (a slow dribble that each
+  read alone would allow), aborts the association.
 * **DICOM TLS** (``node.tls``): a second listener with the BCP 195 profile
   (TLS 1.2+, its cipher suites), a client certificate from ``ca_bundle``
   required unless ``require_client_certificate`` is false.
@@ -275,6 +280,7 @@ class NodeServer:
         server.admission = self.admission
         server.store_handler = self._on_fast_store
         server.request_timeout = node.association_request_timeout_s
+        server.pdu_deadline_s = node.pdu_deadline_s
         server.tls_context = tls
         # Registered like AE.start_server() does, so AE.shutdown() stops it.
         ae._servers.append(server)

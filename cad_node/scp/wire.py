@@ -72,11 +72,19 @@ ABORT_SOURCE_PROVIDER = 0x02
 class PDUError(Exception):
     """The peer broke PDU framing; ``reason`` goes into the A-ABORT."""
 
-    def __init__(self, message: str, reason: AbortReason, *, peer_closed: bool = False) -> None:
+    def __init__(
+        self, message: str, reason: AbortReason, *, peer_closed: bool = False,
+        timed_out: bool = False, too_long: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.reason = reason
-        #: The peer closed its socket (or went silent): no A-ABORT is owed.
+        #: The peer closed its socket: no A-ABORT is owed.
         self.peer_closed = peer_closed
+        #: The PDU was not complete by the reader's deadline.
+        self.timed_out = timed_out
+        #: The type of a PDU whose length field was over the limit (only its
+        #: header was read), else None.
+        self.too_long = too_long
 
 
 def encode_a_abort(reason: AbortReason, source: int = ABORT_SOURCE_PROVIDER) -> bytes:
@@ -116,7 +124,9 @@ def read_pdu(
     ------
     PDUError
         Unknown PDU type, a length over ``max_length``, the peer closing
-        mid-PDU (truncated PDU) or the deadline passing.
+        mid-PDU (truncated PDU, ``peer_closed``) or the deadline passing
+        (``timed_out``; checked before every ``recv_into``, which the caller
+        bounds with its socket timeout).
     OSError
         From ``recv_into``.
     """
@@ -134,7 +144,7 @@ def read_pdu(
     if length > limit:
         raise PDUError(
             f"PDU type 0x{pdu_type:02X} announces {length} bytes, more than the {limit} "
-            "accepted now", AbortReason.INVALID_PDU_PARAMETER_VALUE,
+            "accepted now", AbortReason.INVALID_PDU_PARAMETER_VALUE, too_long=pdu_type,
         )
     total = PDU_HEADER + length
     buf = bytearray(min(total, PDU_HEADER + _FIRST_CHUNK))
@@ -166,7 +176,7 @@ def _fill(
     while pos < end:
         if deadline is not None and time.monotonic() > deadline:
             raise PDUError("PDU not complete before the deadline", AbortReason.NOT_SPECIFIED,
-                           peer_closed=True)
+                           timed_out=True)
         n = recv_into(view[pos:], end - pos)
         if not n:
             return pos

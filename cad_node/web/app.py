@@ -9,7 +9,8 @@ Endpoints
 ---------
 ``GET /``                        the status page (static HTML + JS, no build step, no CDN)
 ``GET /api/overview``            everything the page shows, in one document
-``GET /api/studies``             studies with their per-stage timeline
+``GET /api/studies``             studies with their per-stage timeline and UID-flagged instances
+``GET /api/studies/{uid}/uid-defects``  a study's instances stored with a tolerated UID defect
 ``GET /api/jobs/{id}``           one job with its events and acknowledged objects
 ``GET /api/models``              installed model bundles with their cards
 ``POST /api/jobs/{id}/retry``    run a failed/dead job again
@@ -178,7 +179,8 @@ def _studies(ctx: WebContext, limit: int) -> list[dict[str, Any]]:
         current = jobs[-1] if jobs else None
         view: dict[str, Any] = {
             "study_instance_uid": st.study_instance_uid, "patient_id": st.patient_id,
-            "instances": st.num_instances, "first_received": st.first_received,
+            "instances": st.num_instances, "uid_flagged": st.flagged_instances,
+            "first_received": st.first_received,
             "last_received": st.last_received, "generation": st.generation,
             "state": "receiving" if st.pending else "handed on",
             "job": None, "timeline": [], "jobs": [j.job_id for j in jobs],
@@ -308,6 +310,13 @@ def create_app(ctx: WebContext) -> FastAPI:
     @app.get("/api/studies")
     def studies(limit: int = 50) -> list[dict[str, Any]]:
         return _studies(ctx, max(1, min(limit, 500)))
+
+    @app.get("/api/studies/{study_instance_uid}/uid-defects")
+    def uid_defects(study_instance_uid: str) -> dict[str, str]:
+        index = ctx.index()
+        if index is None or index.study(study_instance_uid) is None:
+            raise HTTPException(404, "no such study")
+        return index.uid_defects(study_instance_uid)
 
     @app.get("/api/jobs/{job_id}")
     def job(job_id: int) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Real peers for system tests: Orthanc (the PACS) and redis-server, on free loopback ports.
+"""Real peers for system tests: Orthanc (the PACS) and redis-server, on free loopback ports,
+and :class:`ServeProcess`, the ``cad-node serve`` subprocess the system tests drive.
 
 Both are started by the tests from generated configuration files with all
 their state in a temporary directory, and stopped at the end.  They can be
@@ -7,24 +8,38 @@ stopped and started again on the same ports and storage to simulate outages.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import ORTHANC, REDIS_SERVER, free_port, require_program
+from tests.conftest import ECHOSCU, ORTHANC, REDIS_SERVER, free_port, require_program
 
 #: AE title of the test PACS.
 ORTHANC_AE = "ORTHANC"
 _START_TIMEOUT_S = 30.0
+
+
+def terminate(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    """SIGTERM ``proc`` (if it still runs) and wait up to ``timeout`` s; True once it exited."""
+    if proc.poll() is not None:
+        return True
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
 
 
 class OrthancServer:
@@ -98,13 +113,9 @@ class OrthancServer:
         """Stop Orthanc (SIGTERM, then SIGKILL) and wait for its port to close."""
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        if not terminate(self.proc, 15):
+            self.proc.kill()
+            self.proc.wait(timeout=5)
         self.proc = None
 
     def get(self, path: str) -> Any:
@@ -206,6 +217,101 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
     finally:
         server.stop()
+
+
+class ServeProcess:
+    """A ``cad-node serve`` subprocess in its own session, its output in ``workdir/serve.log``.
+
+    The base of the system tests' nodes (``tests/system/test_e2e.py``'s ``Node``,
+    ``tests/system/test_ops.py``'s ``OpsNode``): they write the configuration
+    and set :attr:`config`, :attr:`port` and :attr:`workdir`; this class starts
+    the process, waits until it serves, reads its log and stops it.
+
+    Attributes
+    ----------
+    workdir : Path
+        Holds ``serve.log``.
+    config : Path
+        The configuration file passed as ``--config``.
+    port : int
+        The node's DICOM port (C-ECHO tells when it serves).
+    log_tail : int
+        Characters of the log that :meth:`log` returns (for assertion messages).
+    """
+
+    workdir: Path
+    config: Path
+    port: int
+    log_tail = 6000
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start the node and wait until it serves (each subclass's own set-up)."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[ServeProcess]:
+        """:meth:`start` on entry, :meth:`stop` on exit (the body of the node fixtures)."""
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop()
+
+    def spawn(self, *args: str, env: Mapping[str, str], cwd: Path | None = None) -> None:
+        """Start ``cad-node serve --config CONFIG ARGS`` (not yet waiting for it)."""
+        log = open(self.workdir / "serve.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from cad_node.cli import main; main()", "serve",
+             "--config", str(self.config), *args],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=dict(env),
+            cwd=cwd)
+        log.close()
+
+    def wait_serving(self, timeout: float, ready: Callable[[], bool] | None = None) -> None:
+        """Wait until the node answers dcmtk ``echoscu`` (and ``ready()`` holds, if given).
+
+        Raises
+        ------
+        AssertionError
+            The process exited, or ``timeout`` seconds passed; the message holds the log.
+        """
+        assert self.proc is not None, "spawn() first"
+        echoscu = require_program(ECHOSCU)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log()
+            ok = subprocess.run([echoscu, "-aet", "MODALITY", "-aec", "CADNODE", "127.0.0.1",
+                                 str(self.port)], capture_output=True, timeout=30)
+            if ok.returncode == 0 and (ready is None or ready()):
+                return
+            time.sleep(0.3)
+        raise AssertionError("cad-node serve did not start:\n" + self.log())
+
+    def stop(self) -> None:
+        """SIGTERM (90 s for a graceful stop), then SIGKILL the process group."""
+        if self.proc is None:
+            return
+        terminate(self.proc, 90)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=10)
+        self.proc = None
+
+    def log(self) -> str:
+        """The end of ``serve.log`` (:attr:`log_tail` characters), or "" before it exists."""
+        path = self.workdir / "serve.log"
+        return path.read_text(errors="replace")[-self.log_tail:] if path.exists() else ""
+
+
+@pytest.fixture(scope="module")
+def ct_files(lidc_dir: Path) -> list[Path]:
+    """The real LIDC-IDRI-0001 CT's files, in name order."""
+    return sorted(lidc_dir.glob("*.dcm"))
 
 
 def kill_process_tree(pid: int) -> None:

@@ -69,11 +69,8 @@ def lesion_node(orthanc: OrthancServer, tmp_path_factory: pytest.TempPathFactory
     cfg["jobs"]["visibility_timeout_s"] = 700
     n.config.write_text(yaml.safe_dump(cfg))
     n.settings = load_config(n.config)
-    n.start()
-    try:
+    with n.running():
         yield n
-    finally:
-        n.stop()
 
 
 def _fetch(orthanc: OrthancServer, study_uid: str, sources: set[str], tmp: Path

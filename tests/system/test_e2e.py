@@ -16,7 +16,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -29,8 +28,8 @@ import pytest
 from cad_node.config import load_config
 from cad_node.jobs.states import JobState
 from cad_node.jobs.store import Job, JobStore
-from tests.conftest import ECHOSCU, STORESCU, free_port, require_program
-from tests.system.conftest import OrthancServer, RedisServer
+from tests.conftest import STORESCU, free_port, require_program
+from tests.system.conftest import OrthancServer, RedisServer, ServeProcess
 from tests.unit.test_jobs_celery import phantom_study, start_worker, stop_worker, write_config
 
 pytestmark = pytest.mark.slow
@@ -39,11 +38,12 @@ OBJECTS = ("sr", "seg", "sc")
 _DONE = {JobState.SENT, JobState.FAILED, JobState.DEAD}
 
 
-class Node:
+class Node(ServeProcess):
     """A ``cad-node serve`` subprocess on a free port."""
 
     def __init__(self, workdir: Path, pacs_port: int, *, broker_url: str | None = None,
                  no_worker: bool = False) -> None:
+        super().__init__()
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.port = free_port()
@@ -58,48 +58,11 @@ class Node:
         self.settings = load_config(self.config)
         self.store = JobStore.for_storage(self.settings.node.storage_dir)
         self.no_worker = no_worker
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        cmd = [sys.executable, "-c", "from cad_node.cli import main; main()", "serve",
-               "--config", str(self.config)]
-        if self.no_worker:
-            cmd.append("--no-worker")
-        log = open(self.workdir / "serve.log", "ab")
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, env=env)
-        log.close()
-        echoscu = require_program(ECHOSCU)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log()
-            ok = subprocess.run([echoscu, "-aet", "MODALITY", "-aec", "CADNODE", "127.0.0.1",
-                                 str(self.port)], capture_output=True, timeout=30)
-            if ok.returncode == 0:
-                return
-            time.sleep(0.3)
-        raise AssertionError("cad-node serve did not start:\n" + self.log())
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(timeout=10)
-        self.proc = None
-
-    def log(self) -> str:
-        path = self.workdir / "serve.log"
-        return path.read_text(errors="replace")[-6000:] if path.exists() else ""
+        self.spawn(*(["--no-worker"] if self.no_worker else []), env=env)
+        self.wait_serving(60)
 
     def send(self, files: list[Path]) -> None:
         exe = require_program(STORESCU)
@@ -158,16 +121,8 @@ def _running_count(store: JobStore, job_id: int) -> int:
 @pytest.fixture(scope="module")
 def node(orthanc: OrthancServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     n = Node(tmp_path_factory.mktemp("node"), orthanc.dicom_port)
-    n.start()
-    try:
+    with n.running():
         yield n
-    finally:
-        n.stop()
-
-
-@pytest.fixture(scope="module")
-def ct_files(lidc_dir: Path) -> list[Path]:
-    return sorted(lidc_dir.glob("*.dcm"))
 
 
 @pytest.fixture(scope="module")

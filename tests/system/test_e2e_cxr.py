@@ -50,11 +50,8 @@ def cxr_node(orthanc: OrthancServer, tmp_path_factory: pytest.TempPathFactory) -
     cfg["routing"] = {"rules": shipped["routing"]["rules"]}  # [chest-ct, chest-xr]
     cfg["destinations"][0]["objects"] = list(OBJECTS)
     n.config.write_text(yaml.safe_dump(cfg))
-    n.start()
-    try:
+    with n.running():
         yield n
-    finally:
-        n.stop()
 
 
 @pytest.fixture(scope="module")

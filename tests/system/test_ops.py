@@ -23,7 +23,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -40,8 +39,8 @@ from cad_node.audit import AuditEvent, read_events
 from cad_node.jobs.states import JobState
 from cad_node.jobs.store import Job, JobStore
 from cad_node.live import read_generation
-from tests.conftest import ECHOSCU, REPO_ROOT, STORESCU, free_port, require_program
-from tests.system.conftest import OrthancServer
+from tests.conftest import REPO_ROOT, STORESCU, free_port, require_program
+from tests.system.conftest import OrthancServer, ServeProcess
 from tests.unit.test_jobs_celery import phantom_study
 
 pytestmark = pytest.mark.slow
@@ -63,10 +62,13 @@ def readme_config() -> dict[str, Any]:
     return dict(data)
 
 
-class OpsNode:
+class OpsNode(ServeProcess):
     """``cad-node serve`` on the README's three-key configuration (site values filled in)."""
 
+    log_tail = 8000
+
     def __init__(self, workdir: Path, orthanc: OrthancServer) -> None:
+        super().__init__()
         self.workdir = workdir
         self.port = free_port()
         self.web_port = free_port()
@@ -95,7 +97,6 @@ class OpsNode:
             CAD_NODE_RESULTS__USE_DCIODVFY="false",
         )
         self.store = JobStore.for_storage(self.storage)
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def cli(self, *args: str, check: bool = True) -> Result:
         """``cad-node ARGS`` in-process, with the node's environment (a wide terminal)."""
@@ -110,50 +111,18 @@ class OpsNode:
         return result
 
     def start(self) -> None:
-        log = open(self.workdir / "serve.log", "ab")
         elsewhere = self.workdir / "elsewhere"
         elsewhere.mkdir(exist_ok=True)
         # Started from another directory: ./var must still land next to the file.
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from cad_node.cli import main; main()", "serve",
-             "--config", str(self.config)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env,
-            cwd=elsewhere)
-        log.close()
-        echoscu = require_program(ECHOSCU)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log()
-            ok = subprocess.run([echoscu, "-aet", "MODALITY", "-aec", "CADNODE", "127.0.0.1",
-                                 str(self.port)], capture_output=True, timeout=30)
-            if ok.returncode == 0:
-                try:
-                    self.get("/api/overview")
-                    return
-                except OSError:
-                    pass
-            time.sleep(0.3)
-        raise AssertionError("cad-node serve did not start:\n" + self.log())
+        self.spawn(env=self.env, cwd=elsewhere)
+        self.wait_serving(90, ready=self._web_answers)
 
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                pass
+    def _web_answers(self) -> bool:
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(timeout=10)
-        self.proc = None
-
-    def log(self) -> str:
-        path = self.workdir / "serve.log"
-        return path.read_text(errors="replace")[-8000:] if path.exists() else ""
+            self.get("/api/overview")
+        except OSError:
+            return False
+        return True
 
     @property
     def url(self) -> str:
@@ -186,16 +155,8 @@ class OpsNode:
 @pytest.fixture(scope="module")
 def node(orthanc: OrthancServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpsNode]:
     n = OpsNode(tmp_path_factory.mktemp("ops"), orthanc)
-    n.start()
-    try:
+    with n.running():
         yield n
-    finally:
-        n.stop()
-
-
-@pytest.fixture(scope="module")
-def ct_files(lidc_dir: Path) -> list[Path]:
-    return sorted(lidc_dir.glob("*.dcm"))
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -35,7 +33,9 @@ from pydicom.dataset import Dataset
 
 from cad_node.imaging import LoadedSeries
 from cad_node.imaging.volume import index_to_lps
-from cad_node.pipelines import register_pipeline
+from cad_node.pipelines import ProgressCallback, register_pipeline
+from cad_node.pipelines._ct_input import axial_problem, ct_problem, failed_result
+from cad_node.pipelines._stages import StageClock
 from cad_node.pipelines.ct_chest.brock import BrockInputs, brock_probability
 from cad_node.pipelines.ct_chest.candidates import (
     Candidate,
@@ -96,8 +96,6 @@ CHARACTERISE_TOP = 30
 #: Fewest slices and smallest z extent (mm) of a usable chest CT.
 MIN_SLICES = 20
 MIN_Z_EXTENT_MM = 80.0
-#: CT Image Storage and Enhanced CT Image Storage SOP classes (PS3.4 B.5).
-CT_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1"}
 
 _AGE_RE = re.compile(r"^(\d{3})([DWMY])$")
 _AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
@@ -182,33 +180,19 @@ class CtChestPipeline:
         #: Findings reported at most (``cad-train``'s operating-point run asks for more).
         self.max_findings = max_findings
 
-    def run(
-        self,
-        series: LoadedSeries,
-        *,
-        device: str = "cpu",
-        progress: Callable[[str, float], None] | None = None,
-    ) -> AnalysisResult:
+    def run(self, series: LoadedSeries, *, device: str = "cpu",
+               progress: ProgressCallback | None = None) -> AnalysisResult:
         """Analyse one chest CT series; bad input gives a FAILED result, never an exception."""
         return self.run_detailed(series, device=device, progress=progress).result
 
     def _fail(self, series: LoadedSeries, reason: str) -> AnalysisResult:
-        log.warning("ct-chest failed for study %s series %s: %s",
-                    series.study_instance_uid, series.series_instance_uid, reason)
-        # The identity is kept on a failure so that the failure itself can be
-        # reported to the PACS (an SR stating it, IHE AIR), never as "no findings".
-        return AnalysisResult(pipeline=self.name, status=AnalysisStatus.FAILED,
-                              failure_reason=reason,
-                              series_instance_uid=series.series_instance_uid or "unknown",
-                              model=_classical_identity())
+        return failed_result(self.name, series, reason, _classical_identity(), log)
 
     def _check_input(self, series: LoadedSeries) -> None:
         ds0 = series.datasets[0]
-        if series.modality.upper() != "CT":
-            raise _FailedError(f"modality {series.modality or '(missing)'}: ct-chest needs CT")
-        sop = str(ds0.get("SOPClassUID", ""))
-        if sop and sop not in CT_SOP_CLASSES:
-            raise _FailedError(f"SOP Class {sop} is not a CT image")
+        problem = ct_problem(series, self.name)
+        if problem is not None:
+            raise _FailedError(problem)
         itype = [str(v).upper() for v in (ds0.get("ImageType") or [])]
         if "LOCALIZER" in itype:
             raise _FailedError("localizer/scout image, not a tomographic volume")
@@ -217,9 +201,9 @@ class CtChestPipeline:
         if nz < MIN_SLICES or extent < MIN_Z_EXTENT_MM:
             raise _FailedError(f"{nz} slices covering {extent:.0f} mm: a chest CT needs at least "
                           f"{MIN_SLICES} slices and {MIN_Z_EXTENT_MM:.0f} mm")
-        d = np.asarray(series.image.GetDirection()).reshape(3, 3)
-        if abs(d[2, 2]) < 0.9:
-            raise _FailedError("not an axial series (slice normal is not head-foot)")
+        problem = axial_problem(series)
+        if problem is not None:
+            raise _FailedError(problem)
 
     def _scorer(self, device: str, notes: list[str]) -> CandidateScorer | None:
         if not self.use_scorer:
@@ -241,30 +225,12 @@ class CtChestPipeline:
         # on a 2-core host measured 5-10x slower (docs/benchmarks.md, Training).
         return CandidateScorer(bundle, device=device, threads=1 if device == "cpu" else None)
 
-    def run_detailed(
-        self,
-        series: LoadedSeries,
-        *,
-        device: str = "cpu",
-        progress: Callable[[str, float], None] | None = None,
-    ) -> CtChestRun:
+    def run_detailed(self, series: LoadedSeries, *, device: str = "cpu",
+                        progress: ProgressCallback | None = None) -> CtChestRun:
         """Like :meth:`run`, also returning lungs, candidates and stage timings."""
-        def report(stage: str, frac: float) -> None:
-            if progress is not None:
-                progress(stage, frac)
-
-        timings: dict[str, float] = {}
-        cpu: dict[str, float] = {}
+        clock = StageClock(progress)
+        report, lap = clock.report, clock.lap
         notes: list[str] = []
-        t = time.perf_counter()
-        c = time.process_time()
-
-        def lap(stage: str) -> None:
-            nonlocal t, c
-            now, cnow = time.perf_counter(), time.process_time()
-            timings[stage], cpu[stage] = now - t, cnow - c
-            t, c = now, cnow
-
         try:
             report("checking input", 0.0)
             self._check_input(series)
@@ -281,7 +247,8 @@ class CtChestPipeline:
                                         work_lung=lungs.work_lungs)
             lap("candidates")
         except _FailedError as exc:
-            return CtChestRun(result=self._fail(series, str(exc)), timings_s=timings, cpu_s=cpu)
+            return CtChestRun(result=self._fail(series, str(exc)), timings_s=clock.timings_s,
+                              cpu_s=clock.cpu_s)
 
         report("scoring candidates", 0.55)
         diam = np.array([c.scale_mm for c in cands])
@@ -313,7 +280,7 @@ class CtChestPipeline:
         lap("assembly")
         report("done", 1.0)
         return CtChestRun(result=result, lungs=lungs, candidates=cands, probabilities=prob,
-                          timings_s=timings, cpu_s=cpu)
+                          timings_s=clock.timings_s, cpu_s=clock.cpu_s)
 
     def _characterise(
         self, series: LoadedSeries, lungs: LungSegmentation, cands: list[Candidate],

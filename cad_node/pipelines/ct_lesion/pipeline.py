@@ -30,8 +30,7 @@ by ct-lesion when ct-chest did not run (e.g. a CT of the abdomen).
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,9 @@ import SimpleITK as sitk  # noqa: N813
 
 from cad_node.imaging import LoadedSeries
 from cad_node.imaging.volume import index_to_lps, lps_to_index
-from cad_node.pipelines import register_pipeline
+from cad_node.pipelines import ProgressCallback, register_pipeline
+from cad_node.pipelines._ct_input import axial_problem, ct_problem, failed_result
+from cad_node.pipelines._stages import StageClock
 from cad_node.pipelines.ct_lesion.detect import (
     Detection2D,
     Lesion3D,
@@ -60,6 +61,7 @@ from cad_node.results.findings import (
     FindingSite,
     FindingType,
     ImageMask,
+    ModelIdentity,
     Region2D,
 )
 
@@ -94,8 +96,6 @@ MAX_SLICE_INTERVAL_MM = 5.5
 BATCH = 8
 #: Slices whose inputs are built at once (bounds memory on long series).
 CHUNK = 64
-#: CT Image Storage and Enhanced CT Image Storage SOP classes (PS3.4 B.5).
-CT_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1"}
 #: DeepLesion coarse type (1-based) -> finding site.
 TYPE_SITES: dict[int, FindingSite] = {
     1: FindingSite.BONE, 2: FindingSite.ABDOMEN, 3: FindingSite.MEDIASTINUM,
@@ -211,13 +211,8 @@ class CtLesionPipeline:
         #: only when :meth:`reconcile` needs them.
         self._reserve: dict[str, tuple[list[Lesion3D], float]] = {}
 
-    def run(
-        self,
-        series: LoadedSeries,
-        *,
-        device: str = "cpu",
-        progress: Callable[[str, float], None] | None = None,
-    ) -> AnalysisResult:
+    def run(self, series: LoadedSeries, *, device: str = "cpu",
+               progress: ProgressCallback | None = None) -> AnalysisResult:
         """Analyse one CT series.
 
         Returns
@@ -257,55 +252,32 @@ class CtLesionPipeline:
         return result
 
     def _check(self, series: LoadedSeries) -> None:
-        ds0 = series.datasets[0]
-        if series.modality.upper() != "CT":
-            raise _FailedError(f"modality {series.modality or '(missing)'}: ct-lesion needs CT")
-        sop = str(ds0.get("SOPClassUID", ""))
-        if sop and sop not in CT_SOP_CLASSES:
-            raise _FailedError(f"SOP Class {sop} is not a CT image")
+        problem = ct_problem(series, self.name)
+        if problem is not None:
+            raise _FailedError(problem)
         if series.shape[0] < MIN_SLICES:
             raise _FailedError(f"{series.shape[0]} slice(s): ct-lesion needs at least "
                                f"{MIN_SLICES}")
-        d = np.asarray(series.image.GetDirection()).reshape(3, 3)
-        if abs(d[2, 2]) < 0.9:
-            raise _FailedError("not an axial series (slice normal is not head-foot)")
+        problem = axial_problem(series)
+        if problem is not None:
+            raise _FailedError(problem)
         dz = series.image.GetSpacing()[2]
         if dz > MAX_SLICE_INTERVAL_MM:
             raise _FailedError(f"slice interval {dz:.1f} mm exceeds {MAX_SLICE_INTERVAL_MM} mm")
 
-    def _fail(self, series: LoadedSeries, reason: str, model: Any) -> AnalysisResult:
-        log.warning("ct-lesion failed for study %s series %s: %s",
-                    series.study_instance_uid, series.series_instance_uid, reason)
-        return AnalysisResult(pipeline=self.name, status=AnalysisStatus.FAILED,
-                              failure_reason=reason,
-                              series_instance_uid=series.series_instance_uid or "unknown",
-                              model=model)
+    def _fail(self, series: LoadedSeries, reason: str,
+              model: ModelIdentity | None) -> AnalysisResult:
+        return failed_result(self.name, series, reason, model, log)
 
-    def run_detailed(
-        self,
-        series: LoadedSeries,
-        *,
-        device: str = "cpu",
-        progress: Callable[[str, float], None] | None = None,
-    ) -> CtLesionRun:
+    def run_detailed(self, series: LoadedSeries, *, device: str = "cpu",
+                        progress: ProgressCallback | None = None) -> CtLesionRun:
         """Like :meth:`run`, also returning the detections, lesions and stage timings."""
         import torch
 
         from cad_node.models import load_bundle
 
-        def report(stage: str, frac: float) -> None:
-            if progress is not None:
-                progress(stage, frac)
-
-        timings: dict[str, float] = {}
-        t = time.perf_counter()
-
-        def lap(stage: str) -> None:
-            nonlocal t
-            now = time.perf_counter()
-            timings[stage] = now - t
-            t = now
-
+        clock = StageClock(progress)
+        report, lap = clock.report, clock.lap
         report("checking input", 0.0)
         try:
             bundle = load_bundle(BUNDLE_NAME, self.models_dir)
@@ -365,7 +337,7 @@ class CtLesionPipeline:
                           "operating_threshold": threshold},
             notes=notes, model=identity)
         report("done", 1.0)
-        return CtLesionRun(result, dets, lesions, timings)
+        return CtLesionRun(result, dets, lesions, clock.timings_s)
 
     def _findings(self, series: LoadedSeries, lesions: Sequence[Lesion3D],
                   threshold: float, limit: int = MAX_FINDINGS) -> tuple[list[Finding], int]:
