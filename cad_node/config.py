@@ -92,6 +92,8 @@ class ObjectKind(enum.StrEnum):
     GSPS = "gsps"
     #: Key Object Selection Document (PS3.3 A.35.4).
     KOS = "kos"
+    #: Parametric Map (PS3.3 A.75): the chest X-ray attribution heatmap.
+    PM = "pm"
 
 
 #: Output profile of a destination that names none: SR + SEG + SC.

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import queue
 import select
 import socket
@@ -72,6 +73,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from cad_node.scp.admission import Admission, AdmissionEvent, RejectReason, Ticket, Verdict
 from cad_node.scp.wire import (
+    DEADLINE_SLACK_S,
     MAX_ASSOCIATE_PDU_BYTES,
     MAX_COMMAND_SET_BYTES,
     PDU_HEADER,
@@ -146,9 +148,6 @@ DUL_IDLE_WAIT_S = 0.005
 REACTOR_WAIT_S = 0.005
 #: Poll interval of the wait for the A-ASSOCIATE-RQ (seconds).
 _REQUEST_POLL_S = 0.05
-#: How far a blocking read may run past a PDU's deadline (seconds), see
-#: :meth:`_FastDUL._bounded_recv`.
-_DEADLINE_SLACK_S = 0.25
 #: After an A-ASSOCIATE-RJ, how long the rest of the peer's request is read
 #: and dropped before the socket closes (seconds), and the buffer it goes to.
 _REJECT_DRAIN_S = 0.5
@@ -318,7 +317,8 @@ class _FastDUL(DULServiceProvider):
                 sock, min(float(idle), self.pdu_deadline_s) if idle else self.pdu_deadline_s
             )
         try:
-            data = read_pdu(self._bounded_recv(sock, deadline), self._max_length, deadline)
+            data = read_pdu(sock.recv_into, self._max_length, deadline, self._lower_timeout,
+                            self._timeout if self._timeout is not None else math.inf)
         except PDUError as exc:
             if pre_accept and exc.too_long == PDUType.A_ASSOCIATE_RQ:
                 self.refuse_request(str(exc))
@@ -332,7 +332,7 @@ class _FastDUL(DULServiceProvider):
                            send_abort=not exc.peer_closed and not (exc.timed_out and pre_accept))
             return
         except TimeoutError:
-            if time.monotonic() >= deadline - _DEADLINE_SLACK_S:
+            if time.monotonic() >= deadline - DEADLINE_SLACK_S:
                 if pre_accept:
                     why = "no complete A-ASSOCIATE-RQ before the request timeout"
                 else:
@@ -354,26 +354,23 @@ class _FastDUL(DULServiceProvider):
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
 
-    def _bounded_recv(
-        self, sock: socket.socket, deadline: float
-    ) -> Callable[[memoryview, int], int]:
-        """``sock.recv_into`` whose blocking ends by ``deadline`` (+ :data:`_DEADLINE_SLACK_S`).
+    def _lower_timeout(self, timeout: float) -> None:
+        """``settimeout`` of :func:`~cad_node.scp.wire.read_pdu` (the DUL thread's socket)."""
+        sock = self._peer_socket()
+        if sock is not None:
+            self._set_timeout(sock, timeout)
 
-        The socket timeout is lowered only when it would overshoot the
-        deadline by more than the slack, so a PDU that arrives quickly costs
-        no ``settimeout`` call; a dribbling or stalled one is cut off at its
-        deadline, not a whole network timeout later.
-        """
-        recv_into = sock.recv_into
+    def _peer_socket(self) -> socket.socket | None:
+        wrapper = cast(AssociationSocket, self.socket)
+        return wrapper.socket if wrapper is not None else None
 
-        def bounded(view: memoryview, size: int) -> int:
-            remaining = deadline - time.monotonic()
-            current = self._timeout
-            if current is None or remaining < current - _DEADLINE_SLACK_S:
-                self._set_timeout(sock, max(0.001, remaining))
-            return recv_into(view, size)
-
-        return bounded
+    def _close_transport(self) -> None:
+        """Close the socket (which queues Evt17), or queue Evt17 if it is gone already."""
+        wrapper = cast(AssociationSocket, self.socket)
+        if wrapper is not None and wrapper.socket is not None:
+            wrapper.close()
+        else:
+            self.event_queue.put("Evt17")
 
     def refuse_request(self, why: str) -> None:
         """Answer an over-long A-ASSOCIATE-RQ with A-ASSOCIATE-RJ (PS3.8 9.3.4), then close.
@@ -392,8 +389,7 @@ class _FastDUL(DULServiceProvider):
         if isinstance(server, _Server):
             server.admission.notify(AdmissionEvent("associate", False, address,
                                                    "request-too-long"))
-        wrapper = cast(AssociationSocket, self.socket)
-        sock = wrapper.socket if wrapper is not None else None
+        sock = self._peer_socket()
         if sock is not None:
             try:
                 sock.settimeout(0.5)
@@ -407,10 +403,7 @@ class _FastDUL(DULServiceProvider):
                         break
             except OSError:
                 pass
-        if wrapper is not None and wrapper.socket is not None:
-            wrapper.close()  # queues Evt17
-        else:
-            self.event_queue.put("Evt17")
+        self._close_transport()
 
     def violation(self, why: str, reason: AbortReason, *, send_abort: bool = True) -> None:
         """End the association: log, A-ABORT (unless the peer is gone), close the socket.
@@ -431,18 +424,14 @@ class _FastDUL(DULServiceProvider):
             log.warning("protocol violation by %r@%s: %s; A-ABORT", calling, address, why)
         else:
             log.info("connection from %r@%s ended: %s", calling, address, why)
-        wrapper = cast(AssociationSocket, self.socket)
-        sock = wrapper.socket if wrapper is not None else None
+        sock = self._peer_socket()
         if sock is not None and send_abort:
             try:
                 sock.settimeout(0.5)
                 sock.sendall(encode_a_abort(reason))
             except OSError:
                 pass
-        if wrapper is not None and wrapper.socket is not None:
-            wrapper.close()  # queues Evt17
-        else:
-            self.event_queue.put("Evt17")
+        self._close_transport()
 
 
 # -- association ----------------------------------------------------------------------

@@ -18,7 +18,9 @@ Contract at the edge (what a peer can and cannot make the node do)
   it then needs one of ``node.max_associations`` slots, at most
   ``node.max_associations_per_peer`` of them per source address.  A listed
   peer over a limit gets A-ASSOCIATE-RJ transient, local-limit-exceeded
-  (PS3.8 9.3.4); anyone else's socket is closed at once.  A connection
+  (PS3.8 9.3.4); anyone else's socket is closed at once, and so is one whose
+  peer closed it before it was accepted (no slot, no thread: a burst of
+  connections is drained in the accept loop without stalling it).  A connection
   without a complete A-ASSOCIATE-RQ (and TLS handshake) within
   ``node.association_request_timeout_s`` is closed; a peer closing its socket
   frees its slot at once.  At the A-ASSOCIATE-RQ the called AE title must be
@@ -45,7 +47,9 @@ Contract at the edge (what a peer can and cannot make the node do)
   matters** (:func:`cad_node.uids.lenient_uid`).  A UID with a leading-zero
   component (``1.2.840.0113...``, forbidden by PS3.5 9.1 but common and
   readable by pydicom) is stored, answered Success and flagged: a WARNING
-  log line with the study UID, and ``DatasetHeader.uid_defects``.  A UID
+  log line with the study UID, ``DatasetHeader.uid_defects`` and the index
+  column ``instance.uid_defects`` (``StudyState.flagged_instances``, shown on
+  the status page and by ``GET /api/studies/{uid}/uid-defects``).  A UID
   that is empty, longer than 64 characters, has a character other than
   ``0-9`` and ``.`` (so no ``/`` or ``..``: no path traversal) or an empty
   component is refused: 0xC101 in the command, 0xA900 in the data set.  The
