@@ -8,6 +8,16 @@ prepared folder (:mod:`trainer.cxr_data`).  The inputs are made by
 :func:`cad_node.pipelines.cxr.lungs.network_input`, the node's own function.
 Augmentation is MONAI's (random affine: rotation, zoom, translation; Gaussian
 noise and smoothing); never a horizontal flip, which would swap the sides.
+With ``augment.site: true`` (1.1.0) it imitates other sites' films instead,
+on the letter-boxed grey image *before* the histogram equalisation (so that
+it changes what the equalisation sees): a stronger affine with shear, grid
+distortion, a frame (the film shrunk into a black, white or grey border of
+random, uneven width: framed, paediatric and collimated images), an uneven
+exposure (MONAI bias field), bright thin lines and patches (tubes, leads,
+electrodes), blur, sharpening and noise; then :func:`~cad_node.pipelines.cxr.lungs.normalise`,
+the node's own function.  A global monotone grey-level change (gamma,
+contrast) is not used: the equalisation undoes it exactly.
+``train.init_from`` warm-starts from an existing bundle's weights.
 Loss: masked BCE + soft Dice per channel (channels a source does not annotate
 do not count).  The split is FIXED in the YAML config: the ``validation``
 cases are never used for training, early stopping or any choice; the final
@@ -41,7 +51,7 @@ from rich.console import Console
 from scipy import ndimage
 
 from cad_node.models.network import UNET2D_ARCHITECTURE
-from cad_node.pipelines.cxr.lungs import LABELS, NET_SIZE, network_input, segment
+from cad_node.pipelines.cxr.lungs import LABELS, NET_SIZE, network_input, normalise, segment
 from trainer.cxr_data import PreparedSet, load_prepared
 
 if TYPE_CHECKING:
@@ -92,6 +102,13 @@ class _TrainCfg(_Strict):
     threads: int = Field(2, ge=1, le=64)
     #: Store the exported weights as float16 (half the size; evaluated as shipped).
     half_weights: bool = True
+    #: Bundle folder (``models/cxr-lungs/<version>``) whose weights start the run.
+    init_from: str | None = None
+    #: Wall-time budget of the training loop.  With it the one-cycle schedule
+    #: (warm-up, then cosine to 0) runs on the larger of the step fraction and
+    #: the elapsed-time fraction, so a run slowed by a loaded machine still
+    #: anneals fully and ends at the budget (the card gives the epochs done).
+    max_minutes: float | None = Field(None, gt=0)
 
 
 class _AugmentCfg(_Strict):
@@ -100,6 +117,16 @@ class _AugmentCfg(_Strict):
     translate_px: float = 16.0
     noise_std: float = 0.05
     prob: float = 0.8
+    #: Other-site augmentation before the equalisation (module docstring); the
+    #: fields below apply only with it.
+    site: bool = False
+    shear: float = Field(0.08, ge=0, le=0.5)
+    distort_prob: float = Field(0.3, ge=0, le=1)
+    #: Probability of a frame, and the range of the film's side inside it.
+    frame_prob: float = Field(0.3, ge=0, le=1)
+    frame_side: tuple[float, float] = (0.6, 0.95)
+    bias_field_prob: float = Field(0.4, ge=0, le=1)
+    lines_prob: float = Field(0.3, ge=0, le=1)
 
 
 class CxrLungsConfig(_Strict):
@@ -143,15 +170,20 @@ def _split(cfg: CxrLungsConfig, data: PreparedSet) -> tuple[list[str], list[str]
 
 
 def _training_arrays(
-    data: PreparedSet, cases: Sequence[str], size: int
+    data: PreparedSet, cases: Sequence[str], size: int, *, grey: bool = False
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-    """Network inputs ``(n, s, s)``, targets ``(n, 3, s, s)`` and channel weights ``(n, 3)``."""
+    """Network inputs ``(n, s, s)``, targets ``(n, 3, s, s)`` and channel weights ``(n, 3)``.
+
+    With ``grey`` the inputs are the letter-boxed grey images in ``[0, 1]``,
+    not yet normalised (the site augmentation works on them).
+    """
     from cad_node.pipelines.cxr.lungs import letterbox
 
     xs, ys, ws = [], [], []
     for case in cases:
         c = data.load(case)
-        xs.append(network_input(c.image.astype(np.float32) / 255.0, size))
+        image = c.image.astype(np.float32) / 255.0
+        xs.append(letterbox(image, size) if grey else network_input(image, size))
         ys.append(np.stack([letterbox(c.masks[k].astype(np.float32), size) >= 0.5
                             for k in LABELS]).astype(np.float32))
         ws.append(np.asarray([1.0 if k in c.structures else 0.0 for k in LABELS], np.float32))
@@ -178,6 +210,101 @@ def _augmenter(cfg: _AugmentCfg, seed: int) -> Any:
     ])
     t.set_random_state(seed=seed)
     return t
+
+
+class SiteAugmenter:
+    """Other-site augmentation of one letter-boxed grey image and its masks.
+
+    Called with ``image`` ``(s, s)`` in ``[0, 1]`` and ``label`` ``(3, s, s)``;
+    returns the normalised network input and the transformed masks (module
+    docstring: what it imitates).  Deterministic for a given ``seed``; never
+    flips (the sides would swap).
+    """
+
+    def __init__(self, cfg: _AugmentCfg, seed: int) -> None:
+        from monai.transforms.compose import Compose
+        from monai.transforms.intensity.dictionary import (
+            RandBiasFieldd,
+            RandCoarseDropoutd,
+            RandGaussianNoised,
+            RandGaussianSharpend,
+            RandGaussianSmoothd,
+        )
+        from monai.transforms.spatial.dictionary import RandAffined, RandGridDistortiond
+
+        self.cfg = cfg
+        self.rng = np.random.default_rng(seed)
+        self.geometric = Compose([
+            RandAffined(keys=["image", "label"], prob=cfg.prob,
+                        rotate_range=np.deg2rad(cfg.rotate_deg),
+                        scale_range=(cfg.scale, cfg.scale), shear_range=(cfg.shear, cfg.shear),
+                        translate_range=(cfg.translate_px, cfg.translate_px),
+                        mode=("bilinear", "nearest"), padding_mode="zeros"),
+            # ``mode`` per key (MONAI repeats it per key at run time; its stub says str)
+            RandGridDistortiond(keys=["image", "label"], prob=cfg.distort_prob, num_cells=5,
+                                distort_limit=(-0.08, 0.08),
+                                mode=("bilinear", "nearest")),  # type: ignore[arg-type]
+        ])
+        self.grey = Compose([
+            RandBiasFieldd(keys=["image"], prob=cfg.bias_field_prob, coeff_range=(0.0, 0.4)),
+            RandCoarseDropoutd(keys=["image"], prob=cfg.lines_prob, holes=1, max_holes=6,
+                               spatial_size=(2, 8), max_spatial_size=(4, 60),
+                               fill_value=(0.8, 1.0)),
+            RandGaussianSmoothd(keys=["image"], prob=0.2, sigma_x=(0.3, 1.2),
+                                sigma_y=(0.3, 1.2)),
+            RandGaussianSharpend(keys=["image"], prob=0.1),
+            RandGaussianNoised(keys=["image"], prob=0.3, std=cfg.noise_std),
+        ])
+        self.geometric.set_random_state(seed=seed)
+        self.grey.set_random_state(seed=seed + 1)
+
+    def frame(self, image: npt.NDArray[np.float32], label: npt.NDArray[np.float32]
+              ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """Shrink the film into a border of one random grey (black, white or between)."""
+        import torch
+
+        s = image.shape[-1]
+        lo, hi = self.cfg.frame_side
+        rows, cols = (max(8, round(s * float(self.rng.uniform(lo, hi)))) for _ in range(2))
+        value = float(self.rng.choice([0.0, 1.0, float(self.rng.uniform(0.0, 1.0))]))
+        img = torch.nn.functional.interpolate(torch.from_numpy(image)[None, None],
+                                              size=(rows, cols), mode="area")[0, 0].numpy()
+        lab = torch.nn.functional.interpolate(torch.from_numpy(label)[None],
+                                              size=(rows, cols), mode="nearest")[0].numpy()
+        r0, c0 = int(self.rng.integers(0, s - rows + 1)), int(self.rng.integers(0, s - cols + 1))
+        out_img = np.full((s, s), value, np.float32)
+        out_lab = np.zeros((label.shape[0], s, s), np.float32)
+        out_img[r0:r0 + rows, c0:c0 + cols] = img
+        out_lab[:, r0:r0 + rows, c0:c0 + cols] = lab
+        return out_img, out_lab
+
+    def __call__(self, image: npt.NDArray[np.float32], label: npt.NDArray[np.float32]
+                 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        d = self.geometric({"image": image[None].astype(np.float32),
+                            "label": label.astype(np.float32)})
+        img = np.asarray(d["image"], np.float32)[0]
+        lab = (np.asarray(d["label"], np.float32) > 0.5).astype(np.float32)
+        if self.rng.random() < self.cfg.frame_prob:
+            img, lab = self.frame(img, lab)
+        img = np.asarray(self.grey({"image": img[None]})["image"], np.float32)[0]
+        return normalise(np.ascontiguousarray(img)), lab
+
+
+def budget_lr(peak: float, progress: float, warmup: float = 0.1) -> float:
+    """One-cycle learning rate at ``progress`` in [0, 1]: linear warm-up, cosine to 0."""
+    p = min(max(progress, 0.0), 1.0)
+    if p < warmup:
+        return peak * (0.04 + 0.96 * p / warmup)
+    return float(peak * 0.5 * (1.0 + np.cos(np.pi * (p - warmup) / (1.0 - warmup))))
+
+
+def _warm_start(net: torch.nn.Module, bundle_dir: Path) -> None:
+    """Load a bundle's (verified) weights into ``net`` (same architecture)."""
+    from cad_node.models.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir.parent.name, models_dir=bundle_dir.parent.parent,
+                         version=bundle_dir.name)
+    net.load_state_dict(bundle.build_network("cpu").state_dict(), strict=True)
 
 
 def _loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -213,18 +340,24 @@ def train_cxr_lungs(cfg: CxrLungsConfig, out: Path, *, models_dir: Path, force: 
     train_cases, val_cases = _split(cfg, data)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    x, y, w = _training_arrays(data, train_cases, cfg.size)
+    x, y, w = _training_arrays(data, train_cases, cfg.size, grey=cfg.augment.site)
     _console.print(f"{len(train_cases)} training, {len(val_cases)} validation cases; "
                    f"inputs {x.shape} in {time.monotonic() - t0:.1f} s")
     net = build_network(cfg.architecture)
+    if cfg.train.init_from is not None:
+        _warm_start(net, Path(cfg.train.init_from))
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.train.lr,
                             weight_decay=cfg.train.weight_decay)
     steps_per_epoch = int(np.ceil(len(train_cases) / cfg.train.batch_size))
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.train.lr, total_steps=cfg.train.epochs * steps_per_epoch,
-        pct_start=0.1)
+    total_steps = cfg.train.epochs * steps_per_epoch
+    budget_s = None if cfg.train.max_minutes is None else 60.0 * cfg.train.max_minutes
+    sched = None if budget_s is not None else torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.train.lr, total_steps=total_steps, pct_start=0.1)
+    t_loop, step = time.monotonic(), 0
     aug = _augmenter(cfg.augment, cfg.seed)
+    site = SiteAugmenter(cfg.augment, cfg.seed) if cfg.augment.site else None
     history: list[dict[str, float]] = []
+    stopped: str | None = None
     for epoch in range(cfg.train.epochs):
         net.train()
         order = rng.permutation(len(train_cases))
@@ -234,6 +367,11 @@ def train_cxr_lungs(cfg: CxrLungsConfig, out: Path, *, models_dir: Path, force: 
             idx = order[start:start + cfg.train.batch_size]
             xb, yb = [], []
             for i in idx:
+                if site is not None:
+                    xi, yi = site(x[i], y[i])
+                    xb.append(torch.from_numpy(xi[None]))
+                    yb.append(torch.from_numpy(yi))
+                    continue
                 d = aug({"image": torch.from_numpy(x[i][None]),
                          "label": torch.from_numpy(y[i])})
                 xb.append(torch.as_tensor(d["image"]))
@@ -244,13 +382,29 @@ def train_cxr_lungs(cfg: CxrLungsConfig, out: Path, *, models_dir: Path, force: 
             opt.zero_grad()
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
-            sched.step()
+            step += 1
             losses.append(loss.item())
+            if sched is not None:
+                sched.step()
+                continue
+            assert budget_s is not None
+            progress = max(step / total_steps, (time.monotonic() - t_loop) / budget_s)
+            for group in opt.param_groups:
+                group["lr"] = budget_lr(cfg.train.lr, progress)
+            if progress >= 1.0:
+                break
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)),
                         "seconds": time.monotonic() - te})
         _console.print(f"epoch {epoch + 1}/{cfg.train.epochs} loss {np.mean(losses):.4f} "
                        f"({time.monotonic() - te:.1f} s)")
         torch.save(net.state_dict(), out / "last.pt")
+        if step < total_steps and budget_s is not None and (
+                time.monotonic() - t_loop) >= budget_s:
+            stopped = (f"wall-time budget of {cfg.train.max_minutes:g} min "
+                       f"(train.max_minutes) reached after {step} of {total_steps} steps on a "
+                       "shared 2-core machine; the learning rate had annealed to 0 on the "
+                       "time-based schedule")
+            break
     wall = time.monotonic() - t0
     (out / "history.json").write_text(json.dumps(history, indent=1))
     state = net.state_dict()
@@ -263,7 +417,11 @@ def train_cxr_lungs(cfg: CxrLungsConfig, out: Path, *, models_dir: Path, force: 
         "train_cases": len(train_cases), "validation_cases": val_cases,
         "final_training_loss": history[-1]["loss"],
         "parameters": count_parameters(net),
+        "init_from": cfg.train.init_from,
+        "augment": cfg.augment.model_dump(mode="json"),
     }
+    if stopped is not None:
+        provenance.update(epochs_done=len(history), stopped=stopped)
     input_spec = {"kind": "radiograph", "size": cfg.size, "normalisation": "histeq",
                   "labels": list(LABELS)}
     training_data = {
@@ -454,9 +612,32 @@ def _m(metrics: dict[str, Any], k: str, name: str) -> str:
 def _stopped(provenance: dict[str, Any]) -> str:
     if "epochs_done" not in provenance:
         return ""
+    if "annealed to 0" in str(provenance["stopped"]):
+        return (f"\nThe run ended after {provenance['epochs_done']} of "
+                f"{provenance['epochs']} planned epochs: {provenance['stopped']}.\n")
     return (f"\n**The run was stopped after {provenance['epochs_done']} of "
             f"{provenance['epochs']} epochs** ({provenance['stopped']}); the weights are that "
             "epoch's, with the one-cycle learning rate not yet fully annealed.\n")
+
+
+def _config_name(cfg: CxrLungsConfig) -> str:
+    if cfg.bundle.version == "1.0.0":
+        return "trainer/configs/cxr-lungs.yaml"
+    return f"trainer/configs/cxr-lungs-{cfg.bundle.version}.yaml"
+
+
+def _site_text(cfg: CxrLungsConfig) -> str:
+    out = ""
+    if cfg.train.init_from:
+        out += f"; warm-started from the weights of `{cfg.train.init_from}`"
+    a = cfg.augment
+    if a.site:
+        out += (f"; other-site augmentation before the histogram equalisation: shear "
+                f"±{a.shear}, grid distortion (p {a.distort_prob}), a frame of random grey "
+                f"around the film shrunk to {a.frame_side[0]}-{a.frame_side[1]} of the side "
+                f"(p {a.frame_prob}), uneven exposure (bias field, p {a.bias_field_prob}), "
+                f"bright lines and patches (p {a.lines_prob}), sharpening")
+    return out
 
 
 def render_card(cfg: CxrLungsConfig, metrics: dict[str, Any], provenance: dict[str, Any]) -> str:
@@ -489,7 +670,7 @@ their terms: research and education use, no redistribution of the data. The data
 themselves are not in this bundle or the repository.
 
 {provenance.get('train_cases')} training cases; {metrics['cases']} validation cases, fixed
-in `trainer/configs/cxr-lungs.yaml` before training, never trained on or used for any
+in `trainer/configs/cxr-lungs.yaml` before the first training, never trained on or used for any
 choice (the final epoch's weights are shipped, no early stopping).
 JSRT is one site (digitised film, Japan, 1990s); performance on other sites' images is
 lower and unmeasured against masks (NIH ChestX-ray14 plausibility check: see
@@ -507,10 +688,10 @@ Reference: the SCR second human observer reached Jaccard 0.946 (lungs) and 0.878
 (van Ginneken 2006).
 
 ## Training
-`cad-train train cxr-lungs trainer/configs/cxr-lungs.yaml`: {cfg.train.epochs} epochs, AdamW
+`cad-train train cxr-lungs {_config_name(cfg)}`: {cfg.train.epochs} epochs, AdamW
 (lr {cfg.train.lr}, one-cycle), batch {cfg.train.batch_size}, BCE + soft Dice; MONAI
 augmentation (affine: rotation ±{cfg.augment.rotate_deg}°, zoom ±{cfg.augment.scale},
-shift ±{cfg.augment.translate_px} px; Gaussian smoothing and noise; no flips), seed
+shift ±{cfg.augment.translate_px} px; Gaussian smoothing and noise; no flips){_site_text(cfg)}, seed
 {cfg.seed}, {provenance.get('threads')} CPU threads, wall time {provenance.get('wall_time_s')} s,
 torch {provenance.get('torch')}; final training loss {provenance.get('final_training_loss'):.4f}.
 {_stopped(provenance)}

@@ -39,6 +39,7 @@ __all__ = [
     "LungHeartMasks",
     "letterbox",
     "network_input",
+    "normalise",
     "postprocess",
     "segment",
     "segment_batch_logits",
@@ -101,6 +102,15 @@ def _equalise(image: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return np.interp(image, centres, cdf).astype(np.float32)
 
 
+def normalise(square: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """The ``histeq`` normalisation of a letter-boxed image: equalised, centred on 0.
+
+    The trainer applies it after its grey-level augmentation, the node right
+    after :func:`letterbox` (:func:`network_input`): one function for both.
+    """
+    return (_equalise(square) - 0.5) * 2.0
+
+
 def network_input(image: npt.NDArray[np.floating], size: int = NET_SIZE) -> npt.NDArray[np.float32]:
     """The network's input for one radiograph: letter-boxed, resampled, equalised, centred.
 
@@ -109,7 +119,7 @@ def network_input(image: npt.NDArray[np.floating], size: int = NET_SIZE) -> npt.
     numpy.ndarray
         ``float32`` of shape ``(size, size)``, roughly zero-mean, unit-range.
     """
-    return (_equalise(letterbox(image, size)) - 0.5) * 2.0
+    return normalise(letterbox(image, size))
 
 
 def _largest_filled(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
