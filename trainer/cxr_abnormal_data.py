@@ -212,14 +212,14 @@ def load_items(cfg: AbnormalConfig) -> list[Item]:
     boxes: dict[str, list[tuple[float, float, float, float]]] = {}
     if d.nih_boxes:
         with _open(Path(d.nih_boxes), "NIH box file") as fh:
-            for line, row in enumerate(csv.reader(fh), start=1):
+            for line, box_row in enumerate(csv.reader(fh), start=1):
                 if line == 1:
                     continue
                 try:
-                    x, y, w, h = (float(v) * d.nih_box_scale for v in row[2:6])
+                    x, y, w, h = (float(v) * d.nih_box_scale for v in box_row[2:6])
                 except (ValueError, IndexError):
                     raise ValueError(f"{d.nih_boxes}:{line}: malformed box row") from None
-                boxes.setdefault(row[0], []).append((x, y, x + w, y + h))
+                boxes.setdefault(box_row[0], []).append((x, y, x + w, y + h))
     with _open(Path(d.nih_entries), "NIH Data_Entry file") as fh:
         for line, row in enumerate(csv.DictReader(fh), start=2):
             try:

@@ -390,7 +390,7 @@ def train_cxr_tb(cfg: TbTrainConfig, out: Path, models_dir: Path, *, force: bool
             loss = torch.nn.functional.binary_cross_entropy_with_logits(
                 net(xb), y[idx], pos_weight=pos_weight)
             opt.zero_grad()
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             total += float(loss.detach()) * len(idx)
         history.append(round(total / len(train), 5))
