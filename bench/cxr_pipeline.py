@@ -10,12 +10,15 @@ What is timed, per repeat, on the real SIIM CR (1024x1024, JPEG baseline):
 * ``read``: ``pydicom.dcmread`` of the stored file (as the job runner does);
 * ``load``: :func:`cad_node.pipelines.load_input` (decode, VOI, geometry, view);
 * ``run``: :meth:`CxrPipeline.run` (letter-box, U-Net forward pass, resample,
-  post-processing, measurements);
+  post-processing, measurements; with a ``cxr-abnormal`` bundle installed also
+  the abnormality model: probability, decision, boxes);
 * ``build``: :func:`cad_node.results.build_results` for SR, SEG, SC and GSPS
   (no dciodvfy: the conformance gate is a separate stage of the runner).
 
-The peer, measured in the same process and run, is the bare U-Net forward
-pass on one ``1x1x256x256`` input (``torch.inference_mode``).  The first
+The peers, measured in the same process and run, are the bare forward passes
+on one ``1x1x256x256`` input (``torch.inference_mode``): the ``cxr-lungs``
+U-Net, and (when installed) the ``cxr-abnormal`` network; the ratio is taken
+against their sum, the bare model work of one radiograph.  The first
 repeat is reported separately (cold: bundle verification, network build, JPEG
 decoder import); the figure of merit is the median of the warm repeats.  Peak
 RSS is ``getrusage(RUSAGE_SELF).ru_maxrss`` at the end.  Nothing is
@@ -65,7 +68,9 @@ def main() -> None:
     stages: dict[str, list[float]] = {"read": [], "load": [], "run": [], "build": [],
                                       "total": []}
     peer: list[float] = []
+    peer_abnormal: list[float] = []
     net = None
+    abnormal_net = None
     for _ in range(args.repeats):
         t0 = time.perf_counter()
         ds = pydicom.dcmread(path)
@@ -83,12 +88,24 @@ def main() -> None:
             from cad_node.models.bundle import load_bundle
 
             net = pipeline.network(load_bundle("cxr-lungs"))  # type: ignore[attr-defined]
+            try:
+                from cad_node.pipelines.cxr.abnormal import load_abnormal_model
+
+                abnormal_net = load_abnormal_model().net
+            except FileNotFoundError:
+                abnormal_net = None
         x = torch.zeros(1, 1, 256, 256)
         with torch.inference_mode():
             p0 = time.perf_counter()
             net(x)
             peer.append(time.perf_counter() - p0)
+            if abnormal_net is not None:
+                p0 = time.perf_counter()
+                abnormal_net(x)
+                peer_abnormal.append(time.perf_counter() - p0)
     warm = {k: statistics.median(v[1:]) if len(v) > 1 else v[0] for k, v in stages.items()}
+    peer_s = statistics.median(peer[1:] or peer) + (
+        statistics.median(peer_abnormal[1:] or peer_abnormal) if peer_abnormal else 0.0)
     out = {
         "case": "SIIM CR 1024x1024 JPEG baseline",
         "repeats": args.repeats, "threads": args.threads,
@@ -96,7 +113,13 @@ def main() -> None:
         "cold_total_s": round(stages["total"][0], 3),
         "warm_median_s": {k: round(v, 3) for k, v in warm.items()},
         "peer_unet_forward_median_s": round(statistics.median(peer[1:] or peer), 4),
-        "ratio_total_to_peer": round(warm["total"] / statistics.median(peer[1:] or peer), 1),
+        "peer_abnormal_forward_median_s": (
+            round(statistics.median(peer_abnormal[1:] or peer_abnormal), 4)
+            if peer_abnormal else None),
+        "ratio_total_to_peer": round(warm["total"] / peer_s, 1),
+        "abnormal": result.measurements.get("abnormal_probability"),
+        "boxes": sum(1 for f in result.findings if f.region is not None
+                     and f.region.kind == "box"),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 0),
         "load_average": os.getloadavg()[0],
     }

@@ -92,6 +92,8 @@ class ObjectKind(enum.StrEnum):
     GSPS = "gsps"
     #: Key Object Selection Document (PS3.3 A.35.4).
     KOS = "kos"
+    #: Parametric Map (PS3.3 A.75): the chest X-ray attribution heatmap.
+    PM = "pm"
 
 
 #: Output profile of a destination that names none: SR + SEG + SC.
@@ -271,6 +273,10 @@ class NodeConfig(_Strict):
     dimse_timeout_s: float = Field(60.0, gt=0, le=3600)
     #: Network (idle socket) timeout, seconds.
     network_timeout_s: float = Field(120.0, gt=0, le=3600)
+    #: After acceptance, seconds a PDU may take from its first byte to its last
+    #: before the association is aborted (a 4 MiB ``max_pdu`` then needs at
+    #: least ~70 KB/s); bounds a slow dribble that each read alone would allow.
+    pdu_deadline_s: float = Field(60.0, gt=0, le=3600)
     #: Bytes a single association may store before further C-STOREs are refused.
     max_bytes_per_association: int = Field(8 * 1024**3, ge=1)
     #: Below this much free space on the spool filesystem C-STORE answers 0xA700.
@@ -454,6 +460,9 @@ class SeriesMatch(_Strict):
     orientation: Literal["axial", "coronal", "sagittal"] | None = None
     view_position: list[str] | None = None
     min_instances: int = Field(1, ge=1)
+    #: Require one image size in the series (a volume); false for radiographs,
+    #: analysed one image at a time (a PA and a lateral differ in size).
+    same_size: bool = True
 
     @field_validator("series_description")
     @classmethod
@@ -476,11 +485,13 @@ class RoutingRule(_Strict):
     series: Literal["best", "all"] = "best"
 
 
-#: Built-in rule for frontal chest radiographs (pipeline ``cxr``): CR or DX,
-#: Body Part Examined chest or unset, View Position PA, AP or unset.  The
-#: pipeline itself refuses, with a reason in a failure SR, what the header
-#: match cannot see (DX For Processing, a lateral Patient Orientation, an
-#: image too small).
+#: Built-in rule for radiographs (pipeline ``cxr``): every CR and DX series,
+#: For Presentation or For Processing, whatever its Body Part Examined or View
+#: Position.  The header match does not filter radiographs: the pipeline
+#: itself refuses what it cannot analyse (a lateral, DX For Processing, a
+#: non-chest body part, an image under 256 pixels, ...) and the refusal
+#: reaches the PACS as a failure SR and summary page stating the reason,
+#: instead of the study silently getting nothing.
 CHEST_XR_RULE_NAME = "chest-xr"
 
 
@@ -490,31 +501,42 @@ def chest_xr_rule() -> RoutingRule:
         name=CHEST_XR_RULE_NAME,
         pipeline="cxr",
         series="all",
-        match=SeriesMatch(
-            modality=["CR", "DX"],
-            body_part=["CHEST", "THORAX", ""],
-            view_position=["PA", "AP", ""],
-        ),
+        match=SeriesMatch(modality=["CR", "DX"], same_size=False),
     )
 
 
-#: The built-in routing rules, used when the configuration has no ``routing``
-#: section (or no ``routing.rules`` key).  One entry per shipped pipeline: a
-#: pipeline package that lands appends its rule here (chest X-ray, CT lesion).
+#: The built-in routing rules: the one definition of each shipped rule.  They
+#: apply when the configuration has no ``routing.rules`` key, and a
+#: ``routing.rules`` entry that is a plain string names one of them
+#: (``config/cad-node.yaml`` and ``docker/cad-node.yaml`` list
+#: ``[chest-ct, chest-xr]`` this way, so no YAML file repeats a rule).
 BUILTIN_RULES: list[RoutingRule] = [
     RoutingRule(
         name="chest-ct",
         pipeline="ct-chest",
         series="best",
         match=SeriesMatch(modality=["CT"], image_type=["ORIGINAL"], orientation="axial",
-                          slice_thickness_mm=[0.0, 3.0], min_instances=40),
+                          slice_thickness_mm=[0.0, 3.0], min_instances=40,
+                          # chest or unstated (""): a CT labelled ABDOMEN, PELVIS, ...
+                          # is not a chest CT
+                          body_part=["CHEST", "THORAX", "LUNG", ""]),
     ),
     chest_xr_rule(),
 ]
 
 
 def _builtin_rules() -> list[RoutingRule]:
-    return list(BUILTIN_RULES)
+    return [r.model_copy(deep=True) for r in BUILTIN_RULES]
+
+
+def _builtin_rule(name: str) -> RoutingRule:
+    """The built-in rule called ``name`` (a copy); ValueError naming the known ones."""
+    for rule in BUILTIN_RULES:
+        if rule.name == name:
+            return rule.model_copy(deep=True)
+    known = ", ".join(r.name for r in BUILTIN_RULES)
+    raise ValueError(f"{name!r} is not a built-in routing rule (built-in: {known}); "
+                     "write the rule out as a mapping (name, pipeline, match)")
 
 
 class RoutingConfig(_Strict):
@@ -522,9 +544,19 @@ class RoutingConfig(_Strict):
 
     Without a ``rules`` key the :data:`BUILTIN_RULES` apply; ``rules: []``
     explicitly means "analyse nothing" (``config check`` and start-up warn).
+    An entry may be the name of a built-in rule (``- chest-xr``) instead of a
+    mapping.
     """
 
     rules: list[RoutingRule] = Field(default_factory=_builtin_rules)
+
+    @field_validator("rules", mode="before")
+    @classmethod
+    def _named_builtins(cls, value: Any) -> Any:
+        """A string entry names a built-in rule (:data:`BUILTIN_RULES`)."""
+        if isinstance(value, list):
+            return [_builtin_rule(v) if isinstance(v, str) else v for v in value]
+        return value
 
     @property
     def builtin(self) -> bool:

@@ -40,12 +40,14 @@ def plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=default))
 
 
-def bundle_meta(cfg: TrainConfig, operating: dict[str, Any] | None = None) -> dict[str, Any]:
+def bundle_meta(cfg: TrainConfig, operating: dict[str, Any] | None = None,
+                context_fusion: dict[str, Any] | None = None) -> dict[str, Any]:
     """The bundle identity recorded in ``final.pt``.
 
     ``operating``: the ``operating_point`` metrics of :mod:`trainer.operating_point`,
     whose threshold and rule become the bundle's ``operating_threshold`` and
-    ``operating_rule``.
+    ``operating_rule``; ``context_fusion``: the fitted fusion record
+    (:mod:`trainer.context`), the bundle's ``context_fusion``.
     """
     output: dict[str, Any] = {
         "kind": "logit",
@@ -55,6 +57,8 @@ def bundle_meta(cfg: TrainConfig, operating: dict[str, Any] | None = None) -> di
     if operating and "threshold" in operating:
         output["operating_threshold"] = operating["threshold"]
         output["operating_rule"] = operating.get("rule")
+    if context_fusion is not None:
+        output["context_fusion"] = dict(context_fusion)
     return {
         "name": cfg.bundle.name,
         "version": cfg.bundle.version,
@@ -128,7 +132,8 @@ def write_final(
     torch.save(
         {
             "model": {k: v.detach().cpu() for k, v in state.net.state_dict().items()},
-            "bundle": plain(bundle_meta(cfg, metrics.get("operating_point"))),
+            "bundle": plain(bundle_meta(cfg, metrics.get("operating_point"),
+                                        (metrics.get("context_fusion") or {}).get("record"))),
             "training_data": training_data,
             "metrics": metrics,
             "provenance": provenance,

@@ -17,6 +17,7 @@ __all__ = [
     "MODELS",
     "AugmentConfig",
     "BundleConfig",
+    "ContextConfig",
     "DataConfig",
     "ExclusionConfig",
     "InputConfig",
@@ -57,6 +58,10 @@ class RealNegativeConfig(_Strict):
     negatives: int = Field(200, ge=1)
     #: Jittered copies of each (the scan is seen once, the synthetic rounds many times).
     copies: int = Field(2, ge=1)
+    #: Only candidates whose centre z (patient, mm) lies in this range become
+    #: negatives (``None``: the whole scan).  The rest of the scan stays unseen,
+    #: so the scan can still serve as a test there.
+    z_mm: tuple[float, float] | None = None
 
 
 class DataConfig(_Strict):
@@ -182,8 +187,31 @@ class OperatingRuleConfig(_Strict):
     #: The threshold is never below this.
     min_threshold: float = Field(0.5, ge=0, le=1)
     #: Real negative scans of the rule (default: ``data.real_negatives``); set
-    #: it to apply the rule to scans the weights were not trained on.
+    #: it to apply the rule to scans the weights were not trained on (``[]``: none).
     negative_scans: list[RealNegativeConfig] | None = None
+    #: Count the background CT itself (``data.ct``, unmodified) as a real
+    #: negative scan of the rule: its findings other than the ``data.exclusions``
+    #: reference nodule(s) are false positives, at most ``max_per_negative_scan``.
+    cap_background: bool = False
+    #: Real scans measured at the chosen threshold and reported as tests; the
+    #: rule never sees them.  A scan that also gave training negatives
+    #: (``data.real_negatives`` with ``z_mm``) is reported per slab.
+    test_scans: list[RealNegativeConfig] = Field(default_factory=list)
+
+
+class ContextConfig(_Strict):
+    """Late fusion of the CNN logit with context features (:mod:`trainer.context`)."""
+
+    #: Fresh insertion rounds (training slab, own seed) the fusion is fitted on.
+    rounds: int = Field(4, ge=1)
+    #: Features of the bundle's fusion (names of
+    #: ``cad_node.pipelines.ct_chest.features.CONTEXT_FEATURES``).
+    features: list[str] = Field(
+        default_factory=lambda: ["vesselness", "mediastinum_mm", "vessel_branches"])
+    #: L2 penalty of the feature weights.
+    l2: float = Field(1e-2, ge=0)
+    #: Also fit and measure one fusion per feature (and none): the ablation.
+    ablation: bool = True
 
 
 class TrainConfig(_Strict):
@@ -199,6 +227,8 @@ class TrainConfig(_Strict):
     #: Choose the pipeline's operating threshold by this rule after training
     #: (written into the bundle); ``None``: the bundle has none.
     operating_point: OperatingRuleConfig | None = None
+    #: Fuse the CNN logit with context features after training (``None``: no fusion).
+    context: ContextConfig | None = None
 
 
 def load_train_config(path: Path) -> TrainConfig:

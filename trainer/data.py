@@ -589,13 +589,16 @@ def real_negative_patches(
         zones = reader_marks(files[0].parent, series) if rn.lidc_xml else []
         zones += [ExclusionZone(e.center_mm, e.radius_mm) for e in rn.exclusions]
         cand = gen(image, bg.lung)
+        if rn.z_mm is not None:
+            cand = cand[in_z(cand, rn.z_mm)]
         lab = label_points(cand, [], zones, d.negative_margin_mm)
         neg = cand[lab == 0][: rn.negatives]
         pts = [neg] + [jittered(neg, np.full(len(neg), 3.0), d.positive_jitter_mm, rng)
                        for _ in range(rn.copies - 1)]
         allp = np.concatenate(pts)
         xs.append(cut_patches(bg.hu, bg, allp, spec).astype(np.float16))
-        out.append({"ct": rn.ct, "reader_marks_excluded": len(zones),
+        out.append({"ct": rn.ct, "z_mm": None if rn.z_mm is None else list(rn.z_mm),
+                    "reader_marks_excluded": len(zones),
                     "candidates": len(cand), "negatives": len(neg),
                     "patches": len(allp)})
         if progress is not None and task is not None:

@@ -274,4 +274,7 @@ def register(app: typer.Typer) -> None:
     from trainer.cxr_abnormal import register_evaluate as register_abnormal_evaluate
 
     register_abnormal_evaluate(ev)  # cad-train evaluate cxr-abnormal-cv (issue #12 baseline)
+    from trainer.cxr_abnormal_train import register_evaluate as register_abnormal_model
+
+    register_abnormal_model(ev)  # cad-train evaluate cxr-abnormal (issue #12 patch model)
     app.add_typer(ev, name="evaluate")

@@ -83,9 +83,41 @@ def _extra_sections(metrics: Mapping[str, Any], training_data: Mapping[str, Any]
                    f"mm): found {small['found']}.")
     real = training_data.get("real_negative_scans") or []
     for r in real:
+        slab = (f" in z = {tuple(r['z_mm'])} mm only (the rest of the scan unseen)"
+                if r.get("z_mm") else "")
         out.append(f"* Real negatives in training: `{r['ct']}`, {r['negatives']} of its "
-                   f"{r['candidates']} generator candidates ({r['patches']} patches), "
+                   f"{r['candidates']} generator candidates{slab} ({r['patches']} patches), "
                    f"{r['reader_marks_excluded']} reader marks kept out.")
+    ctx = metrics.get("context_fusion")
+    if ctx:
+        rec = ctx.get("record") or {}
+        cal = ctx.get("calibration") or {}
+        out += ["", "### Context features (late fusion)", "",
+                f"The CNN logit is fused with the context features {ctx.get('features')} "
+                f"(`cad_node/pipelines/ct_chest/features.py`) by a logistic regression, "
+                f"weights {rec.get('weights')} (logit first), intercept {rec.get('intercept')}, "
+                f"fitted on {cal.get('rounds')} fresh insertion rounds of the training slab "
+                f"and the training part of the real negative scans ({cal.get('positives')} "
+                f"positive, {cal.get('negatives')} negative candidates).  The CNN had seen the "
+                f"backgrounds' structures as negatives."]
+    byf = metrics.get("froc_by_fusion") or {}
+    abl = (metrics.get("operating_point") or {}).get("ablation") or {}
+    if byf:
+        out += ["", "Ablation (one fusion per feature, fitted and measured the same way; "
+                "each variant gets its own threshold by the rule):", "",
+                "| fusion | held-out CPM | threshold | held-out TP/FP at it | "
+                "background: reference / others | test scans: FPs (unseen part) |",
+                "|---|---|---|---|---|---|"]
+        for name, f in byf.items():
+            a = abl.get(name) or {}
+            h = a.get("heldout_synthetic") or {}
+            b = a.get("background_scan") or {}
+            t = "; ".join(f"{x['scan']} {x['false_positives']} ({x['false_positives_unseen']})"
+                          for x in a.get("test_scans") or []) or "n/a"
+            out.append(f"| {name} | {_fmt(f.get('cpm'))} | {a.get('threshold', 'n/a')} | "
+                       f"{h.get('true_positives', 'n/a')}/{h.get('false_positives', 'n/a')} | "
+                       f"{b.get('reference_found', 'n/a')} / {b.get('others_above', 'n/a')} | "
+                       f"{t} |")
     op = metrics.get("operating_point")
     if op:
         h = op.get("heldout_synthetic") or {}
@@ -106,6 +138,8 @@ def _extra_sections(metrics: Mapping[str, Any], training_data: Mapping[str, Any]
                        f"{b['others_above']} other finding(s) at or above the threshold: "
                        f"{where}.")
         for r in op.get("real_negative_scans") or []:
+            if b and r["scan"] == b["scan"]:  # the background, capped by the rule (above)
+                continue
             where = "; ".join(f"p {f['probability']} at {tuple(f['center_mm'])} mm ({f['label']})"
                               for f in r.get("findings_above") or []) or "none"
             out.append(f"* Real negative scan `{r['scan']}`: **{r['false_positives']} false "
@@ -115,6 +149,22 @@ def _extra_sections(metrics: Mapping[str, Any], training_data: Mapping[str, Any]
                           if any(t.get("ct") == r["scan"] for t in real) else
                           "This scan set the threshold (the rule; it gave no training "
                           "data): this is not an independent test."))
+        for r in op.get("test_scans") or []:
+            where = "; ".join(
+                f"p {f['probability']} at {tuple(f['center_mm'])} mm ({f['label']}"
+                + (", in the slab that gave training negatives" if f.get("in_training_slab")
+                   else "") + ")"
+                for f in r.get("findings_above") or []) or "none"
+            slab = r.get("training_negatives_z_mm")
+            out.append(
+                f"* Test scan `{r['scan']}` (the rule never saw it): **{r['false_positives']} "
+                f"false positive(s)** at the threshold, {r['false_positives_unseen']} of them "
+                f"where it gave no training data "
+                + (f"(training negatives came from z = {tuple(slab)} mm)" if
+                   isinstance(slab, list) else "(it gave none)" if slab is None else
+                   "(the whole scan gave training negatives)")
+                + f"; {r['irrelevant_findings_above']} on its irrelevant finding; findings at "
+                f"or above it: {where}; highest below: {r.get('highest_below')}.")
         out.append("")
     return "\n".join(out) + ("\n" if out else "")
 
@@ -335,7 +385,8 @@ def write_bundle(
                 "metrics": dict(metrics or {}),
                 "weights_file": weights.name,
                 "weights_sha256": sha,
-                "device_uid": device_uid_for(sha, (output_spec or {}).get("operating_threshold")),
+                "device_uid": device_uid_for(sha, (output_spec or {}).get("operating_threshold"),
+                                             (output_spec or {}).get("context_fusion")),
                 "license": license_text,
                 "intended_use": intended_use,
                 "provenance": dict(provenance or {}),

@@ -9,7 +9,7 @@ FROC/CPM (:mod:`trainer.froc`), patch AUCs and the generator's sensitivity.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,6 +30,8 @@ from trainer.insertion import InsertedNodule, LungBackground, insert_nodules
 
 if TYPE_CHECKING:  # pragma: no cover - torch is imported lazily (fast CLI start-up)
     import torch
+
+    from cad_node.pipelines.ct_chest.features import ContextFusion
 
 __all__ = [
     "MAX_CANDIDATES_PER_SCAN",
@@ -84,8 +86,15 @@ def evaluate_heldout_set(
     dev: torch.device,
     progress: Progress | None = None,
     on_volume: Callable[[npt.NDArray[np.float32], list[InsertedNodule]], None] | None = None,
+    fusions: Mapping[str, ContextFusion] | None = None,
+    primary: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate on held-out insertions (other seeds, other slab).
+
+    ``fusions`` (:mod:`trainer.context`): the scores are those of
+    ``fusions[primary]`` (the CNN logit fused with the candidates' context
+    features) instead of the CNN's sigmoid, and ``froc_by_fusion`` gives the
+    LUNA16 FROC of every fusion (the ablation).
 
     ``on_volume`` is called with each held-out volume and its truth (the
     operating-point run of :mod:`trainer.operating_point` uses them).
@@ -114,6 +123,7 @@ def evaluate_heldout_set(
     # Separate generator: the held-out set itself does not depend on these draws.
     rng_fpr = np.random.default_rng(cfg.seed + 15485863)
     gen_hits: dict[str, dict[str, list[int]]] = {"placement": {}, "kind": {}, "size_band": {}}
+    by_fusion: dict[str, list[dict[str, Any]]] = {}
     for r in range(d.heldout_rounds):
         hu, truth = insert_nodules(
             bg,
@@ -126,16 +136,33 @@ def evaluate_heldout_set(
         if on_volume is not None:
             on_volume(hu, truth)
         centers = np.asarray([n.center_mm for n in truth], dtype=np.float64).reshape(-1, 3)
-        if gen is not None:
+        ctx = None
+        if fusions:
+            from trainer.context import scan_context
+
+            ctx = scan_context(net, hu, bg, cfg, dev, d.heldout_z_mm)
+            cand = ctx.centers_mm
+        elif gen is not None:
             cand = gen(bg.to_image(hu), bg.lung)
         else:
             cand = dense_structure_points(bg, hu, 400, rng, d.heldout_z_mm)
         cand = cand[in_z(cand, d.heldout_z_mm)]
         lab = label_points(cand, truth, excl, d.negative_margin_mm)
-        cand_scores = score_points(net, hu, bg, cand, cfg.input, dev)
+        if ctx is not None and fusions is not None:
+            variant_scores = {k: f.probability(ctx.logits, ctx.features)
+                              for k, f in fusions.items()}
+            cand_scores = variant_scores[primary or next(iter(fusions))]
+            for k, v in variant_scores.items():
+                by_fusion.setdefault(k, []).append(
+                    {"scan_id": f"heldout-{r}", "nodules": truth, "candidates": cand,
+                     "scores": v})
+        else:
+            cand_scores = score_points(net, hu, bg, cand, cfg.input, dev)
         nod_scores = score_points(net, hu, bg, centers, cfg.input, dev)
         neg = lab == 0
-        all_scores += [nod_scores, cand_scores[neg]]
+        # patch AUCs are the CNN's own (nodule centres are scored by the CNN alone)
+        cnn_cand = cand_scores if ctx is None else 1.0 / (1.0 + np.exp(-ctx.logits))
+        all_scores += [nod_scores, cnn_cand[neg]]
         all_labels += [np.ones(len(nod_scores)), np.zeros(int(neg.sum()))]
         dense = dense_structure_points(bg, hu, 600, rng, d.heldout_z_mm, min_pleura_mm=3.0)
         dense = dense[label_points(dense, truth, excl, d.negative_margin_mm) == 0]
@@ -180,7 +207,7 @@ def evaluate_heldout_set(
                 "nodules": truth,
                 "candidates": np.concatenate([cand, extra]),
                 "scores": np.concatenate(
-                    [cand_scores, score_points(net, hu, bg, extra, cfg.input, dev)]
+                    [cand_scores, _extra_scores(net, hu, bg, extra, cfg, dev, fusions, primary)]
                 ),
             }
         )
@@ -204,6 +231,13 @@ def evaluate_heldout_set(
         "candidate_source": "cad_node.pipelines.ct_chest.candidates" if gen else "dense_structures",
     }
     result["froc"] = _froc(scans)
+    if by_fusion:
+        result["context_fusion"] = primary
+        result["froc_by_fusion"] = {
+            k: {key: val for key, val in _froc(v).items()
+                if key in ("cpm", "sensitivity_at", "cpm_ci", "n_true_positives")}
+            for k, v in by_fusion.items()
+        }
     result["froc_fp_reduction"] = _froc(fpr_scans)
     result["froc_by_size_band"] = froc_by_size_band(scans)
     result["generator_sensitivity"] = {
@@ -219,6 +253,33 @@ def evaluate_heldout_set(
             round(float(v), 4) for v in score_points(net, bg.hu, bg, real, cfg.input, dev)
         ]
     return result
+
+
+def _extra_scores(
+    net: torch.nn.Module, hu: npt.NDArray[np.float32], bg: LungBackground,
+    points: npt.NDArray[np.float64], cfg: TrainConfig, dev: torch.device,
+    fusions: Mapping[str, ContextFusion] | None, primary: str | None,
+) -> npt.NDArray[np.float64]:
+    """Scores at added points (FP-reduction track): CNN, fused when ``fusions``.
+
+    The added points are not generator candidates: their context features are
+    measured at a nominal 6 mm scale.
+    """
+    if not fusions or points.shape[0] == 0:
+        return score_points(net, hu, bg, points, cfg.input, dev)
+    from cad_node.pipelines.ct_chest.candidates import Candidate
+    from cad_node.pipelines.ct_chest.features import context_features
+
+    fusion = fusions[primary or next(iter(fusions))]
+    image = bg.to_image(hu)
+    idx = np.rint(bg.geometry.physical_to_index(points)).astype(int)[:, ::-1]
+    idx = np.clip(idx, 0, np.asarray(hu.shape) - 1)
+    cands = [Candidate((float(p[0]), float(p[1]), float(p[2])),
+                       (int(i[0]), int(i[1]), int(i[2])), 6.0, 0.0)
+             for p, i in zip(points, idx, strict=True)]
+    p = score_points(net, hu, bg, points, cfg.input, dev)
+    logit = np.log(np.clip(p, 1e-9, 1 - 1e-9) / np.clip(1 - p, 1e-9, 1.0))
+    return fusion.probability(logit, context_features(image, bg.lung, cands))
 
 
 #: Nodule size bands (diameter, mm) of the per-band reports: [lo, hi).

@@ -281,15 +281,44 @@ def train(
 def _evaluate(
     cfg: TrainConfig, bg: Any, net: Any, dev: Any, progress: Progress, config_dir: Path | None
 ) -> dict[str, Any]:
-    """Held-out evaluation, then the operating-point rule when the config states one."""
+    """Context fusion (when configured), held-out evaluation, then the operating-point rule.
+
+    With ``context`` the fusion of ``context.features`` is fitted on fresh data
+    (:func:`trainer.context.calibration_set`) and scores the held-out set and the
+    pipeline runs; with ``context.ablation`` every variant of
+    :func:`trainer.context.variant_names` is fitted and measured too.
+    """
     volumes: list[tuple[Any, Any]] = []
     keep = None if cfg.operating_point is None else (lambda hu, t: volumes.append((hu, t)))
-    metrics = evaluate_heldout_set(cfg, bg, net, dev, progress, on_volume=keep)
+    fusions = None
+    primary = None
+    context: dict[str, Any] = {}
+    if cfg.context is not None:
+        from cad_node.pipelines.ct_chest.features import ContextFusion
+        from trainer.context import calibration_set, fit_variants
+
+        cal = calibration_set(cfg, bg, net, dev, config_dir, progress)
+        feats = tuple(cfg.context.features)
+        primary = f"+{'+'.join(feats)}" if feats else "cnn only"
+        fusions = fit_variants(cal, feats, cfg.context.l2) if cfg.context.ablation else {}
+        fusions = {k: v for k, v in fusions.items() if tuple(v.features) != feats}
+        if cfg.context.ablation:  # the CNN's own sigmoid, as a bundle without fusion
+            fusions["cnn (no fusion)"] = ContextFusion((), (1.0,), 0.0)
+        fusions[primary] = ContextFusion.fit(cal.logits, cal.features, cal.labels, feats,
+                                             l2=cfg.context.l2)
+        context = {"features": list(feats), "name": primary,
+                   "record": fusions[primary].to_mapping(), "calibration": cal.counts,
+                   "variants": {k: v.to_mapping() for k, v in fusions.items()}}
+    metrics = evaluate_heldout_set(cfg, bg, net, dev, progress, on_volume=keep,
+                                   fusions=fusions, primary=primary)
+    if context:
+        metrics["context_fusion"] = context
     if cfg.operating_point is not None:
         from trainer.operating_point import measure_operating_point
 
         task = progress.add_task("operating point (pipeline runs)", total=1)
-        metrics["operating_point"] = measure_operating_point(cfg, net, bg, volumes, config_dir)
+        metrics["operating_point"] = measure_operating_point(
+            cfg, net, bg, volumes, config_dir, fusions=fusions, primary=primary)
         progress.advance(task)
     return metrics
 
@@ -358,8 +387,10 @@ def reevaluate(
         "final_training_loss", "training_patches_per_s"}}
     metrics.update(heldout)
     ck["metrics"] = plain(metrics)
-    if "operating_point" in ck["metrics"]:
-        ck["bundle"]["output"] = plain(bundle_meta(cfg, ck["metrics"]["operating_point"])["output"])
+    if "operating_point" in ck["metrics"] or "context_fusion" in ck["metrics"]:
+        ck["bundle"]["output"] = plain(bundle_meta(
+            cfg, ck["metrics"].get("operating_point"),
+            (ck["metrics"].get("context_fusion") or {}).get("record"))["output"])
     torch.save(ck, out_dir / "final.tmp")
     (out_dir / "final.tmp").replace(final)
     (out_dir / "metrics.json").write_text(json.dumps(ck["metrics"], indent=2), encoding="utf-8")
@@ -380,7 +411,8 @@ def register(app: typer.Typer) -> None:
     def train_cmd(
         model: Annotated[
             str, typer.Argument(
-                help=f"Model to train: {', '.join(MODELS)}, cxr-lungs, ct-lesion.")
+                help=f"Model to train: {', '.join(MODELS)}, cxr-lungs, cxr-abnormal, cxr-tb, "
+                     "ct-lesion.")
         ],
         config: Annotated[Path, typer.Argument(help="YAML training config.")],
         out: Annotated[
@@ -408,6 +440,26 @@ def register(app: typer.Typer) -> None:
                 _console.print(f"[red]error:[/red] {exc}")
                 raise typer.Exit(2) from None
             _console.print(f"final checkpoint: {final}")
+            return
+        if model == "cxr-tb":  # the chest X-ray TB head: trainer.cxr_tb
+            from trainer.cxr_tb import train_command as tb_train
+
+            try:
+                bundle_dir = tb_train(config, out, None)
+            except (ValueError, FileNotFoundError) as exc:
+                _console.print(f"[red]error:[/red] {exc}")
+                raise typer.Exit(2) from None
+            _console.print(f"bundle: {bundle_dir}")
+            return
+        if model == "cxr-abnormal":  # chest radiographs, issue #12: trainer.cxr_abnormal_train
+            from trainer.cxr_abnormal_train import train_command as abnormal_train
+
+            try:
+                bundle_dir = abnormal_train(config, out, None, cross_validation=evaluate)
+            except (ValueError, FileNotFoundError, FileExistsError) as exc:
+                _console.print(f"[red]error:[/red] {exc}")
+                raise typer.Exit(2) from None
+            _console.print(f"bundle: {bundle_dir}")
             return
         if model in ("cxr-lungs",):  # chest radiographs: trainer.cxr_lungs
             from trainer.cxr_lungs import train_command as cxr_train

@@ -249,7 +249,7 @@ def _mismatch(info: SeriesInfo, match: SeriesMatch) -> str | None:
         return f"ViewPosition {sorted(info.view_positions)} not in {match.view_position}"
     if info.n_instances < match.min_instances:
         return f"{info.n_instances} instance(s), fewer than {match.min_instances}"
-    if len(info.sizes) > 1:
+    if match.same_size and len(info.sizes) > 1:
         return f"mixed image sizes {sorted(info.sizes)}"
     return None
 

@@ -59,6 +59,7 @@ from cad_node.models.device import resolve_device
 from cad_node.storage.durable import atomic_write_bytes as _atomic_write_bytes
 
 __all__ = [
+    "ANALYSIS_FAILED",
     "MANIFEST_NAME",
     "JobRunner",
     "PipelineFailedError",
@@ -86,6 +87,11 @@ class StageTimings:
     def add(self, name: str, seconds: float) -> None:
         """Accumulate ``seconds`` under ``name``."""
         self.stages[name] = self.stages.get(name, 0.0) + seconds
+
+
+#: Prefix of the error of a job whose analysis failed but whose failure SR and
+#: summary page were built (and sent): ``"analysis failed (<pipeline>): <reason>"``.
+ANALYSIS_FAILED = "analysis failed"
 
 
 class PipelineFailedError(RuntimeError):
@@ -319,7 +325,7 @@ class JobRunner:
             timings.add("validate", time.monotonic() - t0)
         failure = None
         if result.status is AnalysisStatus.FAILED:
-            failure = f"analysis failed ({step.pipeline}): {result.failure_reason}"
+            failure = f"{ANALYSIS_FAILED} ({step.pipeline}): {result.failure_reason}"
             log_failed = job_logger(LOG, job)
             log_failed.warning("%s; reporting the failure to the destinations", failure)
         return entries, bad, failure
@@ -468,7 +474,13 @@ class JobRunner:
             self.store.transition(job_id, JobState.DEAD, count_attempt=True,
                                   error=f"retry horizon exhausted: {error}")
             return SendDecision(SendStep.DEAD, error=error)
-        job = self.store.transition(job_id, JobState.SENT,
+        # A failed analysis was sent as its failure SR + summary page: the sent
+        # job keeps the reason, so the status page still shows it.
+        analysis_error = next(
+            (e.error for e in reversed(self.store.events(job_id))
+             if e.state is JobState.RESULTS_READY and e.error
+             and e.error.startswith(ANALYSIS_FAILED)), None)
+        job = self.store.transition(job_id, JobState.SENT, error=analysis_error,
                                     detail=f"{total} object(s) acknowledged")
         log.info("sent; turnaround %.1f s", job.turnaround_s or 0.0)
         return SendDecision(SendStep.SENT)

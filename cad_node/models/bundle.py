@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import total_ordering
 from pathlib import Path
@@ -107,18 +108,25 @@ class SemVer:
         return f"{self.major}.{self.minor}.{self.patch}"
 
 
-def device_uid_for(sha256: str, operating_threshold: float | None = None) -> str:
-    """The Device UID of a bundle: its weights and, when it has one, its operating point.
+def device_uid_for(sha256: str, operating_threshold: float | None = None,
+                   context_fusion: Mapping[str, Any] | None = None) -> str:
+    """The Device UID of a bundle: its weights and, when it has them, its operating point
+    and its context fusion.
 
     Without an operating threshold this is :func:`device_uid_from_sha256` of
     the weights (bundles written before operating thresholds existed keep
     their UID).  With one, the hash of ``"<weights sha256>|operating_threshold=<t>"``
     is used: the same weights at another operating point are another device.
+    A context fusion appends ``"|context_fusion=<its JSON, sorted keys>"``.
     """
-    if operating_threshold is None:
+    if operating_threshold is None and context_fusion is None:
         return device_uid_from_sha256(sha256)
-    key = f"{sha256}|operating_threshold={float(operating_threshold)!r}".encode()
-    return device_uid_from_sha256(hashlib.sha256(key).hexdigest())
+    key = sha256
+    if operating_threshold is not None:
+        key += f"|operating_threshold={float(operating_threshold)!r}"
+    if context_fusion is not None:
+        key += "|context_fusion=" + json.dumps(dict(context_fusion), sort_keys=True)
+    return device_uid_from_sha256(hashlib.sha256(key.encode()).hexdigest())
 
 
 def device_uid_from_sha256(sha256: str) -> str:
@@ -240,6 +248,10 @@ class OutputSpec(_Strict):
     operating_threshold: float | None = Field(None, ge=0.0, le=1.0)
     #: The rule that chose ``operating_threshold`` (one sentence, for the card).
     operating_rule: str | None = None
+    #: Late fusion of the logit with candidate context features
+    #: (:class:`cad_node.pipelines.ct_chest.features.ContextFusion` record:
+    #: ``features``, ``weights``, ``intercept``); ``None``: sigmoid(logit) alone.
+    context_fusion: dict[str, Any] | None = None
 
 
 class BundleManifest(_Strict):
@@ -275,7 +287,8 @@ class BundleManifest(_Strict):
 
     @model_validator(mode="after")
     def _uid(self) -> BundleManifest:
-        expected = device_uid_for(self.weights_sha256, self.output.operating_threshold)
+        expected = device_uid_for(self.weights_sha256, self.output.operating_threshold,
+                                  self.output.context_fusion)
         if self.device_uid != expected:
             raise ValueError(
                 f"device_uid {self.device_uid} is not derived from weights_sha256 "

@@ -130,9 +130,25 @@ def build_network(architecture: Mapping[str, Any]) -> nn.Module:
             return LesionCenterNet(**arch)
         except TypeError as exc:
             raise ValueError(f"invalid architecture {architecture}: {exc}") from None
+    if builder == "cxr-tb":
+        # the chest X-ray TB head (cad_node.pipelines.cxr.tb)
+        from cad_node.pipelines.cxr.tb import TbNet
+
+        try:
+            return TbNet(**arch)
+        except TypeError as exc:
+            raise ValueError(f"invalid architecture {architecture}: {exc}") from None
+    if builder == "cxr-abnormal":
+        # the chest radiograph abnormality scorer (cad_node.pipelines.cxr.abnormal_net)
+        from cad_node.pipelines.cxr.abnormal_net import AbnormalNet
+
+        try:
+            return AbnormalNet(**arch)
+        except TypeError as exc:
+            raise ValueError(f"invalid architecture {architecture}: {exc}") from None
     if builder != "residual3d":
         raise ValueError(f"unknown network builder {builder!r} (known: 'residual3d', 'unet2d', "
-                         "'lesion-centernet')")
+                         "'lesion-centernet', 'cxr-tb', 'cxr-abnormal')")
     try:
         return ResidualScorer3D(**arch)
     except TypeError as exc:

@@ -15,7 +15,7 @@ Contract
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -77,6 +77,11 @@ class CandidateScorer:
         """The pipeline operating threshold chosen by the bundle's rule, if it has one."""
         return self.bundle.manifest.output.operating_threshold
 
+    @property
+    def context_fusion(self) -> dict[str, Any] | None:
+        """The bundle's late-fusion record (context features), if it has one."""
+        return self.bundle.manifest.output.context_fusion
+
     def patches(self, image: sitk.Image, centers_mm: npt.ArrayLike) -> npt.NDArray[np.float32]:
         """Normalised input patches ``(N, 1, D, H, W)`` for ``centers_mm``."""
         p = extract_patches(
@@ -90,7 +95,7 @@ class CandidateScorer:
         return p[:, None]
 
     def score(self, image: sitk.Image, centers_mm: npt.ArrayLike) -> npt.NDArray[np.float64]:
-        """Probability that each centre is a nodule.
+        """Probability that each centre is a nodule: ``sigmoid`` of :meth:`logits`.
 
         Parameters
         ----------
@@ -104,6 +109,11 @@ class CandidateScorer:
         numpy.ndarray
             ``(N,)`` float64 probabilities in ``[0, 1]``.
         """
+        logits = self.logits(image, centers_mm)
+        return np.clip(1.0 / (1.0 + np.exp(-logits)), 0.0, 1.0)
+
+    def logits(self, image: sitk.Image, centers_mm: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        """The network's logit at each centre (same contract as :meth:`score`)."""
         centers = np.asarray(centers_mm, dtype=np.float64)
         if centers.size == 0:
             return np.zeros((0,), dtype=np.float64)
@@ -120,9 +130,8 @@ class CandidateScorer:
                 for start in range(0, centers.shape[0], bs):
                     batch = self.patches(image, centers[start : start + bs])
                     x = torch.from_numpy(batch).to(self.device)
-                    logits = self.network(x).float()
-                    out[start : start + bs] = torch.sigmoid(logits).cpu().numpy()
+                    out[start : start + bs] = self.network(x).float().cpu().numpy()
         finally:
             if scoped:
                 torch.set_num_threads(previous)
-        return np.clip(out, 0.0, 1.0)
+        return out

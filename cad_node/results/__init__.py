@@ -18,6 +18,8 @@ Contract of :func:`build_results`
   (:func:`cad_node.results._common.deterministic_datetime`), so the same input
   and model give byte-identical objects.
 * All objects are in the source study, each kind in its own new series.
+* A Parametric Map (``pm``) is built only for a completed result with an
+  attribution heatmap (chest X-ray).
 * ``AnalysisStatus.FAILED``: only the SR (stating the failure, no measurement
   groups) and the SC summary page (stating the failure) are built; SEG, key
   images, GSPS and KOS are skipped because there is nothing to show.
@@ -122,7 +124,7 @@ def build_results(
     Returns
     -------
     list of ResultObject
-        In the order SEG, SR, SC, GSPS, KOS (SEG first: the SR references it).
+        In the order SEG, SR, SC, GSPS, KOS, PM (SEG first: the SR references it).
 
     Raises
     ------
@@ -183,4 +185,8 @@ def build_results(
         from cad_node.results.kos import build_kos
 
         out.append(ResultObject(ObjectKind.KOS, build_kos(ctx), 1, "key object selection"))
+    if ObjectKind.PM in wanted and completed and result.attribution is not None:
+        from cad_node.results.pm import build_pm
+
+        out.append(ResultObject(ObjectKind.PM, build_pm(ctx), 1, "attribution heatmap"))
     return out

@@ -88,6 +88,7 @@ class SeriesNumber(enum.IntEnum):
     SC = 9003
     GSPS = 9004
     KOS = 9005
+    PM = 9006
 
 
 #: Largest Series Number (VR IS: a signed 32-bit integer, PS3.5 6.2).
@@ -97,7 +98,7 @@ _MAX_IS = 2**31 - 1
 def result_series_number(kind: SeriesNumber, source_series_number: int | None) -> int:
     """Series Number of a result series: after the source's, never before it.
 
-    ``kind`` (9001-9005) when the source's number is below 9001, else the
+    ``kind`` (9001-9006) when the source's number is below 9001, else the
     source's number plus ``kind - 9000``; capped at the largest IS value.
     """
     source = max(int(source_series_number or 0), 0)

@@ -39,6 +39,7 @@ __all__ = [
     "Finding",
     "FindingSite",
     "FindingType",
+    "ImageClassification",
     "ImageMask",
     "ModelIdentity",
     "NoduleType",
@@ -70,6 +71,8 @@ class FindingType(_SnomedConcept):
     ABNORMAL = ("263654008", "Abnormal")
     #: Enlarged cardiac silhouette (chest X-ray: cardiothoracic ratio > 0.50 on PA).
     CARDIOMEGALY = ("287272002", "Cardiomegaly")
+    #: Whole-image tuberculosis screening (chest X-ray, the ``cxr-tb`` bundle).
+    TUBERCULOSIS = ("56717001", "Tuberculosis")
 
 
 class FindingSite(_SnomedConcept):
@@ -345,6 +348,40 @@ class ChestRadiographMeasurements(_Model):
         return self
 
 
+class ImageClassification(_Model):
+    """A whole-image probability and its decision at a model's operating point.
+
+    Chest X-ray part 2 (issue #12): "Abnormal" (the ``cxr-abnormal`` bundle)
+    and "Tuberculosis" (``cxr-tb``).  ``threshold`` is the bundle's stored
+    operating threshold; ``positive`` is ``probability >= threshold``.
+    """
+
+    finding_type: CodedFindingType
+    probability: float = Field(ge=0.0, le=1.0)
+    #: Operating threshold of the model (stored in its bundle); None: no decision.
+    threshold: float | None = Field(None, ge=0.0, le=1.0)
+    #: How the threshold was chosen, with its measured figure (for the report).
+    operating_rule: str | None = None
+    #: The model bundle that produced the probability.
+    model: ModelIdentity
+
+    @property
+    def positive(self) -> bool | None:
+        """The decision at the operating point (None without a threshold)."""
+        return None if self.threshold is None else self.probability >= self.threshold
+
+    def describe(self) -> str:
+        """One line for the report, e.g. ``"Abnormal probability 0.73 (...): positive"``."""
+        text = f"{self.finding_type.meaning} probability {self.probability:.3f}"
+        text += f" ({self.model.name} {self.model.version})"
+        if self.threshold is not None:
+            verdict = "POSITIVE" if self.positive else "negative"
+            text += f": {verdict} at the operating threshold {self.threshold:.4g}"
+            if self.operating_rule:
+                text += f" ({self.operating_rule})"
+        return text
+
+
 class AnalysisResult(_Model):
     """Everything one pipeline run over one series produced.
 
@@ -369,6 +406,13 @@ class AnalysisResult(_Model):
     model: ModelIdentity | None = None
     #: Chest radiograph lung areas and cardiothoracic ratio (pipeline ``cxr``).
     radiograph: ChestRadiographMeasurements | None = None
+    #: Whole-image probabilities with their decisions (chest X-ray: abnormal, TB).
+    classifications: list[ImageClassification] = Field(default_factory=list)
+    #: Attribution heatmap in [0, 1] on the source image (one frame), zero outside
+    #: the lungs (pipeline ``cxr``; excluded from JSON like the masks).
+    attribution: ImageMask | None = Field(None, exclude=True)
+    #: How the heatmap was computed (method, model), for the SC legend and the PM.
+    attribution_method: str | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> AnalysisResult:

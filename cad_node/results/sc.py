@@ -45,6 +45,7 @@ __all__ = [
     "LABEL_RGB",
     "LUNG_WINDOW",
     "STRUCTURE_RGB",
+    "attribution_key_image",
     "build_key_images",
     "build_summary_page",
     "key_slice_uid",
@@ -332,7 +333,10 @@ def build_key_images(ctx: BuildContext) -> list[tuple[str, hd.sc.SCImage]]:
     out: list[tuple[str, hd.sc.SCImage]] = []
     if ctx.result.radiograph is not None:
         out.append(("Lungs and heart", radiograph_key_image(ctx, 1)))
-    for index, finding in enumerate(ctx.result.findings, start=len(out) + 1):
+    if ctx.result.attribution is not None:
+        out.append(("Attribution heatmap", attribution_key_image(ctx, len(out) + 1)))
+    first = len(out) + 1
+    for index, finding in enumerate(ctx.result.findings, start=first):
         uid = key_slice_uid(ctx, finding)
         ds = ctx.source.by_uid.get(uid)
         if ds is None:
@@ -341,7 +345,7 @@ def build_key_images(ctx: BuildContext) -> list[tuple[str, hd.sc.SCImage]]:
             raise ValueError(f"source instance {uid} has no pixel data for a key image")
         grey = _window(ds, ctx.source.is_ct)
         rgb = np.repeat(grey[..., None], 3, axis=2)
-        colour = finding_rgb(index - 1)  # the finding's SEG/GSPS colour
+        colour = finding_rgb(index - first)  # the finding's SEG/GSPS colour
         ax, ay = _draw_finding(rgb, ctx, finding, ds, colour)
         # the outline stays on top of the label wherever they cross
         outline = np.all(rgb == np.asarray(colour, np.uint8), axis=-1)
@@ -422,6 +426,7 @@ def summary_lines(ctx: BuildContext) -> list[str | tuple[str, ...]]:
                 x, y, z = f.center_mm
                 lines.append(("", f"centre (LPS) {x:.1f}, {y:.1f}, {z:.1f} mm"))
     if result.status is not AnalysisStatus.FAILED:
+        lines += [c.describe() for c in result.classifications]
         lines += operating_point_texts(ctx)
         below = ctx.operating_point.reported_below
         if below:
@@ -539,5 +544,103 @@ def radiograph_key_image(ctx: BuildContext, index: int) -> hd.sc.SCImage:
     sc.SourceImageSequence = [item]
     sc.DerivationDescription = (f"lung and heart outlines and cardiothoracic ratio lines "
                                 f"burned in by {ctx.model.name}")[:1024]
+    ensure_character_set(sc)
+    return sc
+
+
+# -- chest radiograph attribution heatmap: colour overlay, legend, disclaimer ----------
+
+#: Matplotlib colour map of the heatmap overlay (perceptually ordered, no grey).
+HEATMAP_COLORMAP = "inferno"
+#: Heat below this fraction of the maximum is not coloured (the film shows through).
+HEATMAP_FLOOR = 0.1
+#: Opacity of the overlay at the maximum heat.
+HEATMAP_ALPHA = 0.6
+#: What the heatmap is, printed on the overlay (it is not a lesion outline).
+HEATMAP_EXPLANATION = ("Attribution heatmap: the pixels that drove the abnormality score, "
+                       "restricted to the lungs. Not a lesion outline.")
+
+
+def heatmap_rgb(heat: np.ndarray) -> np.ndarray:
+    """``(rows, cols, 3)`` uint8 colours of heat values in ``[0, 1]``."""
+    from matplotlib import colormaps
+
+    rgba = colormaps[HEATMAP_COLORMAP](np.clip(heat, 0.0, 1.0))
+    return np.round(np.asarray(rgba)[..., :3] * 255.0).astype(np.uint8)
+
+
+def attribution_key_image(ctx: BuildContext, index: int) -> hd.sc.SCImage:
+    """Key image of the attribution heatmap: colour overlay, boxes, legend and disclaimer.
+
+    The radiograph is rendered as :func:`radiograph_key_image` renders it; heat
+    at or above :data:`HEATMAP_FLOOR` is blended in :data:`HEATMAP_COLORMAP`
+    (opacity growing with the heat up to :data:`HEATMAP_ALPHA`); the reported
+    boxes are drawn in their findings' colours; a colour bar ("low" to
+    "high"), the method and :data:`HEATMAP_EXPLANATION` are printed top left,
+    the disclaimer at the bottom.
+
+    Raises
+    ------
+    ValueError
+        No heatmap, or its image was not received with pixels.
+    """
+    from cad_node.imaging.radiograph import RadiographRefusedError, display_pixels
+
+    heat_mask = ctx.result.attribution
+    if heat_mask is None or len(heat_mask.sop_instance_uids) != 1:
+        raise ValueError("the result has no single-frame attribution heatmap")
+    uid = heat_mask.sop_instance_uids[0]
+    ds = ctx.source.by_uid.get(uid)
+    if ds is None or "PixelData" not in ds:
+        raise ValueError(f"heatmap image {uid} was not received with pixels")
+    try:
+        grey01, _ = display_pixels(ds)
+        grey = np.round(grey01 * 255.0).astype(np.uint8)
+    except RadiographRefusedError:
+        grey = _window(ds, False)
+    heat = np.asarray(heat_mask.array[0], dtype=np.float64)
+    if heat.shape != grey.shape:
+        raise ValueError(f"the heatmap is {heat.shape}, the radiograph {grey.shape}")
+    base = np.repeat(grey[..., None], 3, axis=2).astype(np.float64)
+    alpha = np.where(heat >= HEATMAP_FLOOR, HEATMAP_ALPHA * heat, 0.0)[..., None]
+    rgb = np.round(base * (1 - alpha) + heatmap_rgb(heat) * alpha).astype(np.uint8)
+    image = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(image)
+    width = max(2, grey.shape[0] // 400)
+    for k, finding in enumerate(ctx.result.findings):
+        if finding.region is not None and finding.region.sop_instance_uid == uid:
+            pts = [(float(x), float(y)) for x, y in region_polyline(finding.region)]
+            draw.line(pts, fill=finding_rgb(k), width=width)
+    px = max(_LABEL_PX, grey.shape[0] // _LABEL_FRACTION)
+    font = _font(px)
+    bar_w, bar_h = max(grey.shape[1] // 4, 64), max(px, 8)
+    ramp = heatmap_rgb(np.tile(np.linspace(0.0, 1.0, bar_w), (bar_h, 1)))
+    x0, y0 = 4, 4
+    image.paste(Image.fromarray(ramp), (x0, y0))
+    draw.text((x0, y0 + bar_h + 2), "low", fill=LABEL_RGB, font=font, stroke_width=2,
+              stroke_fill=(0, 0, 0))
+    draw.text((x0 + bar_w - _text_width(font, "high"), y0 + bar_h + 2), "high",
+              fill=LABEL_RGB, font=font, stroke_width=2,
+              stroke_fill=(0, 0, 0))
+    y = y0 + bar_h + px * 1.5
+    size = (rgb.shape[1], rgb.shape[0])
+    for text in (ctx.result.attribution_method or "attribution", HEATMAP_EXPLANATION):
+        tfont, line_h, lines, _ = place_label(text, (4, 0), size, px)
+        for line in lines:
+            draw.text((4, y), line, fill=LABEL_RGB, font=tfont, stroke_width=2,
+                      stroke_fill=(0, 0, 0))
+            y += line_h
+    foot, foot_h, foot_lines, _ = place_label(ctx.settings.disclaimer, (4, 0), size, px)
+    fy = rgb.shape[0] - 4 - len(foot_lines) * foot_h
+    for k, line in enumerate(foot_lines):
+        draw.text((4, fy + k * foot_h), line, fill=LABEL_RGB, font=foot, stroke_width=2,
+                  stroke_fill=(0, 0, 0))
+    sc = _sc(ctx, np.asarray(image), ds, index, spacing=True)
+    item = Dataset()
+    item.ReferencedSOPClassUID = ds.SOPClassUID
+    item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+    sc.SourceImageSequence = [item]
+    sc.DerivationDescription = (f"attribution heatmap ({ctx.result.attribution_method}) "
+                                f"blended in by {ctx.model.name}")[:1024]
     ensure_character_set(sc)
     return sc

@@ -74,6 +74,7 @@ __all__ = [
     "ProcedureReported",
     "SummaryCode",
     "build_sr",
+    "classification_groups",
     "key_slice_axes",
     "procedure_reported",
     "radiograph_groups",
@@ -555,6 +556,8 @@ def _qualitative(ctx: BuildContext) -> hd.sr.ContainerContentItem:
     elif not result.findings and not at_op:
         texts.append("No findings.")
     texts += at_op
+    if result.status is AnalysisStatus.COMPLETED:
+        texts += [c.describe() for c in result.classifications]
     texts += [f"{k}: {v}" for k, v in sorted(result.qualitative.items())]
     texts += [f"{k}: {v:g}" for k, v in sorted(result.measurements.items())]
     texts += list(result.notes)
@@ -607,6 +610,8 @@ def build_sr(ctx: BuildContext, seg: SegResult | None = None) -> hd.sr.Comprehen
         groups += [_below_group(ctx, f) for f in ctx.operating_point.reported_below]
     if ctx.result.status is AnalysisStatus.COMPLETED and ctx.result.radiograph is not None:
         groups.extend(radiograph_groups(ctx))
+    if ctx.result.status is AnalysisStatus.COMPLETED:
+        groups.extend(classification_groups(ctx))
     procedure = _PROCEDURE_BY_PIPELINE.get(ctx.result.pipeline) or procedure_reported(
         str(ctx.source.first.get("Modality", "")))
     placeholder = not groups
@@ -660,7 +665,7 @@ def build_sr(ctx: BuildContext, seg: SegResult | None = None) -> hd.sr.Comprehen
         software_versions=model.version,
         **kwargs,
     )
-    if ctx.result.radiograph is not None:
+    if ctx.result.radiograph is not None or ctx.result.classifications:
         sr.CodingSchemeIdentificationSequence = [_local_coding_scheme()]
     ctx.finalize(sr, "sr")
     return sr
@@ -787,4 +792,48 @@ def radiograph_groups(ctx: BuildContext) -> list[Any]:
     ))
     for num, points in lines:
         _scoord_in(num, points, image)
+    return groups
+
+
+# -- whole-image probabilities and decisions (chest X-ray part 2, TID 1501) ----------
+
+#: The bundle's operating threshold of a whole-image probability (no standard code).
+OPERATING_THRESHOLD = Code("OP-THRESHOLD", LOCAL_CODING_SCHEME, "Operating threshold")
+#: Values of the decision at the operating point (SNOMED CT qualifiers).
+PRESENT = codes.SCT.Present
+ABSENT = codes.SCT.Absent
+
+
+def classification_groups(ctx: BuildContext) -> list[Any]:
+    """One TID 1501 group per whole-image probability (:class:`ImageClassification`).
+
+    Tracking Identifier ``"<type> (whole image)"``, Finding = the type
+    ("Abnormal", "Tuberculosis"), NUM Certainty of Finding = the probability,
+    NUM Operating threshold (local concept) and the decision as a qualitative
+    evaluation ``<type> = Present / Absent`` at that threshold; the algorithm
+    is the classifying bundle (TID 4019), not the pipeline's segmenter.
+    """
+    groups: list[Any] = []
+    for c in ctx.result.classifications:
+        ft = Code(c.finding_type.code, "SCT", c.finding_type.meaning)
+        algo = hd.sr.AlgorithmIdentification(
+            name=c.model.name, version=c.model.version, manufacturer=c.model.manufacturer)
+        numeric = [hd.sr.Measurement(name=CERTAINTY_OF_FINDING, value=round(c.probability, 5),
+                                     unit=UNIT_NONE, algorithm_id=algo)]
+        qualitative = []
+        if c.threshold is not None:
+            numeric.append(hd.sr.Measurement(name=OPERATING_THRESHOLD,
+                                             value=round(c.threshold, 5), unit=UNIT_NONE,
+                                             algorithm_id=algo))
+            qualitative.append(hd.sr.QualitativeEvaluation(
+                name=ft, value=PRESENT if c.positive else ABSENT))
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=ctx.uids.uid("cxr.tracking", "image", c.finding_type.name),
+                identifier=f"{c.finding_type.meaning} (whole image)"),
+            finding_type=ft,
+            algorithm_id=algo,
+            measurements=numeric,
+            qualitative_evaluations=qualitative or None,
+        ))
     return groups

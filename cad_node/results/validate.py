@@ -4,7 +4,7 @@
 
 1. **Re-read**: the object is encoded as a PS3.10 file and read back with
    pydicom, then parsed by highdicom's ``from_dataset`` of its SOP class
-   (SEG, Comprehensive 3D SR, KOS; GSPS: every graphic annotation names
+   (SEG, Comprehensive 3D SR, KOS, Parametric Map; GSPS: every graphic annotation names
    its image and layer); SC pixel data must decode.
 2. **IHE AIR items**: same Study Instance UID as the source, a series of its
    own (not a source series), a Contributing Equipment item for the
@@ -36,6 +36,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 
 import highdicom as hd
+import numpy as np
 import pydicom
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
@@ -55,6 +56,7 @@ SEG_STORAGE = UID("1.2.840.10008.5.1.4.1.1.66.4")
 COMPREHENSIVE_3D_SR_STORAGE = UID("1.2.840.10008.5.1.4.1.1.88.34")
 GSPS_STORAGE = UID("1.2.840.10008.5.1.4.1.1.11.1")
 KOS_STORAGE = UID("1.2.840.10008.5.1.4.1.1.88.59")
+PARAMETRIC_MAP_STORAGE = UID("1.2.840.10008.5.1.4.1.1.30")
 SC_STORAGE_UIDS = frozenset(
     {
         UID("1.2.840.10008.5.1.4.1.1.7"),  # Secondary Capture Image Storage
@@ -131,6 +133,10 @@ def _reread(data: bytes, errors: list[str]) -> Dataset | None:
                     raise ValueError("a graphic annotation lacks its image or layer")
         elif sop_class == KOS_STORAGE:
             hd.ko.KeyObjectSelectionDocument.from_dataset(ds)
+        elif sop_class == PARAMETRIC_MAP_STORAGE:
+            pm = hd.pm.ParametricMap.from_dataset(ds)
+            if not np.isfinite(np.asarray(pm.pixel_array)).all():
+                raise ValueError("the parametric map has non-finite values")
         elif sop_class in SC_STORAGE_UIDS:
             _ = ds.pixel_array
         else:

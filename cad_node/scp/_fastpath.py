@@ -8,11 +8,15 @@ decodes every C-STORE command through pydicom.  The private subclasses below
 change exactly that, and nothing else:
 
 * :class:`_FastDUL` - PDUs read by :func:`cad_node.scp.wire.read_pdu`
-  (chunked, the buffer grows only as bytes arrive); before acceptance any
-  PDU longer than :data:`~cad_node.scp.wire.MAX_ASSOCIATE_PDU_BYTES`, after
+  (chunked, the buffer grows only as bytes arrive); an A-ASSOCIATE-RQ longer
+  than :data:`~cad_node.scp.wire.MAX_ASSOCIATE_PDU_BYTES` gets an
+  A-ASSOCIATE-RJ after its header alone was read; before acceptance any
+  other PDU longer than that, after
   it a P-DATA-TF longer than our maximum PDU, an unknown PDU type, a
-  truncated or undecodable PDU and a socket silent past its deadline end the
-  association with an A-ABORT (PS3.8 9.3.8) and the socket is closed;
+  truncated or undecodable PDU, a socket silent past its deadline and, after
+  acceptance, a PDU not complete ``node.pdu_deadline_s`` after its first byte
+  (a slow dribble) end the association with an A-ABORT (PS3.8 9.3.8) and the
+  socket is closed;
 * :class:`_Association` - waits for the A-ASSOCIATE-RQ at most
   ``node.association_request_timeout_s`` and returns at once when the peer
   closes; releases its admission :class:`~cad_node.scp.admission.Ticket`
@@ -41,6 +45,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import queue
 import select
 import socket
@@ -68,6 +73,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from cad_node.scp.admission import Admission, AdmissionEvent, RejectReason, Ticket, Verdict
 from cad_node.scp.wire import (
+    DEADLINE_SLACK_S,
     MAX_ASSOCIATE_PDU_BYTES,
     MAX_COMMAND_SET_BYTES,
     PDU_HEADER,
@@ -78,6 +84,7 @@ from cad_node.scp.wire import (
     command_has_data_set,
     decode_c_store_rq,
     encode_a_abort,
+    encode_a_associate_rj,
     encode_c_store_rsp,
     encode_c_store_rsp_raw,
     read_pdu,
@@ -126,6 +133,7 @@ PRIVATE_API: tuple[tuple[type | object, str, tuple[str, ...] | None], ...] = (
     (RequestHandler, "_create_association", ("self",)),
     (ThreadedAssociationServer, "process_request", ("self", "request", "client_address")),
     (ThreadedAssociationServer, "get_request", ("self",)),
+    (ThreadedAssociationServer, "service_actions", ("self",)),
     (_config, "VALIDATORS", None),
     (_config, "LOG_HANDLER_LEVEL", None),
 )
@@ -140,6 +148,10 @@ DUL_IDLE_WAIT_S = 0.005
 REACTOR_WAIT_S = 0.005
 #: Poll interval of the wait for the A-ASSOCIATE-RQ (seconds).
 _REQUEST_POLL_S = 0.05
+#: After an A-ASSOCIATE-RJ, how long the rest of the peer's request is read
+#: and dropped before the socket closes (seconds), and the buffer it goes to.
+_REJECT_DRAIN_S = 0.5
+_REJECT_DRAIN_CHUNK = 64 * 1024
 
 
 class IncompatiblePynetdicomError(RuntimeError):
@@ -256,13 +268,18 @@ class _GuardedStateMachine(StateMachine):
 class _FastDUL(DULServiceProvider):
     """DUL provider with bounded, deadline-limited PDU reads (see the module docstring)."""
 
-    def __init__(self, assoc: Association, request_deadline: float, max_pdu: int) -> None:
+    def __init__(
+        self, assoc: Association, request_deadline: float, max_pdu: int,
+        pdu_deadline_s: float = 60.0,
+    ) -> None:
         super().__init__(assoc)
         self.state_machine = _GuardedStateMachine(self)
         #: ``time.monotonic()`` by which the A-ASSOCIATE-RQ must have arrived.
         self.request_deadline = request_deadline
         #: Our maximum PDU (0: unlimited, PS3.8 D.1).
         self.max_pdu = max_pdu
+        #: After acceptance, seconds from a PDU's first byte to its last.
+        self.pdu_deadline_s = pdu_deadline_s
         self.violated = False
         self._timeout: float | None = -1.0
 
@@ -288,23 +305,41 @@ class _FastDUL(DULServiceProvider):
         if sock is None:
             self.event_queue.put("Evt17")
             return
-        deadline: float | None = None
-        if self.state_machine.current_state in _PRE_ACCEPT:
+        now = time.monotonic()
+        pre_accept = self.state_machine.current_state in _PRE_ACCEPT
+        if pre_accept:
             deadline = self.request_deadline
-            self._set_timeout(sock, max(0.001, deadline - time.monotonic()))
+            self._set_timeout(sock, max(0.001, deadline - now))
         else:
-            timeout = self.network_timeout
-            self._set_timeout(sock, float(timeout) if timeout else None)
+            deadline = now + self.pdu_deadline_s
+            idle = self.network_timeout
+            self._set_timeout(
+                sock, min(float(idle), self.pdu_deadline_s) if idle else self.pdu_deadline_s
+            )
         try:
-            data = read_pdu(sock.recv_into, self._max_length, deadline)
+            data = read_pdu(sock.recv_into, self._max_length, deadline, self._lower_timeout,
+                            self._timeout if self._timeout is not None else math.inf)
         except PDUError as exc:
-            self.violation(str(exc), exc.reason, send_abort=not exc.peer_closed)
+            if pre_accept and exc.too_long == PDUType.A_ASSOCIATE_RQ:
+                self.refuse_request(str(exc))
+                return
+            if exc.timed_out and not pre_accept:
+                why = f"PDU not complete within node.pdu_deadline_s = {self.pdu_deadline_s} s"
+            else:
+                why = str(exc)
+            # before acceptance the request timeout (ARTIM) just closes the transport
+            self.violation(why, exc.reason,
+                           send_abort=not exc.peer_closed and not (exc.timed_out and pre_accept))
             return
         except TimeoutError:
-            self.violation(
-                f"no data for {self._timeout} s in the middle of a PDU",
-                AbortReason.NOT_SPECIFIED,
-            )
+            if time.monotonic() >= deadline - DEADLINE_SLACK_S:
+                if pre_accept:
+                    why = "no complete A-ASSOCIATE-RQ before the request timeout"
+                else:
+                    why = f"PDU not complete within node.pdu_deadline_s = {self.pdu_deadline_s} s"
+            else:
+                why = f"no data for {self._timeout} s in the middle of a PDU"
+            self.violation(why, AbortReason.NOT_SPECIFIED, send_abort=not pre_accept)
             return
         except OSError as exc:
             self.violation(f"connection failed: {exc}", AbortReason.NOT_SPECIFIED,
@@ -318,6 +353,57 @@ class _FastDUL(DULServiceProvider):
             return
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
+
+    def _lower_timeout(self, timeout: float) -> None:
+        """``settimeout`` of :func:`~cad_node.scp.wire.read_pdu` (the DUL thread's socket)."""
+        sock = self._peer_socket()
+        if sock is not None:
+            self._set_timeout(sock, timeout)
+
+    def _peer_socket(self) -> socket.socket | None:
+        wrapper = cast(AssociationSocket, self.socket)
+        return wrapper.socket if wrapper is not None else None
+
+    def _close_transport(self) -> None:
+        """Close the socket (which queues Evt17), or queue Evt17 if it is gone already."""
+        wrapper = cast(AssociationSocket, self.socket)
+        if wrapper is not None and wrapper.socket is not None:
+            wrapper.close()
+        else:
+            self.event_queue.put("Evt17")
+
+    def refuse_request(self, why: str) -> None:
+        """Answer an over-long A-ASSOCIATE-RQ with A-ASSOCIATE-RJ (PS3.8 9.3.4), then close.
+
+        Only the PDU header was read.  The reject is followed by our FIN;
+        what the peer still sends is read into a fixed buffer and dropped
+        for at most :data:`_REJECT_DRAIN_S` (closing with unread data would
+        reset the connection and could destroy the reject in flight).
+        """
+        if self.violated:
+            return
+        self.violated = True
+        address = self.assoc.requestor.address
+        log.warning("A-ASSOCIATE-RQ from %s refused: %s; A-ASSOCIATE-RJ", address, why)
+        server = getattr(self.assoc, "_server", None)
+        if isinstance(server, _Server):
+            server.admission.notify(AdmissionEvent("associate", False, address,
+                                                   "request-too-long"))
+        sock = self._peer_socket()
+        if sock is not None:
+            try:
+                sock.settimeout(0.5)
+                sock.sendall(encode_a_associate_rj(*RejectReason.REQUEST_TOO_LONG.value))
+                sock.shutdown(socket.SHUT_WR)
+                sink = bytearray(_REJECT_DRAIN_CHUNK)
+                until = time.monotonic() + _REJECT_DRAIN_S
+                while (left := until - time.monotonic()) > 0:
+                    sock.settimeout(left)
+                    if not sock.recv_into(sink):
+                        break
+            except OSError:
+                pass
+        self._close_transport()
 
     def violation(self, why: str, reason: AbortReason, *, send_abort: bool = True) -> None:
         """End the association: log, A-ABORT (unless the peer is gone), close the socket.
@@ -338,18 +424,14 @@ class _FastDUL(DULServiceProvider):
             log.warning("protocol violation by %r@%s: %s; A-ABORT", calling, address, why)
         else:
             log.info("connection from %r@%s ended: %s", calling, address, why)
-        wrapper = cast(AssociationSocket, self.socket)
-        sock = wrapper.socket if wrapper is not None else None
+        sock = self._peer_socket()
         if sock is not None and send_abort:
             try:
                 sock.settimeout(0.5)
                 sock.sendall(encode_a_abort(reason))
             except OSError:
                 pass
-        if wrapper is not None and wrapper.socket is not None:
-            wrapper.close()  # queues Evt17
-        else:
-            self.event_queue.put("Evt17")
+        self._close_transport()
 
 
 # -- association ----------------------------------------------------------------------
@@ -365,12 +447,13 @@ class _Association(Association):
     """
 
     def __init__(
-        self, ae: Any, ticket: Ticket, request_timeout: float, max_pdu: int
+        self, ae: Any, ticket: Ticket, request_timeout: float, max_pdu: int,
+        pdu_deadline_s: float = 60.0,
     ) -> None:
         super().__init__(ae, MODE_ACCEPTOR)
         self.ticket = ticket
         self.request_deadline = time.monotonic() + request_timeout
-        self.dul = _FastDUL(self, self.request_deadline, max_pdu)
+        self.dul = _FastDUL(self, self.request_deadline, max_pdu, pdu_deadline_s)
         # the timers belong to the DUL: set them again on the new one
         self.network_timeout = self.network_timeout
         self.acse_timeout = self.acse_timeout
@@ -530,7 +613,7 @@ class _AdmissionACSE(ACSE):
         called = str(rq.called_ae_title) if rq is not None else ""
         address = self.requestor.address
         if assoc.busy:
-            reason: RejectReason | None = RejectReason.local_limit_exceeded()
+            reason: RejectReason | None = RejectReason.LOCAL_LIMIT_EXCEEDED
             self._admission.notify(
                 AdmissionEvent("associate", False, address, "busy", calling.strip(),
                                called.strip())
@@ -831,7 +914,8 @@ class _RequestHandler(RequestHandler):
     def _create_association(self, ticket: Ticket | None = None) -> Association:
         server = self.server
         assert ticket is not None
-        assoc = _Association(self.ae, ticket, server.request_timeout, self.ae.maximum_pdu_size)
+        assoc = _Association(self.ae, ticket, server.request_timeout, self.ae.maximum_pdu_size,
+                             server.pdu_deadline_s)
         assoc._server = server
         assoc.name = f"AcceptorThread@{time.strftime('%Y%m%d%H%M%S')}"
         sock = _EventSocket(assoc, cast(socket.socket, self.request))
@@ -856,12 +940,29 @@ class _RequestHandler(RequestHandler):
         return assoc
 
 
+def _peer_gone(sock: socket.socket) -> bool:
+    """True when the peer closed (FIN or RST) before its connection was accepted.
+
+    A non-blocking ``MSG_PEEK`` of one byte: nothing is consumed, nothing
+    allocated from the peer's say-so; pending data or nothing yet means the
+    peer is still there.
+    """
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+
+
 class _Server(ThreadedAssociationServer):
     """Association server: admission at TCP accept, TLS in the connection thread.
 
-    :meth:`process_request` asks :meth:`Admission.open
+    :meth:`process_request` drops a connection whose peer already closed it
+    (without a slot or a thread), then asks :meth:`Admission.open
     <cad_node.scp.admission.Admission.open>` before a thread is started or a
-    byte is read; a refused socket is closed at once.  The TLS handshake (when
+    byte is read; a refused socket is closed at once.  The accept loop does
+    nothing else between two accepts (:meth:`service_actions`).  The TLS handshake (when
     :attr:`tls_context` is set) runs in the connection's thread with the
     request timeout, never in the accept loop.
     """
@@ -876,6 +977,8 @@ class _Server(ThreadedAssociationServer):
     store_handler: Callable[[Association, StoreRequest, str], int]
     tls_context: ssl.SSLContext | None = None
     request_timeout: float = 5.0
+    #: After acceptance, longest time from a PDU's first byte to its last (seconds).
+    pdu_deadline_s: float = 60.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._tickets_lock = threading.Lock()
@@ -888,7 +991,24 @@ class _Server(ThreadedAssociationServer):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock, address
 
+    def service_actions(self) -> None:
+        """Nothing between two accepts.
+
+        pynetdicom's runs a full ``gc.collect()`` every 60 turns of the
+        accept loop: in a process with a large heap each one holds the GIL
+        for a substantial fraction of a second, so a burst of hundreds of
+        connections stalled the loop (and every association) for seconds
+        and a listed peer's association waited behind them.  Association
+        cycles are left to the interpreter's own generational collector; the
+        node closes every socket explicitly, so none waits for a collection.
+        """
+
     def process_request(self, request: Any, client_address: Any) -> None:
+        if _peer_gone(cast(socket.socket, request)):
+            # closed before it was accepted (a burst that gave up, a port
+            # scan): no slot, no thread, no admission decision to make
+            self.close_request(request)
+            return
         ticket = self.admission.open(str(client_address[0]))
         if ticket.verdict is Verdict.REFUSE:
             log.warning("connection from %s refused at accept", client_address[0])

@@ -59,33 +59,35 @@ log = logging.getLogger(__name__)
 BUSY_BACKLOG = 32
 
 
-@dataclass(frozen=True)
-class RejectReason:
-    """A-ASSOCIATE-RJ parameters (PS3.8 9.3.4, Table 9-21)."""
+class RejectReason(enum.Enum):
+    """A-ASSOCIATE-RJ parameters ``(result, source, diagnostic)`` (PS3.8 9.3.4, Table 9-21)."""
 
-    result: int
-    source: int
-    diagnostic: int
+    #: Rejected-permanent, service-user, no-reason-given.
+    NO_REASON = (0x01, 0x01, 0x01)
+    #: Rejected-permanent, service-user, calling-AE-title-not-recognized.
+    CALLING_AE_NOT_RECOGNIZED = (0x01, 0x01, 0x03)
+    #: Rejected-permanent, service-user, called-AE-title-not-recognized.
+    CALLED_AE_NOT_RECOGNIZED = (0x01, 0x01, 0x07)
+    #: Rejected-transient, service-provider (presentation), local-limit-exceeded.
+    LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)
+    #: Rejected-permanent, service-provider (presentation), local-limit-exceeded:
+    #: an A-ASSOCIATE-RQ longer than the node reads before acceptance.
+    REQUEST_TOO_LONG = (0x01, 0x03, 0x02)
 
-    @classmethod
-    def no_reason(cls) -> RejectReason:
-        """Rejected-permanent, service-user, no-reason-given (1, 1, 1)."""
-        return cls(0x01, 0x01, 0x01)
+    @property
+    def result(self) -> int:
+        """Result field: 1 rejected-permanent, 2 rejected-transient."""
+        return int(self.value[0])
 
-    @classmethod
-    def calling_ae_not_recognized(cls) -> RejectReason:
-        """Rejected-permanent, service-user, calling-AE-title-not-recognized (1, 1, 3)."""
-        return cls(0x01, 0x01, 0x03)
+    @property
+    def source(self) -> int:
+        """Source field: 1 service-user, 2 service-provider (ACSE), 3 (presentation)."""
+        return int(self.value[1])
 
-    @classmethod
-    def called_ae_not_recognized(cls) -> RejectReason:
-        """Rejected-permanent, service-user, called-AE-title-not-recognized (1, 1, 7)."""
-        return cls(0x01, 0x01, 0x07)
-
-    @classmethod
-    def local_limit_exceeded(cls) -> RejectReason:
-        """Rejected-transient, service-provider (presentation), local-limit-exceeded (2, 3, 2)."""
-        return cls(0x02, 0x03, 0x02)
+    @property
+    def diagnostic(self) -> int:
+        """Reason/Diag. field, meaning depends on ``source``."""
+        return int(self.value[2])
 
 
 class Verdict(enum.Enum):
@@ -111,7 +113,8 @@ class AdmissionEvent:
     reason : str
         Short machine-readable reason (``"admitted"``, ``"not-a-peer"``,
         ``"global-limit"``, ``"peer-limit"``, ``"backlog-full"``,
-        ``"called-ae"``, ``"calling-ae"``, ``"address"``, ``"busy"``).
+        ``"called-ae"``, ``"calling-ae"``, ``"address"``, ``"busy"``,
+        ``"request-too-long"``).
     calling_ae, called_ae : str
         AE titles (empty at the ``connect`` stage).
     """
@@ -280,12 +283,12 @@ class Admission:
 
     def _decide(self, calling: str, called: str, ip: str) -> tuple[RejectReason | None, str]:
         if called != self.ae_title:
-            return RejectReason.called_ae_not_recognized(), "called-ae"
+            return RejectReason.CALLED_AE_NOT_RECOGNIZED, "called-ae"
         if self.accept_any:
             return None, "admitted"
         hosts = self.peers.get(calling)
         if hosts is None:
-            return RejectReason.calling_ae_not_recognized(), "calling-ae"
+            return RejectReason.CALLING_AE_NOT_RECOGNIZED, "calling-ae"
         if ip not in hosts:
-            return RejectReason.no_reason(), "address"
+            return RejectReason.NO_REASON, "address"
         return None, "admitted"

@@ -18,16 +18,21 @@ Contract at the edge (what a peer can and cannot make the node do)
   it then needs one of ``node.max_associations`` slots, at most
   ``node.max_associations_per_peer`` of them per source address.  A listed
   peer over a limit gets A-ASSOCIATE-RJ transient, local-limit-exceeded
-  (PS3.8 9.3.4); anyone else's socket is closed at once.  A connection
+  (PS3.8 9.3.4); anyone else's socket is closed at once, and so is one whose
+  peer closed it before it was accepted (no slot, no thread: a burst of
+  connections is drained in the accept loop without stalling it).  A connection
   without a complete A-ASSOCIATE-RQ (and TLS handshake) within
   ``node.association_request_timeout_s`` is closed; a peer closing its socket
   frees its slot at once.  At the A-ASSOCIATE-RQ the called AE title must be
   ``node.ae_title`` (reason 7) and the calling AE title **and** source
   address must match one ``peers`` entry (reason 3 / reason 1).
 * **Bounded memory.**  PDUs are read in chunks into a buffer that grows only
-  as bytes arrive.  Before acceptance a PDU longer than 64 KiB, after it a
-  P-DATA-TF longer than our maximum PDU (``node.max_pdu``), gets an A-ABORT
-  and the socket closes; a command set is capped at 64 KiB.  A C-STORE whose
+  as bytes arrive.  Before acceptance an A-ASSOCIATE-RQ longer than 64 KiB
+  gets an A-ASSOCIATE-RJ (rejected-permanent, service-provider presentation,
+  local-limit-exceeded) once its 6-byte header is read, any other PDU that
+  long an A-ABORT; after acceptance a P-DATA-TF longer than our maximum PDU
+  (``node.max_pdu``) gets an A-ABORT; the socket then closes.  A command set
+  is capped at 64 KiB.  A C-STORE whose
   data set would take the association past ``max_bytes_per_association`` is
   refused with 0xA700; an association that keeps sending more than
   :data:`ABORT_SLACK_BYTES` beyond the cap, or a single message larger than
@@ -42,7 +47,9 @@ Contract at the edge (what a peer can and cannot make the node do)
   matters** (:func:`cad_node.uids.lenient_uid`).  A UID with a leading-zero
   component (``1.2.840.0113...``, forbidden by PS3.5 9.1 but common and
   readable by pydicom) is stored, answered Success and flagged: a WARNING
-  log line with the study UID, and ``DatasetHeader.uid_defects``.  A UID
+  log line with the study UID, ``DatasetHeader.uid_defects`` and the index
+  column ``instance.uid_defects`` (``StudyState.flagged_instances``, shown on
+  the status page and by ``GET /api/studies/{uid}/uid-defects``).  A UID
   that is empty, longer than 64 characters, has a character other than
   ``0-9`` and ``.`` (so no ``/`` or ``..``: no path traversal) or an empty
   component is refused: 0xC101 in the command, 0xA900 in the data set.  The
@@ -51,7 +58,9 @@ Contract at the edge (what a peer can and cannot make the node do)
   reaches this policy instead of going unanswered.  No path is ever built
   from a UID.
 * **Timeouts.**  Finite ACSE, DIMSE and network timeouts; a PDU that stops
-  arriving mid-way for ``network_timeout_s`` aborts the association.
+  arriving mid-way for ``network_timeout_s``, or is not complete
+  ``pdu_deadline_s`` after its first byte arrived (a slow dribble that each
+  read alone would allow), aborts the association.
 * **DICOM TLS** (``node.tls``): a second listener with the BCP 195 profile
   (TLS 1.2+, its cipher suites), a client certificate from ``ca_bundle``
   required unless ``require_client_certificate`` is false.
@@ -275,6 +284,7 @@ class NodeServer:
         server.admission = self.admission
         server.store_handler = self._on_fast_store
         server.request_timeout = node.association_request_timeout_s
+        server.pdu_deadline_s = node.pdu_deadline_s
         server.tls_context = tls
         # Registered like AE.start_server() does, so AE.shutdown() stops it.
         ae._servers.append(server)

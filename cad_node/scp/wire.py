@@ -8,12 +8,14 @@ PS3.7 (DIMSE command sets, Implicit VR Little Endian) are the references.
 from __future__ import annotations
 
 import enum
+import math
 import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = [
+    "DEADLINE_SLACK_S",
     "MAX_ASSOCIATE_PDU_BYTES",
     "MAX_COMMAND_SET_BYTES",
     "PDU_HEADER",
@@ -40,6 +42,9 @@ MAX_ASSOCIATE_PDU_BYTES = 64 * 1024
 MAX_COMMAND_SET_BYTES = 64 * 1024
 #: First buffer of a PDU read; the buffer then doubles as bytes arrive.
 _FIRST_CHUNK = 64 * 1024
+#: How far one blocking read may run past a PDU's deadline (seconds), see :func:`read_pdu`.
+DEADLINE_SLACK_S = 0.25
+_MIN_TIMEOUT_S = 0.001
 
 
 class PDUType(enum.IntEnum):
@@ -72,11 +77,19 @@ ABORT_SOURCE_PROVIDER = 0x02
 class PDUError(Exception):
     """The peer broke PDU framing; ``reason`` goes into the A-ABORT."""
 
-    def __init__(self, message: str, reason: AbortReason, *, peer_closed: bool = False) -> None:
+    def __init__(
+        self, message: str, reason: AbortReason, *, peer_closed: bool = False,
+        timed_out: bool = False, too_long: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.reason = reason
-        #: The peer closed its socket (or went silent): no A-ABORT is owed.
+        #: The peer closed its socket: no A-ABORT is owed.
         self.peer_closed = peer_closed
+        #: The PDU was not complete by the reader's deadline.
+        self.timed_out = timed_out
+        #: The type of a PDU whose length field was over the limit (only its
+        #: header was read), else None.
+        self.too_long = too_long
 
 
 def encode_a_abort(reason: AbortReason, source: int = ABORT_SOURCE_PROVIDER) -> bytes:
@@ -93,6 +106,8 @@ def read_pdu(
     recv_into: Callable[[memoryview, int], int],
     max_length: Callable[[int], int],
     deadline: float | None = None,
+    settimeout: Callable[[float], None] | None = None,
+    timeout: float = math.inf,
 ) -> bytearray:
     """Read one PDU, growing the buffer only as bytes arrive.
 
@@ -106,6 +121,14 @@ def read_pdu(
         association state.
     deadline : float, optional
         ``time.monotonic()`` instant by which the whole PDU must have arrived.
+    settimeout : callable, optional
+        ``socket.settimeout``-like for the socket behind ``recv_into``.  With
+        a deadline it is called with the seconds left whenever the timeout in
+        force (initially ``timeout``) would let one ``recv_into`` block more
+        than :data:`DEADLINE_SLACK_S` past the deadline, so a stalled PDU
+        ends by then; a PDU that arrives quickly never calls it.
+    timeout : float
+        The socket timeout in force when the call starts (seconds).
 
     Returns
     -------
@@ -116,12 +139,14 @@ def read_pdu(
     ------
     PDUError
         Unknown PDU type, a length over ``max_length``, the peer closing
-        mid-PDU (truncated PDU) or the deadline passing.
+        mid-PDU (truncated PDU, ``peer_closed``) or the deadline passing
+        (``timed_out``; checked before every ``recv_into``, see
+        ``settimeout``).
     OSError
         From ``recv_into``.
     """
     header = bytearray(PDU_HEADER)
-    got = _fill(recv_into, memoryview(header), 0, deadline)
+    got, timeout = _fill(recv_into, memoryview(header), 0, deadline, settimeout, timeout)
     if got == 0:
         raise PDUError("peer closed the connection", AbortReason.NOT_SPECIFIED, peer_closed=True)
     if got < PDU_HEADER:
@@ -134,7 +159,7 @@ def read_pdu(
     if length > limit:
         raise PDUError(
             f"PDU type 0x{pdu_type:02X} announces {length} bytes, more than the {limit} "
-            "accepted now", AbortReason.INVALID_PDU_PARAMETER_VALUE,
+            "accepted now", AbortReason.INVALID_PDU_PARAMETER_VALUE, too_long=pdu_type,
         )
     total = PDU_HEADER + length
     buf = bytearray(min(total, PDU_HEADER + _FIRST_CHUNK))
@@ -145,7 +170,7 @@ def read_pdu(
             buf.extend(bytes(min(len(buf), total - len(buf))))
         view = memoryview(buf)
         try:
-            n = _fill(recv_into, view, pos, deadline)
+            n, timeout = _fill(recv_into, view, pos, deadline, settimeout, timeout)
         finally:
             view.release()
         if n == pos:
@@ -159,19 +184,29 @@ def read_pdu(
 
 def _fill(
     recv_into: Callable[[memoryview, int], int], view: memoryview, pos: int,
-    deadline: float | None,
-) -> int:
-    """Receive into ``view[pos:]`` until it is full or the peer closes; return the new end."""
+    deadline: float | None, settimeout: Callable[[float], None] | None, timeout: float,
+) -> tuple[int, float]:
+    """Receive into ``view[pos:]`` until it is full or the peer closes.
+
+    Returns the new end and the socket timeout now in force (see :func:`read_pdu`).
+    """
     end = len(view)
+    lower_below = timeout - DEADLINE_SLACK_S if settimeout is not None else -math.inf
     while pos < end:
-        if deadline is not None and time.monotonic() > deadline:
-            raise PDUError("PDU not complete before the deadline", AbortReason.NOT_SPECIFIED,
-                           peer_closed=True)
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left < 0:
+                raise PDUError("PDU not complete before the deadline",
+                               AbortReason.NOT_SPECIFIED, timed_out=True)
+            if left < lower_below and settimeout is not None:
+                timeout = max(left, _MIN_TIMEOUT_S)
+                lower_below = timeout - DEADLINE_SLACK_S
+                settimeout(timeout)
         n = recv_into(view[pos:], end - pos)
         if not n:
-            return pos
+            return pos, timeout
         pos += n
-    return pos
+    return pos, timeout
 
 
 # -- DIMSE command sets (PS3.7 Annex E, Implicit VR Little Endian) ----------------

@@ -31,6 +31,9 @@ Contract
   :meth:`SpoolIndex.file_sha256`) hash the immutable file on demand, and a
   writable index records the result; a crash leaves pending rows pending,
   which changes nothing since the file, not the row, is the truth.
+* ``instance.uid_defects`` lists the tolerated UID defects of an instance
+  stored under the SCP's lenient UID policy ("; "-separated, NULL when it
+  conforms); ``StudyState.flagged_instances`` counts them per study.
 * ``study.revision`` counts the new (non-duplicate) instances of a study,
   except the node's own result objects echoed back by a PACS (``own_result``);
   ``study.handed_revision`` is the revision included in the last hand-off.
@@ -119,6 +122,8 @@ INSTANCE = sa.Table(
     sa.Column("calling_ae", sa.Text),
     sa.Column("peer_host", sa.Text),
     sa.Column("own_result", sa.Integer, nullable=False, server_default="0"),
+    #: Tolerated UID defects ("; "-separated), NULL for a conformant instance.
+    sa.Column("uid_defects", sa.Text),
     sa.Index("instance_study", "study_pk"),
 )
 
@@ -128,9 +133,14 @@ def _v2(conn: Connection, dialect: str) -> None:
         "ALTER TABLE instance ADD COLUMN own_result INTEGER NOT NULL DEFAULT 0"))
 
 
+def _v3(conn: Connection, dialect: str) -> None:
+    conn.execute(sa.text("ALTER TABLE instance ADD COLUMN uid_defects TEXT"))
+
+
 #: Schema steps of the index (version 1: the first released schema).
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "instance.own_result (the node's own results echoed back)", _v2),
+    Migration(3, "instance.uid_defects (stored with a tolerated UID defect)", _v3),
 )
 #: Current schema version of the index.
 SCHEMA_VERSION = MIGRATIONS[-1].version
@@ -177,8 +187,9 @@ def _upserts(greatest: str) -> tuple[sa.TextClause, sa.TextClause, sa.TextClause
     instance = sa.text(
         "INSERT INTO instance (id, sop_instance_uid, series_pk, study_pk, sop_class_uid, "
         "transfer_syntax_uid, modality, relpath, size, sha256, received_at, calling_ae, "
-        "peer_host, own_result) VALUES (:id, :sop_uid, :series_pk, :study_pk, :sop_class, "
-        ":ts, :modality, :relpath, :size, :sha256, :t, :calling_ae, :peer_host, :own)")
+        "peer_host, own_result, uid_defects) VALUES (:id, :sop_uid, :series_pk, :study_pk, "
+        ":sop_class, :ts, :modality, :relpath, :size, :sha256, :t, :calling_ae, :peer_host, "
+        ":own, :uid_defects)")
     return patient, study, series, instance
 
 
@@ -207,6 +218,8 @@ class NewInstance:
     peer_host: str | None = None
     #: One of the node's own result objects echoed back (does not reopen the study).
     own_result: bool = False
+    #: Tolerated UID defects (:attr:`cad_node.storage.parse.DatasetHeader.uid_defects`).
+    uid_defects: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -236,6 +249,8 @@ class StudyState:
     generation: int
     handed_fingerprint: str | None
     num_instances: int
+    #: Instances stored with a tolerated UID defect (``instance.uid_defects``).
+    flagged_instances: int = 0
 
     @property
     def pending(self) -> bool:
@@ -246,7 +261,8 @@ class StudyState:
 _STUDY_COLUMNS = (
     "s.id, s.study_instance_uid, p.patient_id, s.first_received, s.last_received, s.opened_at, "
     "s.revision, s.handed_revision, s.generation, s.handed_fingerprint, "
-    "(SELECT COUNT(*) FROM instance i WHERE i.study_pk = s.id)"
+    "(SELECT COUNT(*) FROM instance i WHERE i.study_pk = s.id), "
+    "(SELECT COUNT(*) FROM instance i WHERE i.study_pk = s.id AND i.uid_defects IS NOT NULL)"
 )
 _INSTANCE_COLUMNS = (
     "i.id, st.study_instance_uid, se.series_instance_uid, i.sop_instance_uid, i.sop_class_uid, "
@@ -363,7 +379,8 @@ class SpoolIndex:
                     "sop_class": rec.sop_class_uid, "ts": rec.transfer_syntax_uid,
                     "modality": rec.modality, "relpath": rec.relpath, "size": rec.size,
                     "sha256": rec.sha256, "t": t, "calling_ae": rec.calling_ae,
-                    "peer_host": rec.peer_host, "own": int(rec.own_result)}))
+                    "peer_host": rec.peer_host, "own": int(rec.own_result),
+                    "uid_defects": "; ".join(rec.uid_defects) or None}))
         except self._integrity_errors as exc:
             if "sop_instance_uid" in str(exc):
                 raise DuplicateInstanceError(rec.sop_instance_uid) from None
@@ -547,6 +564,7 @@ class SpoolIndex:
             generation=int(row[8]),  # type: ignore[call-overload]
             handed_fingerprint=None if row[9] is None else str(row[9]),
             num_instances=int(row[10]),  # type: ignore[call-overload]
+            flagged_instances=int(row[11]),  # type: ignore[call-overload]
         )
 
     def study(self, study_instance_uid: str) -> StudyState | None:
@@ -566,6 +584,19 @@ class SpoolIndex:
             f"{where} ORDER BY s.id"
         )
         return [self._to_study(r) for r in rows]
+
+    def uid_defects(self, study_instance_uid: str) -> dict[str, str]:
+        """SOP Instance UID -> its tolerated UID defects, for a study's flagged instances.
+
+        Empty when the study is unknown or every instance is conformant
+        (see :func:`cad_node.uids.lenient_uid` for what is tolerated).
+        """
+        rows = self._query(
+            f"SELECT i.sop_instance_uid, i.uid_defects {_INSTANCE_FROM} "
+            "WHERE st.study_instance_uid = ? AND i.uid_defects IS NOT NULL ORDER BY i.id",
+            (study_instance_uid,),
+        )
+        return {str(r[0]): str(r[1]) for r in rows}
 
     def series_for_study(self, study_id: int) -> list[SeriesState]:
         """The series of a study (by node id), ordered by id."""

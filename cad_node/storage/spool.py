@@ -342,6 +342,7 @@ class Spool:
                     sha256=hashlib.sha256(raw).hexdigest(),
                     received_at=path.stat().st_mtime,
                     own_result=header.manufacturer in self.own_manufacturers,
+                    uid_defects=header.uid_defects,
                 )
             )
             log.warning("spool recovery: indexed complete but unindexed file %s", path)
@@ -490,6 +491,7 @@ class Spool:
                     calling_ae=calling_ae,
                     peer_host=peer_host,
                     own_result=header.manufacturer in self.own_manufacturers,
+                    uid_defects=header.uid_defects,
                 )
             )
         except DuplicateInstanceError:

@@ -9,7 +9,8 @@ Endpoints
 ---------
 ``GET /``                        the status page (static HTML + JS, no build step, no CDN)
 ``GET /api/overview``            everything the page shows, in one document
-``GET /api/studies``             studies with their per-stage timeline
+``GET /api/studies``             studies with their per-stage timeline and UID-flagged instances
+``GET /api/studies/{uid}/uid-defects``  a study's instances stored with a tolerated UID defect
 ``GET /api/jobs/{id}``           one job with its events and acknowledged objects
 ``GET /api/models``              installed model bundles with their cards
 ``POST /api/jobs/{id}/retry``    run a failed/dead job again
@@ -39,6 +40,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from cad_node.config import Settings
 from cad_node.jobs.routing import NOT_ROUTED, not_routed_reason
+from cad_node.jobs.runner import ANALYSIS_FAILED
 from cad_node.jobs.states import JobState
 from cad_node.jobs.store import Job, JobNotFoundError, JobStore
 from cad_node.storage.index import SpoolIndex
@@ -133,7 +135,8 @@ def study_timeline(job: Job, store: JobStore, settings: Settings) -> list[dict[s
         reason = not_routed_reason(job.error)
         if reason is not None:
             errors["routed"] = f"{NOT_ROUTED}: {reason}"
-        elif job.state is JobState.FAILED and at["validated"] is None:
+        elif (job.state is JobState.FAILED and at["validated"] is None) or (
+                job.error.startswith(ANALYSIS_FAILED)):  # e.g. a refused radiograph
             errors["analysed"] = job.error
         else:
             errors["sent"] = job.error
@@ -176,7 +179,8 @@ def _studies(ctx: WebContext, limit: int) -> list[dict[str, Any]]:
         current = jobs[-1] if jobs else None
         view: dict[str, Any] = {
             "study_instance_uid": st.study_instance_uid, "patient_id": st.patient_id,
-            "instances": st.num_instances, "first_received": st.first_received,
+            "instances": st.num_instances, "uid_flagged": st.flagged_instances,
+            "first_received": st.first_received,
             "last_received": st.last_received, "generation": st.generation,
             "state": "receiving" if st.pending else "handed on",
             "job": None, "timeline": [], "jobs": [j.job_id for j in jobs],
@@ -306,6 +310,13 @@ def create_app(ctx: WebContext) -> FastAPI:
     @app.get("/api/studies")
     def studies(limit: int = 50) -> list[dict[str, Any]]:
         return _studies(ctx, max(1, min(limit, 500)))
+
+    @app.get("/api/studies/{study_instance_uid}/uid-defects")
+    def uid_defects(study_instance_uid: str) -> dict[str, str]:
+        index = ctx.index()
+        if index is None or index.study(study_instance_uid) is None:
+            raise HTTPException(404, "no such study")
+        return index.uid_defects(study_instance_uid)
 
     @app.get("/api/jobs/{job_id}")
     def job(job_id: int) -> dict[str, Any]:

@@ -202,6 +202,59 @@ def test_cnn_scorer_bundle_is_used_and_combined(phantom_case, tmp_path: Path) ->
     assert np.allclose(run.probabilities, np.sqrt(classical * cnn), atol=1e-6)
 
 
+def test_context_fusion_bundle_and_run_variants(phantom_case, tmp_path: Path) -> None:
+    """A bundle with a context fusion scores by it; run_variants reproduces both ways.
+
+    Untrained (seeded) weights and a hand-set fusion: this checks the plumbing
+    (pipeline, bundle record, variants sharing the stages), not accuracy.
+    """
+    import torch
+
+    from cad_node.models import load_bundle
+    from cad_node.models.network import DEFAULT_ARCHITECTURE, build_network
+    from cad_node.models.scorer import CandidateScorer
+    from cad_node.pipelines.ct_chest.candidates import candidate_features, classical_probability
+    from cad_node.pipelines.ct_chest.features import ContextFusion, context_features
+    from cad_node.pipelines.ct_chest.pipeline import SCORER_BUNDLE
+    from trainer.export import write_bundle
+
+    torch.manual_seed(0)
+    net = build_network(DEFAULT_ARCHITECTURE)
+    fusion = ContextFusion(("vesselness", "mediastinum_mm", "vessel_branches"),
+                           (1.5, -1.0, 0.5, -0.3), 0.2)
+    spec = {"spacing_mm": [1.5, 1.5, 1.5], "patch_size": [24, 24, 24],
+            "hu_window": [-1000.0, 400.0], "batch_size": 64}
+    for version, out in (("0.0.1", {"threshold": 0.42}),
+                         ("0.0.2", {"threshold": 0.42, "context_fusion": fusion.to_mapping()})):
+        write_bundle(tmp_path, name=SCORER_BUNDLE, version=version, state_dict=net.state_dict(),
+                     task="test bundle", architecture=DEFAULT_ARCHITECTURE, input_spec=spec,
+                     output_spec=out, training_data={"description": "untrained test weights"})
+    plain, fused = load_bundle(SCORER_BUNDLE, tmp_path, "0.0.1"), load_bundle(SCORER_BUNDLE,
+                                                                             tmp_path)
+    assert fused.version == "0.0.2" and plain.identity.device_uid != fused.identity.device_uid
+    _, _, series, _ = phantom_case
+    pipe = CtChestPipeline(models_dir=tmp_path)
+    run = pipe.run_detailed(series)
+    assert run.result.model == fused.identity
+    cands, lungs = run.candidates, run.lungs.lungs
+    centres = np.array([c.center_mm for c in cands])
+    classical = classical_probability(candidate_features(series.image, lungs, cands),
+                                      np.array([c.scale_mm for c in cands]))
+    expected = fusion.probability(CandidateScorer(fused).logits(series.image, centres),
+                                  context_features(series.image, lungs, cands))
+    assert np.allclose(run.probabilities, np.sqrt(classical * expected), atol=1e-6)
+    # the variants share every stage: the fusion gives the fused bundle's findings, None
+    # the plain sigmoid's
+    with_fusion, without = pipe.run_variants(series, [fusion, None])
+    assert [(f.center_mm, f.probability) for f in with_fusion.findings] == [
+        (f.center_mm, f.probability) for f in run.result.findings]
+    cnn = CandidateScorer(plain).score(series.image, centres)
+    sigmoid_probs = sorted(round(float(v), 4) for v in np.sqrt(classical * cnn))
+    assert all(f.probability <= sigmoid_probs[-1] + 1e-4 for f in without.findings)
+    assert [f.probability for f in without.findings] != [f.probability for f in
+                                                         with_fusion.findings]
+
+
 def test_cli_analyze_unknown_pipeline_is_a_clear_failure(phantom_case, tmp_path: Path) -> None:
     _, folder, _, _ = phantom_case
     cfg = tmp_path / "node.yaml"

@@ -86,7 +86,7 @@ def test_object_kinds_become_the_enum_once_at_the_config_edge(tmp_path: Path) ->
     assert a.objects == [ObjectKind.KOS, ObjectKind.SR]
     assert all(type(k) is ObjectKind for k in a.objects)
     assert tuple(b.objects) == DEFAULT_OBJECT_KINDS == ("sr", "seg", "sc")
-    assert [str(k) for k in ObjectKind] == ["sr", "seg", "sc", "gsps", "kos"]  # YAML spelling
+    assert [str(k) for k in ObjectKind] == ["sr", "seg", "sc", "gsps", "kos", "pm"]  # YAML spelling
     for bad, key in (("[sr, pdf]", "destinations.0.objects.1"), ("[sr, sr]", "objects"),
                      ("[]", "destinations.0.objects")):
         dest = f"{{name: a, ae_title: A, host: h, port: 1, objects: {bad}}}"

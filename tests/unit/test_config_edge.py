@@ -19,6 +19,7 @@ def test_defaults(tmp_path: Path) -> None:
     s = _load(tmp_path, "{}\n")
     assert s.node.max_associations_per_peer == 8
     assert s.node.association_request_timeout_s == 5.0
+    assert s.node.pdu_deadline_s == 60.0
     assert s.node.tls is None
 
 
@@ -26,6 +27,9 @@ def test_defaults(tmp_path: Path) -> None:
     ("node: {max_associations_per_peer: 0}", "node.max_associations_per_peer"),
     ("node: {association_request_timeout_s: 0}", "node.association_request_timeout_s"),
     ("node: {association_request_timeout_s: '5'}", "node.association_request_timeout_s"),
+    ("node: {pdu_deadline_s: 0}", "node.pdu_deadline_s"),
+    ("node: {pdu_deadline_s: -1.5}", "node.pdu_deadline_s"),
+    ("node: {pdu_deadline_s: soon}", "node.pdu_deadline_s"),
     ("node: {tls: {certificate: /nonexistent.crt, private_key: /nonexistent.key,"
      " require_client_certificate: false}}", "node.tls.certificate"),
     ("destinations: [{name: p, ae_title: P, host: 127.0.0.1, port: 104,"

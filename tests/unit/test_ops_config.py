@@ -45,6 +45,33 @@ def test_no_routing_section_means_the_builtin_rules(tmp_path: Path) -> None:
     assert s.routing.builtin and s.routing.rules == BUILTIN_RULES
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("shipped", ["config/cad-node.yaml", "docker/cad-node.yaml"])
+def test_shipped_files_name_the_builtin_rules_instead_of_copying_them(shipped: str) -> None:
+    """One truth per rule: the YAML files list built-in rules by name."""
+    import yaml
+
+    raw = yaml.safe_load((REPO / shipped).read_text())
+    assert raw["routing"]["rules"] == ["chest-ct", "chest-xr"]
+    s = load_config(REPO / shipped, environ={})
+    assert s.routing.rules == BUILTIN_RULES
+    assert s.routing.rules[1].match.modality == ["CR", "DX"]
+    assert s.routing.rules[1].match.body_part is None  # the pipeline refuses, not the rule
+
+
+def test_a_named_rule_mixes_with_written_rules_and_an_unknown_name_fails(tmp_path: Path
+                                                                         ) -> None:
+    extra = ("routing:\n  rules:\n    - chest-xr\n    - {name: mr, pipeline: ct-chest, "
+             "match: {modality: [MR]}}\n")
+    s = load_config(_write(tmp_path, THREE_KEYS + extra), environ={})
+    assert [r.name for r in s.routing.rules] == ["chest-xr", "mr"]
+    assert s.routing.rules[0] == BUILTIN_RULES[1] and not s.routing.builtin
+    with pytest.raises(ConfigError, match=r"routing\.rules.*'chest-mr' is not a built-in"):
+        load_config(_write(tmp_path, THREE_KEYS + "routing: {rules: [chest-mr]}\n"), environ={})
+
+
 def test_empty_rules_mean_analyse_nothing_and_warn(tmp_path: Path) -> None:
     cfg = _write(tmp_path, THREE_KEYS + "routing: {rules: []}\n")
     s = load_config(cfg, environ={})

@@ -294,17 +294,33 @@ def test_every_accepted_transfer_syntax_decodes(uid: str, siim: Dataset, tmp_pat
 
 # -- routing ------------------------------------------------------------------------
 
-def test_chest_xr_rule_routes_frontal_cr_only() -> None:
+def test_chest_xr_rule_routes_every_radiograph_the_pipeline_then_refuses() -> None:
+    """Every CR/DX series reaches the pipeline (laterals, other body parts, mixed sizes),
+    so a refusal reaches the PACS as a failure SR; a CT does not."""
     rule = chest_xr_rule()
-    assert rule.name == "chest-xr" and rule.pipeline == "cxr"
+    assert rule.name == "chest-xr" and rule.pipeline == "cxr" and rule.series == "all"
     frontal = _cr()
     unset = _cr(ViewPosition="", BodyPartExamined="")
+    unset.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.5"
     lateral = _cr(ViewPosition="LL")
     lateral.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.3"
     hand = _cr(BodyPartExamined="HAND")
+    hand.Modality = "DX"
     hand.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.4"
-    unset.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.5"
-    series = group_series([frontal, unset, lateral, hand])
-    chosen = {s.series_instance_uid for s in select_series(series, rule)}
-    assert chosen == {frontal.SeriesInstanceUID, unset.SeriesInstanceUID}
+    # a PA and a lateral of other sizes in one series: analysed image by image
+    pa2, lat2 = _cr(rows=320, cols=300), _cr(rows=300, cols=320, ViewPosition="LL")
+    for ds in (pa2, lat2):
+        ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.6"
+    ct = _cr(Modality="CT")
+    ct.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.7"
+    series = group_series([frontal, unset, lateral, hand, pa2, lat2, ct])
+    selection = select_series(series, rule)
+    chosen = {s.series_instance_uid for s in selection}
+    assert chosen == {frontal.SeriesInstanceUID, unset.SeriesInstanceUID,
+                      lateral.SeriesInstanceUID, hand.SeriesInstanceUID, pa2.SeriesInstanceUID}
+    assert "Modality CT" in selection.rejected[ct.SeriesInstanceUID]
     assert isinstance(rule.match, SeriesMatch)
+    # the pipeline's refusals of the two that must not be analysed
+    for ds, words in ((lateral, "View Position LL"), (hand, "Body Part Examined HAND")):
+        with pytest.raises(RadiographRefusedError, match=words):
+            load_radiograph([ds])

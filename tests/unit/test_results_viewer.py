@@ -63,8 +63,8 @@ def test_each_finding_has_its_own_colour_in_seg_sc_and_gsps() -> None:
 
 
 @pytest.mark.parametrize(("source", "expected"), [
-    (1, {9001, 9002, 9003, 9004, 9005}),
-    (3000566, {3000567, 3000568, 3000569, 3000570, 3000571}),
+    (1, {9001, 9002, 9003, 9004, 9005, 9006}),
+    (3000566, {3000567, 3000568, 3000569, 3000570, 3000571, 3000572}),
     (2**31 - 2, {2**31 - 1}),
 ])
 def test_result_series_sort_after_the_source(source: int, expected: set[int]) -> None:

@@ -154,3 +154,32 @@ def test_workers_show_alive_device_and_current_job(web: Any) -> None:
     assert workers["gpu0@host"]["alive"] and workers["gpu0@host"]["device"] == "cuda:0"
     assert workers["gpu0@host"]["current_job"] == busy.job_id
     assert not workers["old@host"]["alive"] and workers["old@host"]["current_job"] is None
+
+
+def test_uid_flagged_instances_are_shown(tmp_path: Path) -> None:
+    from cad_node.storage.index import NewInstance
+
+    storage = tmp_path / "var"
+    settings = Settings.model_validate({"node": {"storage_dir": str(storage)}})
+    spool = Spool.open(storage)
+    defect = "SOP Instance UID (0008,0018): component 5 has a leading zero"
+    for i, (uid, defects) in enumerate([("1.2.3.4.5", ()), ("1.2.3.4.06", (defect,))], 1):
+        spool.index.add_instance(NewInstance(
+            i, uid, "1.2.840.10008.5.1.4.1.1.2", "1.2.3", "1.2.3.4", "1.2.840.10008.1.2.1",
+            "P", None, "CT", f"000000/{i:010d}.dcm", 10, "", 100.0 + i, uid_defects=defects))
+    ctx = WebContext(settings=lambda: settings, store=JobStore.for_storage(storage),
+                     index=lambda: spool.index, environ={})
+    server = WebServer(ctx, "127.0.0.1", 0)
+    server.start()
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        code, studies = _request(base + "/api/studies")
+        assert code == 200
+        assert [(s["instances"], s["uid_flagged"]) for s in studies] == [(2, 1)]
+        assert _request(base + "/api/studies/1.2.3/uid-defects") == (200, {"1.2.3.4.06": defect})
+        assert _request(base + "/api/studies/9.9/uid-defects")[0] == 404
+        code, script = _request(base + "/static/app.js")
+        assert code == 200 and "uid_flagged" in script
+    finally:
+        server.stop()
+        spool.close()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -73,6 +74,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # torch is imported only when a scorer bundle is installed
     from cad_node.models.scorer import CandidateScorer
+    from cad_node.pipelines.ct_chest.features import ContextFusion
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +268,7 @@ class CtChestPipeline:
                 # a candidate exactly at both operating points lands exactly on this one
                 threshold = float(np.sqrt(CLASSICAL_OPERATING_THRESHOLD * float(scorer.threshold)))
             if cands:
-                cnn = scorer.score(series.image, np.array([c.center_mm for c in cands]))
+                cnn = self._cnn_probability(scorer, series.image, lung_mask, cands)
                 prob = np.sqrt(prob * np.clip(cnn, 0.0, 1.0))
         notes.append(f"operating threshold {threshold:g} "
                      f"({'classical x CNN' if scorer is not None else 'classical score'})")
@@ -281,6 +283,79 @@ class CtChestPipeline:
         report("done", 1.0)
         return CtChestRun(result=result, lungs=lungs, candidates=cands, probabilities=prob,
                           timings_s=clock.timings_s, cpu_s=clock.cpu_s)
+
+    @staticmethod
+    def _cnn_probability(scorer: CandidateScorer, image: sitk.Image,
+                         lung_mask: npt.NDArray[np.bool_],
+                         cands: list[Candidate]) -> npt.NDArray[np.float64]:
+        """The scorer's probability, fused with the context features when the bundle says so.
+
+        A bundle with ``output.context_fusion`` gets
+        :class:`~.features.ContextFusion` of its logits and
+        :func:`~.features.context_features`; any other bundle its sigmoid.
+        """
+        centers = np.array([c.center_mm for c in cands])
+        record = scorer.context_fusion
+        if record is None:
+            return scorer.score(image, centers)
+        from cad_node.pipelines.ct_chest.features import ContextFusion, context_features
+
+        fusion = ContextFusion.from_mapping(record)
+        return fusion.probability(scorer.logits(image, centers),
+                                  context_features(image, lung_mask, cands))
+
+    def run_variants(
+        self, series: LoadedSeries, fusions: Sequence[ContextFusion | None], *,
+        device: str = "cpu",
+    ) -> list[AnalysisResult]:
+        """One result per late fusion of the scorer, sharing every other stage.
+
+        Lungs, candidates, the classical score, the CNN logits and (when any
+        fusion is given) the context features are computed once; then for each
+        entry of ``fusions`` (``None``: the CNN's sigmoid) the scorer's
+        probability, characterisation and assembly run as in :meth:`run`,
+        whatever the installed bundle's own fusion is.  ``cad-train`` uses it
+        to measure fusion variants on the same scans (the ablation).
+
+        Raises
+        ------
+        ValueError
+            No scorer bundle is installed.
+        """
+        from cad_node.pipelines.ct_chest.features import context_features
+
+        notes: list[str] = []
+        try:
+            self._check_input(series)
+            try:
+                lungs = segment_lungs(series.image)
+            except LungSegmentationError as exc:
+                raise _FailedError(f"lung segmentation failed: {exc}") from None
+            cands = generate_candidates(series.image, lungs.lungs, work_hu=lungs.work_hu,
+                                        work_lung=lungs.work_lungs)
+        except _FailedError as exc:
+            return [self._fail(series, str(exc)) for _ in fusions]
+        scorer = self._scorer(device, notes)
+        if scorer is None:
+            raise ValueError(f"run_variants needs a {SCORER_BUNDLE!r} bundle")
+        diam = np.array([c.scale_mm for c in cands])
+        feats = candidate_features(series.image, lungs.lungs, cands)
+        classical = classical_probability(feats, diam) if cands else np.zeros(0)
+        centers = np.array([c.center_mm for c in cands]).reshape(-1, 3)
+        logits = scorer.logits(series.image, centers)
+        ctx = (context_features(series.image, lungs.lungs, cands)
+               if any(f is not None for f in fusions) else np.zeros((len(cands), 0)))
+        threshold = (float(scorer.operating_threshold) if scorer.operating_threshold is not None
+                     else float(np.sqrt(CLASSICAL_OPERATING_THRESHOLD * scorer.threshold)))
+        out: list[AnalysisResult] = []
+        for fusion in fusions:
+            cnn = (1.0 / (1.0 + np.exp(-logits)) if fusion is None
+                   else fusion.probability(logits, ctx))
+            prob = np.sqrt(classical * np.clip(cnn, 0.0, 1.0)) if cands else np.zeros(0)
+            findings, _ = self._characterise(series, lungs, cands, feats, diam, prob)
+            out.append(self._assemble(series, lungs, findings, threshold, scorer.identity,
+                                      list(notes)))
+        return out
 
     def _characterise(
         self, series: LoadedSeries, lungs: LungSegmentation, cands: list[Candidate],

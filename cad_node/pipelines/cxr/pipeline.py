@@ -12,6 +12,11 @@ Stages (each reported through ``progress``):
 3. measurements (:mod:`.measure`): lung areas (cm², only with a mm scale), the
    CTR on PA films ("not assessable" on AP or without a stated view), and a
    "Cardiomegaly" finding (the heart outline) when CTR > 0.50 on PA.
+4. part 2 (:mod:`.triage`, issue #12), each from its optional bundle: the
+   abnormal probability and decision at the operating point with the boxes of
+   an abnormal image (``cxr-abnormal``), the lung-restricted attribution
+   heatmap, and the TB probability (``cxr-tb``; without it the report says TB
+   screening is not installed and gives no number).
 
 Contract of :meth:`CxrPipeline.run`
 -----------------------------------
@@ -74,8 +79,6 @@ log = logging.getLogger(__name__)
 PIPELINE_NAME = "cxr"
 #: Name of the lung/heart segmentation bundle (``models/cxr-lungs/<version>``).
 LUNGS_BUNDLE = "cxr-lungs"
-#: Optional tuberculosis bundle (issue #12); without it the SR says TB screening is absent.
-TB_BUNDLE = "cxr-tb"
 #: Right/left lung area ratios outside this range get a note (NIH check, docs/cxr.md).
 PLAUSIBLE_RIGHT_LEFT = (0.5, 2.5)
 #: A chest film narrower than this (mm) means the header's pixel spacing is suspect.
@@ -187,17 +190,15 @@ class CxrPipeline:
         size = spec.size if isinstance(spec, RadiographInputSpec) else NET_SIZE
         masks = segment(net, series.pixels, size=size)
         report("measuring", 0.8)
-        return self._measure(series, masks.right_lung, masks.left_lung, masks.heart, identity)
+        result = self._measure(series, masks.right_lung, masks.left_lung, masks.heart, identity)
+        if result.status is not AnalysisStatus.COMPLETED:
+            return result
+        # part 2 (issue #12): abnormal probability and boxes (cxr-abnormal), attribution
+        # heatmap, TB probability (cxr-tb): pipelines/cxr/triage.py
+        from cad_node.pipelines.cxr.triage import add_part2
 
-    def _tb_statement(self) -> str:
-        """What the report says about TB screening (issue #12: no number without a bundle)."""
-        from cad_node.models.bundle import list_versions
-
-        if not list_versions(TB_BUNDLE, self.models_dir):
-            return (f"TB screening not installed (no {TB_BUNDLE} bundle): no tuberculosis "
-                    "probability is reported")
-        return (f"a {TB_BUNDLE} bundle is installed but this version has no TB inference: "
-                "no tuberculosis probability is reported")
+        return add_part2(result, series, masks.right_lung, masks.left_lung, self.models_dir,
+                         device, report)
 
     @staticmethod
     def _failed(series: Radiograph | RefusedInput, reason: str, identity: ModelIdentity
@@ -294,7 +295,6 @@ class CxrPipeline:
             measurements["cardiothoracic_ratio"] = round(ctr, 3)
         else:
             qualitative["cardiothoracic_ratio"] = str(why)
-        notes.append(self._tb_statement())
         findings: list[Finding] = []
         if ctr is not None and ctr > CARDIOMEGALY_CTR and meas.heart_outline is not None:
             qualitative["cardiomegaly"] = (

@@ -83,6 +83,18 @@ function timelineCell(timeline) {
   return cell;
 }
 
+function instancesCell(s) {
+  const cell = el("td", {}, s.instances);
+  if (s.uid_flagged) {
+    cell.append(" ", el("span", {
+      class: "flagged", "data-uid-flagged": s.uid_flagged,
+      title: "stored with a tolerated UID defect (e.g. a leading-zero component); " +
+             `details: /api/studies/${s.study_instance_uid}/uid-defects`,
+    }, `(${s.uid_flagged} UID-flagged)`));
+  }
+  return cell;
+}
+
 function renderStudies(studies) {
   fill("studies", studies.map((s) => {
     const job = s.job;
@@ -99,7 +111,7 @@ function renderStudies(studies) {
     return el("tr", { "data-study-uid": s.study_instance_uid, class: `state-${state.replace(/ /g, "-")}` },
       el("td", { class: "uid" }, s.study_instance_uid),
       el("td", {}, s.patient_id),
-      el("td", {}, s.instances),
+      instancesCell(s),
       el("td", {}, job ? job.job_id : "-"),
       el("td", { class: "state" }, state),
       timelineCell(s.timeline),
