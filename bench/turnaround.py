@@ -18,9 +18,12 @@ result files to the same Orthanc (the ``send`` ratio).
 Usage::
 
     .venv/bin/python bench/turnaround.py [--repeat N] [--threads 2] [--shipped-routing]
+                                         [--ct-lesion]
 
-``--shipped-routing`` routes with ``config/cad-node.yaml`` (ct-chest and
-ct-lesion on the same series; goal for both: 30 s).
+``--shipped-routing`` routes with ``config/cad-node.yaml`` (ct-chest; the
+ct-lesion rule is commented out there, it is opt-in); ``--ct-lesion`` adds that
+opt-in rule, so ct-chest and ct-lesion run on the same series (goal for both:
+30 s).
 """
 
 from __future__ import annotations
@@ -58,16 +61,19 @@ def _lidc_files() -> list[Path]:
 
 
 def _one_run(workdir: Path, pacs: OrthancServer, files: list[Path],
-             shipped_routing: bool = False) -> dict[str, float]:
+             shipped_routing: bool = False, ct_lesion: bool = False) -> dict[str, float]:
     node = Node(workdir / "node", pacs.dicom_port)
-    if shipped_routing:  # the rules of config/cad-node.yaml: ct-chest and ct-lesion
+    if shipped_routing or ct_lesion:  # the rules of config/cad-node.yaml (+ the opt-in one)
         import yaml
 
         from cad_node.config import load_config
+        from tests.system.test_ct_lesion_e2e import CT_LESION_RULE
 
         cfg = yaml.safe_load(node.config.read_text())
         cfg["routing"] = yaml.safe_load((REPO / "config" / "cad-node.yaml").read_text())[
             "routing"]
+        if ct_lesion:
+            cfg["routing"]["rules"].append(CT_LESION_RULE)
         node.config.write_text(yaml.safe_dump(cfg))
         node.settings = load_config(node.config)
     node.start()
@@ -119,7 +125,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="runs (fresh node each)")
     parser.add_argument("--threads", type=int, default=2, help="torch/OMP threads")
     parser.add_argument("--shipped-routing", action="store_true",
-                        help="route with config/cad-node.yaml (ct-chest and ct-lesion)")
+                        help="route with config/cad-node.yaml (ct-chest; ct-lesion is opt-in)")
+    parser.add_argument("--ct-lesion", action="store_true",
+                        help="shipped routing plus the opt-in ct-lesion rule (both CT pipelines)")
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     os.environ["CAD_NODE_JOBS__DEVICE"] = "cpu"
@@ -133,7 +141,8 @@ def main() -> None:
         try:
             for i in range(args.repeat):
                 pacs.delete_all()
-                runs.append(_one_run(work / f"run{i}", pacs, files, args.shipped_routing))
+                runs.append(_one_run(work / f"run{i}", pacs, files, args.shipped_routing,
+                                     args.ct_lesion))
                 shutil.rmtree(work / f"run{i}", ignore_errors=True)
         finally:
             pacs.stop()

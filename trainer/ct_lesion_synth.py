@@ -38,7 +38,7 @@ pixels).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -46,12 +46,12 @@ from scipy import ndimage
 
 from cad_node.pipelines.ct_lesion.recist import BOX_PAD_MM
 from cad_node.pipelines.ct_lesion.slices import (
-    NEIGHBOUR_MM,
     PIXEL_MM,
     SliceGrid,
     _interp_z,
     body_centre,
     resample_plane,
+    slice_offsets_mm,
 )
 
 __all__ = ["TYPE_CODES", "Background", "SyntheticSample", "insert_lesions", "tissue_masks"]
@@ -72,6 +72,12 @@ class Background:
     name: str
     planes: npt.NDArray[np.float32]
     positions_mm: npt.NDArray[np.float64]
+    #: Slice indices samples may be drawn from (all but the two end slices by default).
+    usable: npt.NDArray[np.intp] = field(default_factory=lambda: np.zeros(0, dtype=np.intp))
+
+    def __post_init__(self) -> None:
+        if len(self.usable) == 0 and len(self.planes) > 2:
+            self.usable = np.arange(1, len(self.planes) - 1)
 
     @classmethod
     def from_volume(cls, name: str, hu_zyx: npt.NDArray[np.generic],
@@ -82,11 +88,10 @@ class Background:
         planes = resample_plane(np.asarray(hu_zyx), grid)
         return cls(name, planes, np.arange(len(planes), dtype=float) * dz)
 
-    def stack(self, k: int) -> npt.NDArray[np.float32]:
-        """Key slice ``k`` and its +-2 mm neighbours, HU ``(3, H, W)``."""
+    def stack(self, k: int, n_slices: int = 3) -> npt.NDArray[np.float32]:
+        """Key slice ``k`` and its neighbours 2 mm apart, HU ``(n_slices, H, W)``."""
         z = self.positions_mm[k]
-        return _interp_z(self.planes, self.positions_mm,
-                         np.array([z - NEIGHBOUR_MM, z, z + NEIGHBOUR_MM]))
+        return _interp_z(self.planes, self.positions_mm, z + slice_offsets_mm(n_slices))
 
 
 def tissue_masks(hu: npt.NDArray[np.floating]) -> dict[str, npt.NDArray[np.bool_]]:
@@ -152,10 +157,11 @@ def _lesion_hu(kind: str, bg: float, rng: np.random.Generator) -> float:
 
 
 def insert_lesions(background: Background, k: int, rng: np.random.Generator,
-                   max_lesions: int = 3) -> SyntheticSample:
+                   max_lesions: int = 3, n_slices: int = 3) -> SyntheticSample:
     """Insert 0-``max_lesions`` lesions around key slice ``k`` (module docstring)."""
-    hu = background.stack(k).copy()
-    key = hu[1]
+    hu = background.stack(k, n_slices).copy()
+    key_ch = n_slices // 2
+    key = hu[key_ch]
     masks = tissue_masks(key)
     h, w = key.shape
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -197,13 +203,13 @@ def insert_lesions(background: Background, k: int, rng: np.random.Generator,
         lesion_hu = _lesion_hu(kind, float(np.median(key[allowed])) if allowed.any() else 40.0,
                                rng)
         noise = ndimage.gaussian_filter(rng.normal(0, 12, key.shape), 1.0).astype(np.float32)
-        for ch, dz in enumerate((-NEIGHBOUR_MM, 0.0, NEIGHBOUR_MM)):
+        for ch, dz in enumerate(slice_offsets_mm(n_slices)):
             zr = (dz - dz0) / c_mm
             if abs(zr) >= 1:
                 continue
             scale = np.sqrt(1 - zr ** 2)
             edge = np.clip((scale - r) * max(a * scale, 1.0) + 0.5, 0, 1).astype(np.float32)
-            if ch == 1:
+            if ch == key_ch:
                 occ_key = edge
             hu[ch] = hu[ch] * (1 - edge) + edge * (lesion_hu + 0.7 * texture[ch] + noise)
         if occ_key is None or (occ_key > 0.5).sum() < 4:

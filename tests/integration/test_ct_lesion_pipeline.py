@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -136,3 +137,42 @@ def test_reconcile_refills_from_the_next_ranked_lesions(
         again = reconcile_with(out.model_copy(update={"findings": [f]}), chest, lidc_series.image)
         assert again.findings == [f]
     assert out.measurements["lesion_count"] == len(out.findings)
+
+
+def test_a_nine_slice_bundle_gets_nine_slice_inputs(lidc_series: Any, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue #15 Deliver 1 "3 (or 9) neighbouring slices": the bundle's ``in_channels`` decides."""
+    import torch
+
+    import cad_node.pipelines.ct_lesion.pipeline as lesion_pipeline_module
+    from cad_node.models.network import build_network
+    from trainer.export import write_bundle
+
+    arch = {"builder": "lesion-centernet", "in_channels": 9, "channels": [8, 8, 8, 8],
+            "neck": 8, "n_types": 8, "windows": [[-1024.0, 3071.0], [-175.0, 275.0]]}
+    torch.manual_seed(0)
+    write_bundle(
+        tmp_path, name="ct-lesion", version="0.0.9", state_dict=build_network(arch).state_dict(),
+        task="test of the 9-slice input path (untrained)", architecture=arch,
+        input_spec={"spacing_mm": (1.6, 1.6, 2.0), "patch_size": (9, 256, 256),
+                    "hu_window": (-1024.0, 3071.0), "outside_hu": -1024.0, "batch_size": 8},
+        training_data={"description": "none: random weights"},
+        output_spec={"kind": "logit", "positive_class": "lesion", "threshold": 0.5,
+                     "operating_threshold": 0.5, "operating_rule": "test"})
+    shapes: list[tuple[int, ...]] = []
+    real_detect = lesion_pipeline_module.detect_inputs
+
+    def spy(net: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        shapes.append(tuple(inputs.shape))
+        return real_detect(net, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(lesion_pipeline_module, "detect_inputs", spy)
+    n = 16  # the first 16 slices of the real CT keep the test short
+    part = dataclasses.replace(lidc_series, image=lidc_series.image[:, :, :n],
+                               sop_instance_uids=lidc_series.sop_instance_uids[:n],
+                               datasets=lidc_series.datasets[:n])
+    run = CtLesionPipeline(models_dir=tmp_path).run_detailed(part)
+    assert run.result.status is AnalysisStatus.COMPLETED, run.result.failure_reason
+    assert run.result.model is not None and run.result.model.version == "0.0.9"
+    assert shapes and all(s[1:] == (9, 256, 256) for s in shapes)
+    assert sum(s[0] for s in shapes) == n

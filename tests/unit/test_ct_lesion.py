@@ -19,6 +19,7 @@ from cad_node.pipelines.ct_lesion.slices import (
     SliceGrid,
     key_slice_input,
     normalise,
+    slice_offsets_mm,
     volume_inputs,
 )
 
@@ -151,3 +152,37 @@ def test_mask_falls_back_to_the_inscribed_ellipse_without_contrast() -> None:
     assert m.method in {"ellipse", "region growing"}
     assert m.mask[25, 35] and not m.mask[11, 11]
     assert ellipse_mask((0, 0, 10, 4), (20, 20)).sum() > 0
+
+
+def test_nine_slice_input_spans_minus_8_to_plus_8_mm() -> None:
+    assert slice_offsets_mm(9).tolist() == [-8.0, -6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0, 8.0]
+    with pytest.raises(ValueError, match="5 input slices"):
+        slice_offsets_mm(5)
+    # slice k holds 10*k HU; 2.5 mm apart, so offset d mm from slice k is 10*(k + d/2.5) HU
+    vol = np.stack([np.full((40, 40), 10 * k, dtype=np.int16) for k in range(12)])
+    x, _ = volume_inputs(vol, (2.5, 1.6, 1.6), [5, 0], n_slices=9)
+    assert x.shape == (2, 9, INPUT_SIZE, INPUT_SIZE)
+    lo, _ = HU_WINDOW
+    c = (slice(120, 136), slice(120, 136))
+    want = [10 * (5 + d / 2.5) for d in slice_offsets_mm(9)]
+    assert [float(x[0, ch][c].mean()) * 4095 + lo for ch in range(9)] == pytest.approx(want,
+                                                                                       abs=0.05)
+    # at the bottom of the series the missing slices repeat slice 0
+    assert float(x[1, 0][c].mean()) * 4095 + lo == pytest.approx(0.0, abs=0.05)
+    key, _ = key_slice_input(np.zeros((64, 64), dtype=np.int16), (0.8, 0.8), n_slices=9)
+    assert key.shape == (9, INPUT_SIZE, INPUT_SIZE)
+
+
+def test_windowed_nine_slice_network_keeps_the_output_maps() -> None:
+    import torch
+
+    from cad_node.pipelines.ct_lesion.network import LesionCenterNet
+
+    net = LesionCenterNet(in_channels=9, windows=[[-1024.0, 3071.0], [-175.0, 275.0]],
+                          head_width=8).eval()
+    assert net.stem.conv.in_channels == 18  # 9 slices x 2 windows
+    with torch.no_grad():
+        out = net(torch.rand(1, 9, 64, 64))
+    assert out["heatmap"].shape == (1, 1, 16, 16) and out["type_logits"].shape == (1, 8, 16, 16)
+    with pytest.raises(ValueError, match="high > low"):
+        LesionCenterNet(windows=[[100.0, 0.0]])

@@ -6,7 +6,8 @@ Stages (each reported through ``progress``):
 1. input checks (CT, axial, at least :data:`MIN_SLICES` slices, slice
    interval at most :data:`MAX_SLICE_INTERVAL_MM`) -> FAILED with a reason;
 2. 2-D detection on every slice from its 2.5-D input (:mod:`.slices`: the
-   slice and its +-2 mm neighbours in the DeepLesion window) with the
+   slice and its +-2 mm neighbours, or the 9 slices from -8 to +8 mm for a
+   bundle built with ``in_channels: 9``, in the DeepLesion window) with the
    ``ct-lesion`` bundle (:mod:`.network`), NMS within each slice;
 3. NMS across slices (:func:`.detect.group_across_slices`): one lesion, one
    3-D finding;
@@ -106,7 +107,7 @@ TYPE_SITES: dict[int, FindingSite] = {
 
 def detect_inputs(net: Any, inputs: npt.NDArray[np.float32], slice_indices: Sequence[int],
                   min_score: float = 0.01) -> list[Detection2D]:
-    """Run the detector on ``(n, 3, H, W)`` inputs; NMS within each slice; network pixels."""
+    """Run the detector on ``(n, slices, H, W)`` inputs; NMS within each slice; network pixels."""
     import torch
 
     out: list[Detection2D] = []
@@ -293,6 +294,8 @@ class CtLesionPipeline:
             torch.set_num_threads(self.threads)
         try:
             net = bundle.build_network(device)
+            # 3 or 9 neighbouring slices, as the bundle was trained (slices.slice_offsets_mm)
+            n_slices = int(bundle.manifest.architecture.get("in_channels", 3))
             hu = sitk.GetArrayViewFromImage(series.image)
             sx, sy, sz = series.image.GetSpacing()
             lap("load model")
@@ -307,7 +310,7 @@ class CtLesionPipeline:
             nz = hu.shape[0]
             for z0 in range(0, nz, CHUNK):
                 idx = list(range(z0, min(nz, z0 + CHUNK)))
-                x, grid = volume_inputs(hu, (sz, sy, sx), idx, grid)
+                x, grid = volume_inputs(hu, (sz, sy, sx), idx, grid, n_slices)
                 rows, cols = hu.shape[1:]
                 for d in detect_inputs(net, x, idx, min_score):
                     b = grid.to_source([d.box])[0]

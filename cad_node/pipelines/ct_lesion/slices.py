@@ -1,11 +1,14 @@
-"""2.5-D network input: three neighbouring slices, resampled, in the DeepLesion window.
+"""2.5-D network input: 3 (or 9) neighbouring slices, resampled, in the DeepLesion window.
 
 Convention (as 3DCE / MULAN on DeepLesion):
 
 * **Slices**: the key slice and the slices :data:`NEIGHBOUR_MM` (2 mm) above
   and below it, linearly interpolated along z from the acquired slices (the
   DeepLesion loaders resample the slice interval to 2 mm); at the ends of the
-  series the edge slice is repeated.
+  series the edge slice is repeated.  With 9 slices (3DCE's 9-slice variant,
+  :data:`SUPPORTED_SLICES`) the channels are the slices at -8, -6, ..., +8 mm
+  (:func:`slice_offsets_mm`); the bundle's ``architecture.in_channels`` says
+  which the detector was trained on.
 * **No neighbours** (a DeepLesion key slice distributed alone, as most of
   ``deeplesion-samples`` are): a neighbour channel that cannot be
   interpolated from slices within :data:`MAX_GAP_MM` is filled with the
@@ -39,11 +42,13 @@ __all__ = [
     "MAX_GAP_MM",
     "NEIGHBOUR_MM",
     "PIXEL_MM",
+    "SUPPORTED_SLICES",
     "SliceGrid",
     "body_centre",
     "key_slice_input",
     "normalise",
     "resample_plane",
+    "slice_offsets_mm",
     "volume_inputs",
 ]
 
@@ -59,6 +64,22 @@ INPUT_SIZE = 256
 MAX_GAP_MM = 10.0
 #: HU above which a pixel counts as body (for centring the grid).
 BODY_HU = -500.0
+#: Slices stacked as channels the detector may be built for (3DCE: 3 or 9).
+SUPPORTED_SLICES = (3, 9)
+
+
+def slice_offsets_mm(n_slices: int = 3) -> npt.NDArray[np.float64]:
+    """Offsets along z (mm) of the input channels: ``NEIGHBOUR_MM`` apart, key slice central.
+
+    Raises
+    ------
+    ValueError
+        ``n_slices`` not in :data:`SUPPORTED_SLICES`.
+    """
+    if n_slices not in SUPPORTED_SLICES:
+        raise ValueError(f"{n_slices} input slices: the detector takes {SUPPORTED_SLICES}")
+    half = n_slices // 2
+    return np.arange(-half, half + 1, dtype=float) * NEIGHBOUR_MM
 
 
 def normalise(hu: npt.ArrayLike) -> npt.NDArray[np.float32]:
@@ -156,6 +177,7 @@ def _interp_z(stack: npt.NDArray[np.float32], positions: npt.NDArray[np.float64]
 def volume_inputs(
     hu_zyx: npt.NDArray[np.generic], spacing_zyx: Sequence[float],
     indices: Sequence[int] | None = None, grid: SliceGrid | None = None,
+    n_slices: int = 3,
 ) -> tuple[npt.NDArray[np.float32], SliceGrid]:
     """Network inputs for slices ``indices`` of a volume.
 
@@ -169,35 +191,37 @@ def volume_inputs(
         Key slices (default all).
     grid : SliceGrid, optional
         Default: centred on the body's bounding box of the whole volume.
+    n_slices : int
+        Channels: 3 or 9 (:func:`slice_offsets_mm`).
 
     Returns
     -------
-    (ndarray (n, 3, INPUT_SIZE, INPUT_SIZE) float32, SliceGrid)
+    (ndarray (n, n_slices, INPUT_SIZE, INPUT_SIZE) float32, SliceGrid)
     """
+    offsets = slice_offsets_mm(n_slices)
     vol = np.asarray(hu_zyx)
     nz = vol.shape[0]
     dz, dy, dx = (float(s) for s in spacing_zyx)
     keys = list(range(nz)) if indices is None else [int(i) for i in indices]
     if grid is None:
         grid = SliceGrid.centred(body_centre(vol[:: max(1, nz // 16)]), (dx, dy))
-    needed = sorted({k2 for k in keys for k2 in range(k - 2 - int(NEIGHBOUR_MM // max(dz, 1e-3)),
-                                                       k + 3 + int(NEIGHBOUR_MM // max(dz, 1e-3)))
+    reach = int(float(offsets[-1]) // max(dz, 1e-3))
+    needed = sorted({k2 for k in keys for k2 in range(k - 2 - reach, k + 3 + reach)
                      if 0 <= k2 < nz})
     planes = resample_plane(vol[needed], grid)
     positions = np.asarray(needed, dtype=float) * dz
-    out = np.empty((len(keys), 3, INPUT_SIZE, INPUT_SIZE), dtype=np.float32)
+    out = np.empty((len(keys), len(offsets), INPUT_SIZE, INPUT_SIZE), dtype=np.float32)
     for i, k in enumerate(keys):
-        z = k * dz
-        out[i] = _interp_z(planes, positions, np.array([z - NEIGHBOUR_MM, z, z + NEIGHBOUR_MM]))
+        out[i] = _interp_z(planes, positions, k * dz + offsets)
     return normalise(out), grid
 
 
 def key_slice_input(
     key_hu: npt.NDArray[np.generic], spacing_xy: tuple[float, float],
     neighbours: Mapping[float, npt.NDArray[np.generic]] | None = None,
-    grid: SliceGrid | None = None,
+    grid: SliceGrid | None = None, n_slices: int = 3,
 ) -> tuple[npt.NDArray[np.float32], SliceGrid]:
-    """Network input ``(3, H, W)`` for one key slice and whatever neighbours exist.
+    """Network input ``(n_slices, H, W)`` for one key slice and whatever neighbours exist.
 
     Parameters
     ----------
@@ -209,11 +233,14 @@ def key_slice_input(
         filled as the module docstring says.
     grid : SliceGrid, optional
         Default: centred on the body's bounding box.
+    n_slices : int
+        Channels: 3 or 9 (:func:`slice_offsets_mm`).
     """
+    offsets = slice_offsets_mm(n_slices)
     if grid is None:
         grid = SliceGrid.centred(body_centre(key_hu), spacing_xy)
     items = sorted({0.0: key_hu, **(neighbours or {})}.items())
     positions = np.array([p for p, _ in items], dtype=float)
     planes = resample_plane(np.stack([np.asarray(s, dtype=np.float32) for _, s in items]), grid)
-    stack = _interp_z(planes, positions, np.array([-NEIGHBOUR_MM, 0.0, NEIGHBOUR_MM]))
+    stack = _interp_z(planes, positions, offsets)
     return normalise(stack), grid
