@@ -729,8 +729,8 @@ def chest_ct_false_positives(models_dir: Path, series_dir: Path) -> dict[str, An
     thr = float(run.result.measurements.get("operating_threshold", 1.0))
     fp = 0
     for f in run.result.findings:
-        c = np.asarray(f.center_mm, dtype=float)
-        near = any(np.linalg.norm(c - nc) <= max(10.0, (f.long_axis_mm or 0.0) / 2 + r)
+        fc = np.asarray(f.center_mm, dtype=float)
+        near = any(np.linalg.norm(fc - nc) <= max(10.0, (f.long_axis_mm or 0.0) / 2 + r)
                    for nc, r in nodules)
         fp += int(not near)
     n = len(series.sop_instance_uids)
