@@ -62,6 +62,7 @@ def main() -> None:
 
     from cad_node.models.bundle import load_bundle
     from cad_node.pipelines.cxr.abnormal import load_abnormal_model, lung_bounding_box
+    from cad_node.pipelines.cxr.abnormal_net import ImageLogit
     from cad_node.pipelines.cxr.attribution import (
         AttributionMethod,
         from_letterbox,
@@ -75,6 +76,8 @@ def main() -> None:
     ap.add_argument("--methods", default="integrated-gradients,deeplift")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--attribute", default="max", choices=("max", "whole", "fusion"),
+                    help="image logit the heatmap explains (the pipeline: max)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     methods = [AttributionMethod(m) for m in args.methods.split(",")]
@@ -113,7 +116,8 @@ def main() -> None:
             return from_letterbox(a, shape)
 
         for m in methods:
-            att = lung_heatmap(model.net, x, lungs, to_image, m, extra=extra)
+            att = lung_heatmap(ImageLogit(model.net, args.attribute), x, lungs, to_image, m,
+                               extra=extra)
             s = stats[m.value]
             s["seconds"].append(att.seconds)  # type: ignore[union-attr]
             peak = att.peak
@@ -132,6 +136,7 @@ def main() -> None:
     report: dict[str, object] = {
         "cases": len(rows), "abnormal_at_operating_point": abnormal_decisions,
         "model": f"{model.identity.name} {model.identity.version}",
+        "attributed_logit": args.attribute,
         "forward_s_median": round(statistics.median(forward), 4) if forward else None,
         "threads": args.threads,
     }

@@ -251,3 +251,36 @@ class AbnormalNet(nn.Module):
         f8, f16 = self.encode(x)
         patches, whole = self.heads(f8, f16)
         return self.image_logits(patches, whole, lung_grid)[self.image_rule]
+
+
+class ImageLogit(nn.Module):
+    """One image-level logit of an :class:`AbnormalNet`, whatever its bundle's rule.
+
+    The attribution heatmap explains the **max-patch** logit
+    (``ImageLogit(net, "max")``): that is the score the reported boxes come from,
+    so the heatmap and the boxes describe the same evidence.  Attributing the fused
+    logit instead put the heatmap maximum inside the top box in 1 of 116 JSRT nodule
+    cases, the max-patch logit in 25 of 116 (docs/benchmarks.md, "Chest X-ray
+    attribution").  The wrapper shares ``net``'s parameters and never changes
+    ``net.image_rule``, so concurrent inference is unaffected.
+
+    Parameters
+    ----------
+    net : AbnormalNet
+        The network.
+    rule : str
+        ``max``, ``whole`` or ``fusion``.
+    """
+
+    def __init__(self, net: AbnormalNet, rule: str) -> None:
+        super().__init__()
+        if rule not in IMAGE_RULES:
+            raise ValueError(f"image rule {rule!r} is not one of {IMAGE_RULES}")
+        self.net = net
+        self.rule = rule
+
+    def forward(self, x: torch.Tensor, lung_grid: torch.Tensor | None = None) -> torch.Tensor:
+        """The chosen image logit ``(batch,)``."""
+        f8, f16 = self.net.encode(x)
+        patches, whole = self.net.heads(f8, f16)
+        return self.net.image_logits(patches, whole, lung_grid)[self.rule]

@@ -48,7 +48,7 @@ from cad_node.results.findings import (
     Region2D,
 )
 
-__all__ = ["ATTRIBUTION_FOR", "ATTRIBUTION_METHOD", "add_part2"]
+__all__ = ["ATTRIBUTED_LOGIT", "ATTRIBUTION_FOR", "ATTRIBUTION_METHOD", "add_part2"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,9 @@ log = logging.getLogger(__name__)
 ATTRIBUTION_FOR: Literal["abnormal", "all"] = "abnormal"
 #: The attribution method (Integrated Gradients, :data:`.attribution.IG_STEPS` steps).
 ATTRIBUTION_METHOD = AttributionMethod.INTEGRATED_GRADIENTS
+#: The image logit the heatmap explains: the max-patch logit the boxes come from
+#: (see :class:`.abnormal_net.ImageLogit` for the measurement behind the choice).
+ATTRIBUTED_LOGIT = "max"
 
 
 def _site(rg: Radiograph, right: npt.NDArray[np.bool_], left: npt.NDArray[np.bool_],
@@ -131,12 +134,19 @@ def _abnormality(
     def to_image(a: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         return from_letterbox(a, shape)
 
-    att = lung_heatmap(model.net, x, lungs, to_image, ATTRIBUTION_METHOD,
+    from cad_node.pipelines.cxr.abnormal_net import ImageLogit
+
+    att = lung_heatmap(ImageLogit(model.net, ATTRIBUTED_LOGIT), x, lungs, to_image,
+                       ATTRIBUTION_METHOD,
                        extra=() if grid is None else (grid,))
     log.info("cxr attribution (%s) took %.2f s", att.method, att.seconds)
+    if att.peak is None:
+        notes.append("attribution heatmap not made: the attribution found no evidence for "
+                     "'abnormal' inside the lungs")
+        return classification, findings, None, None
     stored = np.asarray(rg.to_stored(att.heatmap), dtype=np.float32)
     method = (f"{ATTRIBUTION_METHOD.display_name} (captum) of {res.model.name} "
-              f"{res.model.version}, smoothed, restricted to the lungs")
+              f"{res.model.version} (max-patch score), smoothed, restricted to the lungs")
     return classification, findings, ImageMask(stored[None], (rg.sop_instance_uid,)), method
 
 
