@@ -28,8 +28,12 @@ from tests.conftest import REPO_ROOT, require_data
 SETTINGS = ResultsConfig(use_dciodvfy=True)
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _wiring_models(out: Path, *, flat_patch_head: bool = False) -> Path:
+    """A models folder: the shipped cxr-lungs and an untrained-heads cxr-abnormal.
+
+    ``flat_patch_head`` zeroes the patch head's input layer, so the max-patch logit
+    (the one the heatmap explains) is the same for every input.
+    """
     import torch
 
     from cad_node.models.bundle import load_bundle
@@ -38,7 +42,6 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from trainer.export import write_bundle
 
     torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("models")
     (out / "cxr-lungs").symlink_to(REPO_ROOT / "models" / "cxr-lungs")
     lungs = load_bundle("cxr-lungs", out)
     arch = {"builder": "cxr-abnormal", "scales": [[48.0, 48.0], [96.0, 96.0]],
@@ -47,6 +50,10 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     net = build_network(arch)
     net.encoder.load_state_dict(  # type: ignore[union-attr]
         torch.nn.ModuleList(down_path(lungs.build_network("cpu"))).state_dict())
+    if flat_patch_head:
+        with torch.no_grad():
+            net.patch_in.weight.zero_()  # type: ignore[union-attr,operator]
+            net.patch_in.bias.zero_()  # type: ignore[union-attr,operator]
     write_bundle(out, name="cxr-abnormal", version="0.0.1", state_dict=net.state_dict(),
                  task="wiring test", architecture=arch,
                  input_spec={"kind": "radiograph", "size": 256, "normalisation": "histeq",
@@ -58,6 +65,11 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
                               "operating_threshold": 0.0,
                               "operating_rule": "threshold 0 (wiring test)"})
     return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _wiring_models(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +126,24 @@ def test_tb_probability_with_a_bundle(models: Path, cr: Dataset, tmp_path: Path)
     tb = result.classifications[1]
     assert 0.0 <= tb.probability <= 1.0 and tb.model.name == "cxr-tb"
     assert not any("TB screening not installed" in n for n in result.notes)
+
+
+def test_no_positive_attribution_sends_no_heatmap(cr: Dataset, tmp_path: Path) -> None:
+    """A max-patch logit that no pixel moves gives an all-zero attribution: the
+    pipeline then makes no heatmap (no SC overlay, no Parametric Map) and says why,
+    rather than sending an empty map."""
+    models = _wiring_models(tmp_path, flat_patch_head=True)
+    result = CxrPipeline(models).run(load_input("cxr", [cr]))
+    assert result.status is AnalysisStatus.COMPLETED, result.failure_reason
+    (abnormal,) = result.classifications
+    assert abnormal.positive  # above the operating point, so attribution was attempted
+    assert result.attribution is None
+    assert any("found no evidence for 'abnormal' inside the lungs" in n for n in result.notes)
+    objs = build_results(result, [cr], settings=SETTINGS,
+                         objects=("sr", "seg", "sc", "gsps", "pm"))
+    kinds = [str(o.kind) for o in objs]
+    assert "pm" not in kinds and "sr" in kinds
+    assert "key image Attribution heatmap" not in [o.role for o in objs]
+    for o in objs:
+        report = validate(o, [cr], others=objs, use_dciodvfy=True)
+        assert report.ok, (o.kind, o.role, report.errors)
