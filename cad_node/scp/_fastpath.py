@@ -71,7 +71,14 @@ from pynetdicom.fsm import StateMachine
 from pynetdicom.pdu_primitives import A_ASSOCIATE, P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
-from cad_node.scp.admission import Admission, AdmissionEvent, RejectReason, Ticket, Verdict
+from cad_node.scp.admission import (
+    Admission,
+    AdmissionEvent,
+    RefusalLog,
+    RejectReason,
+    Ticket,
+    Verdict,
+)
 from cad_node.scp.wire import (
     DEADLINE_SLACK_S,
     MAX_ASSOCIATE_PDU_BYTES,
@@ -983,6 +990,7 @@ class _Server(ThreadedAssociationServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._tickets_lock = threading.Lock()
         self._tickets: dict[int, Ticket] = {}
+        self._refusal_log = RefusalLog()
         super().__init__(*args, **kwargs)
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
@@ -1011,7 +1019,7 @@ class _Server(ThreadedAssociationServer):
             return
         ticket = self.admission.open(str(client_address[0]))
         if ticket.verdict is Verdict.REFUSE:
-            log.warning("connection from %s refused at accept", client_address[0])
+            self._refusal_log.refused(str(client_address[0]))
             self.shutdown_request(request)
             return
         with self._tickets_lock:

@@ -36,6 +36,8 @@ import ipaddress
 import logging
 import socket
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -292,3 +294,62 @@ class Admission:
         if ip not in hosts:
             return RejectReason.NO_REASON, "address"
         return None, "admitted"
+
+
+#: Seconds between two log lines about the same refused source address.
+REFUSAL_LOG_INTERVAL_S = 60.0
+#: Source addresses whose refusals are counted at once; beyond it the oldest
+#: is forgotten (its next refusal logs again), so the table stays bounded
+#: whatever the number of addresses a flood comes from.
+REFUSAL_LOG_ADDRESSES = 1024
+
+
+class RefusalLog:
+    """Log connections refused at TCP accept without a line per connection.
+
+    The first refusal of a source address is logged at WARNING; further ones
+    within :data:`REFUSAL_LOG_INTERVAL_S` are counted, and the next line for
+    that address (after the interval) says how many were not logged.  A
+    flood of connections from a stranger is one line a minute, not one per
+    connection.  Thread-safe; memory bounded by :data:`REFUSAL_LOG_ADDRESSES`.
+
+    Parameters
+    ----------
+    interval_s : float
+        Seconds between two lines for the same address.
+    max_addresses : int
+        Addresses tracked at once.
+    clock : callable
+        Monotonic seconds (injected by tests).
+    """
+
+    def __init__(self, interval_s: float = REFUSAL_LOG_INTERVAL_S,
+                 max_addresses: int = REFUSAL_LOG_ADDRESSES,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if interval_s <= 0 or max_addresses < 1:
+            raise ValueError("interval_s must be > 0 and max_addresses >= 1")
+        self._interval = interval_s
+        self._max = max_addresses
+        self._clock = clock
+        self._lock = threading.Lock()
+        #: address -> (time of its last line, refusals not logged since)
+        self._seen: OrderedDict[str, tuple[float, int]] = OrderedDict()
+
+    def refused(self, address: str) -> bool:
+        """Record one refusal of ``address``; True when a line was logged."""
+        now = self._clock()
+        with self._lock:
+            last = self._seen.get(address)
+            if last is not None and now - last[0] < self._interval:
+                self._seen[address] = (last[0], last[1] + 1)
+                return False
+            self._seen[address] = (now, 0)
+            self._seen.move_to_end(address)
+            while len(self._seen) > self._max:
+                self._seen.popitem(last=False)
+        if last is not None and last[1]:
+            log.warning("connection from %s refused at accept (and %d more since the "
+                        "last such line, %.0f s ago)", address, last[1], now - last[0])
+        else:
+            log.warning("connection from %s refused at accept", address)
+        return True
