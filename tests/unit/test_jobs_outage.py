@@ -209,8 +209,10 @@ def test_soft_and_hard_time_limits_are_told_apart(tmp_path: Path) -> None:
         {"name": "stubborn", "pipeline": "test-stubborn",
          "match": {"modality": ["CT"], "series_description": "^HARD"}},
     # the hard limit leaves the soft-limited job room for its failure report (failure SR,
-    # summary page, conformance gate): 3 s of margin failed once on CI
-    ], soft_time_limit_s=1.0, hard_time_limit_s=15.0, visibility_timeout_s=60.0)
+    # summary page, conformance gate), which in a fresh venv's first task includes the
+    # cold imports of the result builders: 3 s and then 14 s of margin each failed once
+    # in a fresh-clone CI run
+    ], soft_time_limit_s=1.0, hard_time_limit_s=40.0, visibility_timeout_s=90.0)
     service = JobService(settings)
     jobs = {}
     for n, label in enumerate(("SOFT", "HARD")):
