@@ -21,8 +21,10 @@ Contract of each task
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import pkgutil
 import time
 from typing import Any
 
@@ -46,6 +48,7 @@ __all__ = [
     "reconcile",
     "results_queue",
     "send_task",
+    "warm_imports",
 ]
 
 LOG = logging.getLogger(__name__)
@@ -58,12 +61,52 @@ _runtime: dict[str, Any] = {}
 UNPUBLISHED_GRACE_S = 10.0
 
 
+#: Packages a worker imports whole before it takes a job (:func:`warm_imports`).
+WARM_PACKAGES: tuple[str, ...] = ("cad_node.pipelines", "cad_node.results",
+                                  "cad_node.imaging", "cad_node.export", "cad_node.models")
+
+
+def warm_imports() -> list[str]:
+    """Import every module a job can reach, before any job's time limit runs.
+
+    Contract: a job never imports a module for the first time.  Two reasons:
+    a cold import (a fresh install compiles bytecode) can take longer than a
+    short soft time limit; and a ``SoftTimeLimitExceeded`` raised inside an
+    import is caught by libraries that guard their optional imports with
+    ``except Exception`` (MONAI's ``optional_import``), which leaves a half
+    initialised module behind, so the job, and every later job of that pool
+    process, fails with an ``ImportError`` instead of the time limit.  Called
+    in the worker's main process, so the prefork pool's processes inherit
+    the modules.
+
+    Returns
+    -------
+    list of str
+        The modules imported, in order.
+    """
+    names: list[str] = []
+    for package in WARM_PACKAGES:
+        pkg = importlib.import_module(package)
+        names.append(package)
+        for info in pkgutil.walk_packages(pkg.__path__, package + "."):
+            importlib.import_module(info.name)
+            names.append(info.name)
+    from cad_node.pipelines import available_pipelines
+
+    available_pipelines()  # and any module a deployment added to PIPELINE_MODULES
+    return names
+
+
 def configure_worker(settings: Settings, device: str | None = None) -> JobRunner:
     """Set the configuration the tasks of this process use; return its runner.
 
     An explicit ``models.dir`` (made absolute against the configuration file
     by :func:`cad_node.config.load_config`) is where pipelines look for bundles.
+    Every module a job can reach is imported here (:func:`warm_imports`).
     """
+    t0 = time.monotonic()
+    modules = warm_imports()
+    LOG.info("worker: %d modules imported in %.1f s", len(modules), time.monotonic() - t0)
     if "dir" in settings.models.model_fields_set:
         os.environ["CAD_NODE_MODELS__DIR"] = settings.models.dir
     runner = JobRunner(settings, device=device)
