@@ -180,10 +180,10 @@ SMALL_ENCODER = {"builder": "unet2d", "channels": [4, 8, 8, 16, 16], "strides": 
                  "dropout": 0.0}
 
 
-def _small_net() -> AbnormalNet:
+def _small_net(patch_context: bool = True) -> AbnormalNet:
     torch.manual_seed(5)
     net = AbnormalNet([[16.0, 16.0], [48.0, 96.0], [300.0, 40.0]], SMALL_ENCODER, width=8,
-                      projection=4, dropout=0.0)
+                      projection=4, dropout=0.0, patch_context=patch_context)
     with torch.no_grad():  # non-trivial standardisation and scale embedding
         net.desc_mean.normal_()
         net.desc_std.uniform_(0.5, 2.0)
@@ -191,10 +191,12 @@ def _small_net() -> AbnormalNet:
     return net.eval()
 
 
-def test_top_patch_logit_is_the_patch_logit_of_the_full_head() -> None:
+@pytest.mark.parametrize("patch_context", [True, False])
+def test_top_patch_logit_is_the_patch_logit_of_the_full_head(patch_context: bool) -> None:
     """Every patch of every scale (including ones clipped by the map edge, and a
     scale wider than the map): the one-patch head equals the all-patch head."""
-    net = _small_net()
+    net = _small_net(patch_context)
+    assert net.descriptor_size == 2 * 8 + (4 if patch_context else 0)
     x = torch.rand(1, 1, 256, 256) * 2 - 1
     with torch.inference_mode():
         patches, _ = net.heads(*net.encode(x))
@@ -241,3 +243,19 @@ def test_layer_attribution_of_the_top_patch_stays_near_its_window() -> None:
     near = torch.zeros_like(cells, dtype=torch.bool)
     near[max(0, rows.start - 8):rows.stop + 8, max(0, cols.start - 8):cols.stop + 8] = True
     assert float(cells[~near].abs().max()) == 0.0
+
+
+def test_without_patch_context_a_patch_reads_only_its_window() -> None:
+    """With ``patch_context=False`` the patch descriptor is f8 inside the window only:
+    the layer attribution is 0 on every other cell (no bottleneck halo)."""
+    from cad_node.pipelines.cxr.attribution import layer_attribution
+
+    net = _small_net(patch_context=False)
+    x = torch.rand(1, 1, 256, 256) * 2 - 1
+    top = TopPatchLogit(net, 1, 6, 9)  # 48 x 96 px: 6 x 12 cells
+    rows, cols = top.window()
+    cells = layer_attribution(top, x, steps=4, baseline="zero").sum(dim=1)[0]
+    inside = torch.zeros_like(cells, dtype=torch.bool)
+    inside[rows, cols] = True
+    assert float(cells[inside].abs().sum()) > 0
+    assert float(cells[~inside].abs().max()) == 0.0

@@ -133,11 +133,15 @@ class AbnormalNet(nn.Module):
         the principal components of the training features).
     image_rule : str
         ``max``, ``whole`` or ``fusion``.
+    patch_context : bool
+        Whether a patch descriptor includes the projected ``f16`` (the
+        bottleneck, whose cells see far beyond the patch); without it, a patch
+        is described by ``f8`` inside it only.
     """
 
     def __init__(self, scales: Sequence[Sequence[float]], encoder: dict[str, Any],
                  width: int = 16, projection: int = 64, image_rule: str = "max",
-                 dropout: float = 0.2) -> None:
+                 dropout: float = 0.2, patch_context: bool = True) -> None:
         super().__init__()
         from cad_node.models.network import build_unet2d
 
@@ -154,7 +158,8 @@ class AbnormalNet(nn.Module):
         c8, c16 = ch[2], ch[-1]
         #: Fixed (not trained) 1x1 projection of f16 before patch pooling.
         self.project16 = nn.Conv2d(c16, projection, 1)
-        self.descriptor_size = 2 * c8 + projection
+        self.patch_context = bool(patch_context)
+        self.descriptor_size = 2 * c8 + (projection if self.patch_context else 0)
         self.whole_size = 2 * c8 + 2 * c16
         self.desc_mean: torch.Tensor
         self.desc_std: torch.Tensor
@@ -197,18 +202,20 @@ class AbnormalNet(nn.Module):
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch descriptors ``(batch, scales, 16, 16, D)`` and whole-image ones ``(batch, W)``.
 
-        Per patch: mean and max of ``f8`` and mean of the projected ``f16``
-        inside it (raw, not standardised).
+        Per patch: mean and max of ``f8`` and (with :attr:`patch_context`) mean
+        of the projected ``f16`` inside it (raw, not standardised).
         """
-        p16 = nn.functional.interpolate(self.project16(f16), size=f8.shape[-2:],
-                                        mode="nearest")
+        p16 = (nn.functional.interpolate(self.project16(f16), size=f8.shape[-2:],
+                                         mode="nearest") if self.patch_context else None)
         ones = torch.ones_like(f8[:1, :1])
         per_scale = []
         for kh, kw in self.kernels:
             avg8, mx8 = _patch_pool(f8, ones, kh, kw)
-            avg16, _ = _patch_pool(p16, ones, kh, kw, with_max=False)
             assert mx8 is not None
-            per_scale.append(torch.cat([avg8, mx8, avg16], dim=1))
+            parts = [avg8, mx8]
+            if p16 is not None:
+                parts.append(_patch_pool(p16, ones, kh, kw, with_max=False)[0])
+            per_scale.append(torch.cat(parts, dim=1))
         desc = torch.stack(per_scale, dim=1).permute(0, 1, 3, 4, 2)
         whole = torch.cat([f8.mean(dim=(2, 3)), f8.amax(dim=(2, 3)),
                            f16.mean(dim=(2, 3)), f16.amax(dim=(2, 3))], dim=1)
@@ -370,11 +377,13 @@ class TopPatchLogit(nn.Module):
     def head(self, f8: torch.Tensor, *extra: object) -> torch.Tensor:
         """The patch's logit ``(batch,)`` of ``f8`` (``extra`` is ignored: the patch is fixed)."""
         rows, cols = self.window(int(f8.shape[-1]))
-        p16 = nn.functional.interpolate(self.net.project16(self.net.f16_of(f8)),
-                                        size=f8.shape[-2:], mode="nearest")
         w8 = f8[..., rows, cols]
-        desc = torch.cat([w8.mean(dim=(2, 3)), w8.amax(dim=(2, 3)),
-                          p16[..., rows, cols].mean(dim=(2, 3))], dim=1)
+        parts = [w8.mean(dim=(2, 3)), w8.amax(dim=(2, 3))]
+        if self.net.patch_context:
+            p16 = nn.functional.interpolate(self.net.project16(self.net.f16_of(f8)),
+                                            size=f8.shape[-2:], mode="nearest")
+            parts.append(p16[..., rows, cols].mean(dim=(2, 3)))
+        desc = torch.cat(parts, dim=1)
         index = torch.full((desc.shape[0],), self.patch[0], dtype=torch.long,
                            device=desc.device)
         return self.net.patch_logits_of(desc, scale_index=index)
