@@ -696,6 +696,18 @@ def _site_text(cfg: CxrLungsConfig) -> str:
                 f"around the film shrunk to {a.frame_side[0]}-{a.frame_side[1]} of the side "
                 f"(p {a.frame_prob}), uneven exposure (bias field, p {a.bias_field_prob}), "
                 f"bright lines and patches (p {a.lines_prob}), sharpening")
+    if a.site and a.pathology_prob > 0:
+        out += (f"; synthetic findings inside the labelled lung fields, labels unchanged "
+                f"(`trainer/cxr_pathology.py`, p {a.pathology_prob}, both lungs "
+                f"{a.pathology_both}): pleural fluid rising from the costophrenic angle with "
+                f"a concave meniscus up to {a.effusion_max_fraction} of the lung height, "
+                f"{a.whole_hemithorax_share} of it a whole opaque hemithorax, consolidation "
+                f"and masses ({a.consolidation_share} of the findings)")
+    if a.site and (a.soft_tissue_prob or a.devices_prob or a.portable_prob):
+        out += (f"; soft-tissue overlays across the lung borders (p {a.soft_tissue_prob}), "
+                f"tubes, lines, wires over the apices and ECG leads (p {a.devices_prob}), "
+                f"the portable AP look: haze, compressed contrast, gamma, blur, noise "
+                f"(p {a.portable_prob})")
     return out
 
 
