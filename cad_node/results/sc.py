@@ -21,6 +21,7 @@ Annotation YES, same study, one new series (Series Number 9003).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -321,6 +322,32 @@ def _sc(
     return sc
 
 
+def _derived_sc(ctx: BuildContext, pixels: np.ndarray, ref: Dataset, index: int,
+                description: str) -> hd.sc.SCImage:
+    """An SC image derived from the one source image ``ref`` (with its pixel spacing).
+
+    It references ``ref`` in the Source Image Sequence and says how it was derived
+    (Derivation Description, LT: at most 1024 characters; PS3.3 C.7.6.1.1.3).
+    """
+    sc = _sc(ctx, pixels, ref, index, spacing=True)
+    item = Dataset()
+    item.ReferencedSOPClassUID = ref.SOPClassUID
+    item.ReferencedSOPInstanceUID = ref.SOPInstanceUID
+    sc.SourceImageSequence = [item]
+    sc.DerivationDescription = description[:1024]
+    ensure_character_set(sc)
+    return sc
+
+
+def _draw_footer(draw: ImageDraw.ImageDraw, text: str, size: tuple[int, int], px: int,
+                 **style: Any) -> None:
+    """Draw ``text`` (the disclaimer) wrapped along the bottom edge of a ``size`` image."""
+    foot, foot_h, foot_lines, _ = place_label(text, (4, 0), size, px)
+    fy = size[1] - 4 - len(foot_lines) * foot_h
+    for k, line in enumerate(foot_lines):
+        draw.text((4, fy + k * foot_h), line, fill=LABEL_RGB, font=foot, **style)
+
+
 def build_key_images(ctx: BuildContext) -> list[tuple[str, hd.sc.SCImage]]:
     """One RGB key image per finding, instance numbers 1..n.
 
@@ -356,21 +383,11 @@ def build_key_images(ctx: BuildContext) -> list[tuple[str, hd.sc.SCImage]]:
         font, line_h, lines, (tx, ty) = place_label(_label(finding), (ax, ay), size, px)
         for k, line in enumerate(lines):
             draw.text((tx, ty + k * line_h), line, fill=LABEL_RGB, font=font)
-        foot, foot_h, foot_lines, _ = place_label(ctx.settings.disclaimer, (4, 0), size, px)
-        fy = rgb.shape[0] - 4 - len(foot_lines) * foot_h
-        for k, line in enumerate(foot_lines):
-            draw.text((4, fy + k * foot_h), line, fill=LABEL_RGB, font=foot)
+        _draw_footer(draw, ctx.settings.disclaimer, size, px)
         pixels = np.array(image)
         pixels[outline] = colour
-        sc = _sc(ctx, pixels, ds, index, spacing=True)
-        item = Dataset()
-        item.ReferencedSOPClassUID = ds.SOPClassUID
-        item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
-        sc.SourceImageSequence = [item]
-        sc.DerivationDescription = f"{finding.tracking_id} outline burned in by {ctx.model.name}"[
-            :1024
-        ]
-        ensure_character_set(sc)
+        sc = _derived_sc(ctx, pixels, ds, index,
+                         f"{finding.tracking_id} outline burned in by {ctx.model.name}")
         out.append((finding.tracking_id, sc))
     return out
 
@@ -537,15 +554,9 @@ def radiograph_key_image(ctx: BuildContext, index: int) -> hd.sc.SCImage:
         draw.text((4, y), text, fill=colour, font=font)
         y += px * 1.3
     draw.text((4, grey.shape[0] - px - 4), ctx.settings.disclaimer, fill=LABEL_RGB, font=font)
-    sc = _sc(ctx, np.asarray(image), ds, index, spacing=True)
-    item = Dataset()
-    item.ReferencedSOPClassUID = ds.SOPClassUID
-    item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
-    sc.SourceImageSequence = [item]
-    sc.DerivationDescription = (f"lung and heart outlines and cardiothoracic ratio lines "
-                                f"burned in by {ctx.model.name}")[:1024]
-    ensure_character_set(sc)
-    return sc
+    return _derived_sc(ctx, np.asarray(image), ds, index,
+                       "lung and heart outlines and cardiothoracic ratio lines "
+                       f"burned in by {ctx.model.name}")
 
 
 # -- chest radiograph attribution heatmap: colour overlay, legend, disclaimer ----------
@@ -630,17 +641,7 @@ def attribution_key_image(ctx: BuildContext, index: int) -> hd.sc.SCImage:
             draw.text((4, y), line, fill=LABEL_RGB, font=tfont, stroke_width=2,
                       stroke_fill=(0, 0, 0))
             y += line_h
-    foot, foot_h, foot_lines, _ = place_label(ctx.settings.disclaimer, (4, 0), size, px)
-    fy = rgb.shape[0] - 4 - len(foot_lines) * foot_h
-    for k, line in enumerate(foot_lines):
-        draw.text((4, fy + k * foot_h), line, fill=LABEL_RGB, font=foot, stroke_width=2,
-                  stroke_fill=(0, 0, 0))
-    sc = _sc(ctx, np.asarray(image), ds, index, spacing=True)
-    item = Dataset()
-    item.ReferencedSOPClassUID = ds.SOPClassUID
-    item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
-    sc.SourceImageSequence = [item]
-    sc.DerivationDescription = (f"attribution heatmap ({ctx.result.attribution_method}) "
-                                f"blended in by {ctx.model.name}")[:1024]
-    ensure_character_set(sc)
-    return sc
+    _draw_footer(draw, ctx.settings.disclaimer, size, px, stroke_width=2, stroke_fill=(0, 0, 0))
+    return _derived_sc(ctx, np.asarray(image), ds, index,
+                       f"attribution heatmap ({ctx.result.attribution_method}) "
+                       f"blended in by {ctx.model.name}")

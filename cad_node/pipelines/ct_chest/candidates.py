@@ -52,10 +52,12 @@ __all__ = [
     "MIN_DIAMETER_MM",
     "MIN_RESPONSE_HU",
     "Candidate",
+    "Neighbourhood",
     "candidate_features",
     "candidate_vesselness",
     "classical_probability",
     "generate_candidates",
+    "neighbourhood",
 ]
 
 MIN_DIAMETER_MM = 3.0
@@ -438,6 +440,49 @@ def _nms(points_mm: npt.NDArray[np.float64], diam_mm: npt.NDArray[np.float64],
     return kept
 
 
+@dataclass(frozen=True)
+class Neighbourhood:
+    """A box of voxels around a candidate centre, cut at the volume's edges.
+
+    Attributes
+    ----------
+    box : tuple of slice
+        The box in volume index space ``(z, y, x)``; ``mask[box]`` crops a
+        volume-sized mask to it.
+    hu : numpy.ndarray
+        The box's HU values, clipped to :data:`CLIP_HU`, float32.
+    dist_mm : numpy.ndarray
+        Physical distance of each voxel of the box from the centre voxel, mm.
+    centre : numpy.ndarray
+        The centre voxel's index inside the box.
+    """
+
+    box: tuple[slice, slice, slice]
+    hu: npt.NDArray[np.float32]
+    dist_mm: npt.NDArray[np.float64]
+    centre: npt.NDArray[np.int64]
+
+
+def neighbourhood(arr: npt.NDArray[np.generic], spacing: npt.NDArray[np.float64],
+                  center_index: tuple[int, int, int], half: npt.NDArray[np.int64]
+                  ) -> Neighbourhood:
+    """The voxels within ``half`` (per axis, voxels) of ``center_index`` in ``arr``.
+
+    ``arr`` is the ``(z, y, x)`` HU array and ``spacing`` its ``(z, y, x)``
+    spacing in mm.
+    """
+    c = np.asarray(center_index)
+    lo = np.maximum(c - half, 0)
+    hi = np.minimum(c + half + 1, arr.shape)
+    box = (slice(int(lo[0]), int(hi[0])), slice(int(lo[1]), int(hi[1])),
+           slice(int(lo[2]), int(hi[2])))
+    hu = np.clip(np.asarray(arr[box], dtype=np.float32), *CLIP_HU)
+    grids = np.meshgrid(*[(np.arange(a, b) - ci) * sp for a, b, ci, sp in
+                          zip(lo, hi, c, spacing, strict=True)], indexing="ij")
+    dist = np.sqrt(sum(g**2 for g in grids))
+    return Neighbourhood(box=box, hu=hu, dist_mm=dist, centre=(c - lo).astype(np.int64))
+
+
 def candidate_features(
     image: sitk.Image,
     lung_mask: npt.NDArray[np.bool_],
@@ -461,15 +506,8 @@ def candidate_features(
     for n, cand in enumerate(candidates):
         r = max(cand.scale_mm / 2.0, 1.5)
         half = np.ceil(np.maximum(2.5 * r, 3 * spacing) / spacing).astype(int)
-        c = np.asarray(cand.center_index)
-        lo = np.maximum(c - half, 0)
-        hi = np.minimum(c + half + 1, arr.shape)
-        patch = np.clip(np.asarray(arr[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], dtype=np.float32),
-                        *CLIP_HU)
-        lung = lung_mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-        grids = np.meshgrid(*[(np.arange(a, b) - ci) * s for a, b, ci, s in
-                              zip(lo, hi, c, spacing, strict=True)], indexing="ij")
-        dist = np.sqrt(sum(g**2 for g in grids))
+        hood = neighbourhood(arr, spacing, cand.center_index, half)
+        patch, dist, lung = hood.hu, hood.dist_mm, lung_mask[hood.box]
         shell = (dist >= r) & (dist <= 2 * r)
         feats[n, 1] = float(lung[shell].mean()) if shell.any() else 0.0
         outer = (dist >= 1.5 * r) & (dist <= 2.5 * r) & lung
@@ -480,7 +518,7 @@ def candidate_features(
             continue
         sigma = r / _SQRT3
         sm = ndi.gaussian_filter(patch, sigma / spacing, mode="nearest")
-        cc = np.clip(c - lo, 1, np.asarray(sm.shape) - 2)
+        cc = np.clip(hood.centre, 1, np.asarray(sm.shape) - 2)
         eig = np.linalg.eigvalsh(_hessian_at(sm, cc, spacing))
         if np.all(eig < 0):
             mags = np.sort(np.abs(eig))
@@ -542,15 +580,12 @@ def candidate_vesselness(
         r = max(cand.scale_mm / 2.0, 1.5)
         sigma = r / _SQRT3
         half = np.ceil(np.maximum(3 * sigma, 3 * spacing) / spacing).astype(int) + 1
-        c = np.asarray(cand.center_index)
-        lo = np.maximum(c - half, 0)
-        hi = np.minimum(c + half + 1, arr.shape)
-        patch = np.clip(np.asarray(arr[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], dtype=np.float32),
-                        *CLIP_HU)
+        hood = neighbourhood(arr, spacing, cand.center_index, half)
+        patch = hood.hu
         if min(patch.shape) < 3:
             continue
         sm = ndi.gaussian_filter(patch, sigma / spacing, mode="nearest")
-        cc = np.clip(c - lo, 1, np.asarray(sm.shape) - 2)
+        cc = np.clip(hood.centre, 1, np.asarray(sm.shape) - 2)
         eig = np.linalg.eigvalsh(_hessian_at(sm, cc, spacing)) * sigma**2
         l1, l2, l3 = eig[np.argsort(np.abs(eig))]
         if l2 >= 0 or l3 >= 0:

@@ -38,10 +38,10 @@ import SimpleITK as sitk  # noqa: N813 - conventional alias
 from scipy import ndimage as ndi
 
 from cad_node.pipelines.ct_chest.candidates import (
-    CLIP_HU,
     DENSE_HU,
     Candidate,
     candidate_vesselness,
+    neighbourhood,
 )
 
 __all__ = [
@@ -131,15 +131,8 @@ def vessel_branches(
         r_in = 1.5 * max(cand.scale_mm / 2.0, 1.5)
         r_out = r_in + BRANCH_REACH_MM
         half = np.ceil(r_out / spacing).astype(int) + 1
-        c = np.asarray(cand.center_index)
-        lo = np.maximum(c - half, 0)
-        hi = np.minimum(c + half + 1, arr.shape)
-        patch = np.clip(np.asarray(arr[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], dtype=np.float32),
-                        *CLIP_HU)
-        in_lung = lung[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-        grids = np.meshgrid(*[(np.arange(a, b) - ci) * s for a, b, ci, s in
-                              zip(lo, hi, c, spacing, strict=True)], indexing="ij")
-        dist = np.sqrt(sum(g**2 for g in grids))
+        hood = neighbourhood(arr, spacing, cand.center_index, half)
+        patch, dist, in_lung = hood.hu, hood.dist_mm, lung[hood.box]
         shell = (dist >= r_in) & (dist <= r_out)
         dense = (patch > DENSE_HU) & in_lung & shell
         lab, k = ndi.label(dense)
