@@ -127,6 +127,26 @@ class _AugmentCfg(_Strict):
     frame_side: tuple[float, float] = (0.6, 0.95)
     bias_field_prob: float = Field(0.4, ge=0, le=1)
     lines_prob: float = Field(0.3, ge=0, le=1)
+    #: 1.2.0: synthetic findings inside the labelled lung fields, labels unchanged
+    #: (:mod:`trainer.cxr_pathology`).  All default to off, so the 1.0.0 and 1.1.0
+    #: configs reproduce (they also draw from their own random stream).
+    #: Probability that a sample gets pleural fluid or consolidation in one lung
+    #: (in both with probability ``pathology_both``).
+    pathology_prob: float = Field(0.0, ge=0, le=1)
+    pathology_both: float = Field(0.25, ge=0, le=1)
+    #: Of those, the share drawn as consolidation/masses (the rest is fluid) ...
+    consolidation_share: float = Field(0.4, ge=0, le=1)
+    #: ... and the share of fluid that fills the whole hemithorax.
+    whole_hemithorax_share: float = Field(0.15, ge=0, le=1)
+    #: Largest fluid height, as a fraction of the lung field's height.
+    effusion_max_fraction: float = Field(0.8, gt=0, le=1)
+    #: Large soft-tissue overlays crossing the lung borders (breasts, obesity).
+    soft_tissue_prob: float = Field(0.0, ge=0, le=1)
+    #: Tubes, lines, wires over the apices, ECG electrodes and leads.
+    devices_prob: float = Field(0.0, ge=0, le=1)
+    #: Portable AP look: haze, compressed contrast, gamma, blur, heavy noise.
+    portable_prob: float = Field(0.0, ge=0, le=1)
+    portable_noise_std: float = Field(0.03, ge=0, le=0.5)
 
 
 class CxrLungsConfig(_Strict):
@@ -257,6 +277,43 @@ class SiteAugmenter:
         ])
         self.geometric.set_random_state(seed=seed)
         self.grey.set_random_state(seed=seed + 1)
+        #: The 1.2.0 findings' own stream: the 1.1.0 stream above is untouched.
+        self.findings_rng = np.random.default_rng(seed + 2)
+
+    def findings(self, image: npt.NDArray[np.float32], label: npt.NDArray[np.float32]
+                 ) -> npt.NDArray[np.float32]:
+        """Synthetic fluid, consolidation and soft tissue on the film; labels unchanged."""
+        from trainer import cxr_pathology as cp
+
+        cfg, rng = self.cfg, self.findings_rng
+        if cfg.pathology_prob == 0 and cfg.soft_tissue_prob == 0:
+            return image
+        grey = cp.soft_tissue_grey(image, label[2] > 0.5)
+        if cfg.pathology_prob > 0 and rng.random() < cfg.pathology_prob:
+            sides = [0, 1] if rng.random() < cfg.pathology_both else [int(rng.integers(0, 2))]
+            for side in sides:
+                lung = label[side] > 0.5
+                if rng.random() < cfg.consolidation_share:
+                    image = cp.add_consolidation(image, lung, grey, rng)
+                else:
+                    image = cp.add_effusion(
+                        image, lung, grey, rng, lateral_right=side == 1,
+                        max_fraction=cfg.effusion_max_fraction,
+                        whole=bool(rng.random() < cfg.whole_hemithorax_share))
+        if cfg.soft_tissue_prob > 0 and rng.random() < cfg.soft_tissue_prob:
+            image = cp.add_soft_tissue(image, grey, rng)
+        return image
+
+    def appearance(self, image: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """Devices, then the portable AP look (both on the framed film)."""
+        from trainer import cxr_pathology as cp
+
+        cfg, rng = self.cfg, self.findings_rng
+        if cfg.devices_prob > 0 and rng.random() < cfg.devices_prob:
+            image = cp.add_devices(image, rng)
+        if cfg.portable_prob > 0 and rng.random() < cfg.portable_prob:
+            image = cp.portable_look(image, rng, noise_std=cfg.portable_noise_std)
+        return image
 
     def frame(self, image: npt.NDArray[np.float32], label: npt.NDArray[np.float32]
               ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
@@ -284,8 +341,10 @@ class SiteAugmenter:
                             "label": label.astype(np.float32)})
         img = np.asarray(d["image"], np.float32)[0]
         lab = (np.asarray(d["label"], np.float32) > 0.5).astype(np.float32)
+        img = self.findings(img, lab)
         if self.rng.random() < self.cfg.frame_prob:
             img, lab = self.frame(img, lab)
+        img = self.appearance(img)
         img = np.asarray(self.grey({"image": img[None]})["image"], np.float32)[0]
         return normalise(np.ascontiguousarray(img)), lab
 
@@ -637,6 +696,18 @@ def _site_text(cfg: CxrLungsConfig) -> str:
                 f"around the film shrunk to {a.frame_side[0]}-{a.frame_side[1]} of the side "
                 f"(p {a.frame_prob}), uneven exposure (bias field, p {a.bias_field_prob}), "
                 f"bright lines and patches (p {a.lines_prob}), sharpening")
+    if a.site and a.pathology_prob > 0:
+        out += (f"; synthetic findings inside the labelled lung fields, labels unchanged "
+                f"(`trainer/cxr_pathology.py`, p {a.pathology_prob}, both lungs "
+                f"{a.pathology_both}): pleural fluid rising from the costophrenic angle with "
+                f"a concave meniscus up to {a.effusion_max_fraction} of the lung height, "
+                f"{a.whole_hemithorax_share} of it a whole opaque hemithorax, consolidation "
+                f"and masses ({a.consolidation_share} of the findings)")
+    if a.site and (a.soft_tissue_prob or a.devices_prob or a.portable_prob):
+        out += (f"; soft-tissue overlays across the lung borders (p {a.soft_tissue_prob}), "
+                f"tubes, lines, wires over the apices and ECG leads (p {a.devices_prob}), "
+                f"the portable AP look: haze, compressed contrast, gamma, blur, noise "
+                f"(p {a.portable_prob})")
     return out
 
 
