@@ -649,7 +649,8 @@ def attribution_key_image(ctx: BuildContext, index: int) -> hd.sc.SCImage:
     ramp = heatmap_rgb(np.tile(np.linspace(0.0, 1.0, bar_w), (bar_h, 1)))
     size = (rgb.shape[1], rgb.shape[0])
     texts = [place_label(text, (4, 0), size, px)
-             for text in (ctx.result.attribution_method or "attribution", HEATMAP_EXPLANATION)]
+             for text in (f"{ctx.result.attribution_method or 'attribution'}.",
+                          HEATMAP_EXPLANATION)]
     _, foot_h, foot_lines, _ = place_label(ctx.settings.disclaimer, (4, 0), size, px)
     fy = rgb.shape[0] - 4 - len(foot_lines) * foot_h  # where _draw_footer starts
     x0, y0 = _legend_corner(
