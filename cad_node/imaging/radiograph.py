@@ -242,7 +242,7 @@ def radiograph_geometry(ds: Dataset) -> RadiographGeometry:
     ps = _positive_pair(ds, "PixelSpacing")
     if ps is not None:
         return RadiographGeometry(ps, "PixelSpacing",
-                                  f"scale from Pixel Spacing {ps[0]:g}\\{ps[1]:g} mm")
+                                  f"scale from Pixel Spacing {ps[0]:g} x {ps[1]:g} mm")
     ips = _positive_pair(ds, "ImagerPixelSpacing")
     if ips is not None:
         try:
@@ -253,11 +253,11 @@ def radiograph_geometry(ds: Dataset) -> RadiographGeometry:
             sp = (ips[0] / ermf, ips[1] / ermf)
             return RadiographGeometry(
                 sp, "ImagerPixelSpacing/ERMF",
-                f"scale from Imager Pixel Spacing {ips[0]:g}\\{ips[1]:g} mm corrected by the "
+                f"scale from Imager Pixel Spacing {ips[0]:g} x {ips[1]:g} mm corrected by the "
                 f"Estimated Radiographic Magnification Factor {ermf:g}")
         return RadiographGeometry(
             ips, "ImagerPixelSpacing",
-            f"scale from Imager Pixel Spacing {ips[0]:g}\\{ips[1]:g} mm at the detector: no "
+            f"scale from Imager Pixel Spacing {ips[0]:g} x {ips[1]:g} mm at the detector: no "
             "magnification factor, so mm values are about 10% larger than in the patient")
     return RadiographGeometry(
         None, None, "no Pixel Spacing or Imager Pixel Spacing: no mm measurements are made "

@@ -21,6 +21,7 @@ Annotation YES, same study, one new series (Series Number 9003).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import highdicom as hd
@@ -396,39 +397,58 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-#: x offsets (px) of the summary table's columns (headers fit at 18 px).
-_TABLE_X = (16, 150, 230, 330, 420, 510, 600, 780)
-#: Column headers: every probability says what it is (issue #13).
-_TABLE_HEADER = ("ID", "Type", "Site", "Long mm", "Short mm", "Vol mm3",
-                 "Detection certainty", "Malignancy risk (Brock)")
-#: Legend printed under the table.
-PROBABILITY_LEGEND = (
-    "Detection certainty: how sure the algorithm is that this is a finding (not a risk of "
-    "cancer). Malignancy risk (Brock): PanCan/Brock model probability of cancer."
+#: Summary table columns: header, the cell of a finding, and whether the column is shown
+#: even when no finding of the table has a value (the others appear only when one does:
+#: a radiograph has no axes, volume or Brock risk).  Every probability says what it is.
+_COLUMNS: tuple[tuple[str, Callable[[Finding], str], bool], ...] = (
+    ("ID", lambda f: f.tracking_id, True),
+    ("Type", lambda f: f.finding_type.meaning, True),
+    ("Site", lambda f: f.site.meaning if f.site else "-", True),
+    ("Long mm", lambda f: _fmt(f.long_axis_mm, ".1f"), False),
+    ("Short mm", lambda f: _fmt(f.short_axis_mm, ".1f"), False),
+    ("Vol mm3", lambda f: _fmt(f.volume_mm3, ".0f"), False),
+    ("Detection certainty", lambda f: _fmt(f.probability, ".2f"), True),
+    ("Malignancy risk (Brock)", lambda f: _fmt(f.malignancy_probability, ".2f"), False),
 )
+#: Legend printed under the table (its second sentence only with the Brock column).
+DETECTION_LEGEND = ("Detection certainty: how sure the algorithm is that this is a finding "
+                    "(not a risk of cancer).")
+BROCK_LEGEND = "Malignancy risk (Brock): PanCan/Brock model probability of cancer."
+PROBABILITY_LEGEND = f"{DETECTION_LEGEND} {BROCK_LEGEND}"
+#: Summary page font sizes tried, largest first, until every line fits the page.
+_SUMMARY_FONT_PX = (18, 16, 14, 12, 11)
+#: Horizontal gap between summary table columns, in units of the font size.
+_COLUMN_GAP = 1.2
+def _columns(findings: Sequence[Finding]) -> list[tuple[str, Callable[[Finding], str]]]:
+    return [(head, cell) for head, cell, always in _COLUMNS
+            if always or any(cell(f) != "-" for f in findings)]
 
 
-def _row(f: Finding) -> tuple[str, ...]:
-    return (
-        f.tracking_id[:14],
-        f.finding_type.meaning[:8],
-        f.site.meaning if f.site else "-",
-        _fmt(f.long_axis_mm, ".1f"),
-        _fmt(f.short_axis_mm, ".1f"),
-        _fmt(f.volume_mm3, ".0f"),
-        _fmt(f.probability, ".2f"),
-        _fmt(f.malignancy_probability, ".2f"),
-    )
+def _table(findings: Sequence[Finding],
+           columns: list[tuple[str, Callable[[Finding], str]]]) -> list[tuple[str, ...]]:
+    return [tuple(head for head, _ in columns)] + [
+        tuple(cell(f) for _, cell in columns) for f in findings]
+
+
+def _key_label(key: str) -> str:
+    return key.replace("_", " ")
 
 
 def summary_lines(ctx: BuildContext) -> list[str | tuple[str, ...]]:
-    """Lines of the summary page: text, or table rows as tuples of cells."""
+    """Lines of the summary page: text, or table rows as tuples of cells.
+
+    Contract: every line is meant to be shown; :func:`build_summary_page`
+    shrinks its font until all of them fit (and says so on the page if even
+    the smallest font does not).  A table has a header row first.
+    """
     result, model = ctx.result, ctx.model
     lines: list[str | tuple[str, ...]] = [
         "CAD results",
         f"Algorithm: {model.name} {model.version}  (Device UID {model.device_uid})",
         f"Pipeline: {result.pipeline}   Series: {result.series_instance_uid}",
     ]
+    below = ctx.operating_point.reported_below
+    columns = _columns([*result.findings, *below])
     if result.status is AnalysisStatus.FAILED:
         lines.append(f"ANALYSIS FAILED: {result.failure_reason}")
         lines.append("No result is available; this is not a negative result.")
@@ -436,52 +456,97 @@ def summary_lines(ctx: BuildContext) -> list[str | tuple[str, ...]]:
         lines.append("No findings.")
     elif result.findings:
         lines.append(f"{len(result.findings)} finding(s):")
-        lines.append(_TABLE_HEADER)
-        for f in result.findings:
-            lines.append(_row(f))
+        header, *rows = _table(result.findings, columns)
+        lines.append(header)
+        for f, row in zip(result.findings, rows, strict=True):
+            lines.append(row)
             if f.center_mm is not None:
                 x, y, z = f.center_mm
-                lines.append(("", f"centre (LPS) {x:.1f}, {y:.1f}, {z:.1f} mm"))
+                lines.append(f"    {f.tracking_id} centre (LPS) {x:.1f}, {y:.1f}, {z:.1f} mm")
     if result.status is not AnalysisStatus.FAILED:
         lines += [c.describe() for c in result.classifications]
         lines += operating_point_texts(ctx)
-        below = ctx.operating_point.reported_below
         if below:
             lines.append("Below the operating point (candidates, NOT findings):")
-            lines.append(_TABLE_HEADER)
-            lines += [_row(f) for f in below]
+            lines += _table(below, columns)
         if result.findings or below:
-            lines.append(PROBABILITY_LEGEND)
+            brock = any(head == "Malignancy risk (Brock)" for head, _ in columns)
+            lines.append(PROBABILITY_LEGEND if brock else DETECTION_LEGEND)
     for k, v in sorted(result.qualitative.items()):
-        lines.append(f"{k}: {v}")
+        lines.append(f"{_key_label(k)}: {v}")
     for k, m in sorted(result.measurements.items()):
-        lines.append(f"{k}: {m:g}")
+        lines.append(f"{_key_label(k)}: {m:g}")
     lines += list(result.notes)
     return lines
 
 
+def _layout_summary(lines: Sequence[str | tuple[str, ...]], font_px: int, width: int
+                    ) -> tuple[ImageFont.ImageFont | ImageFont.FreeTypeFont, int,
+                               list[tuple[str, ...] | str], dict[int, list[float]]]:
+    """Font, line height, the drawn lines (text wrapped) and each table's column x.
+
+    Table rows are keyed by the index of their table's header in the drawn lines.
+    """
+    font = _font(font_px)
+    step = math.ceil(font_px * 1.4)
+    drawn: list[tuple[str, ...] | str] = []
+    tables: dict[int, list[float]] = {}
+    k = 0
+    while k < len(lines):
+        line = lines[k]
+        if isinstance(line, str):
+            drawn += wrap_text(line, font, width - 32)
+            k += 1
+            continue
+        end = k
+        while end < len(lines) and isinstance(lines[end], tuple):
+            end += 1
+        block = [ln for ln in lines[k:end] if isinstance(ln, tuple)]
+        n = max(len(r) for r in block)
+        widths = [max((_text_width(font, r[c]) for r in block if c < len(r)), default=0.0)
+                  for c in range(n)]
+        xs, x = [], 16.0
+        for w in widths:
+            xs.append(x)
+            x += w + _COLUMN_GAP * font_px
+        tables[len(drawn)] = xs
+        drawn += block
+        k = end
+    return font, step, drawn, tables
+
+
 def build_summary_page(ctx: BuildContext, index: int) -> hd.sc.SCImage:
-    """The study summary page as instance ``index`` of the SC series."""
+    """The study summary page as instance ``index`` of the SC series.
+
+    The font is the largest of :data:`_SUMMARY_FONT_PX` at which every line and
+    every table column fits the page; if none does, the page is cut at the
+    smallest and its last line says how many lines are not shown (the SR holds
+    them all).
+    """
     rows, cols = SUMMARY_SHAPE
     image = Image.new("RGB", (cols, rows), (0, 0, 0))
     draw = ImageDraw.Draw(image)
-    font = _font(_FONT_PX)
-    y = 16.0
-    for line in summary_lines(ctx):
-        if y > rows - 3 * _FONT_PX:
-            draw.text((16, y), "...", fill=(255, 255, 255), font=font)
+    lines = summary_lines(ctx)
+    for font_px in _SUMMARY_FONT_PX:
+        font, step, drawn, tables = _layout_summary(lines, font_px, cols)
+        bottom = rows - 3 * font_px  # the disclaimer's room
+        wide = any(xs[-1] > cols - 16 for xs in tables.values())
+        if 16 + len(drawn) * step <= bottom and not wide:
             break
+    fits = (bottom - 16) // step
+    if len(drawn) > fits:
+        hidden = len(drawn) - (fits - 1)
+        drawn = [*drawn[:fits - 1], f"... {hidden} more line(s): see the structured report"]
+    y, xs = 16.0, [16.0]
+    for n, line in enumerate(drawn):
+        xs = tables.get(n, xs)
         if isinstance(line, tuple):
-            for x, cell in zip(_TABLE_X, line, strict=False):
+            for x, cell in zip(xs, line, strict=False):
                 draw.text((x, y), cell, fill=(255, 255, 255), font=font)
-            y += math.ceil(_FONT_PX * 1.4)
-            continue
-        for part in wrap_text(line, font, cols - 32):
-            if y > rows - 3 * _FONT_PX:
-                break
-            draw.text((16, y), part, fill=(255, 255, 255), font=font)
-            y += math.ceil(_FONT_PX * 1.4)
-    draw.text((16, rows - 2 * _FONT_PX), ctx.settings.disclaimer, fill=(255, 64, 64), font=font)
+        else:
+            draw.text((16, y), line, fill=(255, 255, 255), font=font)
+        y += step
+    draw.text((16, rows - 2 * font_px), ctx.settings.disclaimer, fill=(255, 64, 64), font=font)
     sc = _sc(ctx, np.asarray(image), ctx.source.first, index, spacing=False)
     sc.DerivationDescription = "CAD summary page"
     ensure_character_set(sc)

@@ -101,3 +101,75 @@ def test_labels_wrap_and_stay_inside_the_image() -> None:
         assert 0 <= x and right <= width, (width, x, right)
         assert 0 <= y and y + line_h * len(lines) <= height + line_h
     assert wrap_text("a" * 50, font, 40)[0] != "a" * 50  # a long word is cut
+
+
+def _radiograph_like(notes: int = 0, note_chars: int = 100) -> tuple[list, object]:
+    """Findings without axes, volume or Brock risk (as the chest X-ray pipeline's)."""
+    series, result = _two_findings()
+    findings = [f.model_copy(update={"long_axis_mm": None, "short_axis_mm": None,
+                                     "malignancy_probability": None, "center_mm": None,
+                                     "finding_type": FindingType.CARDIOMEGALY if k == 0
+                                     else f.finding_type})
+                for k, f in enumerate(result.findings)]
+    extra = [f"note {k}: " + "word " * (note_chars // 5) for k in range(notes)]
+    return series, result.model_copy(update={"findings": findings, "notes": extra})
+
+
+def test_summary_columns_follow_the_findings() -> None:
+    from cad_node.results._common import BuildContext
+
+    series, ct = _two_findings()
+    ct_header = next(ln for ln in summary_lines(BuildContext.create(ct, series, SETTINGS))
+                     if isinstance(ln, tuple))
+    assert ct_header == ("ID", "Type", "Site", "Long mm", "Short mm",  # no volume given
+                         "Detection certainty", "Malignancy risk (Brock)")
+    series, cxr = _radiograph_like()
+    lines = summary_lines(BuildContext.create(cxr, series, SETTINGS))
+    header = next(ln for ln in lines if isinstance(ln, tuple))
+    assert header == ("ID", "Type", "Site", "Detection certainty")
+    assert ("Cardiomegaly" in next(ln for ln in lines if isinstance(ln, tuple) and ln[0] ==
+                                   "Nodule 1"))  # the type is not cut to 8 characters
+    assert not any(isinstance(ln, str) and "Brock" in ln for ln in lines)
+
+
+def test_summary_table_columns_never_overlap() -> None:
+    from cad_node.results._common import BuildContext
+    from cad_node.results.sc import SUMMARY_SHAPE, _layout_summary, _text_width
+
+    for series, result in (_two_findings(), _radiograph_like()):
+        lines = summary_lines(BuildContext.create(result, series, SETTINGS))
+        font, _, drawn, tables = _layout_summary(lines, 18, SUMMARY_SHAPE[1])
+        assert tables
+        for start, xs in tables.items():
+            n = start
+            while n < len(drawn) and isinstance(drawn[n], tuple):
+                for c, cell in enumerate(drawn[n][:-1]):
+                    assert xs[c] + _text_width(font, cell) < xs[c + 1], (drawn[n], c)
+                n += 1
+
+
+def test_summary_page_shrinks_its_font_before_it_drops_a_line() -> None:
+    from cad_node.results._common import BuildContext
+    from cad_node.results.sc import (
+        _SUMMARY_FONT_PX,
+        SUMMARY_SHAPE,
+        _layout_summary,
+        build_summary_page,
+    )
+
+    rows, cols = SUMMARY_SHAPE
+
+    def text_lines(page: np.ndarray) -> int:
+        """Bands of pixel rows holding white (body) text; the disclaimer is red."""
+        rows_with_text = np.all(page >= 250, axis=-1).any(axis=1).astype(np.int8)
+        return int((np.diff(np.concatenate([[0], rows_with_text])) == 1).sum())
+
+    series, result = _radiograph_like(notes=24)
+    lines = summary_lines(BuildContext.create(result, series, SETTINGS))
+    _, step, drawn, _ = _layout_summary(lines, _SUMMARY_FONT_PX[0], cols)
+    assert 16 + len(drawn) * step > rows - 3 * _SUMMARY_FONT_PX[0]  # too long at 18 px
+    page = build_summary_page(BuildContext.create(result, series, SETTINGS), 9).pixel_array
+    assert text_lines(page) >= len(lines)  # every line is on the page, at a smaller size
+    series, result = _radiograph_like(notes=200)
+    page = build_summary_page(BuildContext.create(result, series, SETTINGS), 9).pixel_array
+    assert text_lines(page) < len(summary_lines(BuildContext.create(result, series, SETTINGS)))
