@@ -49,9 +49,11 @@ __all__ = [
 F32 = npt.NDArray[np.float32]
 
 
-def _check(image: F32) -> None:
+def _check(image: F32, lung: npt.NDArray[np.bool_] | None = None) -> None:
     if image.ndim != 2 or min(image.shape) < 16:
         raise ValueError(f"expected a 2-D image of at least 16x16, got shape {image.shape}")
+    if lung is not None and lung.shape != image.shape:
+        raise ValueError(f"lung mask {lung.shape} does not match the image {image.shape}")
 
 
 def soft_tissue_grey(image: F32, heart: npt.NDArray[np.bool_] | None) -> float:
@@ -98,9 +100,7 @@ def add_effusion(image: F32, lung: npt.NDArray[np.bool_], value: float,
     ValueError
         Not a 2-D image, or ``lung`` of another shape.
     """
-    _check(image)
-    if lung.shape != image.shape:
-        raise ValueError(f"lung mask {lung.shape} does not match the image {image.shape}")
+    _check(image, lung)
     if not lung.any():
         return image.astype(np.float32, copy=True)
     rows, cols = np.nonzero(lung)
@@ -165,9 +165,7 @@ def add_consolidation(image: F32, lung: npt.NDArray[np.bool_], value: float,
     ValueError
         Not a 2-D image, or ``lung`` of another shape.
     """
-    _check(image)
-    if lung.shape != image.shape:
-        raise ValueError(f"lung mask {lung.shape} does not match the image {image.shape}")
+    _check(image, lung)
     rows, cols = np.nonzero(lung)
     if rows.size == 0:
         return image.astype(np.float32, copy=True)
