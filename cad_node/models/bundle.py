@@ -191,6 +191,11 @@ class InputSpec(_Strict):
     outside_hu: float = -1024.0
     #: Candidates per inference batch.
     batch_size: int = Field(64, ge=1, le=4096)
+    #: Slice thickness (mm) of the scorer's training scans.  When set, the ct-chest
+    #: pipeline smooths thinner-slice scans along z to this slice profile before
+    #: candidates and scoring (:mod:`cad_node.pipelines.ct_chest.harmonise`); None
+    #: (bundles up to ct-nodule-scorer 1.0.2): every scan is used as it is.
+    harmonise_slice_thickness_mm: float | None = Field(None, gt=0, le=20)
 
     @field_validator("spacing_mm")
     @classmethod
