@@ -161,3 +161,13 @@ def test_smooth_along_z_rejects_bad_input() -> None:
         smooth_along_z(img, 0.5)
     with pytest.raises(ValueError, match="positive"):
         discrete_gaussian_kernel(0.0)
+
+
+def test_harmonisation_is_part_of_the_device_uid() -> None:
+    from cad_node.models.bundle import device_uid_for
+
+    sha = "ab" * 32
+    plain, harm = device_uid_for(sha, 0.55), device_uid_for(sha, 0.55, None, 2.5)
+    assert plain != harm and harm == device_uid_for(sha, 0.55, None, 2.5)
+    assert harm != device_uid_for(sha, 0.55, None, 3.0)
+    assert device_uid_for(sha, 0.55, None, None) == plain

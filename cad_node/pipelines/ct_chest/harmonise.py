@@ -1,3 +1,4 @@
+# mypy: disallow-untyped-calls=False
 """Slice-profile harmonisation: make a thin-slice CT look like the scorer's training slices.
 
 The ``ct-nodule-scorer`` bundles up to 1.0.2 saw one real background, reconstructed
