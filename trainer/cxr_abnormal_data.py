@@ -119,6 +119,8 @@ class _TrainCfg(_Strict):
     #: Principal components of f16 kept for the patch descriptors.
     projection: int = Field(64, ge=4)
     dropout: float = Field(0.2, ge=0, lt=1)
+    #: Whether patch descriptors include the projected f16 (AbnormalNet.patch_context).
+    patch_context: bool = True
 
 
 class AbnormalConfig(_Strict):

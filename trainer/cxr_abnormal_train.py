@@ -109,6 +109,8 @@ def new_network(cfg: AbnormalConfig, scales: list[tuple[float, float]], image_ru
     arch = {"builder": "cxr-abnormal", "scales": [list(s) for s in scales], "encoder": enc,
             "width": cfg.train.width, "projection": cfg.train.projection,
             "image_rule": image_rule, "dropout": cfg.train.dropout}
+    if not cfg.train.patch_context:  # the default is left out: 1.0.0's architecture unchanged
+        arch["patch_context"] = False
     net = build_network(arch)
     assert isinstance(net, AbnormalNet)
     net.encoder.load_state_dict(enc_state, strict=True)
@@ -496,8 +498,10 @@ def prepare(cfg: AbnormalConfig, run_dir: Path) -> Prepared:
 
     import torch
 
-    key = hashlib.sha256(json.dumps([cache.names, scales, cfg.train.projection,
-                                     fit.tolist()]).encode()).hexdigest()[:16]
+    parts: list[Any] = [cache.names, scales, cfg.train.projection, fit.tolist()]
+    if not cfg.train.patch_context:  # the default keeps the earlier caches' keys
+        parts.append("no-patch-context")
+    key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
     path = run_dir / f"descriptors-{key}.npz"
     if path.is_file():
         z = np.load(path)

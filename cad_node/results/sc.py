@@ -580,6 +580,23 @@ def heatmap_rgb(heat: np.ndarray) -> np.ndarray:
     return np.round(np.asarray(rgba)[..., :3] * 255.0).astype(np.uint8)
 
 
+def _legend_corner(block: tuple[float, float], size: tuple[int, int], foot_y: float,
+                   boxes: list[tuple[float, float, float, float]]) -> tuple[int, int]:
+    """Top-left corner of the heatmap legend: top left, top right, bottom left or bottom
+    right (above the disclaimer starting at ``foot_y``), the first that covers no drawn
+    box (``x0, y0, x1, y1``), else the one covering the least box area."""
+    (w, h), (cols, _) = block, size
+    corners = [(4.0, 4.0), (cols - w - 4, 4.0), (4.0, foot_y - h - 4),
+               (cols - w - 4, foot_y - h - 4)]
+
+    def covered(c: tuple[float, float]) -> float:
+        return sum(max(0.0, min(c[0] + w, b[2]) - max(c[0], b[0]))
+                   * max(0.0, min(c[1] + h, b[3]) - max(c[1], b[1])) for b in boxes)
+
+    best = min(corners, key=lambda c: (covered(c) > 0, covered(c), corners.index(c)))
+    return int(max(0.0, best[0])), int(max(0.0, best[1]))
+
+
 def attribution_key_image(ctx: BuildContext, index: int) -> hd.sc.SCImage:
     """Key image of the attribution heatmap: colour overlay, boxes, legend and disclaimer.
 
@@ -587,8 +604,9 @@ def attribution_key_image(ctx: BuildContext, index: int) -> hd.sc.SCImage:
     at or above :data:`HEATMAP_FLOOR` is blended in :data:`HEATMAP_COLORMAP`
     (opacity growing with the heat up to :data:`HEATMAP_ALPHA`); the reported
     boxes are drawn in their findings' colours; a colour bar ("low" to
-    "high"), the method and :data:`HEATMAP_EXPLANATION` are printed top left,
-    the disclaimer at the bottom.
+    "high"), the method and :data:`HEATMAP_EXPLANATION` are printed in a corner
+    clear of the boxes (:func:`_legend_corner`; top left when it is), the
+    disclaimer at the bottom.
 
     Raises
     ------
@@ -618,15 +636,26 @@ def attribution_key_image(ctx: BuildContext, index: int) -> hd.sc.SCImage:
     image = Image.fromarray(rgb)
     draw = ImageDraw.Draw(image)
     width = max(2, grey.shape[0] // 400)
+    drawn: list[tuple[float, float, float, float]] = []
     for k, finding in enumerate(ctx.result.findings):
         if finding.region is not None and finding.region.sop_instance_uid == uid:
             pts = [(float(x), float(y)) for x, y in region_polyline(finding.region)]
             draw.line(pts, fill=finding_rgb(k), width=width)
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            drawn.append((min(xs) - width, min(ys) - width, max(xs) + width, max(ys) + width))
     px = max(_LABEL_PX, grey.shape[0] // _LABEL_FRACTION)
     font = _font(px)
     bar_w, bar_h = max(grey.shape[1] // 4, 64), max(px, 8)
     ramp = heatmap_rgb(np.tile(np.linspace(0.0, 1.0, bar_w), (bar_h, 1)))
-    x0, y0 = 4, 4
+    size = (rgb.shape[1], rgb.shape[0])
+    texts = [place_label(text, (4, 0), size, px)
+             for text in (ctx.result.attribution_method or "attribution", HEATMAP_EXPLANATION)]
+    _, foot_h, foot_lines, _ = place_label(ctx.settings.disclaimer, (4, 0), size, px)
+    fy = rgb.shape[0] - 4 - len(foot_lines) * foot_h  # where _draw_footer starts
+    x0, y0 = _legend_corner(
+        (max([float(bar_w)] + [_text_width(f, ln) for f, _, lines, _ in texts for ln in lines]),
+         bar_h + px * 1.5 + sum(h * len(lines) for _, h, lines, _ in texts)),
+        size, fy, drawn)
     image.paste(Image.fromarray(ramp), (x0, y0))
     draw.text((x0, y0 + bar_h + 2), "low", fill=LABEL_RGB, font=font, stroke_width=2,
               stroke_fill=(0, 0, 0))
@@ -634,11 +663,9 @@ def attribution_key_image(ctx: BuildContext, index: int) -> hd.sc.SCImage:
               fill=LABEL_RGB, font=font, stroke_width=2,
               stroke_fill=(0, 0, 0))
     y = y0 + bar_h + px * 1.5
-    size = (rgb.shape[1], rgb.shape[0])
-    for text in (ctx.result.attribution_method or "attribution", HEATMAP_EXPLANATION):
-        tfont, line_h, lines, _ = place_label(text, (4, 0), size, px)
+    for tfont, line_h, lines, _ in texts:
         for line in lines:
-            draw.text((4, y), line, fill=LABEL_RGB, font=tfont, stroke_width=2,
+            draw.text((x0, y), line, fill=LABEL_RGB, font=tfont, stroke_width=2,
                       stroke_fill=(0, 0, 0))
             y += line_h
     _draw_footer(draw, ctx.settings.disclaimer, size, px, stroke_width=2, stroke_fill=(0, 0, 0))

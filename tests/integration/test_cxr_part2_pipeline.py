@@ -104,6 +104,13 @@ def test_part2_on_the_real_cr(analysed: AnalysisResult, cr: Dataset) -> None:
     assert frame.shape == lungs.shape and float(frame.max()) == pytest.approx(1.0)
     assert float(frame[~lungs].max()) == 0.0
     assert "Integrated Gradients" in str(result.attribution_method)
+    # its maximum lies inside the top finding's box (the heatmap explains that
+    # finding's own patch score), on the stored pixels
+    region = boxes[0].region
+    assert region is not None
+    (x0, y0), (x1, y1) = region.points
+    r, c = np.unravel_index(int(np.argmax(frame)), frame.shape)
+    assert x0 <= c <= x1 and y0 <= r <= y1, ((r, c), region.points)
     objs = build_results(result, [cr], settings=SETTINGS,
                          objects=("sr", "seg", "sc", "gsps", "pm"))
     kinds = [str(o.kind) for o in objs]

@@ -12,7 +12,15 @@ import pytest
 import torch
 
 from cad_node.pipelines.cxr.abnormal import box_iou, boxes_from_patches, merge_patches
-from cad_node.pipelines.cxr.abnormal_net import _patch_pool, kernel_cells, patch_boxes
+from cad_node.pipelines.cxr.abnormal_net import (
+    GRID,
+    AbnormalNet,
+    ImageLogit,
+    TopPatchLogit,
+    _patch_pool,
+    kernel_cells,
+    patch_boxes,
+)
 from cad_node.results.findings import FindingType
 from trainer.cxr_abnormal_data import Item, kmeans_log_boxes, patch_labels
 from trainer.cxr_abnormal_train import box_hit_rate, jsrt_froc, patch_loss
@@ -165,3 +173,89 @@ def test_box_hit_rate_iobb_by_hand() -> None:
     assert box_hit_rate([([miss], gt), ([hit], gt)], top=1) == 0.5
     assert box_hit_rate([([miss, hit], gt)], top=1) == 0.0
     assert box_hit_rate([([miss, hit], gt)], top=3) == 1.0
+
+
+SMALL_ENCODER = {"builder": "unet2d", "channels": [4, 8, 8, 16, 16], "strides": [2, 2, 2, 2],
+                 "num_res_units": 2, "in_channels": 1, "out_channels": 3, "norm": "batch",
+                 "dropout": 0.0}
+
+
+def _small_net(patch_context: bool = True) -> AbnormalNet:
+    torch.manual_seed(5)
+    net = AbnormalNet([[16.0, 16.0], [48.0, 96.0], [300.0, 40.0]], SMALL_ENCODER, width=8,
+                      projection=4, dropout=0.0, patch_context=patch_context)
+    with torch.no_grad():  # non-trivial standardisation and scale embedding
+        net.desc_mean.normal_()
+        net.desc_std.uniform_(0.5, 2.0)
+        net.scale_embedding.normal_()
+    return net.eval()
+
+
+@pytest.mark.parametrize("patch_context", [True, False])
+def test_top_patch_logit_is_the_patch_logit_of_the_full_head(patch_context: bool) -> None:
+    """Every patch of every scale (including ones clipped by the map edge, and a
+    scale wider than the map): the one-patch head equals the all-patch head."""
+    net = _small_net(patch_context)
+    assert net.descriptor_size == 2 * 8 + (4 if patch_context else 0)
+    x = torch.rand(1, 1, 256, 256) * 2 - 1
+    with torch.inference_mode():
+        patches, _ = net.heads(*net.encode(x))
+        for s in range(len(net.kernels)):
+            for i in range(GRID):
+                for j in (0, 1, 7, 14, 15):
+                    got = float(TopPatchLogit(net, s, i, j)(x)[0])
+                    assert got == pytest.approx(float(patches[0, s, i, j]), abs=1e-5)
+
+
+def test_top_patch_is_the_max_patch_inside_the_lungs() -> None:
+    net = _small_net()
+    x = torch.rand(1, 1, 256, 256) * 2 - 1
+    grid = torch.zeros(1, GRID, GRID, dtype=torch.bool)
+    grid[0, 3:9, 2:6] = True
+    top = TopPatchLogit.of(net, x, grid)
+    _, row, col = top.patch
+    assert bool(grid[0, row, col])
+    with torch.inference_mode():
+        assert float(top(x)[0]) == pytest.approx(
+            float(ImageLogit(net, "max")(x, grid)[0]), abs=1e-5)
+        # no lung cell at all: every patch competes, as AbnormalNet.max_patch
+        none = torch.zeros_like(grid)
+        assert float(TopPatchLogit.of(net, x, none)(x)[0]) == pytest.approx(
+            float(ImageLogit(net, "max")(x, none)[0]), abs=1e-5)
+    with pytest.raises(ValueError, match="no patch"):
+        TopPatchLogit(net, 3, 0, 0)
+
+
+def test_layer_attribution_of_the_top_patch_stays_near_its_window() -> None:
+    """Layer Integrated Gradients of one patch's logit at ``f8`` credits only cells
+    the patch's descriptor can see: its window, widened by the reach of the
+    bottleneck blocks (``f16_of``: at most 8 ``f8`` cells each side); every other
+    cell is exactly 0 (it fails if the head reads any other cell)."""
+    from cad_node.pipelines.cxr.attribution import layer_attribution
+
+    net = _small_net()
+    x = torch.rand(1, 1, 256, 256) * 2 - 1
+    top = TopPatchLogit(net, 0, 2, 3)  # 16 x 16 px: 2 x 2 cells, rows/cols 4-5 and 6-7
+    rows, cols = top.window()
+    assert (rows, cols) == (slice(4, 6), slice(6, 8))
+    cells = layer_attribution(top, x, steps=4, baseline="zero").sum(dim=1)[0]
+    assert float(cells[rows, cols].abs().sum()) > 0
+    near = torch.zeros_like(cells, dtype=torch.bool)
+    near[max(0, rows.start - 8):rows.stop + 8, max(0, cols.start - 8):cols.stop + 8] = True
+    assert float(cells[~near].abs().max()) == 0.0
+
+
+def test_without_patch_context_a_patch_reads_only_its_window() -> None:
+    """With ``patch_context=False`` the patch descriptor is f8 inside the window only:
+    the layer attribution is 0 on every other cell (no bottleneck halo)."""
+    from cad_node.pipelines.cxr.attribution import layer_attribution
+
+    net = _small_net(patch_context=False)
+    x = torch.rand(1, 1, 256, 256) * 2 - 1
+    top = TopPatchLogit(net, 1, 6, 9)  # 48 x 96 px: 6 x 12 cells
+    rows, cols = top.window()
+    cells = layer_attribution(top, x, steps=4, baseline="zero").sum(dim=1)[0]
+    inside = torch.zeros_like(cells, dtype=torch.bool)
+    inside[rows, cols] = True
+    assert float(cells[inside].abs().sum()) > 0
+    assert float(cells[~inside].abs().max()) == 0.0

@@ -3,7 +3,9 @@
 The classifier (conv layers, global max pooling) learns "a round opacity in
 a lung" from :func:`trainer.cxr_synthetic.make_radiograph` phantoms; on
 held-out positives the lung-restricted heatmap must be zero outside the
-lungs and peak inside the lesion box, for Integrated Gradients and DeepLIFT.
+lungs and peak inside the lesion box, for Integrated Gradients, DeepLIFT and
+layer Integrated Gradients (of its first convolution's output).  The layer
+method is checked against captum's own ``LayerIntegratedGradients``.
 """
 
 from __future__ import annotations
@@ -13,8 +15,12 @@ import pytest
 import torch
 
 from cad_node.pipelines.cxr.attribution import (
+    BASELINE_SIGMA_FRACTION,
     AttributionMethod,
+    Baseline,
+    attribute,
     from_letterbox,
+    layer_attribution,
     lung_heatmap,
 )
 from cad_node.pipelines.cxr.lungs import letterbox
@@ -31,6 +37,13 @@ class _Classifier(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x).amax(dim=(1, 2, 3))
+
+    # a LayerSplit at the first convolution's output
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features[0](x)
+
+    def head(self, f: torch.Tensor) -> torch.Tensor:
+        return self.features[2](self.features[1](f)).amax(dim=(1, 2, 3))
 
 
 def _batch(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor, list]:
@@ -100,3 +113,40 @@ def test_no_positive_evidence_gives_an_all_zero_map(trained: _Classifier) -> Non
     att = lung_heatmap(trained, torch.from_numpy(ph.image * 2 - 1)[None, None], lungs,
                        lambda a: a)
     assert not att.heatmap.any() and att.peak is None
+
+
+@pytest.mark.parametrize("baseline", list(Baseline))
+def test_layer_attribution_is_captums_layer_integrated_gradients(
+        trained: _Classifier, baseline: Baseline) -> None:
+    """Same steps, same layer baseline: equal to captum's LayerIntegratedGradients."""
+    from captum.attr import LayerIntegratedGradients
+    from scipy import ndimage
+
+    ph = make_radiograph(np.random.default_rng(11), SIZE, lesions=1, lesion_radius=4.0)
+    x = torch.from_numpy(ph.image * 2 - 1)[None, None]
+    ours = layer_attribution(trained, x, steps=8, baseline=baseline)
+    if baseline is Baseline.BLURRED:
+        base = torch.from_numpy(ndimage.gaussian_filter(
+            x[0, 0].numpy(), BASELINE_SIGMA_FRACTION * SIZE))[None, None]
+        lig = LayerIntegratedGradients(trained, trained.features[0])
+        ref = lig.attribute(x, baselines=base, n_steps=8)
+    else:  # zero layer activations: captum's IG on the head from zeros
+        from captum.attr import IntegratedGradients
+
+        f = trained.stem(x).detach()
+        ref = IntegratedGradients(trained.head).attribute(f, baselines=torch.zeros_like(f),
+                                                          n_steps=8)
+    assert ours.shape == ref.shape == (1, 4, SIZE, SIZE)
+    assert float(ref.abs().max()) > 0
+    torch.testing.assert_close(ours, ref.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_layer_method_needs_a_layer_split() -> None:
+    plain = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 3, padding=1), torch.nn.Flatten(),
+                                torch.nn.LazyLinear(1))
+    x = torch.zeros(1, 1, 8, 8)
+    plain(x)
+    with pytest.raises(ValueError, match="LayerSplit"):
+        attribute(plain, x, AttributionMethod.LAYER_INTEGRATED_GRADIENTS)
+    with pytest.raises(ValueError, match="LayerSplit"):
+        layer_attribution(plain, x)

@@ -38,6 +38,8 @@ __all__ = [
     "GRID",
     "INPUT_SIZE",
     "AbnormalNet",
+    "ImageLogit",
+    "TopPatchLogit",
     "down_path",
     "kernel_cells",
     "patch_boxes",
@@ -49,6 +51,8 @@ INPUT_SIZE = 256
 GRID = 16
 #: Pixels per cell of the ``f8`` feature grid.
 CELL = 8
+#: Encoder blocks up to ``f8`` (three stride-2 blocks of the ``cxr-lungs`` down path).
+F8_BLOCKS = 3
 IMAGE_RULES = ("max", "whole", "fusion")
 
 
@@ -129,11 +133,15 @@ class AbnormalNet(nn.Module):
         the principal components of the training features).
     image_rule : str
         ``max``, ``whole`` or ``fusion``.
+    patch_context : bool
+        Whether a patch descriptor includes the projected ``f16`` (the
+        bottleneck, whose cells see far beyond the patch); without it, a patch
+        is described by ``f8`` inside it only.
     """
 
     def __init__(self, scales: Sequence[Sequence[float]], encoder: dict[str, Any],
                  width: int = 16, projection: int = 64, image_rule: str = "max",
-                 dropout: float = 0.2) -> None:
+                 dropout: float = 0.2, patch_context: bool = True) -> None:
         super().__init__()
         from cad_node.models.network import build_unet2d
 
@@ -150,7 +158,8 @@ class AbnormalNet(nn.Module):
         c8, c16 = ch[2], ch[-1]
         #: Fixed (not trained) 1x1 projection of f16 before patch pooling.
         self.project16 = nn.Conv2d(c16, projection, 1)
-        self.descriptor_size = 2 * c8 + projection
+        self.patch_context = bool(patch_context)
+        self.descriptor_size = 2 * c8 + (projection if self.patch_context else 0)
         self.whole_size = 2 * c8 + 2 * c16
         self.desc_mean: torch.Tensor
         self.desc_std: torch.Tensor
@@ -172,30 +181,41 @@ class AbnormalNet(nn.Module):
     # -- parts ---------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(f8, f16)`` of a ``(batch, 1, 256, 256)`` input."""
+        f8 = self.encode_f8(x)
+        return f8, self.f16_of(f8)
+
+    def encode_f8(self, x: torch.Tensor) -> torch.Tensor:
+        """``f8`` (stride 8) of a ``(batch, 1, 256, 256)`` input: the first encoder blocks."""
         f = x
-        f8 = x
-        for i, block in enumerate(self.encoder):
+        for block in self.encoder[:F8_BLOCKS]:
             f = block(f)
-            if i == 2:
-                f8 = f
-        return f8, f
+        return f
+
+    def f16_of(self, f8: torch.Tensor) -> torch.Tensor:
+        """``f16`` (the bottleneck, stride 16) of ``f8``: the remaining encoder blocks."""
+        f = f8
+        for block in self.encoder[F8_BLOCKS:]:
+            f = block(f)
+        return f
 
     def descriptors(self, f8: torch.Tensor, f16: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch descriptors ``(batch, scales, 16, 16, D)`` and whole-image ones ``(batch, W)``.
 
-        Per patch: mean and max of ``f8`` and mean of the projected ``f16``
-        inside it (raw, not standardised).
+        Per patch: mean and max of ``f8`` and (with :attr:`patch_context`) mean
+        of the projected ``f16`` inside it (raw, not standardised).
         """
-        p16 = nn.functional.interpolate(self.project16(f16), size=f8.shape[-2:],
-                                        mode="nearest")
+        p16 = (nn.functional.interpolate(self.project16(f16), size=f8.shape[-2:],
+                                         mode="nearest") if self.patch_context else None)
         ones = torch.ones_like(f8[:1, :1])
         per_scale = []
         for kh, kw in self.kernels:
             avg8, mx8 = _patch_pool(f8, ones, kh, kw)
-            avg16, _ = _patch_pool(p16, ones, kh, kw, with_max=False)
             assert mx8 is not None
-            per_scale.append(torch.cat([avg8, mx8, avg16], dim=1))
+            parts = [avg8, mx8]
+            if p16 is not None:
+                parts.append(_patch_pool(p16, ones, kh, kw, with_max=False)[0])
+            per_scale.append(torch.cat(parts, dim=1))
         desc = torch.stack(per_scale, dim=1).permute(0, 1, 3, 4, 2)
         whole = torch.cat([f8.mean(dim=(2, 3)), f8.amax(dim=(2, 3)),
                            f16.mean(dim=(2, 3)), f16.amax(dim=(2, 3))], dim=1)
@@ -256,13 +276,12 @@ class AbnormalNet(nn.Module):
 class ImageLogit(nn.Module):
     """One image-level logit of an :class:`AbnormalNet`, whatever its bundle's rule.
 
-    The attribution heatmap explains the **max-patch** logit
-    (``ImageLogit(net, "max")``): that is the score the reported boxes come from,
-    so the heatmap and the boxes describe the same evidence.  Attributing the fused
-    logit instead put the heatmap maximum inside the top box in 1 of 116 JSRT nodule
-    cases, the max-patch logit in 25 of 116 (docs/benchmarks.md, "Chest X-ray
-    attribution").  The wrapper shares ``net``'s parameters and never changes
-    ``net.image_rule``, so concurrent inference is unaffected.
+    Attributing the fused logit put the heatmap maximum inside the top box in 1 of
+    116 JSRT nodule cases, the max-patch logit (``ImageLogit(net, "max")``) in 25 of
+    116; the pipeline now explains the top finding's own patch logit instead
+    (:class:`TopPatchLogit`; docs/benchmarks.md, "Chest X-ray attribution").  The
+    wrapper shares ``net``'s parameters and never changes ``net.image_rule``, so
+    concurrent inference is unaffected.
 
     Parameters
     ----------
@@ -281,6 +300,94 @@ class ImageLogit(nn.Module):
 
     def forward(self, x: torch.Tensor, lung_grid: torch.Tensor | None = None) -> torch.Tensor:
         """The chosen image logit ``(batch,)``."""
-        f8, f16 = self.net.encode(x)
-        patches, whole = self.net.heads(f8, f16)
+        return self.head(self.stem(x), lung_grid)
+
+    # -- the layer split of :mod:`.attribution` (layer Integrated Gradients on f8) ----------
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """The attributed layer: ``f8`` (64 channels, stride 8) of the input ``x``."""
+        return self.net.encode_f8(x)
+
+    def head(self, f8: torch.Tensor, lung_grid: torch.Tensor | None = None) -> torch.Tensor:
+        """The chosen image logit ``(batch,)`` of ``f8``; ``forward(x) == head(stem(x))``."""
+        patches, whole = self.net.heads(f8, self.net.f16_of(f8))
         return self.net.image_logits(patches, whole, lung_grid)[self.rule]
+
+
+class TopPatchLogit(nn.Module):
+    """The logit of one patch of an :class:`AbnormalNet`: the top finding's own score.
+
+    :meth:`of` picks the patch the max-patch logit comes from (the largest patch
+    logit centred in the lungs, the patch the top box is merged around), and the
+    module then computes that patch's logit only, at a fixed ``(scale, row, col)``:
+    its value at the input is the max-patch logit, but along an attribution path
+    the explained patch does not jump from one place to another, as the maximum
+    over patches does.  As a :class:`~.attribution.LayerSplit`, :meth:`stem` is
+    ``f8`` and :meth:`head` pools ``f8`` (and the projected ``f16`` of
+    :meth:`AbnormalNet.f16_of`) over that patch's window only, so one step costs
+    the bottleneck blocks and one descriptor instead of every scale's.
+
+    Parameters
+    ----------
+    net : AbnormalNet
+        The network (shared, never changed).
+    scale, row, col : int
+        The patch: scale index and grid node.
+
+    Raises
+    ------
+    ValueError
+        The patch is not one of ``net``'s.
+    """
+
+    def __init__(self, net: AbnormalNet, scale: int, row: int, col: int) -> None:
+        super().__init__()
+        if not (0 <= scale < len(net.kernels) and 0 <= row < GRID and 0 <= col < GRID):
+            raise ValueError(f"no patch (scale {scale}, row {row}, col {col}) in a "
+                             f"{len(net.kernels)}-scale {GRID}x{GRID} grid")
+        self.net = net
+        self.patch = (scale, row, col)
+
+    @classmethod
+    def of(cls, net: AbnormalNet, x: torch.Tensor, lung_grid: torch.Tensor | None = None
+           ) -> TopPatchLogit:
+        """The top patch of one input ``x`` (one sample), as :meth:`AbnormalNet.max_patch`."""
+        with torch.inference_mode():
+            f8, f16 = net.encode(x)
+            patches, _ = net.heads(f8, f16)
+            flat = patches[0].flatten(1)  # (s, 256)
+            if lung_grid is not None:
+                keep = lung_grid[0].flatten().bool()
+                if bool(keep.any()):
+                    flat = flat.masked_fill(~keep[None, :], float("-inf"))
+            index = int(torch.argmax(flat))
+        scale, node = divmod(index, GRID * GRID)
+        return cls(net, scale, *divmod(node, GRID))
+
+    def window(self, cells: int = INPUT_SIZE // CELL) -> tuple[slice, slice]:
+        """The patch's ``f8`` cells (rows, cols), clipped to the map (``_patch_pool``'s)."""
+        scale, row, col = self.patch
+        kh, kw = self.net.kernels[scale]
+        r0, c0 = 2 * row + 1 - kh // 2, 2 * col + 1 - kw // 2
+        return (slice(max(0, r0), min(cells, r0 + kh)), slice(max(0, c0), min(cells, c0 + kw)))
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """The attributed layer: ``f8`` of the input ``x``."""
+        return self.net.encode_f8(x)
+
+    def head(self, f8: torch.Tensor, *extra: object) -> torch.Tensor:
+        """The patch's logit ``(batch,)`` of ``f8`` (``extra`` is ignored: the patch is fixed)."""
+        rows, cols = self.window(int(f8.shape[-1]))
+        w8 = f8[..., rows, cols]
+        parts = [w8.mean(dim=(2, 3)), w8.amax(dim=(2, 3))]
+        if self.net.patch_context:
+            p16 = nn.functional.interpolate(self.net.project16(self.net.f16_of(f8)),
+                                            size=f8.shape[-2:], mode="nearest")
+            parts.append(p16[..., rows, cols].mean(dim=(2, 3)))
+        desc = torch.cat(parts, dim=1)
+        index = torch.full((desc.shape[0],), self.patch[0], dtype=torch.long,
+                           device=desc.device)
+        return self.net.patch_logits_of(desc, scale_index=index)
+
+    def forward(self, x: torch.Tensor, *extra: object) -> torch.Tensor:
+        """The patch's logit ``(batch,)`` of the input ``x``."""
+        return self.head(self.stem(x))

@@ -6,11 +6,18 @@ What the heatmap is: the pixels whose change moves the abnormality logit
 
 Recipe (:func:`lung_heatmap`):
 
-1. attribution of the network's input (``(1, C, H, W)``) towards its
-   abnormality logit; the baseline is the input blurred by a Gaussian of
-   :data:`BASELINE_SIGMA_FRACTION` of the side (a "blurred" baseline keeps the
-   anatomy and removes small structures such as nodules; an all-zero image
-   would credit the whole thorax);
+1. attribution towards the abnormality logit, of either
+   * the network's input (``(1, C, H, W)``): Integrated Gradients or DeepLIFT; or
+   * an intermediate layer (:attr:`AttributionMethod.LAYER_INTEGRATED_GRADIENTS`):
+     the network is a :class:`LayerSplit` (``forward(x) == head(stem(x))``), and
+     Integrated Gradients runs on ``head`` from ``stem(baseline)`` to ``stem(x)``,
+     which is what captum's ``LayerIntegratedGradients`` computes on the stem's
+     output layer (tested), but with the stem run twice instead of once per step;
+     the per-cell attribution is upsampled (bilinear) to the input grid.
+   The baseline (:class:`Baseline`) is by default the input blurred by a
+   Gaussian of :data:`BASELINE_SIGMA_FRACTION` of the side (a "blurred"
+   baseline keeps the anatomy and removes small structures such as nodules;
+   an all-zero image would credit the whole thorax);
 2. summed over channels, positive part only (evidence *for* abnormal);
 3. smoothed by a Gaussian of :data:`SMOOTH_SIGMA_FRACTION` of the side;
 4. mapped to the analysis image by the caller's ``to_image`` (the inverse of
@@ -26,7 +33,8 @@ Contract of :func:`lung_heatmap`
   callers (it leaves inference mode for its own computation);
 * returns :class:`Attribution` with the heatmap on the analysis image and
   the wall time it took (the pipeline reports it; docs/benchmarks.md);
-* raises :class:`ValueError` for a mask of the wrong shape or an unknown method.
+* raises :class:`ValueError` for a mask of the wrong shape, an unknown method
+  or baseline, or a layer method on a network that is not a :class:`LayerSplit`.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -47,11 +55,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BASELINE_SIGMA_FRACTION",
+    "LAYER_IG_STEPS",
     "SMOOTH_SIGMA_FRACTION",
     "Attribution",
     "AttributionMethod",
+    "Baseline",
+    "LayerSplit",
     "attribute",
     "from_letterbox",
+    "layer_attribution",
     "lung_heatmap",
 ]
 
@@ -64,6 +76,9 @@ SMOOTH_SIGMA_FRACTION = 1 / 64
 #: 0.80 / 1.50 s against a 0.11 s forward pass; 4 keeps part 1 + part 2 within
 #: the 2 s budget (docs/benchmarks.md, "cxr attribution").
 IG_STEPS = 4
+#: Integration steps of layer Integrated Gradients (only the head runs per step;
+#: timing in docs/benchmarks.md, "Chest X-ray attribution").
+LAYER_IG_STEPS = 16
 
 
 class AttributionMethod(enum.StrEnum):
@@ -71,12 +86,38 @@ class AttributionMethod(enum.StrEnum):
 
     INTEGRATED_GRADIENTS = "integrated-gradients"
     DEEPLIFT = "deeplift"
+    #: Integrated Gradients of a :class:`LayerSplit`'s stem output (layer attribution).
+    LAYER_INTEGRATED_GRADIENTS = "layer-integrated-gradients"
 
     @property
     def display_name(self) -> str:
         """Name for reports."""
         return {"integrated-gradients": "Integrated Gradients",
-                "deeplift": "DeepLIFT"}[self.value]
+                "deeplift": "DeepLIFT",
+                "layer-integrated-gradients": "Layer Integrated Gradients"}[self.value]
+
+
+class Baseline(enum.StrEnum):
+    """The reference the attribution integrates from."""
+
+    #: The input blurred by a Gaussian of :data:`BASELINE_SIGMA_FRACTION` of its side
+    #: (for a layer method: the stem's output of that blurred input).
+    BLURRED = "blurred"
+    #: All zeros (the input, or for a layer method the layer's activations).
+    ZERO = "zero"
+
+
+@runtime_checkable
+class LayerSplit(Protocol):
+    """A network cut at the attributed layer: ``forward(x, *extra) == head(stem(x), *extra)``."""
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """Activations ``(batch, C, h, w)`` of the attributed layer."""
+        ...
+
+    def head(self, features: torch.Tensor, *extra: object) -> torch.Tensor:
+        """The abnormality logit ``(batch,)`` of those activations."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -146,37 +187,97 @@ def _blurred(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return torch.from_numpy(out).to(x.device)
 
 
-def attribute(net: torch.nn.Module, x: torch.Tensor,
-              method: AttributionMethod | str = AttributionMethod.INTEGRATED_GRADIENTS,
-              steps: int = IG_STEPS, extra: tuple[object, ...] = ()
-              ) -> npt.NDArray[np.float32]:
-    """Signed attribution ``(H, W)`` of ``x`` (``(1, C, H, W)``) towards the abnormality logit.
+def _layer_ig(net: LayerSplit, inp: torch.Tensor, base: torch.Tensor, baseline: Baseline,
+              steps: int, extra: tuple[object, ...]) -> torch.Tensor:
+    import torch
+    from captum.attr import IntegratedGradients
 
-    ``extra`` are further arguments of ``net.forward`` after ``x`` (e.g. the
-    ``cxr-abnormal`` network's lung grid); they are not attributed.
+    with torch.no_grad():
+        feats = net.stem(inp)
+        ref = net.stem(base) if baseline is Baseline.BLURRED else torch.zeros_like(feats)
+    cells: torch.Tensor = IntegratedGradients(net.head).attribute(
+        feats, baselines=ref, additional_forward_args=extra or None,
+        n_steps=steps, internal_batch_size=steps)
+    return cells.detach()
+
+
+def layer_attribution(net: torch.nn.Module, x: torch.Tensor, steps: int = LAYER_IG_STEPS,
+                      extra: tuple[object, ...] = (),
+                      baseline: Baseline | str = Baseline.BLURRED) -> torch.Tensor:
+    """Layer Integrated Gradients ``(1, C, h, w)`` of ``net.stem(x)`` towards ``net.head``.
+
+    The same quantity as captum's ``LayerIntegratedGradients`` on the layer whose
+    output ``stem`` returns, with the layer baseline ``stem(baseline input)``
+    (or zeros for :attr:`Baseline.ZERO`); the stem runs twice, not once per step.
 
     Raises
     ------
     ValueError
-        ``x`` is not one ``(1, C, H, W)`` sample, or ``method`` is unknown.
+        ``net`` is not a :class:`LayerSplit`, or ``baseline`` is unknown.
+    """
+    import torch
+
+    baseline = Baseline(baseline)
+    if not isinstance(net, LayerSplit):
+        raise ValueError(f"layer attribution needs a network with stem() and head() "
+                         f"(a LayerSplit), not {type(net).__name__}")
+    inp = x.detach().clone().float()
+    side = float(max(x.shape[-2:]))
+    base = (_blurred(inp, BASELINE_SIGMA_FRACTION * side)
+            if baseline is Baseline.BLURRED else torch.zeros_like(inp))
+    with torch.inference_mode(False), torch.enable_grad(), _input_gradients_only(net):
+        return _layer_ig(net, inp, base, baseline, steps, extra)
+
+
+def attribute(net: torch.nn.Module, x: torch.Tensor,
+              method: AttributionMethod | str = AttributionMethod.INTEGRATED_GRADIENTS,
+              steps: int | None = None, extra: tuple[object, ...] = (),
+              baseline: Baseline | str = Baseline.BLURRED,
+              ) -> npt.NDArray[np.float32]:
+    """Signed attribution ``(H, W)`` of ``x`` (``(1, C, H, W)``) towards the abnormality logit.
+
+    ``extra`` are further arguments of ``net.forward`` after ``x`` (e.g. the
+    ``cxr-abnormal`` network's lung grid); they are not attributed.  ``steps``
+    (Integrated Gradients) defaults to :data:`IG_STEPS`, or :data:`LAYER_IG_STEPS`
+    for the layer method, whose per-cell attribution is upsampled to ``(H, W)``.
+
+    Raises
+    ------
+    ValueError
+        ``x`` is not one ``(1, C, H, W)`` sample, ``method`` or ``baseline`` is
+        unknown, or the layer method is asked of a network that is not a
+        :class:`LayerSplit`.
     """
     import torch
     from captum.attr import DeepLift, IntegratedGradients
 
     method = AttributionMethod(method)
+    baseline = Baseline(baseline)
     if x.ndim != 4 or x.shape[0] != 1:
         raise ValueError(f"expected one (1, C, H, W) input, got {tuple(x.shape)}")
+    layer = method is AttributionMethod.LAYER_INTEGRATED_GRADIENTS
+    if layer and not isinstance(net, LayerSplit):
+        raise ValueError(f"{method} needs a network with stem() and head() (a LayerSplit), "
+                         f"not {type(net).__name__}")
+    if steps is None:
+        steps = LAYER_IG_STEPS if layer else IG_STEPS
     side = float(max(x.shape[-2:]))
     with torch.inference_mode(False), torch.enable_grad(), _input_gradients_only(net):
         inp = x.detach().clone().float()
-        baseline = _blurred(inp, BASELINE_SIGMA_FRACTION * side)
-        if method is AttributionMethod.INTEGRATED_GRADIENTS:
+        base = (_blurred(inp, BASELINE_SIGMA_FRACTION * side)
+                if baseline is Baseline.BLURRED else torch.zeros_like(inp))
+        if isinstance(net, LayerSplit) and layer:
+            cells = _layer_ig(net, inp, base, baseline, steps, extra)
+            attr = torch.nn.functional.interpolate(
+                cells.sum(dim=1, keepdim=True), size=tuple(x.shape[-2:]),
+                mode="bilinear", align_corners=False)
+        elif method is AttributionMethod.INTEGRATED_GRADIENTS:
             attr = IntegratedGradients(_Logit(net)).attribute(
-                inp, baselines=baseline, additional_forward_args=extra or None,
+                inp, baselines=base, additional_forward_args=extra or None,
                 n_steps=steps, internal_batch_size=steps)
         else:
             attr = DeepLift(_wrapped(net)).attribute(
-                inp, baselines=baseline, target=0, additional_forward_args=extra or None)
+                inp, baselines=base, target=0, additional_forward_args=extra or None)
     out = attr.detach().sum(dim=1)[0].cpu().numpy()
     return np.ascontiguousarray(out, dtype=np.float32)
 
@@ -205,8 +306,9 @@ def lung_heatmap(
     lungs: npt.NDArray[np.bool_],
     to_image: Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]],
     method: AttributionMethod | str = AttributionMethod.INTEGRATED_GRADIENTS,
-    steps: int = IG_STEPS,
+    steps: int | None = None,
     extra: tuple[object, ...] = (),
+    baseline: Baseline | str = Baseline.BLURRED,
 ) -> Attribution:
     """The smoothed, lung-restricted heatmap of the abnormality model (module recipe).
 
@@ -222,13 +324,15 @@ def lung_heatmap(
     to_image : callable
         Maps an ``(H, W)`` network-input array to the analysis image's shape.
     method, steps
-        Attribution method and Integrated Gradients steps.
+        Attribution method and Integrated Gradients steps (default: :func:`attribute`'s).
     extra : tuple
         Further arguments of ``net.forward`` (not attributed).
+    baseline : Baseline
+        The reference the attribution integrates from.
     """
     start = time.perf_counter()
     method = AttributionMethod(method)
-    raw = attribute(net, x, method, steps, extra)
+    raw = attribute(net, x, method, steps, extra, baseline)
     positive = np.maximum(raw, 0.0)
     smooth = ndimage.gaussian_filter(positive, SMOOTH_SIGMA_FRACTION * max(raw.shape))
     heat = to_image(smooth.astype(np.float32))
