@@ -87,7 +87,7 @@ def make_stack600(out: Path, n_slices: int = 600) -> list[Path]:
     return files
 
 
-def run_case(files: list[Path]) -> dict[str, object]:
+def run_case(files: list[Path], models_dir: Path | None = None) -> dict[str, object]:
     """Load + analyse in this process; return timings and peak RSS."""
     import SimpleITK as sitk  # noqa: N813
 
@@ -109,7 +109,12 @@ def run_case(files: list[Path]) -> dict[str, object]:
     t0 = time.perf_counter()
     series = load_series(files)
     t_load = time.perf_counter() - t0
-    pipe = get_pipeline("ct-chest")
+    if models_dir is None:
+        pipe = get_pipeline("ct-chest")
+    else:  # another bundle directory (e.g. a candidate bundle not installed)
+        from cad_node.pipelines.ct_chest.pipeline import CtChestPipeline
+
+        pipe = CtChestPipeline(models_dir=models_dir)
     t0, c0 = time.perf_counter(), time.process_time()
     run = pipe.run_detailed(series)  # type: ignore[attr-defined]
     t_run, c_run = time.perf_counter() - t0, time.process_time() - c0
@@ -135,10 +140,12 @@ def run_case(files: list[Path]) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", choices=["lidc", "stack600", "all"], default="all")
+    parser.add_argument("--models-dir", type=Path, default=None,
+                        help="bundle directory (default: the installed models/)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_case([Path(p) for p in args.child])))
+        print(json.dumps(run_case([Path(p) for p in args.child], args.models_dir)))
         return
     cases = ["lidc", "stack600"] if args.case == "all" else [args.case]
     print(f"ct-chest benchmark, {os.cpu_count()} CPU(s), python {sys.version.split()[0]}")
@@ -148,7 +155,8 @@ def main() -> None:
                 files = sorted(_lidc_dir().glob("*.dcm"))
             else:
                 files = make_stack600(Path(tmp) / "stack600")
-            proc = subprocess.run([sys.executable, __file__, "--child", *map(str, files)],
+            extra = [] if args.models_dir is None else ["--models-dir", str(args.models_dir)]
+            proc = subprocess.run([sys.executable, __file__, *extra, "--child", *map(str, files)],
                                   capture_output=True, text=True, check=False)
             if proc.returncode != 0:
                 print(proc.stderr)

@@ -64,7 +64,7 @@ def bundle_meta(cfg: TrainConfig, operating: dict[str, Any] | None = None,
         "version": cfg.bundle.version,
         "task": cfg.bundle.task,
         "architecture": dict(cfg.architecture),
-        "input": cfg.input.model_dump(mode="json"),
+        "input": cfg.input.model_dump(mode="json", exclude_none=True),
         "output": output,
     }
 

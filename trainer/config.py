@@ -119,6 +119,10 @@ class InputConfig(_Strict):
     patch_size: tuple[int, int, int] = (32, 32, 32)
     hu_window: tuple[float, float] = (-1000.0, 400.0)
     batch_size: int = 64
+    #: Training slice thickness (mm) written into the bundle: the pipeline smooths
+    #: thinner-slice scans along z to it (cad_node.pipelines.ct_chest.harmonise).
+    #: None (the default): no harmonisation, as for bundles up to 1.0.2.
+    harmonise_slice_thickness_mm: float | None = Field(None, gt=0, le=20)
 
 
 class AugmentConfig(_Strict):

@@ -520,12 +520,19 @@ def _tubular_round(
 def lidc_findings(series_dir: Path, series: Any) -> list[Any]:
     """The LUNA16 consensus of a series' LIDC XML (:func:`trainer.lidc.luna16_consensus`).
 
-    Empty when the series has no XML.  Reader ROIs are placed on the series'
-    slices by z, then clustered across readers.
+    Empty when the series has no XML.  The XML is looked for in ``series_dir``,
+    then in its sub-directories (a data set folder such as ``lidc-idri-0002/``
+    holds it beside the DICOM files, several levels down).  Reader ROIs are
+    placed on the series' slices by z, then clustered across readers.
     """
     from trainer import lidc
 
     xml = lidc.find_lidc_xml(series_dir, series.series_instance_uid)
+    for sub in ([] if xml is not None
+                else sorted({p.parent for p in series_dir.rglob("*.xml")} - {series_dir})):
+        xml = lidc.find_lidc_xml(sub, series.series_instance_uid)
+        if xml is not None:
+            break
     if xml is None:
         return []
     ann = lidc.parse_lidc_xml(xml, series_instance_uid=series.series_instance_uid)

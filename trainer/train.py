@@ -387,6 +387,8 @@ def reevaluate(
         "final_training_loss", "training_patches_per_s"}}
     metrics.update(heldout)
     ck["metrics"] = plain(metrics)
+    # the input spec the evaluation ran with (e.g. its slice-profile harmonisation)
+    ck["bundle"]["input"] = plain(bundle_meta(cfg)["input"])
     if "operating_point" in ck["metrics"] or "context_fusion" in ck["metrics"]:
         ck["bundle"]["output"] = plain(bundle_meta(
             cfg, ck["metrics"].get("operating_point"),

@@ -109,23 +109,29 @@ class SemVer:
 
 
 def device_uid_for(sha256: str, operating_threshold: float | None = None,
-                   context_fusion: Mapping[str, Any] | None = None) -> str:
-    """The Device UID of a bundle: its weights and, when it has them, its operating point
-    and its context fusion.
+                   context_fusion: Mapping[str, Any] | None = None,
+                   harmonise_slice_thickness_mm: float | None = None) -> str:
+    """The Device UID of a bundle: its weights and, when it has them, its operating point,
+    its context fusion and its slice-profile harmonisation.
 
     Without an operating threshold this is :func:`device_uid_from_sha256` of
     the weights (bundles written before operating thresholds existed keep
     their UID).  With one, the hash of ``"<weights sha256>|operating_threshold=<t>"``
     is used: the same weights at another operating point are another device.
-    A context fusion appends ``"|context_fusion=<its JSON, sorted keys>"``.
+    A context fusion appends ``"|context_fusion=<its JSON, sorted keys>"``, an input
+    spec's ``harmonise_slice_thickness_mm`` ``"|harmonise_slice_thickness_mm=<t>"``
+    (the same weights fed a differently smoothed volume are another device).
     """
-    if operating_threshold is None and context_fusion is None:
+    if (operating_threshold is None and context_fusion is None
+            and harmonise_slice_thickness_mm is None):
         return device_uid_from_sha256(sha256)
     key = sha256
     if operating_threshold is not None:
         key += f"|operating_threshold={float(operating_threshold)!r}"
     if context_fusion is not None:
         key += "|context_fusion=" + json.dumps(dict(context_fusion), sort_keys=True)
+    if harmonise_slice_thickness_mm is not None:
+        key += f"|harmonise_slice_thickness_mm={float(harmonise_slice_thickness_mm)!r}"
     return device_uid_from_sha256(hashlib.sha256(key.encode()).hexdigest())
 
 
@@ -191,6 +197,11 @@ class InputSpec(_Strict):
     outside_hu: float = -1024.0
     #: Candidates per inference batch.
     batch_size: int = Field(64, ge=1, le=4096)
+    #: Slice thickness (mm) of the scorer's training scans.  When set, the ct-chest
+    #: pipeline smooths thinner-slice scans along z to this slice profile before
+    #: candidates and scoring (:mod:`cad_node.pipelines.ct_chest.harmonise`); None
+    #: (bundles up to ct-nodule-scorer 1.0.2): every scan is used as it is.
+    harmonise_slice_thickness_mm: float | None = Field(None, gt=0, le=20)
 
     @field_validator("spacing_mm")
     @classmethod
@@ -288,7 +299,8 @@ class BundleManifest(_Strict):
     @model_validator(mode="after")
     def _uid(self) -> BundleManifest:
         expected = device_uid_for(self.weights_sha256, self.output.operating_threshold,
-                                  self.output.context_fusion)
+                                  self.output.context_fusion,
+                                  getattr(self.input, "harmonise_slice_thickness_mm", None))
         if self.device_uid != expected:
             raise ValueError(
                 f"device_uid {self.device_uid} is not derived from weights_sha256 "

@@ -4,6 +4,9 @@
 Stages (each reported through ``progress``):
 
 1. input checks (CT, axial volume, enough slices) -> FAILED with a reason;
+   then, when the scorer bundle's input spec has ``harmonise_slice_thickness_mm``
+   and the scan's slices are thinner, slice-profile harmonisation along z
+   (:mod:`~.harmonise`); the smoothed volume feeds every later stage;
 2. :func:`~.lungs.segment_lungs` (FAILED "not a chest CT" when no lungs);
 3. :func:`~.candidates.generate_candidates`;
 4. scoring: a documented classical score from blob shape features
@@ -45,6 +48,7 @@ from cad_node.pipelines.ct_chest.candidates import (
     generate_candidates,
 )
 from cad_node.pipelines.ct_chest.characterise import NoduleMeasurement, characterise_nodule
+from cad_node.pipelines.ct_chest.harmonise import harmonise_series
 from cad_node.pipelines.ct_chest.lungrads import NoduleForRads, lung_rads_category
 from cad_node.pipelines.ct_chest.lungs import (
     LungSegmentation,
@@ -227,6 +231,17 @@ class CtChestPipeline:
         # on a 2-core host measured 5-10x slower (docs/benchmarks.md, Training).
         return CandidateScorer(bundle, device=device, threads=1 if device == "cpu" else None)
 
+    @staticmethod
+    def _harmonised(series: LoadedSeries, scorer: CandidateScorer | None,
+                    notes: list[str]) -> LoadedSeries:
+        """``series`` harmonised to the scorer's training slice profile (if it asks)."""
+        train_mm = None if scorer is None else scorer.spec.harmonise_slice_thickness_mm
+        out, plan = harmonise_series(series, train_mm)
+        if plan.note is not None:
+            notes.append(plan.note)
+            log.info("series %s: %s", series.series_instance_uid, plan.note)
+        return out
+
     def run_detailed(self, series: LoadedSeries, *, device: str = "cpu",
                         progress: ProgressCallback | None = None) -> CtChestRun:
         """Like :meth:`run`, also returning lungs, candidates and stage timings."""
@@ -236,6 +251,10 @@ class CtChestPipeline:
         try:
             report("checking input", 0.0)
             self._check_input(series)
+            scorer = self._scorer(device, notes)
+            lap("scorer load")
+            series = self._harmonised(series, scorer, notes)
+            lap("harmonisation")
             report("segmenting lungs", 0.05)
             try:
                 lungs = segment_lungs(series.image)
@@ -256,7 +275,6 @@ class CtChestPipeline:
         diam = np.array([c.scale_mm for c in cands])
         feats = candidate_features(series.image, lung_mask, cands)
         prob = classical_probability(feats, diam) if cands else np.zeros(0)
-        scorer = self._scorer(device, notes)
         identity = _classical_identity()
         threshold = CLASSICAL_OPERATING_THRESHOLD
         if scorer is not None:
@@ -327,6 +345,8 @@ class CtChestPipeline:
         notes: list[str] = []
         try:
             self._check_input(series)
+            scorer = self._scorer(device, notes)
+            series = self._harmonised(series, scorer, notes)
             try:
                 lungs = segment_lungs(series.image)
             except LungSegmentationError as exc:
@@ -335,7 +355,6 @@ class CtChestPipeline:
                                         work_lung=lungs.work_lungs)
         except _FailedError as exc:
             return [self._fail(series, str(exc)) for _ in fusions]
-        scorer = self._scorer(device, notes)
         if scorer is None:
             raise ValueError(f"run_variants needs a {SCORER_BUNDLE!r} bundle")
         diam = np.array([c.scale_mm for c in cands])
