@@ -34,13 +34,6 @@ HILAR_BAND_MM = (35.0, 65.0)
 SAME_MM = 2.5
 
 
-def _series_dir(root: Path, case: str) -> Path:
-    found = sorted((root / case).rglob("0*.xml"))
-    if not found:
-        raise SystemExit(f"{case} not found under {root} (set CAD_NODE_TEST_DATA)")
-    return found[0].parent
-
-
 def _bands(scales: np.ndarray) -> dict[str, int]:
     edges = [(0, 6), (6, 10), (10, 20), (20, 1e9)]
     names = ["< 6 mm", "6-10 mm", "10-20 mm", ">= 20 mm"]
@@ -58,6 +51,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
+    from ct_real_scans import _series_dir  # this script's folder is on sys.path
+
     from cad_node.pipelines.ct_chest.pipeline import CHARACTERISE_TOP, CtChestPipeline
     from trainer.operating_point import _load_series, irrelevant_regions
 
