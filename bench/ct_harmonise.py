@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -48,19 +47,13 @@ def main() -> None:
     ap.add_argument("--harmonised", type=Path, required=True)
     ap.add_argument("--threshold", type=float, default=None)
     args = ap.parse_args()
-    import torch
-
-    torch.set_num_threads(1)
-    from ct_real_scans import _series_dir  # this script's folder is on sys.path
+    from ct_real_scans import each_scan  # this script's folder is on sys.path
 
     from cad_node.pipelines.ct_chest.pipeline import CHARACTERISE_TOP, CtChestPipeline
-    from trainer.operating_point import _load_series, irrelevant_regions
+    from trainer.operating_point import irrelevant_regions
 
-    root = Path(os.environ.get("CAD_NODE_TEST_DATA", REPO.parent / "shared" / "data"))
     summary: dict[str, object] = {}
-    for case in ("lidc-idri-0001", "lidc-idri-0002"):
-        d = _series_dir(root, case)
-        series = _load_series(d)
+    for case, d, series in each_scan():
         zones = irrelevant_regions(d, series)
         runs = {}
         for label, models in (("plain", args.plain), ("harmonised", args.harmonised)):

@@ -20,12 +20,18 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+
+#: The two real CTs with reader XML, in the order the benchmarks report them.
+REAL_SCANS = ("lidc-idri-0001", "lidc-idri-0002")
 
 
 def _series_dir(root: Path, case: str) -> Path:
@@ -35,23 +41,30 @@ def _series_dir(root: Path, case: str) -> Path:
     return found[0].parent
 
 
+def each_scan() -> Iterator[tuple[str, Path, Any]]:
+    """``(case, series folder, loaded series)`` of :data:`REAL_SCANS`, one torch thread."""
+    import torch
+
+    torch.set_num_threads(1)
+    from trainer.operating_point import _load_series
+
+    root = Path(os.environ.get("CAD_NODE_TEST_DATA", REPO.parent / "shared" / "data"))
+    for case in REAL_SCANS:
+        d = _series_dir(root, case)
+        yield case, d, _load_series(d)
+
+
 def main() -> None:
     """Run the pipeline on both scans and print the findings."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models-dir", type=Path, default=REPO / "models")
     args = ap.parse_args()
-    import torch
-
-    torch.set_num_threads(1)
     from cad_node.pipelines.ct_chest.pipeline import CtChestPipeline
     from trainer import lidc
-    from trainer.operating_point import _load_series, irrelevant_regions
+    from trainer.operating_point import irrelevant_regions
 
-    root = Path(os.environ.get("CAD_NODE_TEST_DATA", REPO.parent / "shared" / "data"))
     summary: dict[str, object] = {}
-    for case in ("lidc-idri-0001", "lidc-idri-0002"):
-        d = _series_dir(root, case)
-        series = _load_series(d)
+    for case, d, series in each_scan():
         t = time.perf_counter()
         result = CtChestPipeline(models_dir=args.models_dir).run(series, device="cpu")
         secs = time.perf_counter() - t
