@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -123,6 +123,10 @@ class InputConfig(_Strict):
     #: thinner-slice scans along z to it (cad_node.pipelines.ct_chest.harmonise).
     #: None (the default): no harmonisation, as for bundles up to 1.0.2.
     harmonise_slice_thickness_mm: float | None = Field(None, gt=0, le=20)
+    #: Test-time flips written into the bundle: 8 averages the scorer's logits over the
+    #: patch's 8 axis flips, in the trainer's evaluation as in the pipeline
+    #: (cad_node.models.scorer.flip_averaged_logits).  None (the default): one pass.
+    tta_flips: Literal[8] | None = None
 
 
 class AugmentConfig(_Strict):

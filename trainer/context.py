@@ -61,6 +61,7 @@ def _logits(net: torch.nn.Module, hu: npt.NDArray[np.float32], bg: LungBackgroun
             dev: torch.device) -> npt.NDArray[np.float64]:
     import torch
 
+    from cad_node.models.scorer import flip_averaged_logits
     from trainer.data import cut_patches
 
     spec = cfg.input
@@ -69,7 +70,8 @@ def _logits(net: torch.nn.Module, hu: npt.NDArray[np.float32], bg: LungBackgroun
         for s in range(0, points.shape[0], spec.batch_size):
             p = cut_patches(hu, bg, points[s : s + spec.batch_size], spec)
             x = torch.from_numpy(p[:, None]).to(dev)
-            out[s : s + spec.batch_size] = net(x).float().cpu().numpy()
+            out[s : s + spec.batch_size] = flip_averaged_logits(
+                net, x, spec.tta_flips).cpu().numpy()
     return out
 
 

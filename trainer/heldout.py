@@ -67,15 +67,19 @@ def score_points(
     spec: InputConfig,
     dev: torch.device,
 ) -> npt.NDArray[np.float64]:
-    """Probabilities of ``net`` at ``points`` of a HU array (same path as the scorer)."""
+    """Probabilities of ``net`` at ``points`` of a HU array (same path as the scorer,
+    test-time flips included when ``spec.tta_flips`` asks)."""
     import torch
+
+    from cad_node.models.scorer import flip_averaged_logits
 
     out = np.empty(points.shape[0], dtype=np.float64)
     with torch.inference_mode():
         for s in range(0, points.shape[0], spec.batch_size):
             p = cut_patches(hu, bg, points[s : s + spec.batch_size], spec)
             x = torch.from_numpy(p[:, None]).to(dev)
-            out[s : s + spec.batch_size] = torch.sigmoid(net(x).float()).cpu().numpy()
+            out[s : s + spec.batch_size] = torch.sigmoid(
+                flip_averaged_logits(net, x, spec.tta_flips)).cpu().numpy()
     return out
 
 

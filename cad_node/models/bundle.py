@@ -110,9 +110,10 @@ class SemVer:
 
 def device_uid_for(sha256: str, operating_threshold: float | None = None,
                    context_fusion: Mapping[str, Any] | None = None,
-                   harmonise_slice_thickness_mm: float | None = None) -> str:
+                   harmonise_slice_thickness_mm: float | None = None,
+                   tta_flips: int | None = None) -> str:
     """The Device UID of a bundle: its weights and, when it has them, its operating point,
-    its context fusion and its slice-profile harmonisation.
+    its context fusion, its slice-profile harmonisation and its test-time flips.
 
     Without an operating threshold this is :func:`device_uid_from_sha256` of
     the weights (bundles written before operating thresholds existed keep
@@ -120,10 +121,12 @@ def device_uid_for(sha256: str, operating_threshold: float | None = None,
     is used: the same weights at another operating point are another device.
     A context fusion appends ``"|context_fusion=<its JSON, sorted keys>"``, an input
     spec's ``harmonise_slice_thickness_mm`` ``"|harmonise_slice_thickness_mm=<t>"``
-    (the same weights fed a differently smoothed volume are another device).
+    (the same weights fed a differently smoothed volume are another device), an input
+    spec's ``tta_flips`` ``"|tta_flips=<n>"`` (the same weights averaged over flips are
+    another device).
     """
     if (operating_threshold is None and context_fusion is None
-            and harmonise_slice_thickness_mm is None):
+            and harmonise_slice_thickness_mm is None and tta_flips is None):
         return device_uid_from_sha256(sha256)
     key = sha256
     if operating_threshold is not None:
@@ -132,6 +135,8 @@ def device_uid_for(sha256: str, operating_threshold: float | None = None,
         key += "|context_fusion=" + json.dumps(dict(context_fusion), sort_keys=True)
     if harmonise_slice_thickness_mm is not None:
         key += f"|harmonise_slice_thickness_mm={float(harmonise_slice_thickness_mm)!r}"
+    if tta_flips is not None:
+        key += f"|tta_flips={int(tta_flips)}"
     return device_uid_from_sha256(hashlib.sha256(key.encode()).hexdigest())
 
 
@@ -202,6 +207,11 @@ class InputSpec(_Strict):
     #: candidates and scoring (:mod:`cad_node.pipelines.ct_chest.harmonise`); None
     #: (bundles up to ct-nodule-scorer 1.0.2): every scan is used as it is.
     harmonise_slice_thickness_mm: float | None = Field(None, gt=0, le=20)
+    #: Test-time augmentation of the CNN scorer: ``8`` scores every patch in its 8 axis
+    #: flips (z, y, x each flipped or not) and averages the 8 logits
+    #: (:func:`cad_node.models.scorer.flip_averaged_logits`); None (bundles up to
+    #: ct-nodule-scorer 1.0.2): one pass on the patch as it is.
+    tta_flips: Literal[8] | None = None
 
     @field_validator("spacing_mm")
     @classmethod
@@ -300,7 +310,8 @@ class BundleManifest(_Strict):
     def _uid(self) -> BundleManifest:
         expected = device_uid_for(self.weights_sha256, self.output.operating_threshold,
                                   self.output.context_fusion,
-                                  getattr(self.input, "harmonise_slice_thickness_mm", None))
+                                  getattr(self.input, "harmonise_slice_thickness_mm", None),
+                                  getattr(self.input, "tta_flips", None))
         if self.device_uid != expected:
             raise ValueError(
                 f"device_uid {self.device_uid} is not derived from weights_sha256 "

@@ -11,10 +11,15 @@ Contract
   the network runs in eval mode under :func:`torch.inference_mode`.
 * The scorer leaves global torch settings as it found them (``threads``
   applies only while :meth:`CandidateScorer.score` runs).
+* A bundle whose input spec has ``tta_flips: 8`` is scored with test-time
+  augmentation: each patch in its 8 axis flips, the 8 logits averaged
+  (:func:`flip_averaged_logits`); a bundle without the field is scored in one
+  pass, exactly as before the field existed.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,7 +34,52 @@ from cad_node.models.patches import extract_patches
 if TYPE_CHECKING:  # pragma: no cover
     from cad_node.results.findings import ModelIdentity
 
-__all__ = ["CandidateScorer"]
+__all__ = ["CandidateScorer", "flip_averaged_logits"]
+
+#: Patch axes ``(z, y, x)`` of an ``(N, C, D, H, W)`` batch.
+_SPATIAL_DIMS = (2, 3, 4)
+
+
+def flip_averaged_logits(network: torch.nn.Module, x: torch.Tensor,
+                         flips: int | None) -> torch.Tensor:
+    """The network's logits on ``x``, averaged over axis flips when ``flips`` asks.
+
+    Parameters
+    ----------
+    network : torch.nn.Module
+        A scorer in eval mode mapping ``(N, 1, D, H, W)`` to ``(N,)`` logits.
+    x : torch.Tensor
+        A batch of patches ``(N, 1, D, H, W)``, centred on the candidates
+        (the patch grid is symmetric about its centre, so a flip keeps the centre).
+    flips : int or None
+        ``None`` (or 1): one pass, ``network(x)``.  ``8``: the mean of the logits of
+        the 8 patches with z, y and x each flipped or not (the identity included).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(N,)`` float32 logits.
+
+    Raises
+    ------
+    ValueError
+        ``flips`` is neither None, 1 nor 8, or ``x`` is not 5-D.
+    """
+    if x.ndim != 5:
+        raise ValueError(f"x must have shape (N, C, D, H, W), got {tuple(x.shape)}")
+    if flips is None or flips == 1:
+        plain: torch.Tensor = network(x).float()
+        return plain
+    if flips != 8:
+        raise ValueError(f"tta_flips must be None, 1 or 8, not {flips!r}")
+    total: torch.Tensor | None = None
+    for r in range(len(_SPATIAL_DIMS) + 1):
+        for dims in itertools.combinations(_SPATIAL_DIMS, r):
+            view = torch.flip(x, dims) if dims else x
+            y: torch.Tensor = network(view).float()
+            total = y if total is None else total + y
+    assert total is not None  # 8 passes ran
+    return total / 8.0
 
 
 class CandidateScorer:
@@ -130,7 +180,8 @@ class CandidateScorer:
                 for start in range(0, centers.shape[0], bs):
                     batch = self.patches(image, centers[start : start + bs])
                     x = torch.from_numpy(batch).to(self.device)
-                    out[start : start + bs] = self.network(x).float().cpu().numpy()
+                    out[start : start + bs] = flip_averaged_logits(
+                        self.network, x, self.spec.tta_flips).cpu().numpy()
         finally:
             if scoped:
                 torch.set_num_threads(previous)
