@@ -121,3 +121,31 @@ def test_bundle_without_the_field_is_unchanged_and_with_it_averages(tmp_path: Pa
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(CandidateScorer(tta_b).logits(img, centers),
                                np.mean(flips, axis=0), rtol=1e-4, atol=1e-6)
+
+
+def test_trainer_scores_like_the_node_with_and_without_flips(tmp_path: Path) -> None:
+    """The trainer's evaluation (score_points) sees the node's TTA scores, field for field."""
+    from types import SimpleNamespace
+
+    from cad_node.models.patches import VolumeGeometry
+    from trainer.config import InputConfig
+    from trainer.heldout import score_points
+
+    arch = {**DEFAULT_ARCHITECTURE, "channels": [4, 8], "strides": [2, 2]}
+    torch.manual_seed(1)
+    net = build_network(arch).eval()
+    img = _image()
+    hu = sitk.GetArrayFromImage(img).astype(np.float32)
+    bg = SimpleNamespace(geometry=VolumeGeometry.of(img))
+    centers = np.array([[1.0, -2.0, 0.5], [-5.0, 4.0, 3.0]])
+    for version, flips in (("1.0.0", None), ("1.0.1", 8)):
+        spec = {**SPEC, "tta_flips": flips} if flips else SPEC
+        write_bundle(tmp_path, name="toy", version=version, state_dict=net.state_dict(),
+                     task="ct-nodule-candidate-scoring", architecture=arch, input_spec=spec,
+                     training_data={"description": "untrained (test)"})
+        node = CandidateScorer(load_bundle("toy", version=version, models_dir=tmp_path))
+        cfg = InputConfig(spacing_mm=(1.0, 1.0, 1.0), patch_size=(16, 16, 16),
+                          batch_size=4, tta_flips=flips)
+        np.testing.assert_allclose(
+            score_points(net, hu, bg, centers, cfg, torch.device("cpu")),  # type: ignore[arg-type]
+            node.score(img, centers), rtol=1e-4, atol=1e-6)
