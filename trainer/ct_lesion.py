@@ -35,6 +35,7 @@ lesions hit (mask from the detected box) and from the reference boxes.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import time
@@ -789,6 +790,21 @@ def _stages(metrics: dict[str, Any], cfg: LesionTrainConfig) -> str:
             f"{cfg.optim.lr}, one CPU thread, seed {cfg.seed}.")
 
 
+def _recist_line(metrics: dict[str, Any], split: str, key: str) -> str:
+    """The model card's RECIST error line of ``metrics[split][key]``."""
+    r = metrics.get(split, {}).get(key, {})
+    if not r or not r.get("n"):
+        return "n = 0"
+    return (f"n = {r['n']}: long axis MAE {r['long_mae_mm']} mm (bias {r['long_bias_mm']}), "
+            f"short axis MAE {r['short_mae_mm']} mm (bias {r['short_bias_mm']})")
+
+
+def _per_type_at_4fp(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Test-split sensitivity per lesion type at 4 FP/image, per criterion."""
+    return {crit: metrics.get("test", {}).get(crit, {}).get("per_type_at_4fp", {})
+            for crit in ("iou", "iobb")}
+
+
 def render_card(cfg: LesionTrainConfig, metrics: dict[str, Any], threshold: float,
                 version: str) -> str:
     """The model card (training data, measured figures, limits)."""
@@ -801,15 +817,8 @@ def render_card(cfg: LesionTrainConfig, metrics: dict[str, Any], threshold: floa
         vals = " | ".join(f"{v:.3f}" for v in r["sensitivity_at"])
         return f"| {split} | {crit.upper()} >= 0.5 | {r['n_lesions']} | {vals} |"
 
-    def recist(split: str, key: str) -> str:
-        r = metrics.get(split, {}).get(key, {})
-        if not r or not r.get("n"):
-            return "n = 0"
-        return (f"n = {r['n']}: long axis MAE {r['long_mae_mm']} mm (bias {r['long_bias_mm']}), "
-                f"short axis MAE {r['short_mae_mm']} mm (bias {r['short_bias_mm']})")
-
-    per_type = {crit: metrics.get("test", {}).get(crit, {}).get("per_type_at_4fp", {})
-                for crit in ("iou", "iobb")}
+    per_type = _per_type_at_4fp(metrics)
+    recist = functools.partial(_recist_line, metrics)
     return f"""# ct-lesion {version}: universal lesion detector for CT (DeepLesion-style)
 
 **Not for diagnostic use.** Research and engineering use only.  It proposes
@@ -917,15 +926,8 @@ def render_card_v2(cfg: LesionTrainConfig, metrics: dict[str, Any], threshold: f
     arch = cfg.architecture
     windows = arch.get("windows")
     excl = cfg.data.background_exclude_z_mm
-    per_type = {crit: metrics.get("test", {}).get(crit, {}).get("per_type_at_4fp", {})
-                for crit in ("iou", "iobb")}
-
-    def recist(split: str, key: str) -> str:
-        r = metrics.get(split, {}).get(key, {})
-        if not r or not r.get("n"):
-            return "n = 0"
-        return (f"n = {r['n']}: long axis MAE {r['long_mae_mm']} mm (bias {r['long_bias_mm']}), "
-                f"short axis MAE {r['short_mae_mm']} mm (bias {r['short_bias_mm']})")
+    per_type = _per_type_at_4fp(metrics)
+    recist = functools.partial(_recist_line, metrics)
 
     mined = c.get("hard_negative_mining", [])
     win_text = (f"Inside the network each slice is re-windowed into the fixed HU windows "
