@@ -255,23 +255,21 @@ def attribute(net: torch.nn.Module, x: torch.Tensor,
     baseline = Baseline(baseline)
     if x.ndim != 4 or x.shape[0] != 1:
         raise ValueError(f"expected one (1, C, H, W) input, got {tuple(x.shape)}")
-    layer = method is AttributionMethod.LAYER_INTEGRATED_GRADIENTS
-    if layer and not isinstance(net, LayerSplit):
-        raise ValueError(f"{method} needs a network with stem() and head() (a LayerSplit), "
-                         f"not {type(net).__name__}")
+    if method is AttributionMethod.LAYER_INTEGRATED_GRADIENTS:
+        cells = layer_attribution(net, x, LAYER_IG_STEPS if steps is None else steps,
+                                  extra, baseline)
+        attr = torch.nn.functional.interpolate(
+            cells.sum(dim=1, keepdim=True), size=tuple(x.shape[-2:]),
+            mode="bilinear", align_corners=False)
+        return np.ascontiguousarray(attr[0, 0].cpu().numpy(), dtype=np.float32)
     if steps is None:
-        steps = LAYER_IG_STEPS if layer else IG_STEPS
+        steps = IG_STEPS
     side = float(max(x.shape[-2:]))
     with torch.inference_mode(False), torch.enable_grad(), _input_gradients_only(net):
         inp = x.detach().clone().float()
         base = (_blurred(inp, BASELINE_SIGMA_FRACTION * side)
                 if baseline is Baseline.BLURRED else torch.zeros_like(inp))
-        if isinstance(net, LayerSplit) and layer:
-            cells = _layer_ig(net, inp, base, baseline, steps, extra)
-            attr = torch.nn.functional.interpolate(
-                cells.sum(dim=1, keepdim=True), size=tuple(x.shape[-2:]),
-                mode="bilinear", align_corners=False)
-        elif method is AttributionMethod.INTEGRATED_GRADIENTS:
+        if method is AttributionMethod.INTEGRATED_GRADIENTS:
             attr = IntegratedGradients(_Logit(net)).attribute(
                 inp, baselines=base, additional_forward_args=extra or None,
                 n_steps=steps, internal_batch_size=steps)
