@@ -62,6 +62,11 @@ class RealNegativeConfig(_Strict):
     #: negatives (``None``: the whole scan).  The rest of the scan stays unseen,
     #: so the scan can still serve as a test there.
     z_mm: tuple[float, float] | None = None
+    #: Rounds of synthetic nodules inserted into this scan (within ``z_mm``, clear
+    #: of every reader mark), each cut like a ``data.train_rounds`` round of the
+    #: background (:func:`trainer.data.insertion_round`): the scan's appearance then
+    #: comes with positives too, not only as negatives.  0 (the default): negatives only.
+    insertion_rounds: int = Field(0, ge=0)
 
 
 class DataConfig(_Strict):

@@ -45,6 +45,7 @@ __all__ = [
     "exclusions_of",
     "half_extent_mm",
     "in_z",
+    "insertion_round",
     "jittered",
     "label_points",
     "load_background",
@@ -261,92 +262,18 @@ def prepare_data(
     gen = candidate_generator()
     excl = exclusions_of(cfg)
     d = cfg.data
-    spec = cfg.input
     xs: list[npt.NDArray[np.float16]] = []
     ys: list[npt.NDArray[np.float32]] = []
     counts: dict[str, Any] = {
         "rounds": d.train_rounds,
-        "inserted_nodules": 0,
-        "positive_patches": 0,
-        "negative_patches": 0,
-        "negative_sources": {"candidate_generator": 0, "dense_structures": 0},
-        "kinds": {},
-        "placements": {},
+        **_round_counts(),
         "candidate_generator": "cad_node.pipelines.ct_chest.candidates" if gen else "none",
     }
     task = progress.add_task("insert + cut patches", total=d.train_rounds) if progress else None
     for _ in range(d.train_rounds):
-        hu, truth = insert_nodules(
-            bg,
-            d.nodules_per_round,
-            rng,
-            diameter_range_mm=d.diameter_range_mm,
-            z_range_mm=d.train_z_mm,
-            # No inserted nodule's patch may show an excluded (real) nodule.
-            exclusions=[
-                ExclusionZone(z.center_mm, z.radius_mm + half_extent_mm(spec)) for z in excl
-            ],
-        )
-        counts["inserted_nodules"] += len(truth)
-        for n in truth:
-            counts["kinds"][n.kind.value] = counts["kinds"].get(n.kind.value, 0) + 1
-            counts["placements"][n.placement.value] = (
-                counts["placements"].get(n.placement.value, 0) + 1
-            )
-        centers = np.asarray([n.center_mm for n in truth], dtype=np.float64).reshape(-1, 3)
-        radii = np.asarray([n.diameter_mm / 2 for n in truth], dtype=np.float64)
-        pos = [
-            jittered(centers, radii, d.positive_jitter_mm, rng) for _ in range(d.positive_copies)
-        ]
-        neg_sources: list[tuple[str, npt.NDArray[np.float64]]] = []
-        tubular = np.zeros((0, 3))
-        if gen is not None and d.tubular_copies > 0:
-            tubular_cands = _tubular_round(bg, hu, d.train_z_mm, d.tubular_vesselness)
-            cand, is_tube = tubular_cands
-            lab = label_points(cand, truth, excl, d.negative_margin_mm, half_extent_mm(spec))
-            pos.append(cand[lab == 1])
-            neg_sources.append(("candidate_generator", cand[lab == 0]))
-            tubes = cand[(lab == 0) & is_tube]
-            if tubes.size:
-                tubular = np.concatenate([
-                    jittered(tubes, np.full(len(tubes), 3.0), d.positive_jitter_mm, rng)
-                    for _ in range(d.tubular_copies)
-                ])
-        elif gen is not None:
-            cand = gen(bg.to_image(hu), bg.lung)
-            cand = cand[in_z(cand, d.train_z_mm)]
-            lab = label_points(cand, truth, excl, d.negative_margin_mm, half_extent_mm(spec))
-            pos.append(cand[lab == 1])
-            neg_sources.append(("candidate_generator", cand[lab == 0]))
-        dense = dense_structure_points(bg, hu, 2 * d.negatives_per_round, rng, d.train_z_mm)
-        lab = label_points(dense, truth, excl, d.negative_margin_mm, half_extent_mm(spec))
-        neg_sources.append(("dense_structures", dense[lab == 0]))
-        # Cap negatives per round: generator candidates take at most half (they
-        # repeat from round to round on one background), dense points fill up.
-        negs: list[npt.NDArray[np.float64]] = []
-        budget = d.negatives_per_round
-        for name, pts in neg_sources:
-            if budget <= 0:
-                break
-            cap = budget // 2 if name == "candidate_generator" else budget
-            if pts.shape[0] > cap:
-                pts = pts[rng.choice(pts.shape[0], size=cap, replace=False)]
-            counts["negative_sources"][name] += int(pts.shape[0])
-            negs.append(pts)
-            budget -= pts.shape[0]
-        if tubular.size:
-            counts["negative_sources"]["tubular_hard_negatives"] = (
-                counts["negative_sources"].get("tubular_hard_negatives", 0) + len(tubular))
-            negs.append(tubular)
-        pos_pts = np.concatenate(pos) if pos else np.zeros((0, 3))
-        neg_pts = np.concatenate(negs) if negs else np.zeros((0, 3))
-        pts = np.concatenate([pos_pts, neg_pts])
-        xs.append(cut_patches(hu, bg, pts, spec).astype(np.float16))
-        ys.append(
-            np.concatenate([np.ones(len(pos_pts)), np.zeros(len(neg_pts))]).astype(np.float32)
-        )
-        counts["positive_patches"] += len(pos_pts)
-        counts["negative_patches"] += len(neg_pts)
+        x, y = insertion_round(cfg, bg, rng, d.train_z_mm, excl, counts)
+        xs.append(x)
+        ys.append(y)
         if progress is not None and task is not None:
             progress.advance(task)
     if d.lidc_prepared is not None:
@@ -355,12 +282,117 @@ def prepare_data(
         ys += ly
         counts["lidc"] = lcounts
     if d.real_negatives:
-        rx, rcounts = real_negative_patches(cfg, rng, config_dir, progress)
+        rx, ry, rcounts = real_negative_patches(cfg, rng, config_dir, progress)
         xs += rx
-        ys += [np.zeros(len(x), dtype=np.float32) for x in rx]
+        ys += ry
         counts["real_negative_scans"] = rcounts
-        counts["negative_patches"] += sum(len(x) for x in rx)
+        counts["negative_patches"] += sum(int((y == 0).sum()) for y in ry)
+        counts["positive_patches"] += sum(int((y == 1).sum()) for y in ry)
     return PatchSet(x=np.concatenate(xs), y=np.concatenate(ys), counts=counts)
+
+
+def _round_counts() -> dict[str, Any]:
+    """The empty tally :func:`insertion_round` adds to."""
+    return {
+        "inserted_nodules": 0,
+        "positive_patches": 0,
+        "negative_patches": 0,
+        "negative_sources": {"candidate_generator": 0, "dense_structures": 0},
+        "kinds": {},
+        "placements": {},
+    }
+
+
+def insertion_round(
+    cfg: TrainConfig,
+    bg: LungBackground,
+    rng: np.random.Generator,
+    z_range: Sequence[float],
+    excl: Sequence[ExclusionZone],
+    counts: dict[str, Any],
+) -> tuple[npt.NDArray[np.float16], npt.NDArray[np.float32]]:
+    """One round: insert nodules into ``bg`` within ``z_range`` and cut labelled patches.
+
+    Positives are the inserted nodules (jittered copies) and the generator
+    candidates on them; negatives the generator candidates elsewhere and dense
+    in-lung structures of the same volume, none within ``negative_margin_mm`` of
+    an inserted nodule or an exclusion zone (a real nodule or reader mark, which
+    is neither positive nor negative and shows in no inserted nodule's patch).
+    ``counts`` (the run's training-data record) is updated in place.
+    """
+    d = cfg.data
+    spec = cfg.input
+    gen = candidate_generator()
+    hu, truth = insert_nodules(
+        bg,
+        d.nodules_per_round,
+        rng,
+        diameter_range_mm=d.diameter_range_mm,
+        z_range_mm=(float(z_range[0]), float(z_range[1])),
+        # No inserted nodule's patch may show an excluded (real) nodule.
+        exclusions=[
+            ExclusionZone(z.center_mm, z.radius_mm + half_extent_mm(spec)) for z in excl
+        ],
+    )
+    counts["inserted_nodules"] += len(truth)
+    for n in truth:
+        counts["kinds"][n.kind.value] = counts["kinds"].get(n.kind.value, 0) + 1
+        counts["placements"][n.placement.value] = (
+            counts["placements"].get(n.placement.value, 0) + 1
+        )
+    centers = np.asarray([n.center_mm for n in truth], dtype=np.float64).reshape(-1, 3)
+    radii = np.asarray([n.diameter_mm / 2 for n in truth], dtype=np.float64)
+    pos = [
+        jittered(centers, radii, d.positive_jitter_mm, rng) for _ in range(d.positive_copies)
+    ]
+    neg_sources: list[tuple[str, npt.NDArray[np.float64]]] = []
+    tubular = np.zeros((0, 3))
+    if gen is not None and d.tubular_copies > 0:
+        cand, is_tube = _tubular_round(bg, hu, z_range, d.tubular_vesselness)
+        lab = label_points(cand, truth, excl, d.negative_margin_mm, half_extent_mm(spec))
+        pos.append(cand[lab == 1])
+        neg_sources.append(("candidate_generator", cand[lab == 0]))
+        tubes = cand[(lab == 0) & is_tube]
+        if tubes.size:
+            tubular = np.concatenate([
+                jittered(tubes, np.full(len(tubes), 3.0), d.positive_jitter_mm, rng)
+                for _ in range(d.tubular_copies)
+            ])
+    elif gen is not None:
+        cand = gen(bg.to_image(hu), bg.lung)
+        cand = cand[in_z(cand, z_range)]
+        lab = label_points(cand, truth, excl, d.negative_margin_mm, half_extent_mm(spec))
+        pos.append(cand[lab == 1])
+        neg_sources.append(("candidate_generator", cand[lab == 0]))
+    dense = dense_structure_points(bg, hu, 2 * d.negatives_per_round, rng, z_range)
+    lab = label_points(dense, truth, excl, d.negative_margin_mm, half_extent_mm(spec))
+    neg_sources.append(("dense_structures", dense[lab == 0]))
+    # Cap negatives per round: generator candidates take at most half (they
+    # repeat from round to round on one background), dense points fill up.
+    negs: list[npt.NDArray[np.float64]] = []
+    budget = d.negatives_per_round
+    for name, pts in neg_sources:
+        if budget <= 0:
+            break
+        cap = budget // 2 if name == "candidate_generator" else budget
+        if pts.shape[0] > cap:
+            pts = pts[rng.choice(pts.shape[0], size=cap, replace=False)]
+        counts["negative_sources"][name] += int(pts.shape[0])
+        negs.append(pts)
+        budget -= pts.shape[0]
+    if tubular.size:
+        counts["negative_sources"]["tubular_hard_negatives"] = (
+            counts["negative_sources"].get("tubular_hard_negatives", 0) + len(tubular))
+        negs.append(tubular)
+    pos_pts = np.concatenate(pos) if pos else np.zeros((0, 3))
+    neg_pts = np.concatenate(negs) if negs else np.zeros((0, 3))
+    pts = np.concatenate([pos_pts, neg_pts])
+    counts["positive_patches"] += len(pos_pts)
+    counts["negative_patches"] += len(neg_pts)
+    return (
+        cut_patches(hu, bg, pts, spec).astype(np.float16),
+        np.concatenate([np.ones(len(pos_pts)), np.zeros(len(neg_pts))]).astype(np.float32),
+    )
 
 
 def _lidc_patches(
@@ -566,12 +598,22 @@ def real_negative_patches(
     rng: np.random.Generator,
     config_dir: Path | None,
     progress: Progress | None = None,
-) -> tuple[list[npt.NDArray[np.float16]], list[dict[str, Any]]]:
-    """Negative patches from real scans without a LUNA16 nodule (``data.real_negatives``).
+) -> tuple[list[npt.NDArray[np.float16]], list[npt.NDArray[np.float32]], list[dict[str, Any]]]:
+    """Patches from real scans without a LUNA16 nodule (``data.real_negatives``).
 
     The node's generator candidates of each scan, strongest first, except those
-    within ``negative_margin_mm`` of a reader mark or an extra exclusion; each
-    taken ``copies`` times (the first at the candidate, the others jittered).
+    within ``negative_margin_mm`` of a reader mark or an extra exclusion, are
+    negatives, each taken ``copies`` times (the first at the candidate, the
+    others jittered).  With ``insertion_rounds`` the scan is also a background for
+    synthetic nodules (:func:`insertion_round`, within ``z_mm``), so that its
+    appearance comes with positives as well as negatives.
+
+    Returns
+    -------
+    patches, labels : list of numpy.ndarray
+        One array per scan (negatives first, then the insertion rounds').
+    summaries : list of dict
+        Per scan: what was taken, for the run's training-data record.
     """
     from cad_node.imaging import load_series
 
@@ -581,6 +623,7 @@ def real_negative_patches(
     if gen is None:
         raise ValueError("data.real_negatives needs cad_node.pipelines.ct_chest.candidates")
     xs: list[npt.NDArray[np.float16]] = []
+    ys: list[npt.NDArray[np.float32]] = []
     out: list[dict[str, Any]] = []
     task = progress.add_task("real negative scans", total=len(d.real_negatives)) if progress \
         else None
@@ -604,10 +647,22 @@ def real_negative_patches(
                        for _ in range(rn.copies - 1)]
         allp = np.concatenate(pts)
         xs.append(cut_patches(bg.hu, bg, allp, spec).astype(np.float16))
-        out.append({"ct": rn.ct, "z_mm": None if rn.z_mm is None else list(rn.z_mm),
-                    "reader_marks_excluded": len(zones),
-                    "candidates": len(cand), "negatives": len(neg),
-                    "patches": len(allp)})
+        ys.append(np.zeros(len(allp), dtype=np.float32))
+        summary: dict[str, Any] = {
+            "ct": rn.ct, "z_mm": None if rn.z_mm is None else list(rn.z_mm),
+            "reader_marks_excluded": len(zones),
+            "candidates": len(cand), "negatives": len(neg),
+            "patches": len(allp)}
+        if rn.insertion_rounds:
+            z_range = rn.z_mm if rn.z_mm is not None else (-np.inf, np.inf)
+            tally = _round_counts()
+            for _ in range(rn.insertion_rounds):
+                x, y = insertion_round(cfg, bg, rng, z_range, zones, tally)
+                xs.append(x)
+                ys.append(y)
+            summary["insertion_rounds"] = rn.insertion_rounds
+            summary.update(tally)
+        out.append(summary)
         if progress is not None and task is not None:
             progress.advance(task)
-    return xs, out
+    return xs, ys, out
