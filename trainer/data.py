@@ -318,7 +318,29 @@ def insertion_round(
     in-lung structures of the same volume, none within ``negative_margin_mm`` of
     an inserted nodule or an exclusion zone (a real nodule or reader mark, which
     is neither positive nor negative and shows in no inserted nodule's patch).
-    ``counts`` (the run's training-data record) is updated in place.
+
+    Parameters
+    ----------
+    cfg : TrainConfig
+        The run's config (``data`` counts and margins, ``input`` patch geometry).
+    bg : LungBackground
+        The real CT the nodules go into, with its lung mask.
+    rng : numpy.random.Generator
+        Source of randomness; the draws are in the order of the rounds before
+        this function existed, so older configs give the same data.
+    z_range : (float, float)
+        Patient z (mm) of the nodule centres, candidates and dense points.
+    excl : sequence of ExclusionZone
+        Real findings to keep out (e.g. LIDC-IDRI-0001's nodule, reader marks).
+    counts : dict
+        The tally of :func:`_round_counts`, updated in place.
+
+    Returns
+    -------
+    patches : numpy.ndarray
+        ``(n, *patch_size)`` float16 patches, positives first.
+    labels : numpy.ndarray
+        ``(n,)`` float32, 1 for a positive and 0 for a negative.
     """
     d = cfg.data
     spec = cfg.input
