@@ -288,15 +288,31 @@ def test_kill_9_of_a_worker_mid_job_is_finished_by_the_other(cluster: Cluster) -
 
 
 def test_four_studies_once_each_through_postgres_and_receiver_restarts(cluster: Cluster) -> None:
-    studies = [_study(cluster.root, 60 + n) for n in range(4)]
+    # The first study is gated: its job holds one worker (concurrency 1, prefetch 1,
+    # acks late) until the gate opens, so the other worker must take the next job.
+    # Without it both workers working was left to chance: one idle worker keeps up
+    # with studies that arrive 2 s apart and take 1.3 s each.
+    gate = cluster.root / "gate"
+    gate.unlink(missing_ok=True)
+    gate.with_suffix(".running").unlink(missing_ok=True)
+    gated = _study(cluster.root, 60, "GATED four-study test")
+    studies = [gated] + [_study(cluster.root, 60 + n) for n in range(1, 4)]
     uids = [_study_uid(p) for p in studies]
     store = cluster.store()
-    for paths in studies:
+    cluster.send(gated)
+    deadline = time.monotonic() + 120
+    while not gate.with_suffix(".running").exists():
+        assert time.monotonic() < deadline, "the gated pipeline never ran"
+        time.sleep(0.1)
+    claimed = store.list_jobs(study_instance_uid=uids[0])[0].claimed_by
+    assert claimed
+    holder = claimed.split("@")[0]
+    for paths in studies[1:]:
         cluster.send(paths)
     # PostgreSQL restarted while jobs are queued or running.
     deadline = time.monotonic() + 120
     while not any(j.state in (JobState.QUEUED, JobState.RUNNING)
-                  for u in uids for j in store.list_jobs(study_instance_uid=u)):
+                  for u in uids[1:] for j in store.list_jobs(study_instance_uid=u)):
         assert time.monotonic() < deadline, "no job started"
         time.sleep(0.2)
     cluster.pg.restart()
@@ -304,6 +320,15 @@ def test_four_studies_once_each_through_postgres_and_receiver_restarts(cluster: 
     cluster.stop_receiver()
     time.sleep(1.0)
     cluster.start_receiver()
+    # The gate opens once a job has run on the other worker (one of the other
+    # studies', or the gated one if a lapsed lease re-published it).
+    deadline = time.monotonic() + 120
+    while not any(not w.startswith(holder) for u in uids
+                  for j in store.list_jobs(study_instance_uid=u)
+                  for w in _running_on(store, j.job_id)):
+        assert time.monotonic() < deadline, f"only {holder} took jobs while it was held"
+        time.sleep(0.2)
+    gate.touch()
     ids = _wait_jobs(store, uids, timeout=300)
     for uid in uids:
         assert len(ids[uid]) == 1, f"study {uid} has jobs {ids[uid]}"  # exactly one job each
@@ -315,3 +340,5 @@ def test_four_studies_once_each_through_postgres_and_receiver_restarts(cluster: 
     assert not (cluster.receiver_storage / "results").exists()
     for name in ("w1", "w2"):
         assert not any((cluster.root / name / "var" / "fetch").glob("job-*/*.dcm"))
+    gate.unlink()
+    gate.with_suffix(".running").unlink()
