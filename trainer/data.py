@@ -682,8 +682,8 @@ def real_negative_patches(
                 x, y = insertion_round(cfg, bg, rng, z_range, zones, tally)
                 xs.append(x)
                 ys.append(y)
-            summary["insertion_rounds"] = rn.insertion_rounds
-            summary.update(tally)
+            # Kept apart from the scan's own negatives ("patches" above).
+            summary["insertion"] = {"rounds": rn.insertion_rounds, **tally}
         out.append(summary)
         if progress is not None and task is not None:
             progress.advance(task)

@@ -88,6 +88,13 @@ def _extra_sections(metrics: Mapping[str, Any], training_data: Mapping[str, Any]
         out.append(f"* Real negatives in training: `{r['ct']}`, {r['negatives']} of its "
                    f"{r['candidates']} generator candidates{slab} ({r['patches']} patches), "
                    f"{r['reader_marks_excluded']} reader marks kept out.")
+        ins = r.get("insertion")
+        if ins:
+            where = f" in z = {tuple(r['z_mm'])} mm" if r.get("z_mm") else ""
+            out.append(f"  It was also an insertion background: {ins['rounds']} rounds, "
+                       f"{ins['inserted_nodules']} synthetic nodules{where} "
+                       f"({ins['positive_patches']} positive, {ins['negative_patches']} "
+                       f"negative patches of its vessels and candidates).")
     ctx = metrics.get("context_fusion")
     if ctx:
         rec = ctx.get("record") or {}

@@ -20,6 +20,7 @@ import trainer.data as tdata
 from tests.conftest import require_data
 from trainer.config import RealNegativeConfig, load_train_config
 from trainer.data import half_extent_mm, real_negative_patches
+from trainer.export import _extra_sections
 
 REPO = Path(__file__).resolve().parents[2]
 CI_CONFIG = REPO / "trainer" / "configs" / "ci-tiny.yaml"
@@ -59,15 +60,21 @@ def test_insertion_rounds_into_a_real_negative_scan(monkeypatch: pytest.MonkeyPa
     # the insertion round: positives and negatives of the same volume
     assert 0 < int(ys[1].sum()) < len(ys[1])
     summary = out[0]
-    assert summary["insertion_rounds"] == 1
     assert summary["z_mm"] == list(Z_RANGE)
     assert summary["reader_marks_excluded"] >= 1
-    assert summary["positive_patches"] == int(ys[1].sum())
-    assert summary["negative_patches"] == int((ys[1] == 0).sum())
-    assert 1 <= summary["inserted_nodules"] == len(inserted) <= 6
+    assert summary["patches"] == 12
+    rounds = summary["insertion"]
+    assert rounds["rounds"] == 1
+    assert rounds["positive_patches"] == int(ys[1].sum())
+    assert rounds["negative_patches"] == int((ys[1] == 0).sum())
+    assert 1 <= rounds["inserted_nodules"] == len(inserted) <= 6
     guard = MARKED_DIAMETER_MM / 2 + half_extent_mm(cfg.input)
     for n in inserted:
         assert Z_RANGE[0] <= n.center_mm[2] <= Z_RANGE[1]
         # no inserted nodule's patch shows the reader-marked nodule
         dist = float(np.linalg.norm(np.subtract(n.center_mm, MARKED_NODULE_MM)))
         assert dist > guard, (n.center_mm, dist)
+    # the model card says the scan was an insertion background, with its counts
+    card = _extra_sections({}, {"real_negative_scans": out})
+    assert (f"It was also an insertion background: 1 rounds, {len(inserted)} synthetic "
+            f"nodules in z = {Z_RANGE} mm") in card
